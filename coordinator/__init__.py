@@ -1,0 +1,1 @@
+"""fedprune coordinator package."""

@@ -1,0 +1,1 @@
+"""fedprune edge_agent package."""

@@ -1,0 +1,1 @@
+"""fedprune protocol package."""

@@ -1,0 +1,72 @@
+"""ModelLayout: the index space that masks, sparse values and updates refer to.
+
+Both sides derive the layout from the model by name (never from the wire), so a tensor is
+identified by its position in this ordered list. Masked tensors are the prunable weights;
+dense tensors (biases, normalisation parameters) always travel in full. Buffers such as
+BatchNorm running statistics are listed with ``trainable=False``: they travel as values but
+never enter updates' norms or contribution scores.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterator
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    masked: bool
+    trainable: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.name or not isinstance(self.name, str):
+            raise ValueError("tensor name must be a non-empty string")
+        if any((not isinstance(d, int)) or d < 0 for d in self.shape):
+            raise ValueError(f"tensor {self.name}: shape {self.shape} must be non-negative ints")
+        if self.masked and not self.trainable:
+            raise ValueError(f"tensor {self.name}: a buffer cannot be masked")
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class ModelLayout:
+    tensors: tuple[TensorSpec, ...]
+
+    def __post_init__(self) -> None:
+        names = [t.name for t in self.tensors]
+        if len(set(names)) != len(names):
+            raise ValueError("tensor names in a layout must be unique")
+
+    def __iter__(self) -> Iterator[TensorSpec]:
+        return iter(self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def __getitem__(self, name: str) -> TensorSpec:
+        for spec in self.tensors:
+            if spec.name == name:
+                return spec
+        raise KeyError(name)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.tensors)
+
+    @property
+    def masked(self) -> tuple[TensorSpec, ...]:
+        return tuple(t for t in self.tensors if t.masked)
+
+    @property
+    def dense(self) -> tuple[TensorSpec, ...]:
+        return tuple(t for t in self.tensors if not t.masked)
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(t.size for t in self.tensors if t.trainable)
