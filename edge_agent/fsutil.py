@@ -1,0 +1,46 @@
+"""Atomic, durable file writes: the only way fedprune replaces state on disk.
+
+write to a temp file in the same directory -> fsync it -> rename over the target -> fsync the
+directory. A crash or ``kill -9`` at any point leaves either the old file or the new one, never a
+torn one. A failed write (disk full) removes its temp file and leaves the old file intact.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import tempfile
+from pathlib import Path
+
+
+def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), mode)
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        try:
+            os.unlink(tmp_name)
+        except FileNotFoundError:
+            pass
+        raise
+    fsync_directory(path.parent)
+
+
+def fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def private_file_is_exposed(path: Path) -> bool:
+    """True when a private key file can be read or written by group or others."""
+    return bool(os.stat(path).st_mode & (stat.S_IRWXG | stat.S_IRWXO))
