@@ -1,0 +1,128 @@
+"""The coordinator's state directory: checkpoints and the device registry, written atomically.
+
+Layout::
+
+    <state>/keys/                 coordinator identity (written by init, 0600)
+    <state>/registry.msgpack      enrolled devices, revocations, presence
+    <state>/checkpoints/round-000012.ckpt   one file per completed round, newest K kept
+    <state>/history.jsonl         never read back for logic; a human-readable trail
+
+A checkpoint is msgpack of plain values with numpy arrays as ``{"__nd__": [dtype, shape, bytes]}``
+and a SHA-256 trailer, so a torn or corrupted file is detected and the previous one is used.
+Writes go through :func:`edge_agent.fsutil.atomic_write`: after ``kill -9`` at any instant the
+directory holds the last completed round, never half of one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from edge_agent.fsutil import atomic_write
+
+log = logging.getLogger(__name__)
+
+_CHECKPOINT = re.compile(r"^round-(\d{6,})\.ckpt$")
+_ALLOWED_DTYPES = {"float32", "float16", "float64", "int8", "int32", "int64", "uint8", "bool"}
+
+
+class StateError(Exception):
+    """The state directory is unusable; the message names the file and the fix."""
+
+
+def _encode(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        if value.dtype.name not in _ALLOWED_DTYPES:
+            raise TypeError(f"cannot checkpoint arrays of dtype {value.dtype}")
+        return {"__nd__": [value.dtype.name, list(value.shape), np.ascontiguousarray(value).tobytes()]}
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, dict):
+        return {k: _encode(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_encode(v) for v in value]
+    return value
+
+
+def _decode(value: Any) -> Any:
+    if isinstance(value, dict):
+        if set(value) == {"__nd__"}:
+            dtype, shape, raw = value["__nd__"]
+            if dtype not in _ALLOWED_DTYPES:
+                raise ValueError(f"unexpected dtype {dtype!r} in checkpoint")
+            return np.frombuffer(raw, dtype=dtype).reshape(shape).copy()
+        return {k: _decode(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_decode(v) for v in value]
+    return value
+
+
+def dumps(document: dict[str, Any]) -> bytes:
+    body = msgpack.packb(_encode(document), use_bin_type=True)
+    return body + hashlib.sha256(body).digest()
+
+
+def loads(blob: bytes) -> dict[str, Any]:
+    body, digest = blob[:-32], blob[-32:]
+    if len(blob) < 33 or hashlib.sha256(body).digest() != digest:
+        raise ValueError("checksum mismatch (torn or corrupted file)")
+    return _decode(msgpack.unpackb(body, raw=False, strict_map_key=False))
+
+
+class StateDir:
+    def __init__(self, root: Path, keep: int = 3) -> None:
+        self.root = Path(root)
+        self.keep = keep
+        self.checkpoints = self.root / "checkpoints"
+        self.keys = self.root / "keys"
+        self.registry_path = self.root / "registry.msgpack"
+        self.history_path = self.root / "history.jsonl"
+
+    def ensure(self) -> None:
+        for directory in (self.root, self.checkpoints, self.keys):
+            directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    def save_checkpoint(self, round_number: int, document: dict[str, Any]) -> Path:
+        path = self.checkpoints / f"round-{round_number:06d}.ckpt"
+        atomic_write(path, dumps({"round": round_number, **document}))
+        for old in self._checkpoint_files()[:-self.keep]:
+            old.unlink(missing_ok=True)
+        return path
+
+    def load_latest_checkpoint(self) -> dict[str, Any] | None:
+        """The newest checkpoint that verifies; a corrupted newest one is logged and skipped."""
+        for path in reversed(self._checkpoint_files()):
+            try:
+                return loads(path.read_bytes())
+            except (ValueError, TypeError, msgpack.UnpackException) as exc:
+                log.error("event=checkpoint_unreadable file=%s error=%s action=trying_previous", path, exc)
+        return None
+
+    def _checkpoint_files(self) -> list[Path]:
+        if not self.checkpoints.exists():
+            return []
+        found = [(int(m.group(1)), p) for p in self.checkpoints.iterdir() if (m := _CHECKPOINT.match(p.name))]
+        return [p for _, p in sorted(found)]
+
+    def save_registry(self, document: dict[str, Any]) -> None:
+        atomic_write(self.registry_path, dumps(document))
+
+    def load_registry(self) -> dict[str, Any] | None:
+        if not self.registry_path.exists():
+            return None
+        try:
+            return loads(self.registry_path.read_bytes())
+        except (ValueError, TypeError, msgpack.UnpackException) as exc:
+            raise StateError(f"{self.registry_path} is unreadable ({exc}); restore it from backup "
+                             "or re-enroll the devices") from None
+
+    def append_history(self, entry: dict[str, Any]) -> None:
+        with self.history_path.open("a") as handle:
+            handle.write(json.dumps(entry, sort_keys=True) + "\n")

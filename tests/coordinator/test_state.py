@@ -1,0 +1,68 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from coordinator.state import StateDir, StateError, dumps, loads
+
+
+def document(round_number: int) -> dict:
+    return {
+        "params": {"fc.weight": np.arange(6, dtype=np.float32).reshape(2, 3) * round_number},
+        "masks": {"fc.weight": np.array([[True, False, True], [False, True, True]])},
+        "quality": {"pi-1": 0.5, "pi-2": 1.0},
+        "mask_version": round_number // 5,
+    }
+
+
+def test_checkpoint_round_trips_arrays_exactly(tmp_path: Path) -> None:
+    state = StateDir(tmp_path)
+    state.ensure()
+    state.save_checkpoint(4, document(4))
+    loaded = state.load_latest_checkpoint()
+    assert loaded["round"] == 4
+    np.testing.assert_array_equal(loaded["params"]["fc.weight"], document(4)["params"]["fc.weight"])
+    assert loaded["masks"]["fc.weight"].dtype == np.bool_
+    assert loaded["quality"] == {"pi-1": 0.5, "pi-2": 1.0}
+
+
+def test_only_the_newest_checkpoints_are_kept_and_the_newest_wins(tmp_path: Path) -> None:
+    state = StateDir(tmp_path, keep=2)
+    state.ensure()
+    for r in range(1, 6):
+        state.save_checkpoint(r, document(r))
+    assert sorted(p.name for p in state.checkpoints.iterdir()) == ["round-000004.ckpt", "round-000005.ckpt"]
+    assert state.load_latest_checkpoint()["round"] == 5
+
+
+def test_a_corrupted_newest_checkpoint_falls_back_to_the_previous(tmp_path: Path) -> None:
+    state = StateDir(tmp_path)
+    state.ensure()
+    state.save_checkpoint(1, document(1))
+    newest = state.save_checkpoint(2, document(2))
+    blob = bytearray(newest.read_bytes())
+    blob[10] ^= 0xFF
+    newest.write_bytes(bytes(blob))
+    assert state.load_latest_checkpoint()["round"] == 1
+
+
+def test_empty_state_has_no_checkpoint(tmp_path: Path) -> None:
+    assert StateDir(tmp_path / "new").load_latest_checkpoint() is None
+
+
+def test_truncated_blob_is_rejected() -> None:
+    blob = dumps({"a": 1})
+    with pytest.raises(ValueError):
+        loads(blob[:-1])
+    with pytest.raises(ValueError):
+        loads(b"")
+
+
+def test_unreadable_registry_is_a_state_error_naming_the_file(tmp_path: Path) -> None:
+    state = StateDir(tmp_path)
+    state.ensure()
+    state.registry_path.write_bytes(b"garbage" * 10)
+    with pytest.raises(StateError, match="registry.msgpack"):
+        state.load_registry()
