@@ -1,0 +1,267 @@
+"""Masked local training and the client readjust step (ALGORITHM.md §3.4, §3.6, §4.6).
+
+Theory of operation. The client receives theta^t (exact zeros outside the global mask m^t) and
+trains it for K = E * ceil(|D_n| / B) SGD steps. The mask is not part of the autograd graph
+(§9.2): pruned entries are zeros in ``W.data``, so ``W.grad`` is the dense gradient that growth
+needs. Sparsity is kept by the optimiser, not the forward pass: g <- g * m before each step (so
+weight decay and momentum see zeros there: momentum buffers stay exactly 0 at pruned positions)
+and W <- W * m after it. On readjust rounds, after ceil(K/2) steps, every masked layer drops the
+c = min(floor(p_t * k), #inactive) active weights of smallest |w| and grows c positions that
+were inactive before this step, by largest |dense gradient| on the next local minibatch (or
+uniformly at random, seeded, for growth="random"); ties go to the lower flat index (stable sort,
+never torch.topk, §9.6), so nnz per layer is preserved exactly and server and client agree bit for
+bit. Grown and dropped positions restart at weight 0 and momentum 0. The remaining steps then
+train with the new mask, so grown weights reach the server with a trained value (§2 [OURS]).
+
+Before any step the received model is evaluated on the local data, per class (§4.6 loss quality).
+Everything is deterministic from ``hp.seed`` (a private torch.Generator drives shuffling and
+random growth), and the same code runs on CPU or CUDA.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from edge_agent.models import (
+    Masks,
+    ModelSpec,
+    Params,
+    as_model_input,
+    check_labels,
+    count_macs,
+    model_layout,
+    module_from_params,
+)
+from protocol.hyperparams import HyperParams
+from protocol.layout import ModelLayout
+
+_EVAL_BATCH = 1024
+
+
+@dataclass(frozen=True)
+class LocalResult:
+    delta: Params
+    buffers: Params
+    masks: Masks
+    mask_changed: bool
+    n_examples: int
+    steps: int
+    train_loss: float
+    class_losses: dict[int, tuple[float, int]]
+    flops: int
+
+
+def readjust_layer(
+    mask: torch.Tensor, magnitude: torch.Tensor, grow_score: torch.Tensor, fraction: float
+) -> torch.Tensor:
+    """One layer's drop/grow (§3.6): a new bool mask with the same number of active entries.
+
+    Drops the c = min(floor(fraction * k), #inactive) active entries of smallest ``magnitude`` and
+    grows the c entries, inactive in ``mask``, of largest ``grow_score``; ties go to the lower flat
+    index. Just-dropped entries are not growth candidates, so exactly c positions change each way.
+    """
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"fraction={fraction!r}: expected a number in [0, 1]")
+    if mask.dtype != torch.bool or mask.shape != magnitude.shape or mask.shape != grow_score.shape:
+        raise ValueError("mask must be bool and have the shape of magnitude and grow_score")
+    flat = mask.flatten()
+    active = torch.nonzero(flat).squeeze(1)
+    inactive = torch.nonzero(~flat).squeeze(1)
+    c = min(math.floor(fraction * active.numel()), inactive.numel())
+    new = flat.clone()
+    if c == 0:
+        return new.view_as(mask)
+    drop = active[torch.sort(magnitude.flatten()[active].abs(), stable=True).indices[:c]]
+    grow = inactive[torch.sort(grow_score.flatten()[inactive], descending=True, stable=True).indices[:c]]
+    new[drop] = False
+    new[grow] = True
+    return new.view_as(mask)
+
+
+def readjust_masks(
+    weights: dict[str, torch.Tensor],
+    masks: dict[str, torch.Tensor],
+    grow_scores: dict[str, torch.Tensor],
+    fraction: float,
+) -> dict[str, torch.Tensor]:
+    """``readjust_layer`` on every masked layer independently."""
+    return {name: readjust_layer(masks[name], weights[name], grow_scores[name], fraction) for name in masks}
+
+
+def class_losses(model: nn.Module, X: torch.Tensor, y: torch.Tensor, num_classes: int) -> dict[int, tuple[float, int]]:
+    """Mean cross-entropy of ``model`` (eval mode) on the samples of each class present in y."""
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(num_classes, dtype=torch.float64, device=X.device)
+    with torch.no_grad():
+        for start in range(0, len(y), _EVAL_BATCH):
+            yb = y[start : start + _EVAL_BATCH]
+            losses = F.cross_entropy(model(X[start : start + _EVAL_BATCH]), yb, reduction="none")
+            sums.index_add_(0, yb, losses.double())
+    model.train(was_training)
+    counts = torch.bincount(y, minlength=num_classes).cpu().numpy()
+    sums_np = sums.cpu().numpy()
+    return {int(c): (float(sums_np[c] / counts[c]), int(counts[c])) for c in np.flatnonzero(counts)}
+
+
+def _check_state(layout: ModelLayout, params: Params, masks: Masks) -> None:
+    if set(params) != set(layout.names):
+        missing, extra = sorted(set(layout.names) - set(params)), sorted(set(params) - set(layout.names))
+        raise ValueError(f"params do not match the layout: missing {missing}, unexpected {extra}")
+    masked = {t.name for t in layout.masked}
+    if set(masks) != masked:
+        raise ValueError(f"masks must cover exactly the masked tensors {sorted(masked)}, got {sorted(masks)}")
+    for spec in layout:
+        value = np.asarray(params[spec.name])
+        if value.shape != spec.shape:
+            raise ValueError(f"{spec.name}: shape {value.shape}, layout expects {spec.shape}")
+        if not np.all(np.isfinite(value)):
+            raise ValueError(f"{spec.name}: contains NaN or infinite values")
+        if spec.masked:
+            mask = np.asarray(masks[spec.name])
+            if mask.dtype != np.bool_ or mask.shape != spec.shape:
+                raise ValueError(f"mask {spec.name}: expected bool {spec.shape}, got {mask.dtype} {mask.shape}")
+            if np.any(value[~mask]):
+                raise ValueError(f"{spec.name}: nonzero values outside the mask")
+
+
+def _batches(n: int, hp: HyperParams, generator: torch.Generator, device: torch.device) -> list[torch.Tensor]:
+    """Index batches for hp.epochs shuffled epochs, plus one more epoch: its first batch is the
+    'next local minibatch' when the readjust point falls after the last step (K = 1)."""
+    order = torch.cat([torch.randperm(n, generator=generator) for _ in range(hp.epochs + 1)]).to(device)
+    return [order[e * n + s : e * n + min(s + hp.batch_size, n)] for e in range(hp.epochs + 1) for s in range(0, n, hp.batch_size)]
+
+
+def train_local(
+    spec: ModelSpec,
+    params: Params,
+    masks: Masks,
+    X: np.ndarray,
+    y: np.ndarray,
+    hp: HyperParams,
+    device: str = "cpu",
+) -> LocalResult:
+    """Train the received global model on local data with masked SGD (see the module docstring).
+
+    ``params`` must be zero outside ``masks``; ``masks`` must hold a bool array for every masked
+    tensor (all True for dense training). X is (N, *input_shape) or flat rows; y int labels.
+    """
+    layout = model_layout(spec)
+    _check_state(layout, params, masks)
+    X = as_model_input(spec, X)
+    y = check_labels(spec, X, y)
+    n = len(y)
+    if n == 0:
+        raise ValueError("no local training data")
+    dev = torch.device(device)
+    model = module_from_params(spec, params, dev)
+    Xt, yt = torch.from_numpy(X).to(dev), torch.from_numpy(y).to(dev)
+    losses_before = class_losses(model, Xt, yt, spec.num_classes)
+
+    model.train()
+    named = dict(model.named_parameters())
+    trainable = [named[t.name] for t in layout if t.trainable]
+    masked_names = [t.name for t in layout.masked]
+    masked = [named[name] for name in masked_names]
+    mask_bool = {name: torch.from_numpy(np.ascontiguousarray(masks[name])).to(dev) for name in masked_names}
+    mask_float = [mask_bool[name].to(torch.float32) for name in masked_names]
+    theta_t = [p.detach().clone() for p in trainable]
+    optimizer = torch.optim.SGD(trainable, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+
+    generator = torch.Generator().manual_seed(hp.seed)
+    batches = _batches(n, hp, generator, dev)
+    steps = hp.epochs * math.ceil(n / hp.batch_size)
+    readjust_at = math.ceil(steps / 2) if hp.readjust and hp.prune_fraction > 0 else -1
+    macs_before = count_macs(spec, masks)
+    macs_after = macs_before
+    samples_before = samples_after = 0
+    readjust_macs = 0
+    loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
+
+    for step in range(steps + 1):
+        if step == readjust_at:
+            idx = batches[step]
+            new = _readjust(model, masked_names, mask_bool, optimizer, Xt[idx], yt[idx], hp, generator)
+            mask_bool.update(new)
+            mask_float = [mask_bool[name].to(torch.float32) for name in masked_names]
+            macs_after = count_macs(spec, {k: v.cpu().numpy() for k, v in mask_bool.items()})
+            if hp.growth == "gradient":
+                readjust_macs = len(idx) * (2 * macs_before + count_macs(spec))
+        if step == steps:
+            break
+        idx = batches[step]
+        loss = F.cross_entropy(model(Xt[idx]), yt[idx])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if hp.prox_mu > 0:
+            diffs = torch._foreach_sub([p.detach() for p in trainable], theta_t)
+            torch._foreach_add_([p.grad for p in trainable], diffs, alpha=hp.prox_mu)
+        torch._foreach_mul_([p.grad for p in masked], mask_float)
+        optimizer.step()
+        with torch.no_grad():
+            torch._foreach_mul_(masked, mask_float)
+        loss_sum += loss.detach()
+        if readjust_at < 0 or step < readjust_at:
+            samples_before += len(idx)
+        else:
+            samples_after += len(idx)
+
+    final_masks = {name: mask_bool[name].cpu().numpy().copy() for name in masked_names}
+    delta: Params = {}
+    with torch.no_grad():
+        for spec_t, p, p0 in zip((t for t in layout if t.trainable), trainable, theta_t):
+            d = (p.detach() - p0).cpu().numpy().astype(np.float32)
+            delta[spec_t.name] = d * final_masks[spec_t.name] if spec_t.masked else d
+    buffers = {
+        name: b.detach().to("cpu", torch.float32).numpy().copy() for name, b in model.named_buffers()
+    }
+    changed = any(not np.array_equal(final_masks[name], masks[name]) for name in masked_names)
+    flops = n * macs_before + 3 * (samples_before * macs_before + samples_after * macs_after) + readjust_macs
+    return LocalResult(
+        delta=delta,
+        buffers=buffers,
+        masks=final_masks,
+        mask_changed=changed,
+        n_examples=n,
+        steps=steps,
+        train_loss=float(loss_sum) / steps,
+        class_losses=losses_before,
+        flops=int(flops),
+    )
+
+
+def _readjust(
+    model: nn.Module,
+    names: list[str],
+    masks: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    xb: torch.Tensor,
+    yb: torch.Tensor,
+    hp: HyperParams,
+    generator: torch.Generator,
+) -> dict[str, torch.Tensor]:
+    """Drop/grow on the current local weights; zero weights and momentum at changed positions."""
+    named = dict(model.named_parameters())
+    if hp.growth == "gradient":
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(xb), yb).backward()
+        scores = {name: named[name].grad.abs() for name in names}
+        optimizer.zero_grad(set_to_none=True)
+    else:
+        scores = {name: torch.rand(named[name].shape, generator=generator).to(xb.device) for name in names}
+    weights = {name: named[name].detach() for name in names}
+    new = readjust_masks(weights, masks, scores, hp.prune_fraction)
+    with torch.no_grad():
+        for name in names:
+            changed = new[name] ^ masks[name]
+            named[name].masked_fill_(changed, 0.0)
+            buf = optimizer.state.get(named[name], {}).get("momentum_buffer")
+            if buf is not None:
+                buf.masked_fill_(changed, 0.0)
+    return new
