@@ -1,0 +1,146 @@
+"""Contribution scores (ALGORITHM.md §4): u_n, U^t, psi_n^t, the quality q_n and importance r_n^t.
+
+Theory of operation. Everything the cosine rules need is in the Gram matrix G = X Xᵀ of the
+clients' flat updates Δθ_n (float64, zeros where a client holds no position): ‖Δθ_n‖ = sqrt(G_nn)
+and ⟨u_n, u_m⟩ = G_nm / (‖Δθ_n‖‖Δθ_m‖). With the aggregate U = Σ σ_m u_m the leave-one-out cosine
+psi_n = cos(u_n, U - σ_n u_n) has the closed form a_n / b_n of §4.2 step 4, so scoring N clients
+costs one N×N matrix, never N passes over the model.
+
+A round produces a quality observation x_n in [0, 1] (or psi itself for the plain cosine rule);
+the state q_n is an exponential moving average with trade-off gamma, clamped at q_min, so a
+client's memory is ≈ 1/(1-gamma) participations whatever N is. Importance r_n = s_n q_n / Σ s_m q_m
+(the thesis's r) and aggregation weights w_n ∝ s_n q_n over the valid set. Signals:
+
+- ``cosine``: x_n = psi_n (§4.2, measured to lose under label skew, kept for ablations);
+- ``z``: robust outlier band on psi: x_n = clip((z_n + 3)/2, 0, 1), z from median/MAD (§4.5.1);
+- ``loss``: per-class loss ratio of the received global model on the client's data (§4.6, "P2");
+- ``loss_z``: min of the two (a client must look normal on both).
+
+All functions are pure: arrays and dicts in, arrays and dicts out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+EPS = 1e-12
+LOSS_OFFSET = 0.05
+
+
+def flatten(update: Mapping[str, np.ndarray], names: Sequence[str]) -> np.ndarray:
+    """One client's update over the trainable tensors ``names`` as a float64 vector."""
+    return np.concatenate([np.asarray(update[n], dtype=np.float64).ravel() for n in names])
+
+
+def gram(flat: np.ndarray) -> np.ndarray:
+    """G = X Xᵀ in float64 for X of shape (clients, dims)."""
+    x = np.asarray(flat, dtype=np.float64)
+    return x @ x.T
+
+
+def norms(g: np.ndarray) -> np.ndarray:
+    return np.sqrt(np.clip(np.diag(g), 0.0, None))
+
+
+def cosine_matrix(g: np.ndarray) -> np.ndarray:
+    """⟨u_n, u_m⟩; rows/columns of zero-norm updates are 0."""
+    nrm = norms(g)
+    inv = np.where(nrm > EPS, 1.0 / np.where(nrm > EPS, nrm, 1.0), 0.0)
+    return g * inv[:, None] * inv[None, :]
+
+
+def loo_cosine(g: np.ndarray, sigma: np.ndarray) -> np.ndarray:
+    """psi_n = cos(u_n, U - σ_n u_n) with U = Σ σ_m u_m (§4.2 step 4); 0 where b_n ≤ ε."""
+    c = cosine_matrix(g)
+    sigma = np.asarray(sigma, dtype=np.float64)
+    uu = c @ sigma  # ⟨u_n, U⟩
+    big_u2 = float(sigma @ c @ sigma)
+    a = uu - sigma * np.diag(c)
+    b2 = np.clip(big_u2 - 2.0 * sigma * uu + sigma**2 * np.diag(c), 0.0, None)
+    b = np.sqrt(b2)
+    return np.where(b > EPS, a / np.where(b > EPS, b, 1.0), 0.0)
+
+
+def self_cosine(g: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """psi_n = cos(u_n, U), own term included: CGSV as published (faithful mode)."""
+    c = cosine_matrix(g)
+    w = np.asarray(weights, dtype=np.float64)
+    uu = c @ w
+    big_u = np.sqrt(max(float(w @ c @ w), 0.0))
+    return uu / big_u if big_u > EPS else np.zeros_like(uu)
+
+
+def z_quality(psi: np.ndarray) -> np.ndarray:
+    """Robust outlier band: x = clip((z + 3)/2, 0, 1) with z from median and 1.4826·MAD of psi."""
+    psi = np.asarray(psi, dtype=np.float64)
+    med = np.median(psi)
+    mad = 1.4826 * np.median(np.abs(psi - med))
+    if mad <= EPS:
+        return np.ones_like(psi)
+    return np.clip(((psi - med) / mad + 3.0) / 2.0, 0.0, 1.0)
+
+
+def class_medians(class_losses: Sequence[Mapping[int, tuple[float, int]]]) -> dict[int, float]:
+    """m_c: median over clients holding class c of their mean loss on c."""
+    per_class: dict[int, list[float]] = {}
+    for losses in class_losses:
+        for c, (loss, count) in losses.items():
+            if count > 0 and np.isfinite(loss):
+                per_class.setdefault(int(c), []).append(float(loss))
+    return {c: float(np.median(v)) for c, v in per_class.items()}
+
+
+def loss_ratio(
+    losses: Mapping[int, tuple[float, int]], medians: Mapping[int, float], weighted: bool = False
+) -> float | None:
+    """rho_n = mean over n's classes of (ℓ_{n,c} + 0.05)/(m_c + 0.05); None if no usable class.
+
+    ``weighted`` averages by n's sample count per class, so one rare class with a handful of
+    samples cannot dominate a client's ratio (an ablation of §4.6).
+    """
+    ratios, counts = [], []
+    for c, (loss, count) in losses.items():
+        if count > 0 and np.isfinite(loss) and int(c) in medians:
+            ratios.append((loss + LOSS_OFFSET) / (medians[int(c)] + LOSS_OFFSET))
+            counts.append(count)
+    if not ratios:
+        return None
+    return float(np.average(ratios, weights=counts if weighted else None))
+
+
+def loss_quality(rho: float | None, full: float = 2.0, zero: float = 4.0) -> float:
+    """x = 1 up to ``full``× the median loss, falling linearly to 0 at ``zero``× (§4.6: 2 and 4)."""
+    if rho is None:
+        return 1.0
+    return float(np.clip((zero - rho) / (zero - full), 0.0, 1.0))
+
+
+def update_quality(q: float, x: float, gamma: float, q_min: float) -> float:
+    """q ← max(γ q + (1-γ) x, q_min) (§4.2 step 5)."""
+    return max(gamma * q + (1.0 - gamma) * x, q_min)
+
+
+def importance(quality: Mapping[str, float], sizes: Mapping[str, int]) -> dict[str, float]:
+    """r_n = s_n q_n / Σ_m s_m q_m over every known client (falls back to s if Σ ≈ 0)."""
+    raw = {k: sizes[k] * quality[k] for k in quality}
+    total = sum(raw.values())
+    if total <= EPS:
+        total_s = sum(sizes[k] for k in quality) or 1
+        return {k: sizes[k] / total_s for k in quality}
+    return {k: v / total for k, v in raw.items()}
+
+
+def weights(values: np.ndarray) -> tuple[np.ndarray, bool]:
+    """Normalise non-negative raw weights; (weights, fell_back) with uniform fallback if Σ ≈ 0."""
+    values = np.asarray(values, dtype=np.float64)
+    total = values.sum()
+    if total <= EPS or not np.isfinite(total):
+        return np.full(values.shape, 1.0 / len(values)), True
+    return values / total, False
+
+
+def neutral_quality(quality: Mapping[str, float]) -> float:
+    """Initial q for a new client: the mean of the known clients' q, or 1 (§4.2 step 7)."""
+    return float(np.mean(list(quality.values()))) if quality else 1.0

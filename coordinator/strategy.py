@@ -1,0 +1,519 @@
+"""The policy seam: one Strategy runs FedAvg, FedDST-style, fedprune and robust baselines.
+
+Theory of operation (ALGORITHM.md §2). ``initial_state`` fixes the ERK budgets k_l, draws m^0 and
+scales the sparse initial weights. ``plan_round`` picks S^t and the hyper-parameters of round t
+(readjust^t, p^t). ``finish_round`` takes the clients' updates and, in order: keeps the valid set V
+(finite, non-zero updates of selected clients), scores every client with the leave-one-out cosine
+psi_n^t (always, it is the thesis's contribution score), turns the configured quality signal into
+q_n and weights w_n ∝ s_n q_n, combines the updates over their sparse supports (§5), merges and
+re-prunes the masks on readjust rounds (§3.7) and returns the new GlobalState. Methods differ only
+in weights, step and combiner, so every baseline runs through this same code path:
+
+| method        | weights | step        | combiner         | mask readjust |
+| fedavg        | s       | plain       | mean             | never (static m^0 if sparse) |
+| feddst        | s       | plain       | mean             | yes           |
+| fedprune      | s·q     | normalized  | mean             | yes           |
+| median        | -       | plain       | coordinate median| yes if sparse |
+| trimmed_mean  | -       | plain       | trimmed mean     | yes if sparse |
+| krum          | -       | plain       | mean of Krum pick| yes if sparse |
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+import numpy as np
+
+from coordinator import aggregation, contribution, masks as masks_mod
+from protocol.hyperparams import HyperParams
+from protocol.layout import ModelLayout
+
+Params = dict[str, np.ndarray]
+Masks = dict[str, np.ndarray]
+
+METHODS = ("fedavg", "feddst", "fedprune", "median", "trimmed_mean", "krum")
+QUALITY_SIGNALS = ("loss", "cosine", "z", "loss_z", "none")
+STEPS = ("normalized", "plain", "cgsv")
+CONTRIBUTION_MODES = ("ours", "cgsv")
+REFERENCES = ("s", "r")
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    """Knobs of ALGORITHM.md §7. Validated on construction; errors name the key and what is expected."""
+
+    method: str = "fedprune"
+    rounds: int = 60
+    sparsity: float = 0.8
+    distribution: str = "erk"
+    dense_layers: tuple[str, ...] = ()
+    scaled_init: bool = True
+    p0: float = 0.5
+    delta_t: int | None = None  # None: 10, or 5 if rounds <= 60
+    t_end: int | None = None  # None: rounds // 2
+    min_votes: int = 0
+    clients_per_round: int = 0  # 0: every online client
+    # contribution (§4)
+    contribution: str = "ours"
+    quality: str = "loss"
+    reference: str = "s"
+    leave_one_out: bool = True
+    gamma: float = 0.9
+    q_min: float = 1e-3
+    warmup_rounds: int = 0
+    loss_full: float = 2.0
+    loss_zero: float = 4.0
+    loss_weighted: bool = False
+    step: str | None = None  # None: the method's own step
+    server_lr: float = 1.0
+    cgsv_step: float = 0.5
+    trim_fraction: float = 0.2
+    krum_byzantine: int = 0
+    krum_select: int = 1
+    # contribution-adaptive density (§6)
+    adaptive_density: bool = False
+    adaptive_beta: float = 1.0
+    rho_min: float = 0.5
+    local: HyperParams = field(default_factory=HyperParams)
+
+    def __post_init__(self) -> None:
+        def bad(key: str, expected: str) -> ValueError:
+            return ValueError(f"strategy.{key} = {getattr(self, key)!r}: expected {expected}")
+
+        def is_num(v: Any) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        def is_int(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        choices = {
+            "method": METHODS,
+            "distribution": masks_mod.DISTRIBUTIONS,
+            "contribution": CONTRIBUTION_MODES,
+            "quality": QUALITY_SIGNALS,
+            "reference": REFERENCES,
+        }
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise bad(key, f"one of {allowed}")
+        if self.step is not None and self.step not in STEPS:
+            raise bad("step", f"one of {STEPS}")
+        if not (is_int(self.rounds) and self.rounds >= 1):
+            raise bad("rounds", "an int >= 1")
+        if not (is_num(self.sparsity) and 0.0 <= self.sparsity < 1.0):
+            raise bad("sparsity", "a number in [0, 1)")
+        if self.method == "feddst" and self.sparsity == 0.0:
+            raise bad("sparsity", "a sparsity > 0 for method 'feddst' (dense FedDST is FedAvg)")
+        if not (is_num(self.p0) and 0.0 <= self.p0 <= 1.0):
+            raise bad("p0", "a number in [0, 1]")
+        for key in ("delta_t", "t_end"):
+            v = getattr(self, key)
+            if v is not None and not (is_int(v) and v >= 1):
+                raise bad(key, "an int >= 1 or omitted")
+        for key in ("min_votes", "clients_per_round", "warmup_rounds", "krum_byzantine"):
+            if not (is_int(getattr(self, key)) and getattr(self, key) >= 0):
+                raise bad(key, "an int >= 0")
+        if not (is_int(self.krum_select) and self.krum_select >= 1):
+            raise bad("krum_select", "an int >= 1")
+        if not (is_num(self.gamma) and 0.0 <= self.gamma < 1.0):
+            raise bad("gamma", "a number in [0, 1)")
+        if not (is_num(self.q_min) and 0.0 < self.q_min <= 1.0):
+            raise bad("q_min", "a number in (0, 1]")
+        if not (is_num(self.loss_full) and is_num(self.loss_zero) and 0 < self.loss_full < self.loss_zero):
+            raise bad("loss_full", f"0 < loss_full < loss_zero (loss_zero = {self.loss_zero!r})")
+        for key in ("server_lr", "cgsv_step", "adaptive_beta"):
+            if not (is_num(getattr(self, key)) and getattr(self, key) > 0):
+                raise bad(key, "a number > 0")
+        if not (is_num(self.trim_fraction) and 0.0 <= self.trim_fraction <= 0.5):
+            raise bad("trim_fraction", "a number in [0, 0.5]")
+        if not (is_num(self.rho_min) and 0.0 < self.rho_min <= 1.0):
+            raise bad("rho_min", "a number in (0, 1]")
+        for key in ("scaled_init", "leave_one_out", "adaptive_density", "loss_weighted"):
+            if not isinstance(getattr(self, key), bool):
+                raise bad(key, "true or false")
+        if not (isinstance(self.dense_layers, tuple) and all(isinstance(x, str) for x in self.dense_layers)):
+            raise bad("dense_layers", "a list of tensor names")
+        if not isinstance(self.local, HyperParams):
+            raise bad("local", "a HyperParams")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "StrategyConfig":
+        """Build from a TOML table; ``local`` is a sub-table of HyperParams fields."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"strategy: unknown keys {unknown}; expected some of {sorted(known)}")
+        kwargs = dict(data)
+        if "local" in kwargs:
+            local = kwargs["local"]
+            if not isinstance(local, Mapping):
+                raise ValueError(f"strategy.local = {local!r}: expected a table of hyper-parameters")
+            try:
+                kwargs["local"] = HyperParams.from_dict(dict(local))
+            except (ValueError, TypeError) as exc:
+                raise ValueError(f"strategy.local: {exc}") from exc
+        if "dense_layers" in kwargs and isinstance(kwargs["dense_layers"], list):
+            kwargs["dense_layers"] = tuple(kwargs["dense_layers"])
+        return cls(**kwargs)
+
+    @property
+    def sparse(self) -> bool:
+        return self.sparsity > 0.0
+
+    @property
+    def readjusts(self) -> bool:
+        return self.sparse and self.p0 > 0.0 and self.method != "fedavg"
+
+    @property
+    def effective_delta_t(self) -> int:
+        return self.delta_t if self.delta_t is not None else (5 if self.rounds <= 60 else 10)
+
+    @property
+    def effective_t_end(self) -> int:
+        return self.t_end if self.t_end is not None else max(1, self.rounds // 2)
+
+    @property
+    def effective_step(self) -> str:
+        if self.step is not None:
+            return self.step
+        return "normalized" if self.method == "fedprune" else "plain"
+
+
+@dataclass(frozen=True)
+class ClientUpdate:
+    client_id: str
+    n_examples: int
+    delta: Params
+    masks: Masks
+    buffers: Params = field(default_factory=dict)
+    train_loss: float = float("nan")
+    class_losses: dict[int, tuple[float, int]] = field(default_factory=dict)
+
+    @classmethod
+    def from_local(cls, client_id: str, result: Any) -> "ClientUpdate":
+        """From an ``edge_agent.training.LocalResult`` (duck-typed: cores never import torch code)."""
+        return cls(
+            client_id=client_id,
+            n_examples=int(result.n_examples),
+            delta=dict(result.delta),
+            masks=dict(result.masks),
+            buffers=dict(result.buffers),
+            train_loss=float(result.train_loss),
+            class_losses=dict(result.class_losses),
+        )
+
+
+@dataclass(frozen=True)
+class GlobalState:
+    layout: ModelLayout
+    round: int
+    params: Params
+    masks: Masks
+    mask_version: int
+    densities: dict[str, float]
+    counts: dict[str, int]
+    quality: dict[str, float] = field(default_factory=dict)
+    data_sizes: dict[str, int] = field(default_factory=dict)
+    importance: dict[str, float] = field(default_factory=dict)  # r_n (faithful mode: the CGSV state)
+
+    @property
+    def trainable(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.layout if s.trainable)
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    round: int
+    selected: tuple[str, ...]
+    hyper: HyperParams
+    readjust: bool
+    p_t: float
+    client_masks: dict[str, Masks] = field(default_factory=dict)  # §6 sub-masks; absent = global mask
+    keep_fraction: dict[str, float] = field(default_factory=dict)
+
+    def hyper_for(self, client_id: str) -> HyperParams:
+        """Per-client seed: the round seed mixed with a stable hash of the id (crc32)."""
+        seed = (self.hyper.seed * 1_000_003 + zlib.crc32(client_id.encode())) % (2**63)
+        return replace(self.hyper, seed=seed)
+
+    def masks_for(self, client_id: str, state: GlobalState) -> Masks:
+        return self.client_masks.get(client_id, state.masks)
+
+
+@dataclass(frozen=True)
+class ClientScore:
+    psi: float | None
+    q: float
+    r: float
+    w: float
+    quality_x: float | None
+    loss_ratio: float | None
+    update_norm: float
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    state: GlobalState
+    scores: dict[str, ClientScore]
+    mask_churn: float
+    n_valid: int
+    rejected: dict[str, str]  # client_id -> reason
+    aggregated: bool
+    weight_fallback: bool = False
+
+
+class Strategy:
+    def __init__(self, config: StrategyConfig) -> None:
+        self.config = config
+
+    # ---- setup -------------------------------------------------------------------------------
+    def initial_state(self, layout: ModelLayout, params: Mapping[str, np.ndarray], rng: np.random.Generator) -> GlobalState:
+        cfg = self.config
+        missing = [s.name for s in layout if s.name not in params]
+        if missing:
+            raise ValueError(f"initial params lack tensors {missing}")
+        if cfg.sparse:
+            densities = masks_mod.erk_densities(layout, cfg.sparsity, cfg.distribution, cfg.dense_layers)
+        else:
+            densities = {s.name: 1.0 for s in layout.masked}
+        counts = masks_mod.active_counts(layout, densities)
+        m0 = masks_mod.random_masks(layout, densities, rng)
+        theta = {k: np.asarray(v, dtype=np.float32).copy() for k, v in params.items()}
+        if cfg.sparse and cfg.scaled_init:
+            theta = masks_mod.scale_sparse_init(theta, densities)
+        theta = masks_mod.apply_masks(theta, m0)
+        return GlobalState(layout=layout, round=1, params=theta, masks=m0, mask_version=0,
+                           densities=densities, counts=counts)
+
+    # ---- plan --------------------------------------------------------------------------------
+    def plan_round(self, state: GlobalState, online_clients: Sequence[str], rng: np.random.Generator) -> RoundPlan:
+        cfg = self.config
+        t = state.round
+        pool = sorted(set(online_clients))
+        if cfg.clients_per_round and len(pool) > cfg.clients_per_round:
+            pick = rng.choice(len(pool), size=cfg.clients_per_round, replace=False)
+            selected = tuple(pool[i] for i in sorted(pick))
+        else:
+            selected = tuple(pool)
+        readjust = cfg.readjusts and masks_mod.is_readjust_round(t, cfg.effective_delta_t, cfg.effective_t_end)
+        p_t = masks_mod.prune_fraction(t, cfg.p0, cfg.effective_t_end) if readjust else 0.0
+        hyper = replace(cfg.local, readjust=readjust, prune_fraction=p_t, seed=int(rng.integers(0, 2**62)))
+        client_masks: dict[str, Masks] = {}
+        keep: dict[str, float] = {}
+        if cfg.adaptive_density and cfg.sparse and t > cfg.effective_delta_t and selected:
+            keep = self._keep_fractions(state, selected)
+            client_masks = {
+                cid: masks_mod.nested_submask(state.params, state.masks, rho)
+                for cid, rho in keep.items() if rho < 1.0
+            }
+        return RoundPlan(round=t, selected=selected, hyper=hyper, readjust=readjust, p_t=p_t,
+                         client_masks=client_masks, keep_fraction=keep)
+
+    def _keep_fractions(self, state: GlobalState, selected: Sequence[str]) -> dict[str, float]:
+        """ρ_n = max(ρ_min, tanh(β z_n) / max_{S^t} tanh(β z_m)), z_n = q_n / mean_known(q) (§6)."""
+        cfg = self.config
+        mean_q = contribution.neutral_quality(state.quality)
+        z = {c: state.quality.get(c, mean_q) / mean_q for c in selected}
+        tz = {c: math.tanh(cfg.adaptive_beta * v) for c, v in z.items()}
+        top = max(tz.values())
+        return {c: (max(cfg.rho_min, v / top) if top > 0 else 1.0) for c, v in tz.items()}
+
+    # ---- finish ------------------------------------------------------------------------------
+    def finish_round(self, state: GlobalState, plan: RoundPlan, updates: Sequence[ClientUpdate]) -> RoundResult:
+        cfg = self.config
+        names = state.trainable
+        rejected: dict[str, str] = {}
+        valid: list[ClientUpdate] = []
+        seen: set[str] = set()
+        for up in updates:
+            reason = self._reject_reason(state, plan, up, seen)
+            seen.add(up.client_id)
+            if reason:
+                rejected[up.client_id] = reason
+            else:
+                valid.append(up)
+        if valid:
+            flat = np.stack([contribution.flatten(u.delta, names) for u in valid])
+            g = contribution.gram(flat)
+            nrm = contribution.norms(g)
+            for u, n in zip(valid, nrm):
+                if not n > contribution.EPS:
+                    rejected[u.client_id] = "zero_update"
+            keep_idx = [i for i, n in enumerate(nrm) if n > contribution.EPS]
+            valid = [valid[i] for i in keep_idx]
+            g = g[np.ix_(keep_idx, keep_idx)]
+            nrm = nrm[keep_idx]
+        if not valid:
+            return RoundResult(state=state, scores={}, mask_churn=0.0, n_valid=0, rejected=rejected, aggregated=False)
+
+        ids = [u.client_id for u in valid]
+        sizes = dict(state.data_sizes)
+        quality = dict(state.quality)
+        imp = dict(state.importance)
+        for u in valid:
+            if u.client_id not in quality:
+                quality[u.client_id] = contribution.neutral_quality(state.quality)
+            sizes[u.client_id] = int(u.n_examples)
+        s_v = np.array([sizes[c] for c in ids], dtype=np.float64)
+        s_v = s_v / s_v.sum()
+
+        psi, x_obs, rho = self._scores(state, valid, g, s_v, imp)
+        if len(valid) > 1 and state.round > cfg.warmup_rounds:
+            if cfg.contribution == "cgsv":
+                imp = self._cgsv_importance(imp, ids, psi, sizes)
+            elif x_obs is not None:
+                for c, x in zip(ids, x_obs):
+                    quality[c] = contribution.update_quality(quality[c], float(x), cfg.gamma, cfg.q_min)
+
+        w, fallback = self._weights(ids, s_v, quality, imp)
+        chosen = np.arange(len(valid))
+        if cfg.method == "krum":
+            chosen = aggregation.krum_select(g, cfg.krum_byzantine, cfg.krum_select)
+        new_params, new_masks, churn, version = self._apply(state, plan, valid, nrm, w, chosen)
+        if not all(np.all(np.isfinite(v)) for v in new_params.values()):
+            rejected_all = dict(rejected, **{c: "non_finite_aggregate" for c in ids})
+            return RoundResult(state=state, scores={}, mask_churn=0.0, n_valid=0, rejected=rejected_all, aggregated=False)
+
+        if cfg.contribution == "ours":
+            r = contribution.importance(quality, sizes)
+        else:
+            r = imp
+        scores = {
+            c: ClientScore(
+                psi=float(psi[i]) if psi is not None else None,
+                q=quality[c], r=r.get(c, 0.0), w=float(w[i]),
+                quality_x=float(x_obs[i]) if x_obs is not None else None,
+                loss_ratio=rho[i], update_norm=float(nrm[i]),
+            )
+            for i, c in enumerate(ids)
+        }
+        new_state = replace(state, round=state.round + 1, params=new_params, masks=new_masks,
+                            mask_version=version, quality=quality, data_sizes=sizes, importance=r)
+        return RoundResult(state=new_state, scores=scores, mask_churn=churn, n_valid=len(valid),
+                           rejected=rejected, aggregated=True, weight_fallback=fallback)
+
+    def _reject_reason(self, state: GlobalState, plan: RoundPlan, up: ClientUpdate, seen: set[str]) -> str:
+        if up.client_id in seen:
+            return "duplicate"
+        if up.client_id not in plan.selected:
+            return "not_selected"
+        if up.n_examples <= 0:
+            return "no_data"
+        for spec in state.layout:
+            if spec.trainable:
+                v = up.delta.get(spec.name)
+            else:
+                v = up.buffers.get(spec.name, np.zeros(spec.shape))
+            if v is None or np.shape(v) != spec.shape or not np.all(np.isfinite(v)):
+                return "bad_tensor"
+            if spec.masked:
+                m = up.masks.get(spec.name)
+                if m is None or np.shape(m) != spec.shape:
+                    return "bad_mask"
+        return ""
+
+    def _scores(self, state, valid, g, s_v, imp):
+        """psi (always), the round's quality observation x and the loss ratios."""
+        cfg = self.config
+        n = len(valid)
+        rho: list[float | None] = [None] * n
+        if n == 1:
+            return None, None, rho
+        if cfg.contribution == "cgsv":
+            ref = np.array([imp.get(u.client_id, 0.0) for u in valid])
+            ref = s_v if ref.sum() <= contribution.EPS else ref / ref.sum()
+            psi = contribution.self_cosine(g, ref)
+            return psi, None, rho
+        sigma = s_v
+        if cfg.reference == "r" and state.importance:
+            ref = np.array([state.importance.get(u.client_id, 0.0) for u in valid])
+            sigma = s_v if ref.sum() <= contribution.EPS else ref / ref.sum()
+        psi = contribution.loo_cosine(g, sigma) if cfg.leave_one_out else contribution.self_cosine(g, sigma)
+        signal = cfg.quality if cfg.method == "fedprune" else "none"
+        if signal == "none":
+            return psi, None, rho
+        x_cos = psi
+        x_z = contribution.z_quality(psi)
+        x_loss = None
+        if signal in ("loss", "loss_z"):
+            medians = contribution.class_medians([u.class_losses for u in valid])
+            rho = [contribution.loss_ratio(u.class_losses, medians, cfg.loss_weighted) for u in valid]
+            x_loss = np.array([contribution.loss_quality(r, cfg.loss_full, cfg.loss_zero) for r in rho])
+        x = {"cosine": x_cos, "z": x_z, "loss": x_loss,
+             "loss_z": None if x_loss is None else np.minimum(x_loss, x_z)}[signal]
+        return psi, x, rho
+
+    def _cgsv_importance(self, imp, ids, psi, sizes):
+        """Faithful CGSV: r ← γ r + (1-γ) psi on the normalised r, clamp at q_min, renormalise."""
+        cfg = self.config
+        out = dict(imp)
+        for c, p in zip(ids, psi):
+            out[c] = max(cfg.gamma * out.get(c, 0.0) + (1.0 - cfg.gamma) * float(p), cfg.q_min)
+        total = sum(out.values())
+        return {c: v / total for c, v in out.items()}
+
+    def _weights(self, ids, s_v, quality, imp):
+        cfg = self.config
+        if cfg.method != "fedprune":
+            return s_v, False
+        if cfg.contribution == "cgsv":
+            raw = np.array([imp.get(c, 0.0) for c in ids])
+            if raw.sum() <= contribution.EPS:
+                return s_v, False
+        else:
+            raw = s_v * np.array([quality[c] for c in ids])
+        w, fell_back = contribution.weights(raw)
+        return (s_v, True) if fell_back else (w, False)
+
+    def _apply(self, state, plan, valid, nrm, w, chosen):
+        """Combine over sparse supports (§5), step θ, merge/re-prune masks on readjust rounds."""
+        cfg = self.config
+        step = cfg.effective_step
+        if step == "normalized":
+            scale = float(np.dot(w, nrm)) / nrm  # L / ‖Δθ_n‖
+        elif step == "cgsv":
+            scale = cfg.cgsv_step / nrm
+        else:
+            scale = np.ones_like(nrm)
+        combiner = {"median": "median", "trimmed_mean": "trimmed_mean"}.get(cfg.method, "mean")
+        sel = [valid[i] for i in chosen]
+        w_sel = w[chosen] if cfg.method != "krum" else np.full(len(chosen), 1.0 / len(chosen))
+        scale_sel = scale[chosen]
+        new_params: Params = {}
+        empties: dict[str, np.ndarray] = {}
+        for spec in state.layout:
+            if not spec.trainable:
+                continue
+            x = np.stack([np.asarray(u.delta[spec.name], dtype=np.float64) * s for u, s in zip(sel, scale_sel)])
+            holds = np.stack([np.asarray(u.masks[spec.name], dtype=bool) for u in sel]) if spec.masked else None
+            if combiner == "median":
+                agg, empty = aggregation.coordinate_median(x, holds)
+            elif combiner == "trimmed_mean":
+                agg, empty = aggregation.trimmed_mean(x, holds, cfg.trim_fraction)
+            else:
+                agg, empty = aggregation.weighted_mean(x, holds, w_sel)
+            theta = state.params[spec.name].astype(np.float64) + cfg.server_lr * agg
+            if spec.masked and plan.readjust:
+                theta = np.where(empty, 0.0, theta)
+            new_params[spec.name] = theta.astype(np.float32)
+            empties[spec.name] = empty
+        for spec in state.layout:
+            if spec.trainable:
+                continue
+            vals = [np.asarray(u.buffers.get(spec.name, state.params[spec.name])) for u in valid]
+            if spec.name.endswith("num_batches_tracked"):
+                new_params[spec.name] = np.max(np.stack(vals), axis=0).astype(state.params[spec.name].dtype)
+            else:
+                avg = np.tensordot(w, np.stack(vals).astype(np.float64), axes=1)
+                new_params[spec.name] = avg.astype(state.params[spec.name].dtype)
+        new_masks, churn, version = state.masks, 0.0, state.mask_version
+        if plan.readjust and state.masks:
+            votes = masks_mod.votes_from([u.masks for u in sel], state.masks.keys())
+            new_masks, churn = masks_mod.merge_and_reprune(new_params, votes, state.masks, state.counts, cfg.min_votes)
+            version += 1
+        new_params = masks_mod.apply_masks(new_params, new_masks)
+        return new_params, new_masks, churn, version

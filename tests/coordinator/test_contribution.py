@@ -1,0 +1,73 @@
+"""Cosine scores, quality signals and importance (ALGORITHM.md §4)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, strategies as st
+from hypothesis.extra import numpy as hnp
+
+from coordinator import contribution as C
+
+
+def _loo_bruteforce(x: np.ndarray, sigma: np.ndarray) -> np.ndarray:
+    u = x / np.linalg.norm(x, axis=1, keepdims=True)
+    big = (sigma[:, None] * u).sum(0)
+    out = []
+    for n in range(len(x)):
+        rest = big - sigma[n] * u[n]
+        out.append(u[n] @ rest / np.linalg.norm(rest) if np.linalg.norm(rest) > 1e-12 else 0.0)
+    return np.array(out)
+
+
+@given(hnp.arrays(np.float64, st.tuples(st.integers(2, 6), st.integers(2, 8)), elements=st.floats(-10, 10)))
+def test_closed_form_loo_cosine_matches_bruteforce(x):
+    if np.any(np.linalg.norm(x, axis=1) < 1e-3):
+        return
+    sigma = np.full(len(x), 1 / len(x))
+    psi = C.loo_cosine(C.gram(x), sigma)
+    assert np.all(np.isfinite(psi)) and np.all(np.abs(psi) <= 1 + 1e-9)
+    assert np.allclose(psi, _loo_bruteforce(x, sigma), atol=1e-6)
+
+
+def test_zero_norm_updates_give_no_nan():
+    x = np.array([[0.0, 0.0], [1.0, 0.0], [1.0, 0.1]])
+    psi = C.loo_cosine(C.gram(x), np.full(3, 1 / 3))
+    assert np.all(np.isfinite(psi)) and psi[0] == 0.0
+    assert np.all(np.isfinite(C.self_cosine(C.gram(np.zeros((2, 3))), np.full(2, 0.5))))
+
+
+def test_sign_flipped_client_scores_negative():
+    rng = np.random.default_rng(1)
+    base = rng.normal(size=50)
+    x = np.stack([base + 0.1 * rng.normal(size=50) for _ in range(5)] + [-base])
+    psi = C.loo_cosine(C.gram(x), np.full(6, 1 / 6))
+    assert psi[-1] < -0.9 and np.all(psi[:-1] > 0.5)
+
+
+def test_z_quality_only_penalises_low_outliers():
+    psi = np.array([0.5, 0.52, 0.48, 0.51, 0.49, -0.6])
+    x = C.z_quality(psi)
+    assert np.all(x[:-1] == 1.0) and x[-1] == 0.0
+    assert np.all(C.z_quality(np.full(4, 0.3)) == 1.0)
+
+
+def test_loss_ratio_per_class_median():
+    clients = [{0: (1.0, 10), 1: (1.0, 10)}, {0: (1.0, 10)}, {0: (5.0, 10), 1: (5.0, 2)}]
+    med = C.class_medians(clients)
+    assert med == {0: 1.0, 1: 3.0}
+    rho = C.loss_ratio(clients[2], med)
+    assert rho == pytest.approx(((5.05 / 1.05) + (5.05 / 3.05)) / 2)
+    assert C.loss_ratio(clients[2], med, weighted=True) == pytest.approx((10 * 5.05 / 1.05 + 2 * 5.05 / 3.05) / 12)
+    assert C.loss_quality(1.5) == 1.0 and C.loss_quality(3.0) == 0.5 and C.loss_quality(9.0) == 0.0
+    assert C.loss_quality(None) == 1.0 and C.loss_ratio({}, med) is None
+
+
+def test_quality_ema_clamp_and_importance_normalised():
+    assert C.update_quality(1.0, -1.0, 0.5, 1e-3) == 1e-3
+    assert C.update_quality(1.0, 0.0, 0.9, 1e-3) == pytest.approx(0.9)
+    r = C.importance({"a": 1.0, "b": 0.5}, {"a": 100, "b": 100})
+    assert sum(r.values()) == pytest.approx(1.0) and r["a"] == pytest.approx(2 / 3)
+    w, fell = C.weights(np.zeros(3))
+    assert fell and np.allclose(w, 1 / 3)
+    assert C.neutral_quality({}) == 1.0 and C.neutral_quality({"a": 0.2, "b": 0.4}) == pytest.approx(0.3)
