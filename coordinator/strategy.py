@@ -28,7 +28,9 @@ from typing import Any
 
 import numpy as np
 
-from coordinator import aggregation, contribution, masks as masks_mod
+import coordinator.aggregation as aggregation
+import coordinator.contribution as contribution
+import coordinator.masks as masks_mod
 from protocol.hyperparams import HyperParams
 from protocol.layout import ModelLayout
 
