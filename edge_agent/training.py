@@ -135,7 +135,80 @@ def _batches(n: int, hp: HyperParams, generator: torch.Generator, device: torch.
     """Index batches for hp.epochs shuffled epochs, plus one more epoch: its first batch is the
     'next local minibatch' when the readjust point falls after the last step (K = 1)."""
     order = torch.cat([torch.randperm(n, generator=generator) for _ in range(hp.epochs + 1)]).to(device)
-    return [order[e * n + s : e * n + min(s + hp.batch_size, n)] for e in range(hp.epochs + 1) for s in range(0, n, hp.batch_size)]
+    return [
+        order[e * n + s : e * n + min(s + hp.batch_size, n)]
+        for e in range(hp.epochs + 1)
+        for s in range(0, n, hp.batch_size)
+    ]
+
+
+class MaskedSGD:
+    """SGD with momentum and coupled weight decay (torch.optim.SGD) whose mask holds on the
+    weights, the gradients and the momentum buffers of the masked tensors (§3.4).
+
+    ``masks`` maps each masked parameter name of ``model`` to a bool tensor on the model's device;
+    the weights must already be zero outside it. An optional FedProx term pulls every trainable
+    tensor towards its value at construction (theta^t).
+    """
+
+    def __init__(self, model: nn.Module, masks: dict[str, torch.Tensor], hp: HyperParams) -> None:
+        named = dict(model.named_parameters())
+        self.model = model
+        self.hp = hp
+        self.names = list(masks)
+        self.masks = dict(masks)
+        self._masked = [named[name] for name in self.names]
+        self._mask_float = [self.masks[name].to(torch.float32) for name in self.names]
+        self._trainable = [p for p in model.parameters() if p.requires_grad]
+        self._theta_t = [p.detach().clone() for p in self._trainable] if hp.prox_mu > 0 else []
+        self.optimizer = torch.optim.SGD(
+            self._trainable, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay
+        )
+
+    def step(self, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        """One masked SGD step on a minibatch; returns its (detached) cross-entropy."""
+        loss = F.cross_entropy(self.model(xb), yb)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self._theta_t:
+            diffs = torch._foreach_sub([p.detach() for p in self._trainable], self._theta_t)
+            torch._foreach_add_([p.grad for p in self._trainable], diffs, alpha=self.hp.prox_mu)
+        torch._foreach_mul_([p.grad for p in self._masked], self._mask_float)
+        self.optimizer.step()
+        with torch.no_grad():
+            torch._foreach_mul_(self._masked, self._mask_float)
+        return loss.detach()
+
+    def momentum(self, name: str) -> torch.Tensor | None:
+        return self.optimizer.state.get(dict(self.model.named_parameters())[name], {}).get("momentum_buffer")
+
+    def readjust(
+        self, xb: torch.Tensor, yb: torch.Tensor, fraction: float, growth: str, generator: torch.Generator
+    ) -> None:
+        """Drop/grow every masked layer (§3.6); weights and momentum restart at 0 where the mask
+        changed. Growth scores: |dense gradient| on (xb, yb), or uniform noise from ``generator``."""
+        named = dict(self.model.named_parameters())
+        if growth == "gradient":
+            self.optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(self.model(xb), yb).backward()
+            scores = {name: named[name].grad.abs() for name in self.names}
+            self.optimizer.zero_grad(set_to_none=True)
+        elif growth == "random":
+            device = self._masked[0].device if self._masked else xb.device
+            scores = {name: torch.rand(named[name].shape, generator=generator).to(device) for name in self.names}
+        else:
+            raise ValueError(f"growth={growth!r}: expected 'gradient' or 'random'")
+        weights = {name: named[name].detach() for name in self.names}
+        new = readjust_masks(weights, self.masks, scores, fraction)
+        with torch.no_grad():
+            for name in self.names:
+                changed = new[name] ^ self.masks[name]
+                named[name].masked_fill_(changed, 0.0)
+                buf = self.momentum(name)
+                if buf is not None:
+                    buf.masked_fill_(changed, 0.0)
+        self.masks = new
+        self._mask_float = [new[name].to(torch.float32) for name in self.names]
 
 
 def train_local(
@@ -165,62 +238,44 @@ def train_local(
     losses_before = class_losses(model, Xt, yt, spec.num_classes)
 
     model.train()
-    named = dict(model.named_parameters())
-    trainable = [named[t.name] for t in layout if t.trainable]
     masked_names = [t.name for t in layout.masked]
-    masked = [named[name] for name in masked_names]
-    mask_bool = {name: torch.from_numpy(np.ascontiguousarray(masks[name])).to(dev) for name in masked_names}
-    mask_float = [mask_bool[name].to(torch.float32) for name in masked_names]
-    theta_t = [p.detach().clone() for p in trainable]
-    optimizer = torch.optim.SGD(trainable, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+    trainer = MaskedSGD(
+        model, {name: torch.from_numpy(np.ascontiguousarray(masks[name])).to(dev) for name in masked_names}, hp
+    )
+    named = dict(model.named_parameters())
+    trainable_specs = [t for t in layout if t.trainable]
+    theta_t = [named[t.name].detach().clone() for t in trainable_specs]
 
     generator = torch.Generator().manual_seed(hp.seed)
     batches = _batches(n, hp, generator, dev)
     steps = hp.epochs * math.ceil(n / hp.batch_size)
     readjust_at = math.ceil(steps / 2) if hp.readjust and hp.prune_fraction > 0 else -1
-    macs_before = count_macs(spec, masks)
-    macs_after = macs_before
-    samples_before = samples_after = 0
-    readjust_macs = 0
+    macs_before = macs_after = count_macs(spec, masks)
+    samples_before = samples_after = readjust_macs = 0
     loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
-
     for step in range(steps + 1):
         if step == readjust_at:
             idx = batches[step]
-            new = _readjust(model, masked_names, mask_bool, optimizer, Xt[idx], yt[idx], hp, generator)
-            mask_bool.update(new)
-            mask_float = [mask_bool[name].to(torch.float32) for name in masked_names]
-            macs_after = count_macs(spec, {k: v.cpu().numpy() for k, v in mask_bool.items()})
+            trainer.readjust(Xt[idx], yt[idx], hp.prune_fraction, hp.growth, generator)
+            macs_after = count_macs(spec, {k: v.cpu().numpy() for k, v in trainer.masks.items()})
             if hp.growth == "gradient":
                 readjust_macs = len(idx) * (2 * macs_before + count_macs(spec))
         if step == steps:
             break
         idx = batches[step]
-        loss = F.cross_entropy(model(Xt[idx]), yt[idx])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if hp.prox_mu > 0:
-            diffs = torch._foreach_sub([p.detach() for p in trainable], theta_t)
-            torch._foreach_add_([p.grad for p in trainable], diffs, alpha=hp.prox_mu)
-        torch._foreach_mul_([p.grad for p in masked], mask_float)
-        optimizer.step()
-        with torch.no_grad():
-            torch._foreach_mul_(masked, mask_float)
-        loss_sum += loss.detach()
+        loss_sum += trainer.step(Xt[idx], yt[idx])
         if readjust_at < 0 or step < readjust_at:
             samples_before += len(idx)
         else:
             samples_after += len(idx)
 
-    final_masks = {name: mask_bool[name].cpu().numpy().copy() for name in masked_names}
+    final_masks = {name: trainer.masks[name].cpu().numpy().copy() for name in masked_names}
     delta: Params = {}
     with torch.no_grad():
-        for spec_t, p, p0 in zip((t for t in layout if t.trainable), trainable, theta_t):
-            d = (p.detach() - p0).cpu().numpy().astype(np.float32)
-            delta[spec_t.name] = d * final_masks[spec_t.name] if spec_t.masked else d
-    buffers = {
-        name: b.detach().to("cpu", torch.float32).numpy().copy() for name, b in model.named_buffers()
-    }
+        for t, p0 in zip(trainable_specs, theta_t):
+            d = (named[t.name].detach() - p0).cpu().numpy().astype(np.float32)
+            delta[t.name] = d * final_masks[t.name] if t.masked else d
+    buffers = {name: b.detach().to("cpu", torch.float32).numpy().copy() for name, b in model.named_buffers()}
     changed = any(not np.array_equal(final_masks[name], masks[name]) for name in masked_names)
     flops = n * macs_before + 3 * (samples_before * macs_before + samples_after * macs_after) + readjust_macs
     return LocalResult(
@@ -234,34 +289,3 @@ def train_local(
         class_losses=losses_before,
         flops=int(flops),
     )
-
-
-def _readjust(
-    model: nn.Module,
-    names: list[str],
-    masks: dict[str, torch.Tensor],
-    optimizer: torch.optim.Optimizer,
-    xb: torch.Tensor,
-    yb: torch.Tensor,
-    hp: HyperParams,
-    generator: torch.Generator,
-) -> dict[str, torch.Tensor]:
-    """Drop/grow on the current local weights; zero weights and momentum at changed positions."""
-    named = dict(model.named_parameters())
-    if hp.growth == "gradient":
-        optimizer.zero_grad(set_to_none=True)
-        F.cross_entropy(model(xb), yb).backward()
-        scores = {name: named[name].grad.abs() for name in names}
-        optimizer.zero_grad(set_to_none=True)
-    else:
-        scores = {name: torch.rand(named[name].shape, generator=generator).to(xb.device) for name in names}
-    weights = {name: named[name].detach() for name in names}
-    new = readjust_masks(weights, masks, scores, hp.prune_fraction)
-    with torch.no_grad():
-        for name in names:
-            changed = new[name] ^ masks[name]
-            named[name].masked_fill_(changed, 0.0)
-            buf = optimizer.state.get(named[name], {}).get("momentum_buffer")
-            if buf is not None:
-                buf.masked_fill_(changed, 0.0)
-    return new
