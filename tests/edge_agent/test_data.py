@@ -1,0 +1,192 @@
+"""Datasets, partitioners, label noise and a device's local files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from edge_agent.data import (
+    LocalDataError,
+    add_label_noise,
+    load_dataset,
+    load_local_data,
+    partition_dirichlet,
+    partition_iid,
+    partition_quantity,
+    split_validation,
+)
+
+
+@pytest.mark.parametrize(
+    "name, shape, n_train, n_test",
+    [("digits", (1, 8, 8), None, None), ("mnist1d", (1, 40), 4000, 1000)],
+)
+def test_builtin_datasets_have_canonical_shapes_and_are_deterministic(name, shape, n_train, n_test):
+    a, b = load_dataset(name, 0), load_dataset(name, 0)
+    assert a.input_shape == shape and a.num_classes == 10
+    assert a.X_train.shape[1:] == shape and a.X_train.dtype == np.float32
+    assert a.y_train.dtype == np.int64 and set(np.unique(a.y_train)) == set(range(10))
+    assert np.array_equal(a.X_train, b.X_train) and np.array_equal(a.y_test, b.y_test)
+    if n_train is not None:
+        assert (len(a.y_train), len(a.y_test)) == (n_train, n_test)
+    a.X_train[:] = 0  # callers get copies: the cache must not be corrupted
+    assert np.any(load_dataset(name, 0).X_train)
+
+
+def test_digits_is_scaled_to_unit_range_with_a_stratified_seeded_split():
+    ds = load_dataset("digits", 0)
+    assert ds.X_train.min() >= 0.0 and ds.X_train.max() == 1.0
+    assert len(ds.y_train) + len(ds.y_test) == 1797
+    assert np.allclose(np.bincount(ds.y_test) / len(ds.y_test), 0.1, atol=0.02)
+    other = load_dataset("digits", 1)
+    assert not np.array_equal(ds.y_test, other.y_test)
+
+
+def test_unknown_dataset_is_rejected():
+    with pytest.raises(ValueError, match="unknown dataset"):
+        load_dataset("cifar10", 0)
+
+
+def test_validation_split_comes_from_train_and_never_from_test(rng):
+    ds = load_dataset("digits", 0)
+    tuned = split_validation(ds, 0.2, rng)
+    assert len(tuned.y_train) + len(tuned.y_test) == len(ds.y_train)
+    rows = {r.tobytes() for r in ds.X_test}
+    assert not any(r.tobytes() in rows for r in tuned.X_test)
+    assert set(np.unique(tuned.y_test)) == set(range(10))
+
+
+def _assert_exact_cover(parts, n):
+    joined = np.concatenate(parts)
+    assert len(joined) == n and np.array_equal(np.sort(joined), np.arange(n))
+
+
+@given(n=st.integers(1, 300), n_clients=st.integers(1, 20), seed=st.integers(0, 2**32 - 1))
+def test_iid_partition_covers_every_index_once_in_near_equal_shares(n, n_clients, seed):
+    parts = partition_iid(np.zeros(n, dtype=np.int64), n_clients, np.random.default_rng(seed))
+    _assert_exact_cover(parts, n)
+    sizes = [len(p) for p in parts]
+    assert max(sizes) - min(sizes) <= 1
+
+
+def _label_skew(y, parts, num_classes=10):
+    """Mean total-variation distance between each client's label histogram and the global one."""
+    global_hist = np.bincount(y, minlength=num_classes) / len(y)
+    return np.mean([0.5 * np.abs(np.bincount(y[p], minlength=num_classes) / len(p) - global_hist).sum() for p in parts])
+
+
+def test_dirichlet_partition_covers_every_index_respects_min_size_and_skews_with_low_beta():
+    y = load_dataset("mnist1d", 0).y_train
+    skew = {}
+    for beta in (0.1, 0.5, 100.0):
+        parts = partition_dirichlet(y, 20, beta, np.random.default_rng(5), min_size=15)
+        _assert_exact_cover(parts, len(y))
+        assert min(len(p) for p in parts) >= 15
+        skew[beta] = _label_skew(y, parts)
+    assert skew[0.1] > skew[0.5] > skew[100.0]
+    assert skew[100.0] < 0.1 and skew[0.1] > 0.5
+
+
+def test_dirichlet_partition_is_seeded_and_rejects_impossible_minimums():
+    y = np.repeat(np.arange(10), 20)
+    a = partition_dirichlet(y, 5, 0.5, np.random.default_rng(1))
+    b = partition_dirichlet(y, 5, 0.5, np.random.default_rng(1))
+    assert all(np.array_equal(p, q) for p, q in zip(a, b))
+    with pytest.raises(ValueError):
+        partition_dirichlet(y, 21, 0.5, np.random.default_rng(1), min_size=10)
+    with pytest.raises(ValueError):
+        partition_dirichlet(y, 5, 0.0, np.random.default_rng(1))
+
+
+@given(n_clients=st.integers(1, 30), min_size=st.integers(0, 10), seed=st.integers(0, 2**32 - 1))
+def test_quantity_partition_covers_every_index_and_respects_min_size(n_clients, min_size, seed):
+    y = np.arange(400) % 10
+    parts = partition_quantity(y, n_clients, np.random.default_rng(seed), beta=0.3, min_size=min_size)
+    assert len(parts) == n_clients
+    _assert_exact_cover(parts, len(y))
+    assert min(len(p) for p in parts) >= min_size
+
+
+def test_quantity_partition_sizes_spread_more_with_low_beta():
+    y = np.arange(4000) % 10
+    spread = {
+        beta: np.std([len(p) for p in partition_quantity(y, 20, np.random.default_rng(2), beta=beta)])
+        for beta in (0.2, 100.0)
+    }
+    assert spread[0.2] > 5 * spread[100.0]
+
+
+def test_symmetric_noise_replaces_labels_uniformly_at_the_given_rate():
+    y = np.arange(20000) % 10
+    noisy = add_label_noise(y, 0.5, 10, np.random.default_rng(3))
+    # a replaced label may draw its own class: the wrong-label fraction is rate * (C - 1) / C.
+    assert np.mean(noisy != y) == pytest.approx(0.45, abs=0.015)
+    wrong = noisy[noisy != y]
+    assert np.allclose(np.bincount(wrong, minlength=10) / len(wrong), 0.1, atol=0.01)
+    assert np.array_equal(add_label_noise(y, 0.0, 10, np.random.default_rng(3)), y)
+
+
+def test_pairwise_noise_flips_class_c_to_the_next_class():
+    y = np.arange(20000) % 10
+    noisy = add_label_noise(y, 0.3, 10, np.random.default_rng(4), kind="pairwise")
+    flipped = noisy != y
+    assert np.mean(flipped) == pytest.approx(0.3, abs=0.015)
+    assert np.array_equal(noisy[flipped], (y[flipped] + 1) % 10)
+    assert np.array_equal(add_label_noise(y, 1.0, 10, np.random.default_rng(4), kind="pairwise"), (y + 1) % 10)
+    with pytest.raises(ValueError):
+        add_label_noise(y, 1.5, 10, np.random.default_rng(4))
+    with pytest.raises(ValueError):
+        add_label_noise(y, 0.1, 10, np.random.default_rng(4), kind="asymmetric")
+
+
+def test_local_data_reads_npz_and_csv_files_and_directories(tmp_path, rng):
+    X1 = rng.random((5, 1, 8, 8)).astype(np.float32)
+    np.savez(tmp_path / "a.npz", X=X1, y=np.arange(5))
+    X, y = load_local_data(tmp_path / "a.npz")
+    assert np.array_equal(X, X1) and y.dtype == np.int64 and list(y) == [0, 1, 2, 3, 4]
+
+    csv_dir = tmp_path / "csv"
+    csv_dir.mkdir()
+    (csv_dir / "b.csv").write_text("f0,f1,f2,label\n0.5,1,2,3\n1.5,2,3,0\n")
+    (csv_dir / "c.csv").write_text("7,8,9,1\n")
+    (csv_dir / "notes.txt").write_text("ignored")
+    X, y = load_local_data(csv_dir)
+    assert X.shape == (3, 3) and X.dtype == np.float32
+    assert list(y) == [3, 0, 1] and X[0, 0] == 0.5
+
+
+@pytest.mark.parametrize(
+    "name, write, message",
+    [
+        ("bad.npz", lambda p: p.write_bytes(b"not a zip"), "not a readable"),
+        ("nox.npz", lambda p: np.savez(p, y=np.arange(3)), "missing"),
+        ("len.npz", lambda p: np.savez(p, X=np.zeros((3, 2)), y=np.arange(4)), "expected X of shape"),
+        ("nan.npz", lambda p: np.savez(p, X=np.full((2, 2), np.nan), y=np.arange(2)), "NaN"),
+        ("neg.npz", lambda p: np.savez(p, X=np.zeros((2, 2)), y=np.array([0, -1])), "non-negative"),
+        ("obj.npz", lambda p: np.savez(p, X=np.array(["a", "b"]).reshape(2, 1), y=np.arange(2)), "numeric"),
+        ("frac.csv", lambda p: p.write_text("1,2,0.5\n"), "integers"),
+        ("text.csv", lambda p: p.write_text("a,b\nx,y\n"), "not a numeric CSV"),
+        ("one.csv", lambda p: p.write_text("1\n2\n"), "feature column"),
+        ("data.json", lambda p: p.write_text("{}"), "unsupported file type"),
+    ],
+)
+def test_bad_local_files_raise_errors_naming_the_file(tmp_path, name, write, message):
+    path = tmp_path / name
+    write(path)
+    with pytest.raises(LocalDataError, match=message) as info:
+        load_local_data(path)
+    assert name in str(info.value)
+    assert isinstance(info.value, ValueError)
+
+
+def test_local_directories_must_hold_data_of_one_shape(tmp_path):
+    with pytest.raises(LocalDataError, match="no .npz or .csv"):
+        load_local_data(tmp_path)
+    with pytest.raises(LocalDataError, match="no such file"):
+        load_local_data(tmp_path / "missing")
+    np.savez(tmp_path / "a.npz", X=np.zeros((2, 3)), y=np.arange(2))
+    np.savez(tmp_path / "b.npz", X=np.zeros((2, 4)), y=np.arange(2))
+    with pytest.raises(LocalDataError, match="disagree"):
+        load_local_data(tmp_path)

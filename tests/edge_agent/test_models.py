@@ -1,0 +1,154 @@
+"""Model zoo: layouts are the parameter contract, init is deterministic, MACs are sparse-aware."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from edge_agent.models import (
+    ModelSpec,
+    as_model_input,
+    build_model,
+    count_macs,
+    evaluate,
+    init_params,
+    load_params,
+    model_layout,
+    module_from_params,
+    params_from_module,
+)
+
+SPECS = [
+    ModelSpec("mlp", (1, 8, 8), 10),
+    ModelSpec("mlp", (1, 40), 10, hidden=(32,)),
+    ModelSpec("cnn2d", (1, 8, 8), 10),
+    ModelSpec("cnn2d", (1, 8, 8), 10, norm="group"),
+    ModelSpec("cnn2d", (1, 8, 8), 10, norm="batch"),
+    ModelSpec("cnn1d", (1, 40), 10),
+    ModelSpec("cnn1d", (1, 40), 10, norm="group"),
+]
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.name}-{s.norm}")
+def test_layout_lists_parameters_then_buffers_in_module_order(spec):
+    module = build_model(spec)
+    layout = model_layout(spec)
+    expected = [(n, tuple(p.shape), True) for n, p in module.named_parameters()]
+    expected += [(n, tuple(b.shape), False) for n, b in module.named_buffers()]
+    assert [(t.name, t.shape, t.trainable) for t in layout] == expected
+    for t in layout:
+        assert t.masked == (t.trainable and t.name.endswith(".weight") and len(t.shape) >= 2)
+
+
+def test_mlp_defaults_match_the_prototype_widths():
+    layout = model_layout(ModelSpec("mlp", (1, 8, 8), 10))
+    assert [t.shape for t in layout.masked] == [(256, 64), (128, 256), (10, 128)]
+    layout = model_layout(ModelSpec("mlp", (1, 40), 10))
+    assert [t.shape for t in layout.masked] == [(256, 40), (128, 256), (10, 128)]
+
+
+def test_batchnorm_statistics_are_dense_untrainable_buffers():
+    layout = model_layout(ModelSpec("cnn2d", (1, 8, 8), 10, norm="batch"))
+    buffers = [t for t in layout if not t.trainable]
+    assert {t.name.rpartition(".")[2] for t in buffers} == {"running_mean", "running_var", "num_batches_tracked"}
+    assert not any(t.masked for t in buffers)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(name="resnet", input_shape=(1, 8, 8), num_classes=10),
+        dict(name="cnn2d", input_shape=(1, 40), num_classes=10),
+        dict(name="cnn1d", input_shape=(1, 8, 8), num_classes=10),
+        dict(name="mlp", input_shape=(0, 8), num_classes=10),
+        dict(name="mlp", input_shape=(64,), num_classes=1),
+        dict(name="mlp", input_shape=(64,), num_classes=10, norm="group"),
+        dict(name="cnn2d", input_shape=(1, 8, 8), num_classes=10, norm="layer"),
+        dict(name="cnn2d", input_shape=(1, 2, 2), num_classes=10),
+    ],
+)
+def test_invalid_specs_are_rejected(kwargs):
+    with pytest.raises(ValueError):
+        ModelSpec(**kwargs)
+
+
+@pytest.mark.parametrize("spec", SPECS[:1] + SPECS[2:3] + SPECS[5:6], ids=lambda s: s.name)
+def test_init_is_deterministic_per_seed_and_leaves_global_rng_alone(spec):
+    torch.manual_seed(123)
+    expected_next = torch.rand(1)
+    torch.manual_seed(123)
+    a, b, c = init_params(spec, 7), init_params(spec, 7), init_params(spec, 8)
+    assert torch.equal(torch.rand(1), expected_next)
+    assert list(a) == list(model_layout(spec).names)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert any(not np.array_equal(a[k], c[k]) for k in a)
+    assert all(v.dtype == np.float32 for v in a.values())
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.name}-{s.norm}")
+def test_params_round_trip_through_a_module(spec):
+    params = init_params(spec, 3)
+    module = build_model(spec)
+    load_params(module, params)
+    back = params_from_module(module)
+    assert list(back) == list(params)
+    assert all(np.array_equal(back[k], params[k]) for k in params)
+
+
+def test_load_params_rejects_mismatched_names_and_shapes():
+    spec = SPECS[0]
+    params = init_params(spec, 0)
+    module = build_model(spec)
+    with pytest.raises(ValueError, match="missing"):
+        load_params(module, {k: v for k, v in params.items() if k != "out.bias"})
+    with pytest.raises(ValueError, match="shape"):
+        load_params(module, params | {"out.bias": np.zeros(3, np.float32)})
+
+
+def test_count_macs_counts_only_active_weights():
+    mlp = ModelSpec("mlp", (1, 8, 8), 10)
+    assert count_macs(mlp) == 64 * 256 + 256 * 128 + 128 * 10
+    masks = {t.name: np.zeros(t.shape, bool) for t in model_layout(mlp).masked}
+    masks["fc0.weight"][:3, :5] = True
+    assert count_macs(mlp, masks) == 15
+    cnn = ModelSpec("cnn2d", (1, 8, 8), 10)
+    # conv0 at 8x8 positions, conv1 at 4x4 (after one 2x pooling), fc on 32*2*2 features.
+    assert count_macs(cnn) == 16 * 9 * 64 + 32 * 16 * 9 * 16 + 10 * 128
+    cnn1 = ModelSpec("cnn1d", (1, 40), 10)
+    assert count_macs(cnn1) == 16 * 5 * 40 + 32 * 16 * 5 * 20 + 10 * 320
+
+
+def test_inputs_accept_canonical_and_flat_shapes():
+    spec = ModelSpec("cnn2d", (1, 8, 8), 10)
+    flat = np.arange(2 * 64, dtype=np.float64).reshape(2, 64)
+    shaped = as_model_input(spec, flat)
+    assert shaped.shape == (2, 1, 8, 8) and shaped.dtype == np.float32
+    assert as_model_input(spec, shaped).shape == (2, 1, 8, 8)
+    with pytest.raises(ValueError, match="expects"):
+        as_model_input(spec, np.zeros((2, 63)))
+
+
+def test_evaluate_matches_a_direct_forward_pass(rng):
+    spec = ModelSpec("cnn1d", (1, 40), 10, norm="group")
+    params = init_params(spec, 1)
+    X = rng.normal(size=(37, 1, 40)).astype(np.float32)
+    y = rng.integers(0, 10, size=37)
+    result = evaluate(spec, params, X, y, batch_size=8)
+    with torch.no_grad():
+        logits = module_from_params(spec, params).eval()(torch.from_numpy(X))
+        loss = torch.nn.functional.cross_entropy(logits, torch.from_numpy(y)).item()
+    assert result.accuracy == pytest.approx(float((logits.argmax(1).numpy() == y).mean()))
+    assert result.loss == pytest.approx(loss, rel=1e-5)
+    with pytest.raises(ValueError, match="labels"):
+        evaluate(spec, params, X, np.full(37, 10))
+
+
+@pytest.mark.parametrize("spec", [SPECS[0], SPECS[3], SPECS[4], SPECS[6]], ids=lambda s: f"{s.name}-{s.norm}")
+def test_models_export_without_data_dependent_control_flow(spec):
+    module = module_from_params(spec, init_params(spec, 0)).eval()
+    x = torch.zeros((2, *spec.input_shape))
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    exported = torch.export.export(module, (x,), dynamic_shapes=({0: batch},))
+    probe = torch.randn((5, *spec.input_shape))
+    assert torch.allclose(exported.module()(probe), module(probe), atol=1e-6)
