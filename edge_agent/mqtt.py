@@ -1,0 +1,589 @@
+"""MqttLink: the one paho-mqtt adapter both programs use (the agent and the coordinator).
+
+Theory of operation. paho runs its network loop in its own thread (``loop_start``) and calls our
+callbacks there. Those callbacks never do work: an inbound message goes straight to the caller's
+``on_message`` (which must only enqueue) or to ``link.messages``; acknowledgements resolve
+``PublishHandle`` objects; connection events update a condition variable that ``wait_connected``
+waits on. Everything else (decoding, round logic) happens in the caller's own thread.
+
+paho leaves four traps that this module closes (measured, see INFRA.md):
+- it does not resubscribe after a reconnect, so the declared subscriptions are sent again in every
+  ``on_connect`` and the link only counts as *ready* once the broker has acknowledged them;
+- it ignores the broker's maximum packet size and resends an oversized QoS 1 publish forever, so
+  ``publish`` refuses payloads above ``max_message_bytes`` with ``PayloadTooLarge``;
+- ``MQTTMessageInfo.is_published`` raises for a publish queued while offline even after it is
+  delivered, and never reports a v5 PUBACK failure; handles are resolved from ``on_publish``
+  instead, where reason codes >= 0x80 (135 Not authorized) become ``PublishFailed``;
+- a first ``connect`` to a dead broker raises, so the link uses ``connect_async`` and lets the
+  loop retry with doubling backoff.
+
+``protocol="auto"`` speaks MQTT v5 (Mosquitto then tells us about forbidden publishes) and 3.1.1
+where the broker answers CONNACK 132 "Unsupported protocol version" (amqtt). paho fixes the
+protocol per client, so ``auto`` first sends a bare probe CONNECT, then builds the real client;
+publishes made meanwhile wait in the link and go out once it exists.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import ssl
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal, Sequence
+from urllib.parse import urlsplit
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+log = logging.getLogger("fedprune.mqtt")
+
+DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
+UNSUPPORTED_PROTOCOL_VERSION = 132
+Protocol = Literal["auto", "5", "3.1.1"]
+
+
+class MqttError(Exception):
+    """Root of the link's errors."""
+
+
+class PayloadTooLarge(MqttError, ValueError):
+    """Refused locally: the broker would drop the connection and paho would resend forever."""
+
+    def __init__(self, topic: str, size: int, limit: int) -> None:
+        super().__init__(
+            f"publish on {topic!r}: payload of {size} bytes exceeds max_message_bytes={limit}; "
+            "split it into chunks first"
+        )
+        self.topic, self.size, self.limit = topic, size, limit
+
+
+class QueueFull(MqttError):
+    """paho's outgoing queue is at ``max_queued_messages``: the broker has been away too long."""
+
+
+class PublishFailed(MqttError):
+    """The broker refused a publish (v5 PUBACK reason >= 0x80), or the link closed before the ack."""
+
+    def __init__(self, topic: str, reason: str, reason_code: int | None = None) -> None:
+        code = f" (reason code {reason_code})" if reason_code is not None else ""
+        super().__init__(f"publish on {topic!r} failed: {reason}{code}")
+        self.topic, self.reason, self.reason_code = topic, reason, reason_code
+
+
+class BrokerRefused(MqttError):
+    """The broker answered CONNECT with a failure (bad credentials, not authorized, ...)."""
+
+    def __init__(self, url: str, client_id: str, reason: str, reason_code: int) -> None:
+        super().__init__(
+            f"broker {url} refused client_id={client_id!r}: {reason} (CONNACK reason {reason_code}); "
+            "check username, password and the broker's ACL"
+        )
+        self.url, self.client_id, self.reason, self.reason_code = url, client_id, reason, reason_code
+
+
+class ConnectTimeout(MqttError, TimeoutError):
+    """No ready connection within the caller's timeout (broker down, unreachable, TLS failure)."""
+
+
+@dataclass(frozen=True)
+class BrokerAddress:
+    scheme: str
+    host: str
+    port: int
+
+    @property
+    def tls(self) -> bool:
+        return self.scheme == "mqtts"
+
+
+def parse_broker_url(url: str) -> BrokerAddress:
+    """``mqtt://host:port`` (plain TCP) or ``mqtts://host:port`` (TLS); the port defaults to 1883/8883."""
+    expected = "expected mqtt://host:port or mqtts://host:port"
+    if not isinstance(url, str) or "://" not in url:
+        raise ValueError(f"broker url {url!r}: missing '://'; {expected}")
+    parts = urlsplit(url)
+    if parts.scheme not in DEFAULT_PORTS:
+        raise ValueError(f"broker url {url!r}: scheme {parts.scheme!r} is not mqtt or mqtts; {expected}")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError(f"broker url {url!r}: put credentials in username/password, not in the url")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError(f"broker url {url!r}: unexpected path, query or fragment; {expected}")
+    if not parts.hostname:
+        raise ValueError(f"broker url {url!r}: missing host; {expected}")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"broker url {url!r}: port must be an integer in 1..65535; {expected}") from None
+    if port == 0:
+        raise ValueError(f"broker url {url!r}: port must be an integer in 1..65535; {expected}")
+    return BrokerAddress(parts.scheme, parts.hostname, port or DEFAULT_PORTS[parts.scheme])
+
+
+@dataclass(frozen=True)
+class LastWill:
+    """Published by the broker when the client vanishes without a DISCONNECT (crash, power loss)."""
+
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = False
+
+
+@dataclass(frozen=True)
+class LinkConfig:
+    url: str
+    client_id: str
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    protocol: Protocol = "auto"
+    keepalive_s: int = 30
+    clean_start: bool = True
+    session_expiry_s: int = 0
+    reconnect_min_s: float = 0.5
+    reconnect_max_s: float = 30.0
+    max_message_bytes: int = 128 * 1024
+    max_inflight: int = 20
+    max_queued_messages: int = 256
+    will: LastWill | None = None
+
+    def __post_init__(self) -> None:
+        address = parse_broker_url(self.url)
+        if not self.client_id or len(self.client_id.encode()) > 128:
+            raise ValueError(f"client_id {self.client_id!r}: expected 1..128 bytes")
+        if self.password is not None and self.username is None:
+            raise ValueError("password given without username")
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file must be given together")
+        if not address.tls and (self.ca_file or self.cert_file):
+            raise ValueError(f"broker url {self.url!r} is plain mqtt:// but TLS files were given; use mqtts://")
+        if self.protocol not in ("auto", "5", "3.1.1"):
+            raise ValueError(f"protocol {self.protocol!r}: expected 'auto', '5' or '3.1.1'")
+        if not 5 <= self.keepalive_s <= 65535:
+            raise ValueError(f"keepalive_s={self.keepalive_s}: expected 5..65535")
+        if not 0 <= self.session_expiry_s <= 0xFFFFFFFF:
+            raise ValueError(f"session_expiry_s={self.session_expiry_s}: expected 0..4294967295")
+        if not 0 < self.reconnect_min_s <= self.reconnect_max_s:
+            raise ValueError("reconnect backoff: expected 0 < reconnect_min_s <= reconnect_max_s")
+        if not 1 <= self.max_message_bytes <= 268_435_455:
+            raise ValueError(f"max_message_bytes={self.max_message_bytes}: expected 1..268435455")
+        if self.max_inflight < 1 or self.max_queued_messages < 1:
+            raise ValueError("max_inflight and max_queued_messages must be >= 1")
+        if self.will is not None:
+            _check_topic(self.will.topic)
+            _check_qos(self.will.qos)
+
+    @property
+    def address(self) -> BrokerAddress:
+        return parse_broker_url(self.url)
+
+
+@dataclass(frozen=True)
+class LinkStats:
+    """A snapshot of the link's counters, for metrics."""
+
+    messages_in: int = 0
+    bytes_in: int = 0
+    messages_out: int = 0
+    bytes_out: int = 0
+    publishes_acked: int = 0
+    publish_failures: int = 0
+    oversize_refused: int = 0
+    connects: int = 0
+    reconnects: int = 0
+    disconnects: int = 0
+    subscribe_refusals: int = 0
+
+
+class PublishHandle:
+    """One publish; ``wait`` blocks until the broker acknowledged it (QoS 1) or it was written (QoS 0)."""
+
+    def __init__(self, topic: str, payload: bytes, qos: int, retain: bool) -> None:
+        self.topic, self.qos, self.retain, self.size = topic, qos, retain, len(payload)
+        self._payload: bytes | None = payload
+        self._done = threading.Event()
+        self._error: PublishFailed | None = None
+        self.reason_code: int | None = None
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def wait(self, timeout: float | None) -> bool:
+        """True once acknowledged, False if still pending after ``timeout``; raises ``PublishFailed``."""
+        if not self._done.wait(timeout):
+            return False
+        if self._error is not None:
+            raise self._error
+        return True
+
+    def _resolve(self, reason_code: int | None, error: PublishFailed | None) -> None:
+        self.reason_code, self._error, self._payload = reason_code, error, None
+        self._done.set()
+
+
+Subscription = tuple[str, int]
+
+
+class MqttLink:
+    """A self-healing MQTT connection: declared subscriptions, bounded publishes, counted events."""
+
+    def __init__(
+        self,
+        config: LinkConfig,
+        subscriptions: Sequence[Subscription] = (),
+        on_message: Callable[[str, bytes], None] | None = None,
+    ) -> None:
+        for topic_filter, qos in subscriptions:
+            _check_filter(topic_filter)
+            _check_qos(qos)
+        self.config = config
+        self.subscriptions = tuple(subscriptions)
+        self.messages: queue.Queue[tuple[str, bytes]] = queue.Queue()
+        self._deliver = on_message or (lambda topic, payload: self.messages.put((topic, payload)))
+        self._url = config.url
+        self._lock = threading.Lock()
+        self._state = threading.Condition(self._lock)
+        self._stats: dict[str, int] = dict(LinkStats().__dict__)
+        self._pending: dict[int, PublishHandle] = {}
+        self._early_acks: dict[int, ReasonCode] = {}
+        self._deferred: list[PublishHandle] = []
+        self._connected = False
+        self._ready = False
+        self._suback_mid: int | None = None
+        self._refusal: BrokerRefused | None = None
+        self._closed = False
+        self._protocol = paho.MQTTv311 if config.protocol == "3.1.1" else paho.MQTTv5
+        self._resolved = config.protocol != "auto"
+        with self._lock:  # the network thread must not see a half-built link
+            self._client = self._start_client() if self._resolved else self._start_probe()
+
+    @property
+    def connected(self) -> bool:
+        with self._lock:
+            return self._connected
+
+    @property
+    def protocol(self) -> str | None:
+        """'5' or '3.1.1'; None while ``auto`` has not yet heard from the broker."""
+        if not self._resolved:
+            return None
+        return "5" if self._protocol == paho.MQTTv5 else "3.1.1"
+
+    def stats(self) -> LinkStats:
+        with self._lock:
+            return LinkStats(**self._stats)
+
+    def wait_connected(self, timeout: float, min_connects: int = 1) -> None:
+        """Block until connected with subscriptions acknowledged, after at least ``min_connects`` CONNACKs.
+
+        Raises ``BrokerRefused`` as soon as the broker rejects the credentials (the link keeps
+        retrying in the background), ``ConnectTimeout`` when ``timeout`` passes, ``MqttError`` if closed.
+        """
+
+        def settled() -> bool:
+            return self._closed or self._refusal is not None or (
+                self._ready and self._stats["connects"] >= min_connects
+            )
+
+        with self._state:
+            if not self._state.wait_for(settled, timeout):
+                raise ConnectTimeout(
+                    f"no connection to {self._url} as {self.config.client_id!r} within {timeout:g} s "
+                    f"(connects so far: {self._stats['connects']}); is the broker up and the url right?"
+                )
+            if self._closed:
+                raise MqttError(f"link to {self._url} is closed")
+            if self._refusal is not None:
+                raise self._refusal
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> PublishHandle:
+        """Queue a publish; it is sent now or after the next reconnect (QoS 1), never silently resized."""
+        _check_topic(topic)
+        _check_qos(qos)
+        payload = bytes(payload)
+        limit = self.config.max_message_bytes
+        if len(payload) > limit:
+            with self._lock:
+                self._stats["oversize_refused"] += 1
+            log.warning("event=mqtt_publish_refused reason=too_large topic=%s bytes=%d limit=%d", topic, len(payload), limit)
+            raise PayloadTooLarge(topic, len(payload), limit)
+        handle = PublishHandle(topic, payload, qos, retain)
+        self._submit(handle, payload)
+        with self._lock:
+            self._stats["messages_out"] += 1
+            self._stats["bytes_out"] += len(payload)
+        return handle
+
+    def close(self) -> None:
+        """Send DISCONNECT (so no last will fires) and stop the network thread. Idempotent."""
+        with self._state:
+            if self._closed:
+                return
+            self._closed = True
+            client = self._client
+            unsent = [*self._pending.values(), *self._deferred]
+            self._pending.clear()
+            self._deferred.clear()
+            self._state.notify_all()
+        client.disconnect()
+        client.loop_stop()
+        for handle in unsent:
+            handle._resolve(None, PublishFailed(handle.topic, "link closed before the broker acknowledged"))
+        log.info("event=mqtt_closed broker=%s client_id=%s", self._url, self.config.client_id)
+
+    def __enter__(self) -> MqttLink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- clients (built in the caller's thread, or in the thread that ends the probe) --
+
+    def _new_client(self, client_id: str, protocol: int) -> paho.Client:
+        v5 = protocol == paho.MQTTv5
+        client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=protocol,
+            clean_session=None if v5 else self.config.clean_start,
+        )
+        if self.config.address.tls:
+            client.tls_set_context(_tls_context(self.config))
+        client.reconnect_delay_set(self.config.reconnect_min_s, self.config.reconnect_max_s)  # type: ignore[arg-type]
+        return client
+
+    def _start_probe(self) -> paho.Client:
+        """A bare v5 CONNECT (no will, no properties, own client id) that only learns the broker's protocol.
+
+        amqtt 0.12 answers a bare v5 CONNECT with CONNACK 132 but stalls, without answering, on one
+        that carries a will or properties; and a probe under the real client id would end its session.
+        """
+        probe = self._new_client(f"{self.config.client_id}.probe", paho.MQTTv5)
+        probe.on_connect = self._on_probe_answer
+        address = self.config.address
+        probe.connect_async(address.host, address.port, keepalive=self.config.keepalive_s, clean_start=True)
+        probe.loop_start()
+        return probe
+
+    def _start_client(self) -> paho.Client:
+        config, address = self.config, self.config.address
+        v5 = self._protocol == paho.MQTTv5
+        client = self._new_client(config.client_id, self._protocol)
+        if config.username is not None:
+            client.username_pw_set(config.username, config.password)
+        if config.will is not None:
+            will = config.will
+            client.will_set(will.topic, will.payload, will.qos, will.retain)
+        client.max_inflight_messages_set(config.max_inflight)
+        client.max_queued_messages_set(config.max_queued_messages)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_subscribe = self._on_subscribe
+        client.on_publish = self._on_publish
+        client.on_message = self._on_message
+        properties = None
+        if v5 and config.session_expiry_s:
+            properties = Properties(PacketTypes.CONNECT)
+            properties.SessionExpiryInterval = config.session_expiry_s
+        client.connect_async(
+            address.host,
+            address.port,
+            keepalive=config.keepalive_s,
+            clean_start=config.clean_start if v5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
+            properties=properties,
+        )
+        client.loop_start()
+        log.info(
+            "event=mqtt_starting broker=%s client_id=%s protocol=%s clean_start=%s session_expiry_s=%d",
+            self._url, config.client_id, self.protocol, config.clean_start, config.session_expiry_s,
+        )
+        return client
+
+    def _end_probe(self, probe: paho.Client, protocol: int) -> None:
+        probe.disconnect()
+        probe.loop_stop()
+        with self._lock:
+            if self._closed:
+                return
+            self._protocol, self._resolved = protocol, True
+            self._client = self._start_client()
+            deferred, self._deferred = self._deferred, []
+        for handle in deferred:
+            payload = handle._payload
+            if payload is None:
+                continue
+            try:
+                self._submit(handle, payload)
+            except MqttError as error:
+                handle._resolve(None, PublishFailed(handle.topic, str(error)))
+
+    def _submit(self, handle: PublishHandle, payload: bytes) -> None:
+        """Hand one publish to paho, then register its handle.
+
+        Never call paho with our lock held: paho's network thread holds its own message lock
+        while it runs ``_on_publish``, which takes ours.
+        """
+        with self._lock:
+            if self._closed:
+                raise MqttError(f"link to {self._url} is closed")
+            if not self._resolved:
+                self._deferred.append(handle)
+                return
+            client = self._client
+        info = client.publish(handle.topic, payload, handle.qos, handle.retain)
+        with self._lock:
+            if info.rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
+                self._stats["publish_failures"] += 1
+                raise QueueFull(
+                    f"publish on {handle.topic!r}: {self.config.max_queued_messages} messages already "
+                    f"waiting for {self._url}; the broker has been unreachable too long"
+                )
+            if handle.qos == 0 and info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                self._fail(handle, f"not sent: {paho.error_string(info.rc)}", None)
+                return
+            early = self._early_acks.pop(info.mid, None)
+            if early is not None:
+                self._settle(handle, early)
+            else:
+                self._pending[info.mid] = handle
+
+    # -- paho callbacks (network thread): record and enqueue only --
+
+    def _on_probe_answer(self, client: paho.Client, userdata: Any, flags: Any, reason: ReasonCode, properties: Any) -> None:
+        client.on_connect = None
+        protocol = paho.MQTTv311 if reason.value == UNSUPPORTED_PROTOCOL_VERSION else paho.MQTTv5
+        log.info(
+            "event=mqtt_protocol_probed broker=%s client_id=%s protocol=%s",
+            self._url, self.config.client_id, "5" if protocol == paho.MQTTv5 else "3.1.1",
+        )
+        threading.Thread(target=self._end_probe, args=(client, protocol), name="fedprune-mqtt-probe", daemon=True).start()
+
+    def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, reason: ReasonCode, properties: Any) -> None:
+        with self._state:
+            if self._closed:
+                return
+            if reason.is_failure:
+                self._refusal = BrokerRefused(self._url, self.config.client_id, str(reason), reason.value)
+                self._state.notify_all()
+                log.error(
+                    "event=mqtt_refused broker=%s client_id=%s reason=%r code=%d",
+                    self._url, self.config.client_id, str(reason), reason.value,
+                )
+                return
+            self._connected, self._refusal = True, None
+            self._stats["connects"] += 1
+            if self._stats["connects"] > 1:
+                self._stats["reconnects"] += 1
+            self._ready = not self.subscriptions
+            self._state.notify_all()
+        if self.subscriptions:
+            # SUBACK is handled on this same thread after we return, so recording the mid here is race-free.
+            result, mid = client.subscribe(list(self.subscriptions))
+            with self._lock:
+                self._suback_mid = mid if result == MQTTErrorCode.MQTT_ERR_SUCCESS else None
+        log.info(
+            "event=mqtt_connected broker=%s client_id=%s protocol=%s session_present=%s subscriptions=%d",
+            self._url, self.config.client_id, self.protocol,
+            bool(getattr(flags, "session_present", False)), len(self.subscriptions),
+        )
+
+    def _on_subscribe(self, client: paho.Client, userdata: Any, mid: int, reasons: list[ReasonCode], properties: Any) -> None:
+        with self._state:
+            if mid != self._suback_mid:
+                return
+            for (topic_filter, _), reason in zip(self.subscriptions, reasons):
+                if reason.is_failure:
+                    self._stats["subscribe_refusals"] += 1
+                    log.error(
+                        "event=mqtt_subscribe_refused broker=%s client_id=%s filter=%s reason=%r",
+                        self._url, self.config.client_id, topic_filter, str(reason),
+                    )
+            self._ready = True
+            self._state.notify_all()
+
+    def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason: ReasonCode, properties: Any) -> None:
+        with self._state:
+            was_connected = self._connected
+            self._connected = self._ready = False
+            self._suback_mid = None
+            if was_connected:
+                self._stats["disconnects"] += 1
+            lost = [mid for mid, handle in self._pending.items() if handle.qos == 0]
+            for mid in lost:
+                self._fail(self._pending.pop(mid), "connection lost before sending", None)
+            self._state.notify_all()
+            closing = self._closed
+        if was_connected and not closing:
+            log.warning("event=mqtt_disconnected broker=%s client_id=%s reason=%r", self._url, self.config.client_id, str(reason))
+
+    def _on_publish(self, client: paho.Client, userdata: Any, mid: int, reason: ReasonCode, properties: Any) -> None:
+        with self._lock:
+            handle = self._pending.pop(mid, None)
+            if handle is None:
+                # paho can deliver the ack before publish() has returned the mid to us.
+                self._early_acks[mid] = reason
+                return
+            self._settle(handle, reason)
+
+    def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
+        payload = message.payload
+        with self._lock:
+            self._stats["messages_in"] += 1
+            self._stats["bytes_in"] += len(payload)
+        self._deliver(message.topic, payload)
+
+    # -- handle resolution; call with the lock held --
+
+    def _settle(self, handle: PublishHandle, reason: ReasonCode) -> None:
+        if reason.is_failure:
+            self._fail(handle, str(reason), reason.value)
+        else:
+            self._stats["publishes_acked"] += 1
+            handle._resolve(reason.value, None)
+
+    def _fail(self, handle: PublishHandle, why: str, code: int | None) -> None:
+        self._stats["publish_failures"] += 1
+        log.warning(
+            "event=mqtt_publish_failed broker=%s client_id=%s topic=%s reason=%r code=%s",
+            self._url, self.config.client_id, handle.topic, why, code,
+        )
+        handle._resolve(code, PublishFailed(handle.topic, why, code))
+
+
+def _tls_context(config: LinkConfig) -> ssl.SSLContext:
+    """Verify the broker against ``ca_file`` (or the system store) and its hostname; TLS >= 1.2."""
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(config.ca_file) if config.ca_file else None)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if config.cert_file is not None and config.key_file is not None:
+        context.load_cert_chain(str(config.cert_file), str(config.key_file))
+    return context
+
+
+def _check_qos(qos: int) -> None:
+    if qos not in (0, 1):
+        raise ValueError(f"qos {qos!r}: expected 0 or 1 (QoS 2 buys nothing: duplicates are harmless by design)")
+
+
+def _check_topic(topic: str) -> None:
+    if not topic or "+" in topic or "#" in topic or "\0" in topic or len(topic.encode()) > 65535:
+        raise ValueError(f"topic {topic!r}: expected a non-empty topic name without wildcards")
+
+
+def _check_filter(topic_filter: str) -> None:
+    levels = topic_filter.split("/") if topic_filter else []
+    bad = (
+        not levels
+        or "\0" in topic_filter
+        or any(("+" in level or "#" in level) and len(level) > 1 for level in levels)
+        or "#" in levels[:-1]
+    )
+    if bad:
+        raise ValueError(f"topic filter {topic_filter!r}: '+' and '#' must fill a whole level, '#' only last")
