@@ -1,0 +1,295 @@
+"""Masked local training: the mask holds on weights, gradients and momentum; readjust invariants."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from edge_agent.data import load_dataset
+from edge_agent.models import ModelSpec, evaluate, init_params, model_layout, module_from_params
+from edge_agent.training import MaskedSGD, readjust_layer, readjust_masks, train_local
+from protocol.hyperparams import HyperParams
+
+MLP = ModelSpec("mlp", (1, 8, 8), 10, hidden=(32, 16))
+
+
+def sparse_state(spec, density, seed):
+    """Init params and uniform random masks of the given density, params zeroed outside them."""
+    rng = np.random.default_rng(seed)
+    params = init_params(spec, seed)
+    masks = {t.name: rng.random(t.shape) < density for t in model_layout(spec).masked}
+    return {k: v * masks[k] if k in masks else v for k, v in params.items()}, masks
+
+
+@pytest.fixture(scope="module")
+def digits():
+    ds = load_dataset("digits", 0)
+    return ds.X_train[:200], ds.y_train[:200]
+
+
+# ---- readjust_layer: the generic drop/grow step
+
+
+@st.composite
+def layer_states(draw):
+    shape = draw(st.sampled_from([(7,), (4, 5), (3, 2, 3)]))
+    mask = draw(hnp.arrays(np.bool_, shape))
+    values = st.floats(-4, 4, allow_nan=False, width=32)
+    weights = draw(hnp.arrays(np.float32, shape, elements=values)) * mask
+    scores = np.abs(draw(hnp.arrays(np.float32, shape, elements=values)))
+    fraction = draw(st.floats(0, 1))
+    return torch.from_numpy(mask), torch.from_numpy(weights), torch.from_numpy(scores), fraction
+
+
+@given(layer_states())
+def test_readjust_layer_preserves_nnz_and_swaps_exactly_c_positions(state):
+    mask, weights, scores, fraction = state
+    new = readjust_layer(mask, weights, scores, fraction)
+    k, inactive = int(mask.sum()), int((~mask).sum())
+    c = min(math.floor(fraction * k), inactive)
+    dropped, grown = mask & ~new, new & ~mask
+    assert new.dtype == torch.bool and new.shape == mask.shape
+    assert int(new.sum()) == k
+    assert int(dropped.sum()) == int(grown.sum()) == c
+    if c:
+        kept = mask & new
+        assert weights[dropped].abs().max() <= weights[kept].abs().min() if kept.any() else True
+        not_grown = ~mask & ~new
+        if not_grown.any():
+            assert scores[grown].min() >= scores[not_grown].max()
+
+
+@given(layer_states())
+def test_readjust_layer_breaks_ties_towards_the_lower_index(state):
+    mask, _, _, fraction = state
+    flat = mask.flatten()
+    new = readjust_layer(mask, torch.ones(mask.shape), torch.zeros(mask.shape), fraction).flatten()
+    c = int((flat & ~new).sum())
+    assert torch.equal(torch.nonzero(flat & ~new).squeeze(1), torch.nonzero(flat).squeeze(1)[:c])
+    assert torch.equal(torch.nonzero(new & ~flat).squeeze(1), torch.nonzero(~flat).squeeze(1)[:c])
+
+
+def test_readjust_layer_drops_smallest_and_grows_largest_score():
+    mask = torch.tensor([True, True, True, True, False, False, False, False])
+    weights = torch.tensor([0.5, -0.1, 2.0, 0.3, 0.0, 0.0, 0.0, 0.0])
+    scores = torch.tensor([9.0, 9.0, 9.0, 9.0, 0.2, 0.7, 0.1, 0.7])
+    new = readjust_layer(mask, weights, scores, 0.5)
+    assert new.tolist() == [True, False, True, False, False, True, False, True]
+
+
+def test_readjust_masks_handles_every_layer_and_validates_fraction():
+    masks = {"a": torch.tensor([True, False]), "b": torch.tensor([[True, True], [False, False]])}
+    weights = {"a": torch.tensor([1.0, 0.0]), "b": torch.tensor([[1.0, 2.0], [0.0, 0.0]])}
+    scores = {"a": torch.tensor([0.0, 1.0]), "b": torch.tensor([[0.0, 0.0], [1.0, 3.0]])}
+    new = readjust_masks(weights, masks, scores, 1.0)
+    assert new["a"].tolist() == [False, True]
+    assert new["b"].tolist() == [[False, False], [True, True]]
+    with pytest.raises(ValueError):
+        readjust_layer(masks["a"], weights["a"], scores["a"], 1.5)
+
+
+# ---- MaskedSGD: the mask holds on weights, gradients and momentum
+
+
+def _trainer(spec, density, hp, seed=0):
+    params, masks = sparse_state(spec, density, seed)
+    model = module_from_params(spec, params).train()
+    return MaskedSGD(model, {k: torch.from_numpy(v) for k, v in masks.items()}, hp), masks
+
+
+def test_masked_sgd_never_moves_a_pruned_weight_or_its_momentum(digits):
+    X, y = torch.from_numpy(digits[0]), torch.from_numpy(digits[1])
+    trainer, masks = _trainer(MLP, 0.3, HyperParams(lr=0.1, momentum=0.9, weight_decay=0.01, prox_mu=0.1))
+    named = dict(trainer.model.named_parameters())
+    bias_before = named["fc0.bias"].detach().clone()
+    for step in range(30):
+        trainer.step(X[step * 6 : step * 6 + 16], y[step * 6 : step * 6 + 16])
+    for name, mask in masks.items():
+        assert torch.all(named[name].detach()[~torch.from_numpy(mask)] == 0)
+        assert torch.all(trainer.momentum(name)[~torch.from_numpy(mask)] == 0)
+        assert torch.any(named[name].detach()[torch.from_numpy(mask)] != 0)
+    assert not torch.equal(named["fc0.bias"].detach(), bias_before)
+
+
+def test_readjust_zeroes_weights_and_momentum_where_the_mask_changed(digits):
+    X, y = torch.from_numpy(digits[0]), torch.from_numpy(digits[1])
+    trainer, masks = _trainer(MLP, 0.3, HyperParams(lr=0.1, momentum=0.9))
+    for step in range(5):
+        trainer.step(X[step * 16 : step * 16 + 16], y[step * 16 : step * 16 + 16])
+    named = dict(trainer.model.named_parameters())
+    before = {name: named[name].detach().clone() for name in masks}
+    trainer.readjust(X[:32], y[:32], 0.4, "gradient", torch.Generator().manual_seed(0))
+    for name, old in masks.items():
+        old, new = torch.from_numpy(old), trainer.masks[name]
+        changed = old ^ new
+        grown, kept = new & ~old, new & old
+        assert int(new.sum()) == int(old.sum()) and changed.any()
+        assert torch.all(named[name].detach()[changed] == 0)
+        assert torch.all(trainer.momentum(name)[changed] == 0)
+        assert torch.equal(named[name].detach()[kept], before[name][kept])
+        assert torch.all(before[name][grown] == 0)
+
+
+def test_gradient_growth_picks_the_largest_dense_gradient(digits):
+    X, y = torch.from_numpy(digits[0][:32]), torch.from_numpy(digits[1][:32])
+    trainer, masks = _trainer(MLP, 0.3, HyperParams(lr=0.1))
+    model = trainer.model
+    model.zero_grad()
+    torch.nn.functional.cross_entropy(model(X), y).backward()
+    grad = {name: p.grad.abs().clone() for name, p in model.named_parameters()}
+    weights = {name: p.detach().clone() for name, p in model.named_parameters() if name in masks}
+    expected = readjust_masks(weights, {k: torch.from_numpy(v) for k, v in masks.items()}, grad, 0.25)
+    trainer.readjust(X, y, 0.25, "gradient", torch.Generator().manual_seed(0))
+    assert all(torch.equal(trainer.masks[k], expected[k]) for k in masks)
+    # the gradient was dense: growth did not fall back to the lowest inactive indices
+    lowest = readjust_masks(weights, {k: torch.from_numpy(v) for k, v in masks.items()},
+                            {k: torch.zeros_like(g) for k, g in grad.items()}, 0.25)
+    assert any(not torch.equal(trainer.masks[k], lowest[k]) for k in masks)
+
+
+# ---- train_local
+
+
+def test_train_local_matches_plain_torch_sgd_when_the_mask_is_full(digits):
+    X, y = digits[0][:64], digits[1][:64]
+    params = init_params(MLP, 0)
+    masks = {t.name: np.ones(t.shape, bool) for t in model_layout(MLP).masked}
+    hp = HyperParams(epochs=3, batch_size=64, lr=0.05, momentum=0.9, weight_decay=5e-4)
+    result = train_local(MLP, params, masks, X, y, hp)
+    model = module_from_params(MLP, params).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    for _ in range(3):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(torch.from_numpy(X)), torch.from_numpy(y)).backward()
+        opt.step()
+    for name, p in model.named_parameters():
+        assert np.allclose(params[name] + result.delta[name], p.detach().numpy(), atol=1e-5)
+    assert result.steps == 3 and not result.mask_changed
+
+
+def test_delta_is_zero_outside_the_mask_and_dense_tensors_train(digits):
+    params, masks = sparse_state(MLP, 0.2, 1)
+    result = train_local(MLP, params, masks, *digits, HyperParams(epochs=2, batch_size=16))
+    assert list(result.delta) == list(params)
+    assert result.buffers == {} and result.steps == 2 * math.ceil(200 / 16) and result.n_examples == 200
+    for name, mask in masks.items():
+        assert np.all(result.delta[name][~mask] == 0) and np.any(result.delta[name][mask] != 0)
+        assert np.array_equal(result.masks[name], mask)
+    assert np.any(result.delta["fc0.bias"] != 0) and np.any(result.delta["out.bias"] != 0)
+    assert result.delta["fc0.weight"].dtype == np.float32
+    assert math.isfinite(result.train_loss) and result.flops > 0
+
+
+@pytest.mark.parametrize("growth", ["gradient", "random"])
+def test_readjust_round_keeps_nnz_and_is_deterministic_per_seed(digits, growth):
+    params, masks = sparse_state(MLP, 0.2, 2)
+    hp = HyperParams(epochs=2, batch_size=32, readjust=True, prune_fraction=0.3, growth=growth, seed=5)
+    a = train_local(MLP, params, masks, *digits, hp)
+    b = train_local(MLP, params, masks, *digits, hp)
+    assert a.mask_changed
+    for name, mask in masks.items():
+        assert a.masks[name].sum() == mask.sum()
+        assert (a.masks[name] & ~mask).sum() == math.floor(0.3 * mask.sum())
+        assert np.array_equal(a.masks[name], b.masks[name])
+        assert np.array_equal(a.delta[name], b.delta[name])
+        assert np.all(a.delta[name][~a.masks[name]] == 0)
+        # grown positions were pruned in theta^t (value 0), so their delta is their trained value
+        grown = a.masks[name] & ~mask
+        assert np.all(params[name][grown] == 0) and np.any(a.delta[name][grown] != 0)
+    c = train_local(MLP, params, masks, *digits, HyperParams(**{**hp.to_dict(), "seed": 6}))
+    assert any(not np.array_equal(a.masks[k], c.masks[k]) for k in masks)
+
+
+def test_growth_at_the_last_step_uploads_grown_weights_as_zero(digits):
+    # K = 1: the readjust point ceil(K/2) falls after the only step, on the next local batch.
+    params, masks = sparse_state(MLP, 0.2, 3)
+    hp = HyperParams(epochs=1, batch_size=200, readjust=True, prune_fraction=0.5)
+    result = train_local(MLP, params, masks, *digits, hp)
+    assert result.steps == 1 and result.mask_changed
+    for name, mask in masks.items():
+        grown = result.masks[name] & ~mask
+        assert grown.sum() == math.floor(0.5 * mask.sum())
+        assert np.all(result.delta[name][grown] == 0)
+
+
+def test_random_growth_differs_from_gradient_growth(digits):
+    params, masks = sparse_state(MLP, 0.2, 4)
+    hp = dict(epochs=1, batch_size=50, readjust=True, prune_fraction=0.3)
+    grad = train_local(MLP, params, masks, *digits, HyperParams(**hp, growth="gradient"))
+    rand = train_local(MLP, params, masks, *digits, HyperParams(**hp, growth="random"))
+    assert any(not np.array_equal(grad.masks[k], rand.masks[k]) for k in masks)
+
+
+def test_class_losses_are_the_received_models_per_class_cross_entropy(digits):
+    X, y = digits
+    params, masks = sparse_state(MLP, 0.5, 5)
+    result = train_local(MLP, params, masks, X, y, HyperParams(epochs=1))
+    with torch.no_grad():
+        losses = torch.nn.functional.cross_entropy(
+            module_from_params(MLP, params).eval()(torch.from_numpy(X)), torch.from_numpy(y), reduction="none"
+        ).numpy()
+    assert set(result.class_losses) == set(np.unique(y).tolist())
+    for c, (mean, count) in result.class_losses.items():
+        assert count == int((y == c).sum())
+        assert mean == pytest.approx(float(losses[y == c].mean()), rel=1e-5)
+
+
+def test_fedprox_pulls_the_update_towards_theta_t(digits):
+    params, masks = sparse_state(MLP, 0.5, 6)
+    plain = train_local(MLP, params, masks, *digits, HyperParams(epochs=2))
+    prox = train_local(MLP, params, masks, *digits, HyperParams(epochs=2, prox_mu=5.0))
+    norm = lambda r: math.sqrt(sum(float((d.astype(np.float64) ** 2).sum()) for d in r.delta.values()))  # noqa: E731
+    assert norm(prox) < 0.8 * norm(plain)
+
+
+def test_batchnorm_statistics_come_back_as_buffers_not_deltas(digits):
+    spec = ModelSpec("cnn2d", (1, 8, 8), 10, norm="batch")
+    params, masks = sparse_state(spec, 0.5, 7)
+    result = train_local(spec, params, masks, *digits, HyperParams(epochs=1))
+    buffer_names = [t.name for t in model_layout(spec) if not t.trainable]
+    assert list(result.buffers) == buffer_names and not set(buffer_names) & set(result.delta)
+    assert result.buffers["norm0.num_batches_tracked"] == result.steps
+    assert not np.array_equal(result.buffers["norm0.running_mean"], params["norm0.running_mean"])
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda p, m, y: (p | {"fc0.weight": np.ones_like(p["fc0.weight"])}, m, y), "outside the mask"),
+        (lambda p, m, y: (p, {k: v for k, v in m.items() if k != "out.weight"}, y), "masks must cover"),
+        (lambda p, m, y: (p, m | {"out.weight": m["out.weight"].astype(np.uint8)}, y), "expected bool"),
+        (lambda p, m, y: ({k: v for k, v in p.items() if k != "out.bias"}, m, y), "missing"),
+        (lambda p, m, y: (p, m, np.full_like(y, 10)), "labels"),
+        (lambda p, m, y: (p, m, y[:0]), "y must be 1-D"),
+    ],
+)
+def test_bad_inputs_raise_value_errors(digits, change, message):
+    params, masks = sparse_state(MLP, 0.5, 8)
+    params, masks, y = change(params, masks, digits[1])
+    with pytest.raises(ValueError, match=message):
+        train_local(MLP, params, masks, digits[0], y, HyperParams())
+
+
+@pytest.mark.parametrize(
+    "dataset, spec, n, epochs, floor",
+    [
+        ("digits", ModelSpec("mlp", (1, 8, 8), 10), 400, 5, 0.75),
+        ("digits", ModelSpec("cnn2d", (1, 8, 8), 10, norm="group"), 400, 5, 0.75),
+        ("mnist1d", ModelSpec("mlp", (1, 40), 10), 1000, 5, 0.25),
+        ("mnist1d", ModelSpec("cnn1d", (1, 40), 10, norm="group"), 1000, 5, 0.35),
+    ],
+    ids=lambda v: getattr(v, "name", str(v)),
+)
+def test_builtin_models_learn_well_above_chance(dataset, spec, n, epochs, floor):
+    ds = load_dataset(dataset, 0)
+    params, masks = sparse_state(spec, 1.0, 0)
+    hp = HyperParams(epochs=epochs, batch_size=32, readjust=True, prune_fraction=0.2)
+    result = train_local(spec, params, masks, ds.X_train[:n], ds.y_train[:n], hp)
+    trained = {k: v + result.delta.get(k, 0) for k, v in params.items()}
+    assert evaluate(spec, trained, ds.X_test, ds.y_test).accuracy > floor
