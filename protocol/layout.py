@@ -9,9 +9,10 @@ never enter updates' norms or contribution scores.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterable, Iterator
 
 
 @dataclass(frozen=True)
@@ -68,5 +69,28 @@ class ModelLayout:
         return tuple(t for t in self.tensors if not t.masked)
 
     @property
+    def trainable(self) -> tuple[TensorSpec, ...]:
+        return tuple(t for t in self.tensors if t.trainable)
+
+    @property
+    def buffers(self) -> tuple[TensorSpec, ...]:
+        return tuple(t for t in self.tensors if not t.trainable)
+
+    @property
     def num_parameters(self) -> int:
         return sum(t.size for t in self.tensors if t.trainable)
+
+    def subset(self, names: "Iterable[str]") -> "ModelLayout":
+        """The tensors named in ``names``, kept in this layout's order; KeyError for an unknown name."""
+        wanted = set(names)
+        unknown = wanted - set(self.names)
+        if unknown:
+            raise KeyError(f"not in layout: {sorted(unknown)}")
+        return ModelLayout(tuple(t for t in self.tensors if t.name in wanted))
+
+    def fingerprint(self) -> bytes:
+        """8 bytes identifying names, shapes and roles, so both sides can tell they share a layout."""
+        canon = ";".join(
+            f"{t.name}:{'x'.join(map(str, t.shape))}:{int(t.masked)}{int(t.trainable)}" for t in self.tensors
+        )
+        return hashlib.sha256(canon.encode()).digest()[:8]
