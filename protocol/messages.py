@@ -1,0 +1,334 @@
+"""The six messages of the protocol, as frozen dataclasses validated on construction.
+
+Building an invalid message in our own code is a bug and raises ValueError/TypeError at the
+line that did it; the codec runs the same checks on decoded data and turns their failure into
+``DecodeError``. Numbers given as ints where a float is meant are stored as floats, so the
+wire always carries one type per field.
+
+Sparse tensors travel as ``SparseParams`` (values in mask order plus the mask they refer to);
+call ``.to_dense()`` on them (or the ``params()``/``delta_params()`` helpers) for full arrays.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import math
+import re
+from dataclasses import dataclass, field
+from typing import ClassVar, Union
+
+import numpy as np
+
+from protocol.hyperparams import HyperParams
+from protocol.layout import ModelLayout
+from protocol.sparse import Masks, Params, SparseParams
+from protocol.topics import validate_id
+
+U32 = 2**32 - 1
+U63 = 2**63 - 1
+LABEL = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+MAX_TEXT = 256
+MAX_METRICS = 64
+MAX_METADATA = 256
+
+
+class Kind(enum.IntEnum):
+    """Message type byte in the envelope header."""
+
+    REGISTER = 1
+    TASK = 2
+    UPDATE = 3
+    RELEASE = 4
+    STATUS = 5
+    REJECT = 6
+
+
+class State(str, enum.Enum):
+    ONLINE = "online"
+    IDLE = "idle"
+    TRAINING = "training"
+    UPLOADING = "uploading"
+    DECLINED = "declined"
+    OFFLINE = "offline"
+
+
+def _int(value: object, what: str, lo: int = 0, hi: int = U63) -> int:
+    if type(value) is not int or not lo <= value <= hi:
+        raise ValueError(f"{what}={value!r}: expected an int in {lo}..{hi}")
+    return value
+
+
+def _float(obj: object, name: str, *, finite: bool = True, lo: float | None = None) -> None:
+    """Normalise ``obj.name`` to float in place (ints allowed, bools not)."""
+    value = getattr(obj, name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}={value!r}: expected a number")
+    value = float(value)
+    if finite and not math.isfinite(value):
+        raise ValueError(f"{name}={value!r}: expected a finite number")
+    if lo is not None and not value >= lo:
+        raise ValueError(f"{name}={value!r}: expected a number >= {lo}")
+    object.__setattr__(obj, name, value)
+
+
+def _text(value: object, what: str, max_len: int = MAX_TEXT) -> str:
+    if type(value) is not str or len(value) > max_len or not value.isprintable():
+        raise ValueError(f"{what}={value!r:.80}: expected printable text of at most {max_len} characters")
+    return value
+
+
+def _label(value: object, what: str) -> str:
+    if type(value) is not str or not LABEL.fullmatch(value):
+        raise ValueError(f"{what}={value!r:.80}: expected 1-64 characters from [A-Za-z0-9_.:-]")
+    return value
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """Which built-in model to train (by name; no code ever travels)."""
+
+    name: str
+    input_shape: tuple[int, ...]
+    num_classes: int
+
+    def __post_init__(self) -> None:
+        _label(self.name, "model name")
+        if type(self.input_shape) is not tuple or not 1 <= len(self.input_shape) <= 8:
+            raise ValueError(f"input_shape={self.input_shape!r}: expected a tuple of 1-8 ints")
+        for d in self.input_shape:
+            _int(d, "input_shape dimension", 1, U32)
+        _int(self.num_classes, "num_classes", 1, 1_000_000)
+
+
+@dataclass(frozen=True)
+class Register:
+    """A device announcing itself (device -> coordinator, sealed)."""
+
+    KIND: ClassVar[Kind] = Kind.REGISTER
+    device: str
+    cpu_count: int
+    ram_mb: int
+    accelerator: str
+    n_examples: int
+    agent_version: str
+    cached_mask_version: int | None = None
+
+    def __post_init__(self) -> None:
+        validate_id(self.device, "device")
+        _int(self.cpu_count, "cpu_count", 1, 65536)
+        _int(self.ram_mb, "ram_mb", 1, U32)
+        _text(self.accelerator, "accelerator", 64)
+        _int(self.n_examples, "n_examples", 0, U63)
+        _text(self.agent_version, "agent_version", 64)
+        if self.cached_mask_version is not None:
+            _int(self.cached_mask_version, "cached_mask_version", 0, U32)
+
+
+@dataclass(frozen=True, eq=False)
+class RoundTask:
+    """Round ``round`` opens: global weights, hyper-parameters, deadline, who is selected.
+
+    ``weights`` covers every tensor of the model layout. ``include_masks=False`` omits the mask
+    on the wire when every selected device already holds ``mask_version``; a receiver fills it
+    in from its cache. ``class_loss_medians`` feeds the loss-quality signal (ALGORITHM.md 4.6).
+    """
+
+    KIND: ClassVar[Kind] = Kind.TASK
+    federation: str
+    round: int
+    mask_version: int
+    model: ModelRef
+    weights: SparseParams
+    hyper: HyperParams
+    deadline: float
+    selected: tuple[str, ...]
+    include_masks: bool = True
+    class_loss_medians: dict[int, float] | None = None
+
+    def __post_init__(self) -> None:
+        validate_id(self.federation, "federation")
+        _int(self.round, "round", 0, U32)
+        _int(self.mask_version, "mask_version", 0, U32)
+        if not isinstance(self.model, ModelRef):
+            raise TypeError("model must be a ModelRef")
+        if not isinstance(self.weights, SparseParams):
+            raise TypeError("weights must be SparseParams (SparseParams.from_dense(layout, params, masks))")
+        if not isinstance(self.hyper, HyperParams):
+            raise TypeError("hyper must be HyperParams")
+        _float(self, "deadline", lo=0.0)
+        if type(self.selected) is not tuple or len(set(self.selected)) != len(self.selected):
+            raise ValueError("selected must be a tuple of distinct device ids")
+        for device in self.selected:
+            validate_id(device, "selected device")
+        if type(self.include_masks) is not bool:
+            raise TypeError("include_masks must be a bool")
+        if self.class_loss_medians is not None:
+            medians = {}
+            for cls, value in dict(self.class_loss_medians).items():
+                _int(cls, "class", 0, self.model.num_classes - 1)
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                    raise ValueError(f"class_loss_medians[{cls}]={value!r}: expected a finite number >= 0")
+                medians[cls] = float(value)
+            object.__setattr__(self, "class_loss_medians", medians)
+
+    @property
+    def layout(self) -> ModelLayout:
+        return self.weights.layout
+
+    @property
+    def masks(self) -> Masks:
+        return self.weights.masks
+
+    def params(self) -> Params:
+        return self.weights.to_dense()
+
+
+@dataclass(frozen=True, eq=False)
+class Update:
+    """A device's result for ``round`` (device -> coordinator, sealed).
+
+    ``delta`` covers the trainable tensors; its masks are the base mask ``mask_version`` when
+    ``mask_changed`` is False (then only values travel), or the device's new mask.
+    ``class_losses[c] = (mean loss, count)`` of the received global model on local class ``c``.
+    """
+
+    KIND: ClassVar[Kind] = Kind.UPDATE
+    round: int
+    device: str
+    mask_version: int
+    n_examples: int
+    metrics: dict[str, float]
+    class_losses: dict[int, tuple[float, int]]
+    delta: SparseParams
+    mask_changed: bool = False
+    buffers: Params = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _int(self.round, "round", 0, U32)
+        validate_id(self.device, "device")
+        _int(self.mask_version, "mask_version", 0, U32)
+        _int(self.n_examples, "n_examples", 0, U63)
+        if not isinstance(self.metrics, dict) or len(self.metrics) > MAX_METRICS:
+            raise ValueError(f"metrics must be a dict of at most {MAX_METRICS} name -> float")
+        metrics = {}
+        for name, value in self.metrics.items():
+            _label(name, "metric name")
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"metric {name}={value!r}: expected a number")
+            metrics[name] = float(value)
+        object.__setattr__(self, "metrics", metrics)
+        if not isinstance(self.class_losses, dict):
+            raise TypeError("class_losses must be a dict class -> (mean loss, count)")
+        losses = {}
+        for cls, pair in self.class_losses.items():
+            _int(cls, "class", 0, 1_000_000)
+            if not (isinstance(pair, tuple) and len(pair) == 2):
+                raise ValueError(f"class_losses[{cls}]: expected a (mean loss, count) tuple")
+            mean, count = pair
+            if isinstance(mean, bool) or not isinstance(mean, (int, float)) or not math.isfinite(mean) or mean < 0:
+                raise ValueError(f"class_losses[{cls}] mean={mean!r}: expected a finite number >= 0")
+            losses[cls] = (float(mean), _int(count, f"class_losses[{cls}] count", 1, U63))
+        object.__setattr__(self, "class_losses", losses)
+        if not isinstance(self.delta, SparseParams):
+            raise TypeError("delta must be SparseParams (SparseParams.from_dense(layout, delta, masks))")
+        if any(not spec.trainable for spec in self.delta.layout):
+            raise ValueError("delta covers trainable tensors only; buffers go in `buffers`")
+        if type(self.mask_changed) is not bool:
+            raise TypeError("mask_changed must be a bool")
+        if not isinstance(self.buffers, dict):
+            raise TypeError("buffers must be a dict name -> float32 array")
+        for name, arr in self.buffers.items():
+            if type(name) is not str or not isinstance(arr, np.ndarray) or arr.dtype.kind != "f":
+                raise TypeError(f"buffer {name!r}: expected a name -> float array")
+        object.__setattr__(self, "buffers", dict(self.buffers))
+
+    @property
+    def masks(self) -> Masks:
+        return self.delta.masks
+
+    def delta_params(self) -> Params:
+        return self.delta.to_dense()
+
+
+@dataclass(frozen=True)
+class ModelRelease:
+    """A released ONNX model (coordinator -> all, signed, retained). Build with ``ModelRelease.of``."""
+
+    KIND: ClassVar[Kind] = Kind.RELEASE
+    version: int
+    sha256: str
+    metadata: dict[str, str | int | float]
+    onnx: bytes
+
+    def __post_init__(self) -> None:
+        _int(self.version, "version", 0, U63)
+        if type(self.onnx) is not bytes:
+            raise TypeError("onnx must be bytes")
+        if self.sha256 != hashlib.sha256(self.onnx).hexdigest():
+            raise ValueError("sha256 does not match the onnx bytes (expected lowercase hex of their SHA-256)")
+        if not isinstance(self.metadata, dict) or len(self.metadata) > MAX_METADATA:
+            raise ValueError(f"metadata must be a dict of at most {MAX_METADATA} entries")
+        for key, value in self.metadata.items():
+            _label(key, "metadata key")
+            if type(value) is str:
+                _text(value, f"metadata[{key}]", 1024)
+            elif type(value) is int:
+                _int(value, f"metadata[{key}]", -U63, U63)
+            elif type(value) is not float:
+                raise TypeError(f"metadata[{key}]={value!r:.60}: expected str, int or float")
+        object.__setattr__(self, "metadata", dict(self.metadata))
+
+    @classmethod
+    def of(cls, version: int, onnx: bytes, metadata: dict[str, str | int | float] | None = None) -> "ModelRelease":
+        return cls(version, hashlib.sha256(onnx).hexdigest(), dict(metadata or {}), onnx)
+
+
+@dataclass(frozen=True)
+class Status:
+    """Device presence and progress (device -> coordinator, sealed; ``offline`` is the last will)."""
+
+    KIND: ClassVar[Kind] = Kind.STATUS
+    device: str
+    state: State
+    round: int
+    reason: str
+    time: float
+
+    def __post_init__(self) -> None:
+        validate_id(self.device, "device")
+        object.__setattr__(self, "state", State(self.state))
+        _int(self.round, "round", 0, U32)
+        _text(self.reason, "reason")
+        _float(self, "time", lo=0.0)
+
+
+@dataclass(frozen=True)
+class Reject:
+    """The coordinator refusing a device's update (coordinator -> that device's inbox, signed).
+
+    ``reason`` is a stable label (``late``, ``duplicate``, ``not_selected``...); ``detail`` is prose.
+    """
+
+    KIND: ClassVar[Kind] = Kind.REJECT
+    round: int
+    device: str
+    reason: str
+    detail: str = ""
+
+    def __post_init__(self) -> None:
+        _int(self.round, "round", 0, U32)
+        validate_id(self.device, "device")
+        _label(self.reason, "reason")
+        _text(self.detail, "detail")
+
+
+Message = Union[Register, RoundTask, Update, ModelRelease, Status, Reject]
+MESSAGE_TYPES: dict[Kind, type] = {cls.KIND: cls for cls in (Register, RoundTask, Update, ModelRelease, Status, Reject)}
+UPLINK_KINDS = frozenset({Kind.REGISTER, Kind.UPDATE, Kind.STATUS})
+DOWNLINK_KINDS = frozenset({Kind.TASK, Kind.RELEASE, Kind.REJECT})
+
+__all__ = [
+    "Kind", "State", "ModelRef", "Register", "RoundTask", "Update", "ModelRelease", "Status", "Reject",
+    "Message", "MESSAGE_TYPES", "UPLINK_KINDS", "DOWNLINK_KINDS",
+]

@@ -1,0 +1,363 @@
+"""Sparse tensors on the wire: values in mask order, masks in their smallest encoding.
+
+Theory of operation. Both sides hold the mask a round trains from (it travelled once, in a
+RoundTask), so an update whose mask did not change carries, for each masked tensor, only the
+values at the positions where the mask is True, in flattened C order, and no indices at all:
+``nnz x value bytes`` is the physical bound and the encoding adds only a few bytes per tensor.
+Dense tensors (biases, norms, buffers) travel in full.
+
+A mask, when it must travel, is encoded per tensor as whichever of these is smallest:
+``FULL``/``EMPTY`` (0 bytes), a bitmap (``np.packbits``, ceil(n/8) bytes), or the sorted active
+indices delta-coded as fixed-width unsigned ints (1, 2 or 4 bytes, the narrowest that holds the
+largest gap). An update's changed mask may instead be sent as its symmetric difference with the
+base mask (a readjust moves few positions), again only where that is smaller.
+
+Values are float32 (bit exact), float16 (relative error <= 2**-11 in the normal range), or int8
+with one symmetric float32 scale per tensor (absolute error <= scale/2, scale = max|x|/127).
+Everything decoded is checked against the layout and mask: counts, shapes, index order.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from protocol.errors import DecodeError, UnknownMask
+from protocol.layout import ModelLayout, TensorSpec
+from protocol.wire import DEFAULT_LIMITS, Limits, as_bytes, as_float, as_int, as_list, fail, pack, unpack
+
+Params = dict[str, np.ndarray]
+Masks = dict[str, np.ndarray]
+
+F16_MAX = float(np.finfo(np.float16).max)
+
+
+class ValueDtype(enum.IntEnum):
+    FLOAT32 = 0
+    FLOAT16 = 1
+    INT8 = 2
+
+
+class MaskCode(enum.IntEnum):
+    FULL = 0
+    EMPTY = 1
+    BITMAP = 2
+    DELTA = 3
+
+
+class MaskBasis(enum.IntEnum):
+    ABSOLUTE = 0
+    XOR_BASE = 1
+
+
+# ---------------------------------------------------------------------------------------- masks
+
+
+def mask_to_wire(mask: np.ndarray) -> list[Any]:
+    """Smallest encoding of one bool mask: [FULL] | [EMPTY] | [BITMAP, bits] | [DELTA, width, gaps]."""
+    flat = np.ascontiguousarray(mask, dtype=bool).reshape(-1)
+    nnz = int(np.count_nonzero(flat))
+    if nnz == flat.size:
+        return [int(MaskCode.FULL)]
+    if nnz == 0:
+        return [int(MaskCode.EMPTY)]
+    bitmap_bytes = (flat.size + 7) // 8
+    if nnz < bitmap_bytes:
+        idx = np.flatnonzero(flat)
+        gaps = np.diff(idx, prepend=0)
+        width = _delta_width(int(gaps.max()) + 1)
+        if nnz * width < bitmap_bytes:
+            return [int(MaskCode.DELTA), width, gaps.astype(f"<u{width}").tobytes()]
+    return [int(MaskCode.BITMAP), np.packbits(flat).tobytes()]
+
+
+def _delta_width(bound: int) -> int:
+    return 1 if bound <= 0x100 else 2 if bound <= 0x10000 else 4
+
+
+def mask_from_wire(obj: Any, spec: TensorSpec) -> np.ndarray:
+    """Inverse of ``mask_to_wire`` for ``spec``'s shape; DecodeError on any inconsistency."""
+    what = f"mask of {spec.name}"
+    entry = as_list(obj, what, 3)
+    if not entry:
+        raise fail(what, "a non-empty array", entry)
+    code = as_int(entry[0], f"{what} code", 0, len(MaskCode) - 1)
+    size = spec.size
+    if code in (MaskCode.FULL, MaskCode.EMPTY):
+        as_list(entry, what, 1, length=1)
+        return np.full(spec.shape, code == MaskCode.FULL, dtype=bool)
+    if code == MaskCode.BITMAP:
+        as_list(entry, what, 2, length=2)
+        bits = as_bytes(entry[1], f"{what} bitmap", (size + 7) // 8)
+        flat = np.unpackbits(np.frombuffer(bits, dtype=np.uint8), count=None)
+        if flat[size:].any():
+            raise DecodeError(f"{what}: bitmap padding bits must be zero")
+        return flat[:size].astype(bool).reshape(spec.shape)
+    as_list(entry, what, 3, length=3)
+    width = as_int(entry[1], f"{what} delta width", 1, 4)
+    if width == 3:
+        raise fail(f"{what} delta width", "1, 2 or 4", width)
+    raw = as_bytes(entry[2], f"{what} deltas")
+    if len(raw) % width or len(raw) // width > size:
+        raise DecodeError(f"{what}: {len(raw)} delta bytes do not fit width {width} and size {size}")
+    gaps = np.frombuffer(raw, dtype=f"<u{width}").astype(np.int64)
+    if gaps.size == 0 or (gaps[1:] < 1).any():
+        raise DecodeError(f"{what}: delta-coded indices must be non-empty and strictly increasing")
+    idx = np.cumsum(gaps)
+    if idx[-1] >= size:
+        raise DecodeError(f"{what}: index {int(idx[-1])} out of range for size {size}")
+    flat = np.zeros(size, dtype=bool)
+    flat[idx] = True
+    return flat.reshape(spec.shape)
+
+
+def masks_to_wire(layout: ModelLayout, masks: Masks, base: Masks | None = None) -> list[Any]:
+    """Per masked tensor ``[basis, encoding]``: absolute, or XOR with ``base`` where smaller."""
+    check_masks(layout, masks)
+    out = []
+    for spec in layout.masked:
+        absolute = mask_to_wire(masks[spec.name])
+        entry = [int(MaskBasis.ABSOLUTE), absolute]
+        if base is not None:
+            relative = mask_to_wire(np.not_equal(masks[spec.name], base[spec.name]))
+            if _wire_size(relative) < _wire_size(absolute):
+                entry = [int(MaskBasis.XOR_BASE), relative]
+        out.append(entry)
+    return out
+
+
+def _wire_size(entry: list[Any]) -> int:
+    return sum(len(x) for x in entry if isinstance(x, bytes))
+
+
+def masks_from_wire(obj: Any, layout: ModelLayout, base: Masks | None = None) -> Masks:
+    specs = layout.masked
+    entries = as_list(obj, "masks", len(specs), length=len(specs))
+    out: Masks = {}
+    for spec, entry in zip(specs, entries):
+        basis, encoded = as_list(entry, f"mask entry of {spec.name}", 2, length=2)
+        basis = as_int(basis, f"mask basis of {spec.name}", 0, len(MaskBasis) - 1)
+        mask = mask_from_wire(encoded, spec)
+        if basis == MaskBasis.XOR_BASE:
+            if base is None:
+                raise UnknownMask(f"mask of {spec.name} is relative to a base mask this side does not hold")
+            mask = np.not_equal(mask, base[spec.name])
+        mask.flags.writeable = False
+        out[spec.name] = mask
+    return out
+
+
+def check_masks(layout: ModelLayout, masks: Masks) -> None:
+    """ValueError unless ``masks`` has exactly the layout's masked tensors as bool arrays of their shape."""
+    names = {s.name for s in layout.masked}
+    if set(masks) != names:
+        raise ValueError(f"masks must cover exactly the masked tensors {sorted(names)}, got {sorted(masks)}")
+    for spec in layout.masked:
+        m = masks[spec.name]
+        if not isinstance(m, np.ndarray) or m.dtype != np.bool_ or m.shape != spec.shape:
+            raise ValueError(f"mask of {spec.name}: expected a bool array of shape {spec.shape}")
+
+
+def encode_masks(layout: ModelLayout, masks: Masks) -> bytes:
+    """Standalone mask bytes (e.g. for a cache on disk); same per-tensor encodings as the wire."""
+    return pack([layout.fingerprint(), masks_to_wire(layout, masks)])
+
+
+def decode_masks(data: bytes, layout: ModelLayout, limits: Limits = DEFAULT_LIMITS) -> Masks:
+    top = as_list(unpack(data, limits, "masks"), "masks", 2, length=2)
+    if as_bytes(top[0], "layout fingerprint", 8) != layout.fingerprint():
+        raise DecodeError("masks were encoded for a different model layout")
+    return masks_from_wire(top[1], layout)
+
+
+# --------------------------------------------------------------------------------------- values
+
+
+def values_to_wire(values: np.ndarray, dtype: ValueDtype) -> list[Any]:
+    """One tensor's active values: [FLOAT32, bytes] | [FLOAT16, bytes] | [INT8, scale, bytes]."""
+    v = np.asarray(values, dtype=np.float32).reshape(-1)
+    dtype = ValueDtype(dtype)
+    code = int(dtype)
+    if dtype == ValueDtype.FLOAT32:
+        return [code, v.astype("<f4", copy=False).tobytes()]
+    if dtype == ValueDtype.FLOAT16:
+        finite = v[np.isfinite(v)]
+        if finite.size and float(np.abs(finite).max()) > F16_MAX:
+            raise ValueError(f"values up to {float(np.abs(finite).max()):.3g} overflow float16 (max {F16_MAX})")
+        return [code, v.astype("<f2").tobytes()]
+    if not np.isfinite(v).all():
+        raise ValueError("int8 values must be finite")
+    peak = float(np.abs(v).max()) if v.size else 0.0
+    scale = float(np.float32(peak / 127.0))
+    q = np.zeros(v.shape, np.int8) if scale == 0.0 else np.clip(np.rint(v / np.float32(scale)), -127, 127).astype(np.int8)
+    return [code, scale, q.tobytes()]
+
+
+def values_from_wire(obj: Any, what: str, count: int) -> np.ndarray:
+    """Decode ``count`` values to a read-only float32 vector; DecodeError on wrong sizes or codes."""
+    entry = as_list(obj, what, 3)
+    if not entry:
+        raise fail(what, "a non-empty array", entry)
+    code = as_int(entry[0], f"{what} dtype", 0, len(ValueDtype) - 1)
+    if code == ValueDtype.INT8:
+        as_list(entry, what, 3, length=3)
+        scale = as_float(entry[1], f"{what} scale")
+        if scale < 0:
+            raise fail(f"{what} scale", "a non-negative float", scale)
+        raw = _sized(entry[2], what, count, 1)
+        q = np.frombuffer(raw, dtype=np.int8)
+        if (q == -128).any():
+            raise DecodeError(f"{what}: int8 values must lie in -127..127")
+        out = q.astype(np.float32) * np.float32(scale)
+    else:
+        as_list(entry, what, 2, length=2)
+        width = 4 if code == ValueDtype.FLOAT32 else 2
+        raw = _sized(entry[1], what, count, width)
+        view = np.frombuffer(raw, dtype="<f4" if width == 4 else "<f2")
+        out = view if width == 4 else view.astype(np.float32)
+    out.flags.writeable = False
+    return out
+
+
+def _sized(value: Any, what: str, count: int, width: int) -> bytes:
+    raw = as_bytes(value, f"{what} values")
+    if len(raw) != count * width:
+        raise DecodeError(f"{what}: {len(raw)} value bytes, expected {count} values x {width} bytes")
+    return raw
+
+
+# --------------------------------------------------------------------------------- SparseParams
+
+
+@dataclass(frozen=True, eq=False)
+class SparseParams:
+    """Tensors of ``layout``: masked ones as their active values in mask order, others in full.
+
+    ``values[name]`` is a 1-D float32 vector; ``masks`` holds the mask of every masked tensor
+    (the one the values refer to). Build with ``from_dense``; ``to_dense`` scatters back.
+    """
+
+    layout: ModelLayout
+    masks: Masks
+    values: dict[str, np.ndarray]
+
+    def __post_init__(self) -> None:
+        check_masks(self.layout, self.masks)
+        if list(self.values) != list(self.layout.names):
+            raise ValueError(f"values must list exactly the layout's tensors in order {list(self.layout.names)}")
+        for spec in self.layout:
+            v = self.values[spec.name]
+            expected = int(np.count_nonzero(self.masks[spec.name])) if spec.masked else spec.size
+            if not isinstance(v, np.ndarray) or v.dtype != np.float32 or v.shape != (expected,):
+                raise ValueError(f"values of {spec.name}: expected a float32 vector of {expected} values")
+
+    @classmethod
+    def from_dense(cls, layout: ModelLayout, params: Params, masks: Masks, *, check: bool = True) -> "SparseParams":
+        """Gather the active values of ``params`` (keys: a subset of ``layout``) under ``masks``.
+
+        With ``check``, a non-zero outside the mask is a ValueError: it would be silently lost.
+        """
+        sub = layout.subset(params)
+        sub_masks = {s.name: masks[s.name] for s in sub.masked}
+        check_masks(sub, sub_masks)
+        values: dict[str, np.ndarray] = {}
+        for spec in sub:
+            arr = params[spec.name]
+            if not isinstance(arr, np.ndarray) or arr.shape != spec.shape or arr.dtype.kind != "f":
+                raise ValueError(f"{spec.name}: expected a float array of shape {spec.shape}")
+            flat = np.ascontiguousarray(arr, dtype=np.float32).reshape(-1)
+            if spec.masked:
+                m = sub_masks[spec.name].reshape(-1)
+                if check and np.count_nonzero(flat[~m]):
+                    raise ValueError(f"{spec.name}: non-zero values outside the mask would be dropped")
+                flat = flat[m]
+            values[spec.name] = flat
+        return cls(sub, sub_masks, values)
+
+    def to_dense(self) -> Params:
+        """Full-shape float32 arrays, exact zeros outside the mask."""
+        out: Params = {}
+        for spec in self.layout:
+            v = self.values[spec.name]
+            if spec.masked:
+                full = np.zeros(spec.size, dtype=np.float32)
+                full[self.masks[spec.name].reshape(-1)] = v
+            else:
+                full = v.copy()
+            out[spec.name] = full.reshape(spec.shape)
+        return out
+
+    @property
+    def nnz(self) -> int:
+        return sum(v.size for v in self.values.values())
+
+    def to_wire(self, dtype: ValueDtype) -> list[Any]:
+        return [values_to_wire(self.values[s.name], dtype) for s in self.layout]
+
+    @classmethod
+    def from_wire(cls, obj: Any, layout: ModelLayout, masks: Masks) -> "SparseParams":
+        entries = as_list(obj, "values", len(layout), length=len(layout))
+        values = {}
+        for spec, entry in zip(layout, entries):
+            count = int(np.count_nonzero(masks[spec.name])) if spec.masked else spec.size
+            values[spec.name] = values_from_wire(entry, f"values of {spec.name}", count)
+        return cls(layout, {s.name: masks[s.name] for s in layout.masked}, values)
+
+
+def encode_values(sparse: SparseParams, dtype: ValueDtype = ValueDtype.FLOAT32) -> bytes:
+    """Standalone value bytes (layout fingerprint + per-tensor values); masks travel separately."""
+    return pack([sparse.layout.fingerprint(), sparse.to_wire(dtype)])
+
+
+def decode_values(data: bytes, layout: ModelLayout, masks: Masks, limits: Limits = DEFAULT_LIMITS) -> SparseParams:
+    top = as_list(unpack(data, limits, "values"), "values", 2, length=2)
+    if as_bytes(top[0], "layout fingerprint", 8) != layout.fingerprint():
+        raise DecodeError("values were encoded for a different model layout")
+    return SparseParams.from_wire(top[1], layout, masks)
+
+
+# ------------------------------------------------------------------------------------ MaskStore
+
+
+class MaskStore:
+    """The last few mask versions this side has seen, so tasks and updates can omit them."""
+
+    def __init__(self, capacity: int = 4) -> None:
+        if capacity < 1:
+            raise ValueError("MaskStore capacity must be at least 1")
+        self._capacity = capacity
+        self._masks: OrderedDict[int, Masks] = OrderedDict()
+
+    def put(self, version: int, masks: Masks) -> None:
+        frozen = {}
+        for name, m in masks.items():
+            m = np.array(m, dtype=bool)
+            m.flags.writeable = False
+            frozen[name] = m
+        self._masks[version] = frozen
+        self._masks.move_to_end(version)
+        while len(self._masks) > self._capacity:
+            self._masks.popitem(last=False)
+
+    def get(self, version: int) -> Masks | None:
+        return self._masks.get(version)
+
+    def require(self, version: int) -> Masks:
+        masks = self._masks.get(version)
+        if masks is None:
+            raise UnknownMask(
+                f"mask version {version} is not cached here (have {sorted(self._masks)}); "
+                "the sender must include the mask"
+            )
+        return masks
+
+    @property
+    def latest(self) -> int | None:
+        return max(self._masks) if self._masks else None
+
+    def __contains__(self, version: object) -> bool:
+        return version in self._masks
