@@ -1,0 +1,109 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from edge_agent.agent import AgentCore, Decline, Ignore, Phase, ReportStatus, Resend, Train, Upload
+from protocol.hyperparams import HyperParams
+from protocol.layout import ModelLayout, TensorSpec
+from protocol.messages import ModelRef, RoundTask
+from protocol.sparse import SparseParams
+
+LAYOUT = ModelLayout((TensorSpec("fc.weight", (2, 3), True), TensorSpec("fc.bias", (2,), False)))
+
+
+def task(round_number: int = 1, selected=("pi-1", "pi-2"), deadline: float = 100.0, mask_version: int = 0) -> RoundTask:
+    masks = {"fc.weight": np.array([[1, 0, 1], [0, 1, 1]], bool)}
+    params = {"fc.weight": masks["fc.weight"].astype(np.float32), "fc.bias": np.zeros(2, np.float32)}
+    return RoundTask(
+        federation="fed", round=round_number, mask_version=mask_version,
+        model=ModelRef("mlp", (3,), 2), weights=SparseParams.from_dense(LAYOUT, params, masks),
+        hyper=HyperParams(), deadline=deadline, selected=tuple(selected),
+    )
+
+
+def test_a_selected_task_is_trained_uploaded_and_reported() -> None:
+    agent = AgentCore("pi-1")
+    t = task()
+    assert agent.on_task(t, now=1.0) == [ReportStatus(Phase.TRAINING, 1), Train(t)]
+    assert agent.on_trained(1) == [Upload(1)]
+    assert agent.on_uploaded(1, mask_version=0) == [ReportStatus(Phase.IDLE, 1)]
+    assert agent.phase is Phase.IDLE
+
+
+def test_the_same_task_twice_trains_once_and_resends_the_cached_update() -> None:
+    agent = AgentCore("pi-1")
+    agent.on_task(task(), now=1.0)
+    assert agent.on_task(task(), now=1.5) == [Ignore(1, "in_progress")]
+    agent.on_trained(1)
+    agent.on_uploaded(1, mask_version=0)
+    assert agent.on_task(task(deadline=200.0), now=2.0) == [Resend(1)]
+    assert agent.on_task(task(mask_version=1), now=2.0) == [Ignore(1, "already_uploaded")]
+
+
+@pytest.mark.parametrize(
+    "kwargs,now,reason",
+    [(dict(selected=("pi-2",)), 1.0, "not_selected"), (dict(deadline=5.0), 6.0, "past_deadline")],
+)
+def test_tasks_that_do_not_concern_this_device_are_ignored_with_a_reason(kwargs, now, reason) -> None:
+    agent = AgentCore("pi-1")
+    (action,) = agent.on_task(task(**kwargs), now=now)
+    assert action == Ignore(1, reason)
+    assert agent.phase is Phase.IDLE
+
+
+def test_an_older_round_after_an_upload_is_stale() -> None:
+    agent = AgentCore("pi-1")
+    agent.on_task(task(3), now=1.0)
+    agent.on_trained(3)
+    agent.on_uploaded(3, 0)
+    assert agent.on_task(task(2), now=1.0) == [Ignore(2, "stale_round")]
+
+
+def test_a_governance_decision_becomes_a_decline_not_a_silent_timeout() -> None:
+    agent = AgentCore("pi-1")
+    assert agent.on_task(task(), now=1.0, decline_reason="thermal") == [Decline(1, "thermal")]
+    assert agent.phase is Phase.IDLE
+
+
+def test_a_failed_training_reports_and_returns_to_idle() -> None:
+    agent = AgentCore("pi-1")
+    agent.on_task(task(), now=1.0)
+    assert agent.on_failed(1, "out_of_memory") == [Decline(1, "out_of_memory"), ReportStatus(Phase.IDLE, 1)]
+    assert agent.phase is Phase.IDLE
+    assert isinstance(agent.on_task(task(), now=2.0)[-1], Train)
+
+
+def test_out_of_order_outcomes_are_bugs() -> None:
+    agent = AgentCore("pi-1")
+    with pytest.raises(RuntimeError):
+        agent.on_trained(1)
+    agent.on_task(task(), now=1.0)
+    with pytest.raises(RuntimeError):
+        agent.on_uploaded(1, 0)
+
+
+@given(st.lists(st.tuples(st.integers(1, 4), st.booleans(), st.sampled_from(["task", "trained", "uploaded", "failed"])), max_size=40))
+def test_no_round_is_trained_twice_once_its_update_was_uploaded(events) -> None:
+    agent = AgentCore("pi-1")
+    uploaded: set[int] = set()
+    for round_number, selected, kind in events:
+        if kind == "task":
+            actions = agent.on_task(task(round_number, ("pi-1",) if selected else ("x",)), now=0.0)
+            for action in actions:
+                if isinstance(action, Train):
+                    assert action.task.round not in uploaded
+                    assert agent.uploaded is None or action.task.round > agent.uploaded[0]
+        elif agent.active_round is not None:
+            r = agent.active_round
+            if kind == "trained" and agent.phase is Phase.TRAINING:
+                assert agent.on_trained(r) == [Upload(r)]
+            elif kind == "uploaded" and agent.phase is Phase.UPLOADING:
+                agent.on_uploaded(r, 0)
+                uploaded.add(r)
+            elif kind == "failed":
+                agent.on_failed(r, "error")
+                assert agent.phase is Phase.IDLE
+        assert (agent.phase is Phase.IDLE) == (agent.active_round is None)
