@@ -21,6 +21,7 @@ random growth), and the same code runs on CPU or CUDA.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -131,15 +132,12 @@ def _check_state(layout: ModelLayout, params: Params, masks: Masks) -> None:
                 raise ValueError(f"{spec.name}: nonzero values outside the mask")
 
 
-def _batches(n: int, hp: HyperParams, generator: torch.Generator, device: torch.device) -> list[torch.Tensor]:
-    """Index batches for hp.epochs shuffled epochs, plus one more epoch: its first batch is the
-    'next local minibatch' when the readjust point falls after the last step (K = 1)."""
-    order = torch.cat([torch.randperm(n, generator=generator) for _ in range(hp.epochs + 1)]).to(device)
-    return [
-        order[e * n + s : e * n + min(s + hp.batch_size, n)]
-        for e in range(hp.epochs + 1)
-        for s in range(0, n, hp.batch_size)
-    ]
+def _batch_stream(n: int, batch_size: int, generator: torch.Generator, device: torch.device) -> Iterator[torch.Tensor]:
+    """Minibatch indices over successive shuffled epochs, drawn lazily (one permutation at a time)."""
+    while True:
+        order = torch.randperm(n, generator=generator).to(device)
+        for start in range(0, n, batch_size):
+            yield order[start : start + batch_size]
 
 
 class MaskedSGD:
@@ -247,27 +245,29 @@ def train_local(
     theta_t = [named[t.name].detach().clone() for t in trainable_specs]
 
     generator = torch.Generator().manual_seed(hp.seed)
-    batches = _batches(n, hp, generator, dev)
+    batches = _batch_stream(n, hp.batch_size, generator, dev)
     steps = hp.epochs * math.ceil(n / hp.batch_size)
     readjust_at = math.ceil(steps / 2) if hp.readjust and hp.prune_fraction > 0 else -1
     macs_before = macs_after = count_macs(spec, masks)
     samples_before = samples_after = readjust_macs = 0
     loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
+    # At the readjust point `idx` is the next local minibatch (§3.6): the one the next step trains
+    # on, or the first of a fresh epoch when the point falls after the last step (K = 1).
+    idx = next(batches)
     for step in range(steps + 1):
         if step == readjust_at:
-            idx = batches[step]
             trainer.readjust(Xt[idx], yt[idx], hp.prune_fraction, hp.growth, generator)
             macs_after = count_macs(spec, {k: v.cpu().numpy() for k, v in trainer.masks.items()})
             if hp.growth == "gradient":
                 readjust_macs = len(idx) * (2 * macs_before + count_macs(spec))
         if step == steps:
             break
-        idx = batches[step]
         loss_sum += trainer.step(Xt[idx], yt[idx])
         if readjust_at < 0 or step < readjust_at:
             samples_before += len(idx)
         else:
             samples_after += len(idx)
+        idx = next(batches)
 
     final_masks = {name: trainer.masks[name].cpu().numpy().copy() for name in masked_names}
     delta: Params = {}
