@@ -259,7 +259,7 @@ class ModelRelease:
     version: int
     sha256: str
     metadata: dict[str, str | int | float]
-    onnx: bytes
+    onnx: bytes = field(repr=False)
 
     def __post_init__(self) -> None:
         _int(self.version, "version", 0, U63)

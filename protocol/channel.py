@@ -1,0 +1,344 @@
+"""The one object each program talks to: typed messages in, (topic, bytes) out, and back.
+
+Sending: encode the body -> frame it (sign a broadcast | seal an uplink to the coordinator)
+-> split into chunks -> publications. Receiving, in this fixed order: parse the topic ->
+reassemble -> read the header and check it against the topic -> authenticate (verify the
+pinned coordinator signature | open with the enrolled sender's key) -> replay/staleness check
+-> decode. Whatever a peer sends, ``receive`` returns a message, None (a transfer is still
+incomplete, or a duplicate chunk), or raises a ``ProtocolError``; nothing else.
+
+No I/O, no clock: the caller passes ``now`` and publishes what ``send`` returns (``retain``
+says which publications are retained model-release chunks; an empty payload clears a stale one).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import NamedTuple
+
+from protocol import codec, topics
+from protocol.chunks import DEFAULT_MAX_CHUNK, Reassembler, split
+from protocol.crypto import Aead, Identity, PublicIdentity
+from protocol.envelope import (
+    COORDINATOR,
+    FLAG_LAST_WILL,
+    Header,
+    Suite,
+    open_envelope,
+    parse_header,
+    seal_envelope,
+    sign_envelope,
+    verify_envelope,
+)
+from protocol.errors import DecodeError, ProtocolError, TooLarge, UnknownSender
+from protocol.layout import ModelLayout
+from protocol.messages import Kind, Message, ModelRef, ModelRelease, Register, Reject, RoundTask, State, Status, Update
+from protocol.replay import ReplayGuard
+from protocol.sparse import Masks, MaskStore, ValueDtype, check_masks
+from protocol.topics import Topic, TopicKind
+from protocol.wire import DEFAULT_LIMITS, Limits
+
+_TOPIC_OF = {
+    Kind.TASK: TopicKind.TASK,
+    Kind.RELEASE: TopicKind.RELEASE,
+    Kind.REJECT: TopicKind.INBOX,
+    Kind.REGISTER: TopicKind.REGISTER,
+    Kind.UPDATE: TopicKind.UPDATE,
+    Kind.STATUS: TopicKind.STATUS,
+}
+_KIND_OF = {v: k for k, v in _TOPIC_OF.items()}
+
+
+class Publication(NamedTuple):
+    """One MQTT publish: unpacks as ``(topic, payload)``."""
+
+    topic: str
+    payload: bytes
+
+    @property
+    def retain(self) -> bool:
+        return self.topic.split("/")[3:4] == [TopicKind.RELEASE.value]
+
+
+class _Channel:
+    def __init__(
+        self,
+        federation: str,
+        identity: Identity,
+        *,
+        value_dtype: ValueDtype,
+        limits: Limits,
+        max_chunk: int,
+        replay: ReplayGuard | None,
+        reassembler: Reassembler | None,
+        mask_capacity: int,
+    ) -> None:
+        self.federation = topics.validate_id(federation, "federation")
+        if not isinstance(identity, Identity):
+            raise TypeError("identity must be a protocol.crypto.Identity")
+        self.identity = identity
+        self.value_dtype = ValueDtype(value_dtype)
+        self.limits = limits
+        self.max_chunk = max_chunk
+        self.replay = replay or ReplayGuard()
+        self.reassembler = reassembler or Reassembler(max_payload=limits.max_message_bytes)
+        self.masks = MaskStore(mask_capacity)
+        self._seq = 0
+
+    def remember_masks(self, version: int, masks: Masks) -> None:
+        """Make a mask version known (e.g. restored from disk after a restart)."""
+        self.masks.put(version, masks)
+
+    def _next_seq(self, now: float) -> int:
+        # Microseconds since the epoch, never repeating: unique across restarts without state.
+        self._seq = max(self._seq + 1, int(now * 1_000_000))
+        return self._seq
+
+    def _chunks(self, envelope: bytes, seq: int) -> list[bytes]:
+        return split(envelope, transfer_id=seq, max_size=self.max_chunk)
+
+    def receive(self, topic: str, payload: bytes, now: float) -> Message | None:
+        """Reassemble, authenticate, check replay, decode. None while a transfer is incomplete."""
+        try:
+            return self._receive(topic, payload, now)
+        except ProtocolError:
+            raise
+        except MemoryError:
+            raise TooLarge("message needs more memory than allowed") from None
+        except Exception as exc:  # the channel's translation point: only ProtocolError leaves receive()
+            raise DecodeError(f"{type(exc).__name__}: {str(exc)[:160]}") from None
+
+    def _receive(self, topic: str, payload: bytes, now: float) -> Message | None:
+        where = topics.parse_topic(topic)
+        if where.federation != self.federation:
+            raise DecodeError(f"topic {topic!r} belongs to federation {where.federation!r}, not {self.federation!r}")
+        self._check_inbound(where)
+        if not isinstance(payload, (bytes, bytearray, memoryview)):
+            raise DecodeError("payload must be bytes")
+        if not payload:
+            if where.kind is TopicKind.RELEASE:
+                return None  # a publisher clearing a retained chunk
+            raise DecodeError(f"empty payload on {topic!r}")
+        source = f"{where.kind.value}/{where.device or ''}"
+        envelope = self.reassembler.feed(payload, now, source)
+        if envelope is None:
+            return None
+        header, header_len = parse_header(envelope)
+        if _TOPIC_OF[header.kind] is not where.kind or header.federation != self.federation:
+            raise DecodeError(
+                f"envelope of kind {header.kind.name} for {header.federation!r} arrived on {topic!r}: re-targeted"
+            )
+        body = self._authenticate(where, header, envelope, header_len)
+        self._check_replay(header, now)
+        msg = codec.decode_body(header, body, limits=self.limits, layout_for=self._layout_for, masks=self.masks)
+        self._accepted(msg, header)
+        return msg
+
+    def _check_inbound(self, where: Topic) -> None:
+        raise NotImplementedError
+
+    def _authenticate(self, where: Topic, header: Header, envelope: bytes, header_len: int) -> bytes | memoryview:
+        raise NotImplementedError
+
+    def _check_replay(self, header: Header, now: float) -> None:
+        raise NotImplementedError
+
+    def _layout_for(self, model: ModelRef | None) -> ModelLayout:
+        raise NotImplementedError
+
+    def _accepted(self, msg: Message, header: Header) -> None:
+        """Hook for state that may change only after a message is fully accepted."""
+
+
+class AgentChannel(_Channel):
+    """The device side: seals uplinks to the coordinator, verifies its broadcasts.
+
+    ``layout`` is the model's ModelLayout, or a callable resolving a task's ``ModelRef`` to one
+    (the agent's model zoo); an unknown model should raise KeyError/ValueError.
+    """
+
+    def __init__(
+        self,
+        *,
+        federation: str,
+        device: str,
+        identity: Identity,
+        coordinator: PublicIdentity,
+        layout: ModelLayout | Callable[[ModelRef], ModelLayout],
+        aead: Aead = Aead.AES256_GCM,
+        value_dtype: ValueDtype = ValueDtype.FLOAT32,
+        limits: Limits = DEFAULT_LIMITS,
+        max_chunk: int = DEFAULT_MAX_CHUNK,
+        replay: ReplayGuard | None = None,
+        reassembler: Reassembler | None = None,
+        mask_capacity: int = 4,
+    ) -> None:
+        super().__init__(
+            federation, identity, value_dtype=value_dtype, limits=limits, max_chunk=max_chunk,
+            replay=replay, reassembler=reassembler, mask_capacity=mask_capacity,
+        )
+        self.device = topics.validate_id(device, "device")
+        if not isinstance(coordinator, PublicIdentity):
+            raise TypeError("coordinator must be the pinned PublicIdentity of the coordinator")
+        self.coordinator = coordinator
+        self._layout = layout
+        self.suite = Suite(Aead(aead).value)
+
+    @property
+    def subscriptions(self) -> tuple[str, ...]:
+        return topics.agent_filters(self.federation, self.device)
+
+    def send(self, msg: Register | Update | Status, now: float) -> list[Publication]:
+        """Seal ``msg`` to the coordinator and chunk it for this device's own topic."""
+        if not isinstance(msg, (Register, Update, Status)):
+            raise TypeError(f"an agent sends Register, Update or Status, not {type(msg).__name__}")
+        if msg.device != self.device:
+            raise ValueError(f"message names device {msg.device!r}, but this channel is {self.device!r}")
+        base = None
+        if isinstance(msg, Update):
+            base = self.masks.get(msg.mask_version)
+            if not msg.mask_changed and base is not None and not _same_masks(base, msg.masks):
+                raise ValueError("mask_changed=False but the delta's masks differ from mask_version's masks")
+        return self._seal_and_chunk(msg, now, flags=0, base_masks=base)
+
+    def last_will(self, now: float, reason: str = "connection lost") -> Publication:
+        """A sealed offline Status to register as the MQTT last will at connect time (one chunk)."""
+        status = Status(self.device, State.OFFLINE, self.replay.current_round, reason, now)
+        (publication,) = self._seal_and_chunk(status, now, flags=FLAG_LAST_WILL, base_masks=None)
+        return publication
+
+    def _seal_and_chunk(self, msg: Message, now: float, *, flags: int, base_masks: Masks | None) -> list[Publication]:
+        body = codec.encode_body(msg, value_dtype=self.value_dtype, base_masks=base_masks)
+        rnd = msg.round if isinstance(msg, (Update, Status)) else self.replay.current_round
+        seq = self._next_seq(now)
+        header = Header(msg.KIND, self.suite, self.federation, self.device, rnd, seq, float(now), flags)
+        envelope = seal_envelope(header, body, self.identity, self.coordinator)
+        topic = str(Topic(self.federation, _TOPIC_OF[msg.KIND], self.device))
+        return [Publication(topic, c) for c in self._chunks(envelope, seq)]
+
+    def _check_inbound(self, where: Topic) -> None:
+        if where.kind.uplink:
+            raise DecodeError(f"agents do not receive {where.kind.value} messages")
+        if where.kind is TopicKind.INBOX and where.device != self.device:
+            raise DecodeError(f"inbox of {where.device!r} delivered to {self.device!r}")
+
+    def _authenticate(self, where: Topic, header: Header, envelope: bytes, header_len: int) -> memoryview:
+        if header.sender != COORDINATOR or header.suite is not Suite.SIGNED_ED25519 or header.flags:
+            raise DecodeError("broadcasts must be signed by the coordinator")
+        return verify_envelope(envelope, header_len, self.coordinator)
+
+    def _check_replay(self, header: Header, now: float) -> None:
+        if header.kind is Kind.RELEASE:  # retained: may be old; the newest release wins
+            self.replay.check_latest(COORDINATOR, "release", header.seq, header.sent_at, now, check_time=False)
+        else:
+            self.replay.check(COORDINATOR, header.round, header.seq, header.sent_at, now)
+
+    def _layout_for(self, model: ModelRef | None) -> ModelLayout:
+        if isinstance(self._layout, ModelLayout):
+            return self._layout
+        if model is None:
+            raise DecodeError("no model named to resolve a layout")
+        return self._layout(model)
+
+    def _accepted(self, msg: Message, header: Header) -> None:
+        if isinstance(msg, Reject) and msg.device != self.device:
+            raise DecodeError(f"reject for {msg.device!r} delivered to {self.device!r}")
+        if isinstance(msg, RoundTask):
+            if msg.include_masks:
+                self.masks.put(msg.mask_version, msg.masks)
+            self.replay.advance(msg.round)
+
+
+class CoordinatorChannel(_Channel):
+    """The coordinator side: signs broadcasts, opens uplinks from enrolled devices.
+
+    ``devices`` maps a device id to its enrolled PublicIdentity (a Mapping or a callable
+    returning None for an unknown or revoked device): the registry stays the source of truth.
+    """
+
+    def __init__(
+        self,
+        *,
+        federation: str,
+        identity: Identity,
+        devices: Mapping[str, PublicIdentity] | Callable[[str], PublicIdentity | None],
+        layout: ModelLayout,
+        value_dtype: ValueDtype = ValueDtype.FLOAT32,
+        limits: Limits = DEFAULT_LIMITS,
+        max_chunk: int = DEFAULT_MAX_CHUNK,
+        replay: ReplayGuard | None = None,
+        reassembler: Reassembler | None = None,
+        mask_capacity: int = 4,
+    ) -> None:
+        super().__init__(
+            federation, identity, value_dtype=value_dtype, limits=limits, max_chunk=max_chunk,
+            replay=replay, reassembler=reassembler, mask_capacity=mask_capacity,
+        )
+        self._lookup = devices.get if isinstance(devices, Mapping) else devices
+        if not isinstance(layout, ModelLayout):
+            raise TypeError("layout must be the federation model's ModelLayout")
+        self.layout = layout
+        self._release_chunks = 0
+
+    @property
+    def subscriptions(self) -> tuple[str, ...]:
+        return topics.coordinator_filters(self.federation)
+
+    def send(self, msg: RoundTask | ModelRelease | Reject, now: float) -> list[Publication]:
+        """Sign ``msg`` and chunk it. A RoundTask also opens its round for replay checks."""
+        if isinstance(msg, RoundTask):
+            if msg.federation != self.federation:
+                raise ValueError(f"task for federation {msg.federation!r} on channel {self.federation!r}")
+            if msg.layout.fingerprint() != self.layout.fingerprint():
+                raise ValueError("task weights do not cover the federation's model layout")
+            check_masks(self.layout, msg.masks)
+            self.masks.put(msg.mask_version, msg.masks)
+            self.replay.advance(msg.round)
+            rnd = msg.round
+        elif isinstance(msg, Reject):
+            rnd = msg.round
+        elif isinstance(msg, ModelRelease):
+            rnd = self.replay.current_round
+        else:
+            raise TypeError(f"a coordinator sends RoundTask, ModelRelease or Reject, not {type(msg).__name__}")
+        body = codec.encode_body(msg, value_dtype=self.value_dtype)
+        seq = self._next_seq(now)
+        header = Header(msg.KIND, Suite.SIGNED_ED25519, self.federation, COORDINATOR, rnd, seq, float(now))
+        chunks = self._chunks(sign_envelope(header, body, self.identity), seq)
+        if isinstance(msg, Reject):
+            return [Publication(topics.inbox_topic(self.federation, msg.device), c) for c in chunks]
+        if isinstance(msg, RoundTask):
+            return [Publication(topics.task_topic(self.federation), c) for c in chunks]
+        out = [Publication(topics.release_topic(self.federation, i), c) for i, c in enumerate(chunks)]
+        out += [Publication(topics.release_topic(self.federation, i), b"") for i in range(len(chunks), self._release_chunks)]
+        self._release_chunks = len(chunks)
+        return out
+
+    def _check_inbound(self, where: Topic) -> None:
+        if not where.kind.uplink:
+            raise DecodeError(f"the coordinator does not receive {where.kind.value} messages")
+
+    def _authenticate(self, where: Topic, header: Header, envelope: bytes, header_len: int) -> bytes:
+        if header.sender != where.device:
+            raise DecodeError(f"envelope from {header.sender!r} arrived on {where.device!r}'s topic: re-targeted")
+        if not header.suite.sealed:
+            raise DecodeError("device messages must be sealed to the coordinator")
+        sender = self._lookup(header.sender)
+        if sender is None:
+            raise UnknownSender(f"device {header.sender!r} is not enrolled (or was revoked): enroll it first")
+        return open_envelope(envelope, header, header_len, self.identity, sender)
+
+    def _check_replay(self, header: Header, now: float) -> None:
+        if header.kind is Kind.UPDATE:
+            self.replay.check(header.sender, header.round, header.seq, header.sent_at, now)
+        elif header.last_will:  # sealed at connect time, delivered whenever the link drops
+            self.replay.check_latest(header.sender, "will", header.seq, header.sent_at, now, check_time=False)
+        else:
+            self.replay.check_latest(header.sender, header.kind.name.lower(), header.seq, header.sent_at, now)
+
+    def _layout_for(self, model: ModelRef | None) -> ModelLayout:
+        return self.layout
+
+
+def _same_masks(a: Masks, b: Masks) -> bool:
+    return a.keys() == b.keys() and all(a[k] is b[k] or (a[k].shape == b[k].shape and (a[k] == b[k]).all()) for k in a)

@@ -1,0 +1,270 @@
+"""Message bodies <-> msgpack, under ``Limits``, with exact types on every field.
+
+Bodies are msgpack maps with short keys (one schema per ``Kind`` below). Tensors travel as
+per-tensor ``[dtype, bytes]`` lists in layout order, never by name: the layout fingerprint in
+the body proves both sides mean the same tensors. A newer minor version may add keys, which an
+older reader ignores; at the same minor an unknown key is an error.
+
+``decode_body`` is the decoder's one entry point: whatever goes wrong inside it (msgpack, numpy,
+a validating constructor) leaves as a ``ProtocolError`` subclass, never anything else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import Any, Callable
+
+import numpy as np
+
+from protocol.envelope import MINOR, Header
+from protocol.errors import DecodeError, ProtocolError, TooLarge
+from protocol.hyperparams import HyperParams
+from protocol.layout import ModelLayout
+from protocol.messages import Kind, Message, ModelRef, ModelRelease, Register, Reject, RoundTask, State, Status, Update
+from protocol.sparse import MaskStore, SparseParams, ValueDtype, masks_from_wire, masks_to_wire, values_from_wire
+from protocol.wire import (
+    DEFAULT_LIMITS,
+    Limits,
+    as_bool,
+    as_bytes,
+    as_float,
+    as_int,
+    as_list,
+    as_map,
+    as_str,
+    construct,
+    fail,
+    pack,
+    unpack,
+)
+
+LayoutFor = Callable[[ModelRef], ModelLayout]
+_HP_TYPES = {f.name: {"int": int, "float": float, "bool": bool, "str": str}[str(f.type)] for f in fields(HyperParams)}
+
+
+# ------------------------------------------------------------------------------------ encoding
+
+
+def encode_body(msg: Message, *, value_dtype: ValueDtype = ValueDtype.FLOAT32, base_masks: dict | None = None) -> bytes:
+    """msgpack body of ``msg``. ``base_masks``: the mask an Update trained from (for XOR coding)."""
+    if isinstance(msg, Register):
+        obj: dict[str, Any] = {
+            "dev": msg.device, "cpu": msg.cpu_count, "ram": msg.ram_mb, "acc": msg.accelerator,
+            "n": msg.n_examples, "ver": msg.agent_version, "mv": msg.cached_mask_version,
+        }
+    elif isinstance(msg, RoundTask):
+        obj = {
+            "fed": msg.federation, "round": msg.round, "mv": msg.mask_version,
+            "model": [msg.model.name, list(msg.model.input_shape), msg.model.num_classes],
+            "lfp": msg.layout.fingerprint(),
+            "masks": masks_to_wire(msg.layout, msg.masks) if msg.include_masks else None,
+            "w": msg.weights.to_wire(value_dtype),
+            "hp": {k: _HP_TYPES[k](v) for k, v in msg.hyper.to_dict().items()},
+            "deadline": msg.deadline, "sel": list(msg.selected),
+            "clm": None if msg.class_loss_medians is None else [[c, m] for c, m in sorted(msg.class_loss_medians.items())],
+        }
+    elif isinstance(msg, Update):
+        obj = {
+            "round": msg.round, "dev": msg.device, "mv": msg.mask_version, "n": msg.n_examples,
+            "metrics": msg.metrics,
+            "cl": [[c, m, n] for c, (m, n) in sorted(msg.class_losses.items())],
+            "lfp": msg.delta.layout.fingerprint(),
+            "mask": masks_to_wire(msg.delta.layout, msg.masks, base_masks) if msg.mask_changed else None,
+            "d": msg.delta.to_wire(value_dtype),
+            "buf": {name: np.ascontiguousarray(a, dtype="<f4").tobytes() for name, a in msg.buffers.items()},
+        }
+    elif isinstance(msg, ModelRelease):
+        obj = {"ver": msg.version, "sha": msg.sha256, "meta": msg.metadata, "onnx": msg.onnx}
+    elif isinstance(msg, Status):
+        obj = {"dev": msg.device, "state": msg.state.value, "round": msg.round, "reason": msg.reason, "time": msg.time}
+    elif isinstance(msg, Reject):
+        obj = {"round": msg.round, "dev": msg.device, "reason": msg.reason, "detail": msg.detail}
+    else:
+        raise TypeError(f"not a protocol message: {type(msg).__name__}")
+    return pack(obj)
+
+
+# ------------------------------------------------------------------------------------ decoding
+
+
+def decode_body(
+    header: Header,
+    body: bytes | memoryview,
+    *,
+    limits: Limits = DEFAULT_LIMITS,
+    layout_for: LayoutFor | None = None,
+    masks: MaskStore | None = None,
+) -> Message:
+    """Decode and validate the body that ``header`` announced.
+
+    ``layout_for`` resolves a task's model (or, for updates, is called with None: the
+    coordinator's one model); ``masks`` supplies mask versions omitted from the wire. Pure:
+    storing a task's masks is the caller's decision, made after authentication.
+    """
+    try:
+        obj = unpack(body, limits, f"{header.kind.name.lower()} body")
+        lenient = header.minor > MINOR
+        decoder = _DECODERS[header.kind]
+        msg = decoder(obj, lenient, limits, layout_for, masks if masks is not None else MaskStore())
+        _check_matches_header(msg, header)
+        return msg
+    except ProtocolError:
+        raise
+    except MemoryError:
+        raise TooLarge(f"{header.kind.name.lower()} body needs more memory than allowed") from None
+    except Exception as exc:  # the one translation point: nothing but ProtocolError leaves a decoder
+        raise DecodeError(f"{header.kind.name.lower()} body: {type(exc).__name__}: {str(exc)[:160]}") from None
+
+
+def _check_matches_header(msg: Message, header: Header) -> None:
+    """The authenticated header and the body must tell the same story (no cut-and-paste)."""
+    device = getattr(msg, "device", None)
+    if header.sender and device != header.sender:
+        raise DecodeError(f"body names device {device!r} but the envelope was sent by {header.sender!r}")
+    rnd = getattr(msg, "round", None)
+    if rnd is not None and isinstance(msg, (RoundTask, Update, Reject)) and rnd != header.round:
+        raise DecodeError(f"body is for round {rnd} but the envelope says round {header.round}")
+    if isinstance(msg, RoundTask) and msg.federation != header.federation:
+        raise DecodeError(f"task for federation {msg.federation!r} arrived in {header.federation!r}")
+    if header.last_will and not (isinstance(msg, Status) and msg.state is State.OFFLINE):
+        raise DecodeError("the last-will flag is only valid on an offline Status")
+
+
+def _register(obj: Any, lenient: bool, limits: Limits, *_: Any) -> Register:
+    m = as_map(obj, "register", frozenset({"dev", "cpu", "ram", "acc", "n", "ver", "mv"}), lenient=lenient)
+    mv = m["mv"]
+    return construct("register", lambda: Register(
+        device=as_str(m["dev"], "device", 64), cpu_count=as_int(m["cpu"], "cpu_count", 1, 65536),
+        ram_mb=as_int(m["ram"], "ram_mb", 1, 2**32 - 1), accelerator=as_str(m["acc"], "accelerator", 64),
+        n_examples=as_int(m["n"], "n_examples", 0, 2**63 - 1), agent_version=as_str(m["ver"], "agent_version", 64),
+        cached_mask_version=None if mv is None else as_int(mv, "cached_mask_version", 0, 2**32 - 1),
+    ))
+
+
+def _layout_checked(
+    layout_for: LayoutFor | None, model: ModelRef | None, fingerprint: Any, *, trainable_only: bool = False
+) -> ModelLayout:
+    if layout_for is None:
+        raise DecodeError("no model layout configured to decode tensors")
+    try:
+        layout = layout_for(model)  # type: ignore[arg-type]
+    except (KeyError, ValueError) as exc:
+        raise DecodeError(f"model {model!r} is not known here: {exc}") from None
+    covered = ModelLayout(layout.trainable) if trainable_only else layout
+    if as_bytes(fingerprint, "layout fingerprint", 8) != covered.fingerprint():
+        raise DecodeError("tensors were encoded for a different model layout (fingerprint mismatch)")
+    return layout
+
+
+def _task(obj: Any, lenient: bool, limits: Limits, layout_for: LayoutFor | None, store: MaskStore) -> RoundTask:
+    keys = frozenset({"fed", "round", "mv", "model", "lfp", "masks", "w", "hp", "deadline", "sel", "clm"})
+    m = as_map(obj, "task", keys, lenient=lenient)
+    name, shape, ncls = as_list(m["model"], "model", 3, length=3)
+    model = construct("model", lambda: ModelRef(
+        as_str(name, "model name", 64),
+        tuple(as_int(d, "input dimension", 1, 2**32 - 1) for d in as_list(shape, "input_shape", 8)),
+        as_int(ncls, "num_classes", 1, 1_000_000),
+    ))
+    layout = _layout_checked(layout_for, model, m["lfp"])
+    if len(layout) > limits.max_tensors:
+        raise TooLarge(f"layout of {len(layout)} tensors exceeds max_tensors={limits.max_tensors}")
+    mv = as_int(m["mv"], "mask_version", 0, 2**32 - 1)
+    included = m["masks"] is not None
+    masks = masks_from_wire(m["masks"], layout) if included else store.require(mv)
+    weights = SparseParams.from_wire(m["w"], layout, masks)
+    hp_map = as_map(m["hp"], "hyper", frozenset(_HP_TYPES), lenient=lenient)
+    hp = {}
+    for key, typ in _HP_TYPES.items():
+        if type(hp_map[key]) is not typ:
+            raise fail(f"hyper {key}", typ.__name__, hp_map[key])
+        hp[key] = hp_map[key]
+    clm = None
+    if m["clm"] is not None:
+        clm = {}
+        for pair in as_list(m["clm"], "class_loss_medians", limits.max_classes):
+            c, v = as_list(pair, "class loss median", 2, length=2)
+            clm[as_int(c, "class", 0, 1_000_000)] = as_float(v, "class loss median")
+    selected = tuple(as_str(d, "selected device", 64) for d in as_list(m["sel"], "selected", limits.max_selected))
+    return construct("task", lambda: RoundTask(
+        federation=as_str(m["fed"], "federation", 64), round=as_int(m["round"], "round", 0, 2**32 - 1),
+        mask_version=mv, model=model, weights=weights, hyper=HyperParams(**hp),
+        deadline=as_float(m["deadline"], "deadline"), selected=selected, include_masks=included,
+        class_loss_medians=clm,
+    ))
+
+
+def _update(obj: Any, lenient: bool, limits: Limits, layout_for: LayoutFor | None, store: MaskStore) -> Update:
+    keys = frozenset({"round", "dev", "mv", "n", "metrics", "cl", "lfp", "mask", "d", "buf"})
+    m = as_map(obj, "update", keys, lenient=lenient)
+    full = _layout_checked(layout_for, None, m["lfp"], trainable_only=True)
+    trainable = ModelLayout(full.trainable)
+    mv = as_int(m["mv"], "mask_version", 0, 2**32 - 1)
+    base = store.get(mv)
+    changed = m["mask"] is not None
+    if changed:
+        masks = masks_from_wire(m["mask"], trainable, base)
+    else:
+        masks = store.require(mv)
+    delta = SparseParams.from_wire(m["d"], trainable, masks)
+    metrics_map = m["metrics"]
+    if type(metrics_map) is not dict or len(metrics_map) > limits.max_metrics:
+        raise fail("metrics", f"a map of at most {limits.max_metrics} entries", metrics_map)
+    metrics = {as_str(k, "metric name", 64): as_float(v, f"metric {k}", finite=False) for k, v in metrics_map.items()}
+    losses = {}
+    for triple in as_list(m["cl"], "class_losses", limits.max_classes):
+        c, mean, count = as_list(triple, "class loss", 3, length=3)
+        losses[as_int(c, "class", 0, 1_000_000)] = (as_float(mean, "class mean loss"), as_int(count, "class count", 1, 2**63 - 1))
+    buf_map = m["buf"]
+    names = {s.name for s in full.buffers}
+    if type(buf_map) is not dict or set(buf_map) != names:
+        raise DecodeError(f"buffers must be exactly {sorted(names)}")
+    buffers = {}
+    for spec in full.buffers:
+        arr = values_from_wire([0, buf_map[spec.name]], f"buffer {spec.name}", spec.size)
+        buffers[spec.name] = arr.reshape(spec.shape)
+    return construct("update", lambda: Update(
+        round=as_int(m["round"], "round", 0, 2**32 - 1), device=as_str(m["dev"], "device", 64), mask_version=mv,
+        n_examples=as_int(m["n"], "n_examples", 0, 2**63 - 1), metrics=metrics, class_losses=losses,
+        delta=delta, mask_changed=changed, buffers=buffers,
+    ))
+
+
+def _release(obj: Any, lenient: bool, limits: Limits, *_: Any) -> ModelRelease:
+    m = as_map(obj, "release", frozenset({"ver", "sha", "meta", "onnx"}), lenient=lenient)
+    meta = m["meta"]
+    if type(meta) is not dict or len(meta) > limits.max_metadata:
+        raise fail("metadata", f"a map of at most {limits.max_metadata} entries", meta)
+    for key, value in meta.items():
+        if type(value) not in (str, int, float):
+            raise fail(f"metadata {key}", "str, int or float", value)
+    return construct("release", lambda: ModelRelease(
+        version=as_int(m["ver"], "version", 0, 2**63 - 1), sha256=as_str(m["sha"], "sha256", 64),
+        metadata=meta, onnx=as_bytes(m["onnx"], "onnx"),
+    ))
+
+
+def _status(obj: Any, lenient: bool, limits: Limits, *_: Any) -> Status:
+    m = as_map(obj, "status", frozenset({"dev", "state", "round", "reason", "time"}), lenient=lenient)
+    return construct("status", lambda: Status(
+        device=as_str(m["dev"], "device", 64), state=State(as_str(m["state"], "state", 16)),
+        round=as_int(m["round"], "round", 0, 2**32 - 1), reason=as_str(m["reason"], "reason", 256),
+        time=as_float(m["time"], "time"),
+    ))
+
+
+def _reject(obj: Any, lenient: bool, limits: Limits, *_: Any) -> Reject:
+    m = as_map(obj, "reject", frozenset({"round", "dev", "reason", "detail"}), lenient=lenient)
+    return construct("reject", lambda: Reject(
+        round=as_int(m["round"], "round", 0, 2**32 - 1), device=as_str(m["dev"], "device", 64),
+        reason=as_str(m["reason"], "reason", 64), detail=as_str(m["detail"], "detail", 256),
+    ))
+
+
+_DECODERS: dict[Kind, Callable[..., Message]] = {
+    Kind.REGISTER: _register,
+    Kind.TASK: _task,
+    Kind.UPDATE: _update,
+    Kind.RELEASE: _release,
+    Kind.STATUS: _status,
+    Kind.REJECT: _reject,
+}
