@@ -43,6 +43,8 @@ from paho.mqtt.reasoncodes import ReasonCode
 log = logging.getLogger("fedprune.mqtt")
 
 DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
+# fedprune chunks every payload to this size; the broker's limits are set above it (deploy/mosquitto).
+MAX_MESSAGE_BYTES = 128 * 1024
 UNSUPPORTED_PROTOCOL_VERSION = 132
 Protocol = Literal["auto", "5", "3.1.1"]
 
@@ -149,7 +151,7 @@ class LinkConfig:
     session_expiry_s: int = 0
     reconnect_min_s: float = 0.5
     reconnect_max_s: float = 30.0
-    max_message_bytes: int = 128 * 1024
+    max_message_bytes: int = MAX_MESSAGE_BYTES
     max_inflight: int = 20
     max_queued_messages: int = 256
     will: LastWill | None = None
@@ -322,8 +324,12 @@ class MqttLink:
             self._stats["bytes_out"] += len(payload)
         return handle
 
-    def close(self) -> None:
-        """Send DISCONNECT (so no last will fires) and stop the network thread. Idempotent."""
+    def close(self, timeout: float = 2.0) -> None:
+        """Send DISCONNECT (so the broker discards the last will) and stop the network thread. Idempotent.
+
+        Waits up to ``timeout`` for the DISCONNECT to be written: stopping paho's loop first could
+        leave the socket open, and the broker would publish the will at the keepalive timeout.
+        """
         with self._state:
             if self._closed:
                 return
@@ -334,6 +340,8 @@ class MqttLink:
             self._deferred.clear()
             self._state.notify_all()
         client.disconnect()
+        with self._state:
+            self._state.wait_for(lambda: not self._connected, timeout)
         client.loop_stop()
         for handle in unsent:
             handle._resolve(None, PublishFailed(handle.topic, "link closed before the broker acknowledged"))
