@@ -58,6 +58,23 @@ class LocalResult:
     flops: int
 
 
+def first_smallest(score: torch.Tensor, c: int) -> torch.Tensor:
+    """Positions of the ``c`` smallest entries of a 1-D ``score``, ties to the lower position.
+
+    The same set as the first c of a stable ascending argsort (§9.6), found with one selection
+    (kthvalue) instead of a full sort: everything below the c-th value, then the lowest-indexed
+    entries equal to it.
+    """
+    if c <= 0:
+        return torch.zeros(0, dtype=torch.long, device=score.device)
+    if c >= score.numel():
+        return torch.arange(score.numel(), device=score.device)
+    threshold = torch.kthvalue(score, c).values
+    below = torch.nonzero(score < threshold).squeeze(1)
+    tied = torch.nonzero(score == threshold).squeeze(1)[: c - below.numel()]
+    return torch.cat([below, tied])
+
+
 def readjust_layer(
     mask: torch.Tensor, magnitude: torch.Tensor, grow_score: torch.Tensor, fraction: float
 ) -> torch.Tensor:
@@ -78,8 +95,8 @@ def readjust_layer(
     new = flat.clone()
     if c == 0:
         return new.view_as(mask)
-    drop = active[torch.sort(magnitude.flatten()[active].abs(), stable=True).indices[:c]]
-    grow = inactive[torch.sort(grow_score.flatten()[inactive], descending=True, stable=True).indices[:c]]
+    drop = active[first_smallest(magnitude.flatten()[active].abs(), c)]
+    grow = inactive[first_smallest(-grow_score.flatten()[inactive], c)]
     new[drop] = False
     new[grow] = True
     return new.view_as(mask)

@@ -13,7 +13,7 @@ from hypothesis.extra import numpy as hnp
 
 from edge_agent.data import load_dataset
 from edge_agent.models import ModelSpec, evaluate, init_params, model_layout, module_from_params
-from edge_agent.training import MaskedSGD, readjust_layer, readjust_masks, train_local
+from edge_agent.training import MaskedSGD, first_smallest, readjust_layer, readjust_masks, train_local
 from protocol.hyperparams import HyperParams
 
 MLP = ModelSpec("mlp", (1, 8, 8), 10, hidden=(32, 16))
@@ -45,6 +45,16 @@ def layer_states(draw):
     scores = np.abs(draw(hnp.arrays(np.float32, shape, elements=values)))
     fraction = draw(st.floats(0, 1))
     return torch.from_numpy(mask), torch.from_numpy(weights), torch.from_numpy(scores), fraction
+
+
+@given(
+    score=hnp.arrays(np.float32, st.integers(0, 40), elements=st.integers(-3, 3).map(float)),
+    c=st.integers(0, 45),
+)
+def test_first_smallest_selects_the_first_c_of_a_stable_argsort(score, c):
+    picked = first_smallest(torch.from_numpy(score), c).numpy()
+    expected = np.argsort(score, kind="stable")[: max(c, 0)]
+    assert sorted(picked.tolist()) == sorted(expected.tolist())
 
 
 @given(layer_states())
