@@ -14,7 +14,8 @@ client's memory is ≈ 1/(1-gamma) participations whatever N is. Importance r_n 
 - ``cosine``: x_n = psi_n (§4.2, measured to lose under label skew, kept for ablations);
 - ``z``: robust outlier band on psi: x_n = clip((z_n + 3)/2, 0, 1), z from median/MAD (§4.5.1);
 - ``loss``: per-class loss ratio of the received global model on the client's data (§4.6, "P2");
-- ``loss_z``: min of the two (a client must look normal on both).
+- ``loss_rel``: the per-class loss ratio judged against this round's other clients (robust z);
+- ``loss_z``: min of ``loss`` and ``z`` (a client must look normal on both).
 
 All functions are pure: arrays and dicts in, arrays and dicts out.
 """
@@ -115,6 +116,26 @@ def loss_quality(rho: float | None, full: float = 2.0, zero: float = 4.0) -> flo
     if rho is None:
         return 1.0
     return float(np.clip((zero - rho) / (zero - full), 0.0, 1.0))
+
+
+def relative_loss_quality(
+    rho: Sequence[float | None], full: float = 2.0, zero: float = 4.0, spread_floor: float = 0.05
+) -> np.ndarray:
+    """Robust relative band on the loss ratios of one round ("loss_rel").
+
+    z_n = (rho_n - median rho) / max(1.4826·MAD rho, spread_floor·median rho); x_n = 1 up to
+    z = ``full``, falling linearly to 0 at z = ``zero``. Unlike the absolute band of §4.6 it does not
+    wait for the model to become confident: it flags the clients whose loss ratio is an outlier
+    among this round's clients, while ``spread_floor`` keeps a near-constant round (all clean)
+    from turning tiny differences into large z.
+    """
+    known = np.array([r for r in rho if r is not None], dtype=np.float64)
+    if len(known) < 3:
+        return np.ones(len(rho))
+    med = float(np.median(known))
+    spread = max(1.4826 * float(np.median(np.abs(known - med))), spread_floor * med, EPS)
+    z = np.array([0.0 if r is None else (r - med) / spread for r in rho])
+    return np.clip((zero - z) / (zero - full), 0.0, 1.0)
 
 
 def update_quality(q: float, x: float, gamma: float, q_min: float) -> float:

@@ -38,7 +38,7 @@ Params = dict[str, np.ndarray]
 Masks = dict[str, np.ndarray]
 
 METHODS = ("fedavg", "feddst", "fedprune", "median", "trimmed_mean", "krum")
-QUALITY_SIGNALS = ("loss", "cosine", "z", "loss_z", "none")
+QUALITY_SIGNALS = ("loss", "loss_rel", "cosine", "z", "loss_z", "none")
 STEPS = ("normalized", "plain", "cgsv")
 CONTRIBUTION_MODES = ("ours", "cgsv")
 REFERENCES = ("s", "r")
@@ -70,6 +70,9 @@ class StrategyConfig:
     loss_full: float = 2.0
     loss_zero: float = 4.0
     loss_weighted: bool = False
+    rel_full: float = 2.0
+    rel_zero: float = 4.0
+    rel_spread_floor: float = 0.05
     step: str | None = None  # None: the method's own step
     server_lr: float = 1.0
     cgsv_step: float = 0.5
@@ -127,7 +130,9 @@ class StrategyConfig:
             raise bad("q_min", "a number in (0, 1]")
         if not (is_num(self.loss_full) and is_num(self.loss_zero) and 0 < self.loss_full < self.loss_zero):
             raise bad("loss_full", f"0 < loss_full < loss_zero (loss_zero = {self.loss_zero!r})")
-        for key in ("server_lr", "cgsv_step", "adaptive_beta"):
+        if not (is_num(self.rel_full) and is_num(self.rel_zero) and self.rel_full < self.rel_zero):
+            raise bad("rel_full", f"a number below rel_zero (rel_zero = {self.rel_zero!r})")
+        for key in ("server_lr", "cgsv_step", "adaptive_beta", "rel_spread_floor"):
             if not (is_num(getattr(self, key)) and getattr(self, key) > 0):
                 raise bad(key, "a number > 0")
         if not (is_num(self.trim_fraction) and 0.0 <= self.trim_fraction <= 0.5):
@@ -441,11 +446,14 @@ class Strategy:
         x_cos = psi
         x_z = contribution.z_quality(psi)
         x_loss = None
-        if signal in ("loss", "loss_z"):
+        if signal in ("loss", "loss_z", "loss_rel"):
             medians = contribution.class_medians([u.class_losses for u in valid])
             rho = [contribution.loss_ratio(u.class_losses, medians, cfg.loss_weighted) for u in valid]
-            x_loss = np.array([contribution.loss_quality(r, cfg.loss_full, cfg.loss_zero) for r in rho])
-        x = {"cosine": x_cos, "z": x_z, "loss": x_loss,
+            if signal == "loss_rel":
+                x_loss = contribution.relative_loss_quality(rho, cfg.rel_full, cfg.rel_zero, cfg.rel_spread_floor)
+            else:
+                x_loss = np.array([contribution.loss_quality(r, cfg.loss_full, cfg.loss_zero) for r in rho])
+        x = {"cosine": x_cos, "z": x_z, "loss": x_loss, "loss_rel": x_loss,
              "loss_z": None if x_loss is None else np.minimum(x_loss, x_z)}[signal]
         return psi, x, rho
 

@@ -71,3 +71,11 @@ def test_quality_ema_clamp_and_importance_normalised():
     w, fell = C.weights(np.zeros(3))
     assert fell and np.allclose(w, 1 / 3)
     assert C.neutral_quality({}) == 1.0 and C.neutral_quality({"a": 0.2, "b": 0.4}) == pytest.approx(0.3)
+
+
+def test_relative_loss_quality_flags_outliers_only():
+    rho = [1.0, 1.01, 0.99, 1.02, 0.98, 1.4, None]
+    x = C.relative_loss_quality(rho)
+    assert np.all(x[:5] == 1.0) and x[5] == 0.0 and x[6] == 1.0
+    assert np.all(C.relative_loss_quality([1.0, 1.001, 0.999, 1.002]) == 1.0)  # spread floor
+    assert np.all(C.relative_loss_quality([1.0, 9.0]) == 1.0)  # too few clients to judge

@@ -1,0 +1,215 @@
+"""Run an experiment grid of simulated federations and summarise it (tables, JSON, PNG plots).
+
+A grid TOML has a [base] document (the [simulation] and [strategy] tables of a simulation config),
+a list of [[setting]] (data/model variations), a list of [[method]] (strategy variations) and
+``seeds``; every setting × method × seed is one ``coordinator.simulate.run_simulation`` call.
+Runs go to a pool of at most 2 processes with one torch thread each (the machine is shared), and
+each run's JSON is cached under <out>/runs/, so re-running a grid only computes what is missing.
+
+    .venv/bin/python benchmarks/experiments/run.py benchmarks/experiments/final.toml \
+        --out benchmarks/results/final --workers 2
+
+prints a Markdown table and writes <out>/summary.json, <out>/summary.md and per-setting plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+import tomllib  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def expand(grid: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every run of the grid as {setting, method, seed, doc} (doc = a simulation config document)."""
+    runs = []
+    base = grid.get("base", {})
+    for setting in grid["setting"]:
+        for method in grid["method"]:
+            if method.get("only") and setting["label"] not in method["only"]:
+                continue
+            for seed in grid["seeds"]:
+                doc = _merge(base, {k: v for k, v in setting.items() if k in ("simulation", "strategy")})
+                doc = _merge(doc, {k: v for k, v in method.items() if k in ("simulation", "strategy")})
+                doc = _merge(doc, {"simulation": {"seed": seed, "name": f"{setting['label']}/{method['label']}/s{seed}"}})
+                runs.append({"setting": setting["label"], "method": method["label"], "seed": seed, "doc": doc})
+    return runs
+
+
+def _key(doc: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def run_one(job: tuple[dict[str, Any], str]) -> dict[str, Any]:
+    run, cache_dir = job
+    path = Path(cache_dir) / f"{_key(run['doc'])}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    import torch
+
+    torch.set_num_threads(1)
+    from coordinator.simulate import SimulationConfig, noise_summary, run_simulation
+
+    start = time.perf_counter()
+    result = run_simulation(SimulationConfig.from_dict(run["doc"]))
+    n = len(result.client_sizes)
+    evald = [r for r in result.rounds if "accuracy" in r]
+    out = {
+        "setting": run["setting"], "method": run["method"], "seed": run["seed"], "doc": run["doc"],
+        "final_accuracy": result.final_accuracy, "best_accuracy": result.best_accuracy,
+        "uplink_bytes_per_client": result.uplink_bytes / n, "downlink_bytes_per_client": result.downlink_bytes / n,
+        "macs_per_client_round": float(np.mean([r["local_macs"] for r in result.rounds])) / n,
+        "density": result.density, "seconds": time.perf_counter() - start,
+        "curve": [[r["round"], r["accuracy"], r["cum_uplink_bytes"] / n] for r in evald],
+        "r_trace": {c: [[rec["round"], rec["scores"][c]["r"]] for rec in result.rounds if c in rec["scores"]]
+                    for c in result.client_sizes},
+        "final_psi": {c: s["psi"] for c, s in _last_scores(result).items()},
+        "noisy_clients": result.noisy_clients, **noise_summary(result),
+    }
+    path.write_text(json.dumps(out))
+    return out
+
+
+def _last_scores(result) -> dict[str, dict[str, Any]]:
+    last: dict[str, dict[str, Any]] = {}
+    for rec in result.rounds:
+        last.update(rec["scores"])
+    return last
+
+
+def _ms(values: list[float], scale: float = 100.0) -> str:
+    v = np.asarray(values, dtype=float) * scale
+    return f"{v.mean():.1f} ± {v.std():.1f}" if len(v) > 1 else f"{v.mean():.1f}"
+
+
+def summarise(results: list[dict[str, Any]], grid: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    methods = [m["label"] for m in grid["method"]]
+    lines, summary = [], {}
+    for setting in [s["label"] for s in grid["setting"]]:
+        lines += [f"\n### {setting}\n",
+                  "| method | final acc (%) | best acc (%) | uplink MB/client | downlink MB/client | MMAC/client/round | r noisy/clean | min clean r / mean | n |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for method in methods:
+            rs = [r for r in results if r["setting"] == setting and r["method"] == method]
+            if not rs:
+                continue
+            ratio = [r["r_ratio"] for r in rs if r["r_ratio"] is not None]
+            minr = [r["min_clean_r_rel"] for r in rs if r["min_clean_r_rel"] is not None]
+            row = {
+                "final": [r["final_accuracy"] for r in rs], "best": [r["best_accuracy"] for r in rs],
+                "uplink_mb": float(np.mean([r["uplink_bytes_per_client"] for r in rs])) / 1e6,
+                "downlink_mb": float(np.mean([r["downlink_bytes_per_client"] for r in rs])) / 1e6,
+                "mmac": float(np.mean([r["macs_per_client_round"] for r in rs])) / 1e6,
+                "r_ratio": float(np.mean(ratio)) if ratio else None,
+                "min_clean_r_rel": float(np.min(minr)) if minr else None, "n": len(rs),
+            }
+            summary[f"{setting}/{method}"] = row
+            ratio_s = "-" if row["r_ratio"] is None else f"{row['r_ratio']:.2f}"
+            minr_s = "-" if row["min_clean_r_rel"] is None else f"{row['min_clean_r_rel']:.2f}"
+            lines.append(
+                f"| {method} | {_ms(row['final'])} | {_ms(row['best'])} | {row['uplink_mb']:.2f} | "
+                f"{row['downlink_mb']:.2f} | {row['mmac']:.1f} | {ratio_s} | {minr_s} | {row['n']} |")
+    return "\n".join(lines) + "\n", summary
+
+
+def plot(results: list[dict[str, Any]], grid: dict[str, Any], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    for setting in [s["label"] for s in grid["setting"]]:
+        fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+        for method in [m["label"] for m in grid["method"]]:
+            rs = [r for r in results if r["setting"] == setting and r["method"] == method]
+            if not rs:
+                continue
+            curves = np.array([r["curve"] for r in rs])  # seeds × rounds × (round, acc, cum uplink)
+            mean = curves.mean(axis=0)
+            axes[0].plot(mean[:, 0], 100 * mean[:, 1], label=method)
+            axes[1].plot(mean[:, 2] / 1e6, 100 * mean[:, 1], label=method)
+            if rs[0]["noisy_clients"] and method == grid.get("plot_scores_of", "fedprune-0.8"):
+                r0 = rs[0]
+                for cid, pts in r0["r_trace"].items():
+                    pts = np.array(pts)
+                    axes[2].plot(pts[:, 0], pts[:, 1], color="tab:red" if cid in r0["noisy_clients"] else "tab:blue",
+                                 lw=0.8, alpha=0.7)
+                axes[2].plot([], [], color="tab:blue", label="clean")
+                axes[2].plot([], [], color="tab:red", label="noisy")
+                axes[2].set_title(f"r_n of {method}, seed {r0['seed']}")
+        axes[0].set(xlabel="round", ylabel="test accuracy (%)", title=setting)
+        axes[1].set(xlabel="cumulative uplink per client (MB)", ylabel="test accuracy (%)")
+        axes[2].set(xlabel="round", ylabel="importance r_n")
+        for ax in axes:
+            ax.grid(alpha=0.3)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / f"{setting}.png", dpi=100)
+        plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("grid", help="grid TOML file")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--workers", type=int, default=2, help="processes (at most 2 on the shared machine)")
+    parser.add_argument("--seeds", type=int, nargs="*", help="override the grid's seeds")
+    args = parser.parse_args(argv)
+    grid = tomllib.loads(Path(args.grid).read_text())
+    if args.seeds:
+        grid["seeds"] = args.seeds
+    out = Path(args.out)
+    cache = out / "runs"
+    cache.mkdir(parents=True, exist_ok=True)
+    runs = expand(grid)
+    jobs = [(r, str(cache)) for r in runs]
+    workers = max(1, min(2, args.workers))
+    start = time.perf_counter()
+    results = []
+    if workers == 1:
+        results = [run_one(j) for j in jobs]
+    else:
+        import multiprocessing as mp
+
+        with mp.get_context("fork").Pool(workers) as pool:
+            for i, res in enumerate(pool.imap_unordered(run_one, jobs), 1):
+                results.append(res)
+                print(f"[{i}/{len(jobs)}] {res['setting']} {res['method']} s{res['seed']}: "
+                      f"{100 * res['final_accuracy']:.1f}%", file=sys.stderr, flush=True)
+    table, summary = summarise(results, grid)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    (out / "summary.md").write_text(table)
+    plot(results, grid, out)
+    print(table)
+    print(f"{len(jobs)} runs in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
