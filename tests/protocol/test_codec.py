@@ -1,0 +1,170 @@
+import msgpack
+import numpy as np
+import pytest
+
+from protocol import codec
+from protocol.envelope import Header, Suite, parse_header
+from protocol.errors import DecodeError, TooLarge, UnknownMask, UnsupportedVersion
+from protocol.messages import Kind, ModelRelease, Register, Reject, RoundTask, State, Status, Update
+from protocol.sparse import MaskStore, ValueDtype
+from protocol.wire import Limits
+from tests.protocol.factories import FED, LAYOUT, MODEL, T0, assert_sparse_equal, register, release, reject, status, task, update
+
+
+def header(kind, sender="", round_=5, minor=0):
+    suite = Suite.SIGNED_ED25519 if sender == "" else Suite.SEALED_AES256_GCM
+    return Header(kind, suite, FED, sender, round_, 1, T0, 0, minor)
+
+
+def decode(kind, body, sender="", round_=5, **kw):
+    kw.setdefault("layout_for", lambda _model: LAYOUT)
+    return codec.decode_body(header(kind, sender, round_), body, **kw)
+
+
+@pytest.mark.parametrize("msg", [register(), status(), reject(), release()], ids=lambda m: type(m).__name__)
+def test_small_messages_round_trip_equal(msg):
+    sender = getattr(msg, "device", "") if not isinstance(msg, (Reject, ModelRelease)) else ""
+    assert decode(msg.KIND, codec.encode_body(msg), sender) == msg
+
+
+def test_task_round_trips_and_omitted_masks_come_from_the_store(rng):
+    t = task(rng)
+    got = decode(Kind.TASK, codec.encode_body(t))
+    assert_sparse_equal(got.weights, t.weights)
+    assert (got.hyper, got.deadline, got.selected, got.class_loss_medians, got.model) == (
+        t.hyper, t.deadline, t.selected, t.class_loss_medians, MODEL)
+    lean = task(rng, include_masks=False, m=t.masks)
+    body = codec.encode_body(lean)
+    assert len(body) < len(codec.encode_body(t))
+    with pytest.raises(UnknownMask):
+        decode(Kind.TASK, body)
+    store = MaskStore()
+    store.put(t.mask_version, t.masks)
+    assert not decode(Kind.TASK, body, masks=store).include_masks
+
+
+@pytest.mark.parametrize("dtype", list(ValueDtype))
+def test_update_round_trips_with_every_value_dtype(rng, dtype):
+    t = task(rng)
+    store = MaskStore()
+    store.put(t.mask_version, t.masks)
+    u = update(rng, t)
+    got = decode(Kind.UPDATE, codec.encode_body(u, value_dtype=dtype), "dev-a", masks=store)
+    assert (got.metrics, got.class_losses, got.n_examples, got.mask_changed) == (u.metrics, u.class_losses, 120, False)
+    np.testing.assert_array_equal(got.buffers["bn.running_mean"], u.buffers["bn.running_mean"])
+    if dtype == ValueDtype.FLOAT32:
+        assert_sparse_equal(got.delta, u.delta)
+
+
+def test_body_must_agree_with_the_authenticated_header(rng):
+    body = codec.encode_body(register("dev-a"))
+    with pytest.raises(DecodeError, match="sent by 'dev-b'"):
+        decode(Kind.REGISTER, body, "dev-b")
+    with pytest.raises(DecodeError, match="round 5 but the envelope says round 6"):
+        decode(Kind.REJECT, codec.encode_body(reject()), round_=6)
+
+
+def _body(**fields):
+    return msgpack.packb(fields, use_bin_type=True)
+
+
+REG = dict(dev="dev-a", cpu=4, ram=2048, acc="none", n=10, ver="1", mv=None)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"cpu": True}, {"cpu": 4.0}, {"cpu": 0}, {"ram": -1}, {"n": 2**64 - 1}, {"dev": "a/b"}, {"dev": b"dev-a"},
+        {"mv": "1"}, {"acc": "x" * 65}, {"extra": 1},
+    ],
+)
+def test_wrong_types_and_ranges_are_decode_errors(change):
+    with pytest.raises(DecodeError):
+        decode(Kind.REGISTER, _body(**{**REG, **change}), "dev-a")
+
+
+def test_missing_keys_and_non_maps_are_decode_errors():
+    with pytest.raises(DecodeError, match="missing keys"):
+        decode(Kind.REGISTER, _body(dev="dev-a"), "dev-a")
+    with pytest.raises(DecodeError):
+        decode(Kind.REGISTER, msgpack.packb([1, 2]), "dev-a")
+
+
+def test_a_newer_minor_version_may_add_fields():
+    body = _body(**REG, future="ignored")
+    got = codec.decode_body(header(Kind.REGISTER, "dev-a", minor=7), body)
+    assert got == Register("dev-a", 4, 2048, "none", 10, "1")
+
+
+def test_status_state_must_be_in_the_fixed_set():
+    body = _body(dev="dev-a", state="dancing", round=1, reason="", time=T0)
+    with pytest.raises(DecodeError, match="dancing"):
+        decode(Kind.STATUS, body, "dev-a")
+
+
+def test_limits_are_enforced_as_too_large():
+    small = Limits(max_str_len=4, max_message_bytes=4096, max_depth=3, max_bin_len=16, max_array_len=4)
+    with pytest.raises(TooLarge):
+        decode(Kind.REGISTER, codec.encode_body(register()), "dev-a", limits=small)
+    with pytest.raises(TooLarge):
+        decode(Kind.RELEASE, codec.encode_body(ModelRelease.of(1, b"x" * 5000)), limits=small)
+    nested = msgpack.packb({"a": [[[[1]]]]})
+    with pytest.raises(TooLarge, match="nesting"):
+        decode(Kind.REGISTER, nested, "dev-a", limits=small)
+    with pytest.raises(ValueError):
+        Limits(max_depth=0)
+
+
+def test_release_digest_is_checked_on_decode():
+    body = _body(ver=1, sha="0" * 64, meta={}, onnx=b"abc")
+    with pytest.raises(DecodeError, match="sha256"):
+        decode(Kind.RELEASE, body)
+
+
+def test_unknown_major_version_is_refused_with_an_actionable_message():
+    raw = bytearray(header(Kind.REGISTER, "dev-a").pack())
+    raw[2] = 2
+    with pytest.raises(UnsupportedVersion, match="upgrade"):
+        parse_header(bytes(raw))
+
+
+def test_header_round_trips_and_rejects_unknown_flags():
+    h = Header(Kind.STATUS, Suite.SEALED_CHACHA20_POLY1305, FED, "dev-a", 7, 2**64 - 1, T0, 1)
+    packed = h.pack()
+    assert parse_header(packed + b"rest") == (h, len(packed))
+    bad = bytearray(packed)
+    bad[6] = 0x80
+    with pytest.raises(DecodeError, match="flags"):
+        parse_header(bytes(bad))
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: Register("dev a", 1, 1, "", 0, ""),
+        lambda: Register("d", True, 1, "", 0, ""),
+        lambda: Status("d", "asleep", 0, "", 0.0),
+        lambda: Status("d", State.IDLE, 0, "", float("nan")),
+        lambda: Reject(0, "d", "not a label"),
+        lambda: ModelRelease(1, "00", {}, b""),
+        lambda: ModelRelease.of(1, b"", {"k": [1]}),
+        lambda: Update(0, "d", 0, 1, {"x": "1"}, {}, None),
+    ],
+)
+def test_building_an_invalid_message_is_a_bug_raised_at_once(build):
+    with pytest.raises((ValueError, TypeError)):
+        build()
+
+
+def test_numbers_given_as_ints_are_stored_as_floats(rng):
+    s = Status("d", "idle", 0, "", 17)
+    assert type(s.time) is float and s.state is State.IDLE
+    assert isinstance(task(rng).deadline, float)
+
+
+def test_task_validation_refuses_bad_selection_and_medians(rng):
+    t = task(rng)
+    with pytest.raises(ValueError, match="distinct"):
+        RoundTask(FED, 1, 1, MODEL, t.weights, t.hyper, T0, ("a", "a"))
+    with pytest.raises(ValueError, match="class"):
+        RoundTask(FED, 1, 1, MODEL, t.weights, t.hyper, T0, ("a",), class_loss_medians={3: 1.0})
