@@ -17,7 +17,10 @@ from pathlib import Path
 import pytest
 
 from coordinator.broker import EmbeddedBroker
-from edge_agent.mqtt import MAX_MESSAGE_BYTES, BrokerRefused, LastWill, LinkConfig, MqttLink, PayloadTooLarge
+from edge_agent.mqtt import (
+    MAX_MESSAGE_BYTES, BrokerRefused, ConnectTimeout, LastWill, LinkConfig, MqttError, MqttLink, PayloadTooLarge,
+    PublishFailed,
+)
 from protocol.topics import PREFIX, status_topic, task_topic, update_topic
 from tests.integration.mosquitto import MosquittoBroker
 
@@ -70,6 +73,40 @@ def test_auto_protocol_speaks_v5_to_mosquitto(mosquitto: MosquittoBroker) -> Non
         agent.wait_connected(WAIT_S)
         assert agent.protocol == "5"
         assert handle.wait(WAIT_S)
+
+
+def test_a_link_started_before_its_broker_connects_when_it_comes_up(mosquitto: MosquittoBroker) -> None:
+    device = mosquitto.devices[0]
+    persistent = mosquitto.link_config(mosquitto.coordinator, clean_start=False, session_expiry_s=3600)
+    with MqttLink(persistent, [(ALL_UPDATES, 1)]) as coordinator:
+        coordinator.wait_connected(WAIT_S)
+        mosquitto.stop()
+        with MqttLink(mosquitto.link_config(device, protocol="auto")) as agent:
+            early = agent.publish(update_topic(FED, device.username), b"made before the broker was up")
+            with pytest.raises(ConnectTimeout, match="no connection to mqtts://127.0.0.1"):
+                agent.wait_connected(0)
+            mosquitto.start()
+            agent.wait_connected(WAIT_S)
+
+            assert agent.protocol == "5"
+            assert early.wait(WAIT_S)
+            assert next_message(coordinator) == (update_topic(FED, device.username), b"made before the broker was up")
+
+
+@pytest.mark.parametrize("protocol", ["5", "auto"])
+def test_closing_a_link_fails_what_was_never_acknowledged(mosquitto: MosquittoBroker, protocol: str) -> None:
+    mosquitto.stop()
+    agent = MqttLink(mosquitto.link_config(mosquitto.devices[0], protocol=protocol))
+    handle = agent.publish(status_topic(FED, "dev-0"), b"never sent")
+    agent.close()
+    agent.close()
+
+    with pytest.raises(PublishFailed, match="link closed"):
+        handle.wait(WAIT_S)
+    with pytest.raises(MqttError, match="closed"):
+        agent.publish(status_topic(FED, "dev-0"), b"too late")
+    with pytest.raises(MqttError, match="closed"):
+        agent.wait_connected(WAIT_S)
 
 
 def test_link_resubscribes_after_a_broker_restart(mosquitto: MosquittoBroker) -> None:
