@@ -27,12 +27,9 @@ from __future__ import annotations
 
 import logging
 import queue
-import ssl
 import threading
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
-from urllib.parse import urlsplit
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Sequence
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
@@ -40,13 +37,19 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from edge_agent.mqtt_config import (
+    MAX_MESSAGE_BYTES, BrokerAddress, LastWill, LinkConfig, check_filter, check_qos, check_topic, parse_broker_url,
+    tls_context,
+)
+
+__all__ = [
+    "MAX_MESSAGE_BYTES", "BrokerAddress", "BrokerRefused", "ConnectTimeout", "LastWill", "LinkConfig", "LinkStats",
+    "MqttError", "MqttLink", "PayloadTooLarge", "PublishFailed", "PublishHandle", "QueueFull", "parse_broker_url",
+]
+
 log = logging.getLogger("fedprune.mqtt")
 
-DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
-# fedprune chunks every payload to this size; the broker's limits are set above it (deploy/mosquitto).
-MAX_MESSAGE_BYTES = 128 * 1024
 UNSUPPORTED_PROTOCOL_VERSION = 132
-Protocol = Literal["auto", "5", "3.1.1"]
 
 
 class MqttError(Exception):
@@ -93,101 +96,6 @@ class ConnectTimeout(MqttError, TimeoutError):
 
 
 @dataclass(frozen=True)
-class BrokerAddress:
-    scheme: str
-    host: str
-    port: int
-
-    @property
-    def tls(self) -> bool:
-        return self.scheme == "mqtts"
-
-
-def parse_broker_url(url: str) -> BrokerAddress:
-    """``mqtt://host:port`` (plain TCP) or ``mqtts://host:port`` (TLS); the port defaults to 1883/8883."""
-    expected = "expected mqtt://host:port or mqtts://host:port"
-    if not isinstance(url, str) or "://" not in url:
-        raise ValueError(f"broker url {url!r}: missing '://'; {expected}")
-    parts = urlsplit(url)
-    if parts.scheme not in DEFAULT_PORTS:
-        raise ValueError(f"broker url {url!r}: scheme {parts.scheme!r} is not mqtt or mqtts; {expected}")
-    if parts.username is not None or parts.password is not None:
-        raise ValueError(f"broker url {url!r}: put credentials in username/password, not in the url")
-    if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise ValueError(f"broker url {url!r}: unexpected path, query or fragment; {expected}")
-    if not parts.hostname:
-        raise ValueError(f"broker url {url!r}: missing host; {expected}")
-    try:
-        port = parts.port
-    except ValueError:
-        raise ValueError(f"broker url {url!r}: port must be an integer in 1..65535; {expected}") from None
-    if port == 0:
-        raise ValueError(f"broker url {url!r}: port must be an integer in 1..65535; {expected}")
-    return BrokerAddress(parts.scheme, parts.hostname, port or DEFAULT_PORTS[parts.scheme])
-
-
-@dataclass(frozen=True)
-class LastWill:
-    """Published by the broker when the client vanishes without a DISCONNECT (crash, power loss)."""
-
-    topic: str
-    payload: bytes
-    qos: int = 1
-    retain: bool = False
-
-
-@dataclass(frozen=True)
-class LinkConfig:
-    url: str
-    client_id: str
-    username: str | None = None
-    password: str | None = field(default=None, repr=False)
-    ca_file: Path | None = None
-    cert_file: Path | None = None
-    key_file: Path | None = None
-    protocol: Protocol = "auto"
-    keepalive_s: int = 30
-    clean_start: bool = True
-    session_expiry_s: int = 0
-    reconnect_min_s: float = 0.5
-    reconnect_max_s: float = 30.0
-    max_message_bytes: int = MAX_MESSAGE_BYTES
-    max_inflight: int = 20
-    max_queued_messages: int = 256
-    will: LastWill | None = None
-
-    def __post_init__(self) -> None:
-        address = parse_broker_url(self.url)
-        if not self.client_id or len(self.client_id.encode()) > 128:
-            raise ValueError(f"client_id {self.client_id!r}: expected 1..128 bytes")
-        if self.password is not None and self.username is None:
-            raise ValueError("password given without username")
-        if (self.cert_file is None) != (self.key_file is None):
-            raise ValueError("cert_file and key_file must be given together")
-        if not address.tls and (self.ca_file or self.cert_file):
-            raise ValueError(f"broker url {self.url!r} is plain mqtt:// but TLS files were given; use mqtts://")
-        if self.protocol not in ("auto", "5", "3.1.1"):
-            raise ValueError(f"protocol {self.protocol!r}: expected 'auto', '5' or '3.1.1'")
-        if not 5 <= self.keepalive_s <= 65535:
-            raise ValueError(f"keepalive_s={self.keepalive_s}: expected 5..65535")
-        if not 0 <= self.session_expiry_s <= 0xFFFFFFFF:
-            raise ValueError(f"session_expiry_s={self.session_expiry_s}: expected 0..4294967295")
-        if not 0 < self.reconnect_min_s <= self.reconnect_max_s:
-            raise ValueError("reconnect backoff: expected 0 < reconnect_min_s <= reconnect_max_s")
-        if not 1 <= self.max_message_bytes <= 268_435_455:
-            raise ValueError(f"max_message_bytes={self.max_message_bytes}: expected 1..268435455")
-        if self.max_inflight < 1 or self.max_queued_messages < 1:
-            raise ValueError("max_inflight and max_queued_messages must be >= 1")
-        if self.will is not None:
-            _check_topic(self.will.topic)
-            _check_qos(self.will.qos)
-
-    @property
-    def address(self) -> BrokerAddress:
-        return parse_broker_url(self.url)
-
-
-@dataclass(frozen=True)
 class LinkStats:
     """A snapshot of the link's counters, for metrics."""
 
@@ -198,7 +106,9 @@ class LinkStats:
     publishes_acked: int = 0
     publish_failures: int = 0
     oversize_refused: int = 0
+    messages_dropped: int = 0
     connects: int = 0
+    connect_failures: int = 0
     reconnects: int = 0
     disconnects: int = 0
     subscribe_refusals: int = 0
@@ -244,8 +154,8 @@ class MqttLink:
         on_message: Callable[[str, bytes], None] | None = None,
     ) -> None:
         for topic_filter, qos in subscriptions:
-            _check_filter(topic_filter)
-            _check_qos(qos)
+            check_filter(topic_filter)
+            check_qos(qos)
         self.config = config
         self.subscriptions = tuple(subscriptions)
         self.messages: queue.Queue[tuple[str, bytes]] = queue.Queue()
@@ -253,7 +163,7 @@ class MqttLink:
         self._url = config.url
         self._lock = threading.Lock()
         self._state = threading.Condition(self._lock)
-        self._stats: dict[str, int] = dict(LinkStats().__dict__)
+        self._stats: dict[str, int] = asdict(LinkStats())
         self._pending: dict[int, PublishHandle] = {}
         self._early_acks: dict[int, ReasonCode] = {}
         self._deferred: list[PublishHandle] = []
@@ -262,6 +172,7 @@ class MqttLink:
         self._suback_mid: int | None = None
         self._refusal: BrokerRefused | None = None
         self._closed = False
+        self._failing = False  # warn once per outage, not at every retry
         self._protocol = paho.MQTTv311 if config.protocol == "3.1.1" else paho.MQTTv5
         self._resolved = config.protocol != "auto"
         with self._lock:  # the network thread must not see a half-built link
@@ -299,7 +210,8 @@ class MqttLink:
             if not self._state.wait_for(settled, timeout):
                 raise ConnectTimeout(
                     f"no connection to {self._url} as {self.config.client_id!r} within {timeout:g} s "
-                    f"(connects so far: {self._stats['connects']}); is the broker up and the url right?"
+                    f"(connects so far: {self._stats['connects']}, failed TCP/TLS attempts: "
+                    f"{self._stats['connect_failures']}); is the broker up, the url right and ca_file its CA?"
                 )
             if self._closed:
                 raise MqttError(f"link to {self._url} is closed")
@@ -308,8 +220,8 @@ class MqttLink:
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> PublishHandle:
         """Queue a publish; it is sent now or after the next reconnect (QoS 1), never silently resized."""
-        _check_topic(topic)
-        _check_qos(qos)
+        check_topic(topic)
+        check_qos(qos)
         payload = bytes(payload)
         limit = self.config.max_message_bytes
         if len(payload) > limit:
@@ -364,8 +276,9 @@ class MqttLink:
             clean_session=None if v5 else self.config.clean_start,
         )
         if self.config.address.tls:
-            client.tls_set_context(_tls_context(self.config))
+            client.tls_set_context(tls_context(self.config))
         client.reconnect_delay_set(self.config.reconnect_min_s, self.config.reconnect_max_s)  # type: ignore[arg-type]
+        client.on_connect_fail = self._on_connect_fail
         return client
 
     def _start_probe(self) -> paho.Client:
@@ -474,6 +387,17 @@ class MqttLink:
         )
         threading.Thread(target=self._end_probe, args=(client, protocol), name="fedprune-mqtt-probe", daemon=True).start()
 
+    def _on_connect_fail(self, client: paho.Client, userdata: Any) -> None:
+        """TCP or TLS failed before any CONNACK (paho keeps the exception to itself)."""
+        with self._lock:
+            self._stats["connect_failures"] += 1
+            first, self._failing = not self._failing, True
+        if first:
+            log.warning(
+                "event=mqtt_connect_failed broker=%s client_id=%s note='broker down, unreachable or TLS rejected; retrying'",
+                self._url, self.config.client_id,
+            )
+
     def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, reason: ReasonCode, properties: Any) -> None:
         with self._state:
             if self._closed:
@@ -486,7 +410,7 @@ class MqttLink:
                     self._url, self.config.client_id, str(reason), reason.value,
                 )
                 return
-            self._connected, self._refusal = True, None
+            self._connected, self._refusal, self._failing = True, None, False
             self._stats["connects"] += 1
             if self._stats["connects"] > 1:
                 self._stats["reconnects"] += 1
@@ -546,7 +470,15 @@ class MqttLink:
         with self._lock:
             self._stats["messages_in"] += 1
             self._stats["bytes_in"] += len(payload)
-        self._deliver(message.topic, payload)
+        try:
+            self._deliver(message.topic, payload)
+        except Exception as error:  # an exception here would end paho's network thread for good
+            with self._lock:
+                self._stats["messages_dropped"] += 1
+            log.error(
+                "event=mqtt_message_dropped broker=%s client_id=%s topic=%s bytes=%d error=%s",
+                self._url, self.config.client_id, message.topic, len(payload), type(error).__name__,
+            )
 
     # -- handle resolution; call with the lock held --
 
@@ -564,34 +496,3 @@ class MqttLink:
             self._url, self.config.client_id, handle.topic, why, code,
         )
         handle._resolve(code, PublishFailed(handle.topic, why, code))
-
-
-def _tls_context(config: LinkConfig) -> ssl.SSLContext:
-    """Verify the broker against ``ca_file`` (or the system store) and its hostname; TLS >= 1.2."""
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(config.ca_file) if config.ca_file else None)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    if config.cert_file is not None and config.key_file is not None:
-        context.load_cert_chain(str(config.cert_file), str(config.key_file))
-    return context
-
-
-def _check_qos(qos: int) -> None:
-    if qos not in (0, 1):
-        raise ValueError(f"qos {qos!r}: expected 0 or 1 (QoS 2 buys nothing: duplicates are harmless by design)")
-
-
-def _check_topic(topic: str) -> None:
-    if not topic or "+" in topic or "#" in topic or "\0" in topic or len(topic.encode()) > 65535:
-        raise ValueError(f"topic {topic!r}: expected a non-empty topic name without wildcards")
-
-
-def _check_filter(topic_filter: str) -> None:
-    levels = topic_filter.split("/") if topic_filter else []
-    bad = (
-        not levels
-        or "\0" in topic_filter
-        or any(("+" in level or "#" in level) and len(level) > 1 for level in levels)
-        or "#" in levels[:-1]
-    )
-    if bad:
-        raise ValueError(f"topic filter {topic_filter!r}: '+' and '#' must fill a whole level, '#' only last")

@@ -1,4 +1,4 @@
-"""MqttLink's pure parts: broker URLs, LinkConfig validation, topic checks, publish handles."""
+"""MqttLink's pure parts: broker URLs, LinkConfig validation, topic checks, error messages."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from edge_agent.mqtt import (
-    BrokerAddress, LastWill, LinkConfig, PayloadTooLarge, PublishFailed, PublishHandle, _check_filter, parse_broker_url,
+    BrokerAddress, LastWill, LinkConfig, PayloadTooLarge, parse_broker_url,
 )
+from edge_agent.mqtt_config import check_filter
 
 BASE = LinkConfig(url="mqtts://broker.example:8883", client_id="dev-0", username="dev-0", password="s3cret")
 
@@ -90,13 +91,13 @@ def test_link_config_never_shows_the_password() -> None:
 
 @pytest.mark.parametrize("good", ["a", "a/b", "a/+/c", "+", "#", "a/#", "fedprune/v1/fed1/update/+", "/a"])
 def test_valid_topic_filters_pass(good: str) -> None:
-    _check_filter(good)
+    check_filter(good)
 
 
 @pytest.mark.parametrize("bad", ["", "a/#/b", "a+", "a/b#", "a/\0"])
 def test_invalid_topic_filters_are_rejected(bad: str) -> None:
     with pytest.raises(ValueError, match="topic filter"):
-        _check_filter(bad)
+        check_filter(bad)
 
 
 def test_payload_too_large_says_how_to_fix_it() -> None:
@@ -104,14 +105,3 @@ def test_payload_too_large_says_how_to_fix_it() -> None:
     assert isinstance(error, ValueError)
     assert "200000" in str(error) and "131072" in str(error) and "chunks" in str(error)
 
-
-def test_publish_handle_reports_ack_failure_and_pending_states() -> None:
-    pending, acked, refused = (PublishHandle("t", b"abc", 1, False) for _ in range(3))
-    acked._resolve(0, None)
-    refused._resolve(135, PublishFailed("t", "Not authorized", 135))
-
-    assert pending.wait(0) is False and not pending.done
-    assert acked.wait(0) is True and acked.reason_code == 0 and acked.size == 3
-    with pytest.raises(PublishFailed, match="Not authorized") as failed:
-        refused.wait(0)
-    assert failed.value.reason_code == 135 and refused.done

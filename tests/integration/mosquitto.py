@@ -23,7 +23,7 @@ import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from coordinator.broker_config import MosquittoSettings, render_acl, render_mosquitto_conf
 from coordinator.pki import create_ca, issue_server_certificate, write_password_file
@@ -105,12 +105,8 @@ class MosquittoBroker:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def wait_for_log(self, line: str, timeout: float) -> None:
-        """Poll the broker's log for ``line`` (how Mosquitto reports e.g. a clean DISCONNECT)."""
-        deadline = time.monotonic() + timeout
-        while line not in self.log_text():
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{line!r} not in mosquitto's log after {timeout} s:\n{self.log_text()}")
-            time.sleep(0.02)
+        """Wait for ``line`` in the broker's log (how Mosquitto reports e.g. a clean DISCONNECT)."""
+        wait_until(lambda: line in self.log_text(), timeout, f"{line!r} in mosquitto's log")
 
     def close(self) -> None:
         if self.running:
@@ -182,6 +178,15 @@ def start_mosquitto(federation: str = "fed1", devices: int = 3) -> MosquittoBrok
         shutil.rmtree(directory, ignore_errors=True)
         raise
     return broker
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll ``condition`` for events that have no notification (another process, a counter)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)
 
 
 def _free_port() -> int:

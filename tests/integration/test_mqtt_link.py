@@ -22,7 +22,8 @@ from edge_agent.mqtt import (
     PublishFailed,
 )
 from protocol.topics import PREFIX, status_topic, task_topic, update_topic
-from tests.integration.mosquitto import MosquittoBroker
+from coordinator.pki import create_ca
+from tests.integration.mosquitto import MosquittoBroker, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -65,6 +66,17 @@ def test_wrong_password_is_refused_with_a_clear_error(mosquitto: MosquittoBroker
     assert refused.value.reason_code == 135
     assert "Not authorized" in message and mosquitto.url in message and device.username in message
     assert "not-the-password" not in message
+
+
+def test_a_broker_certificate_from_another_ca_is_never_trusted(mosquitto: MosquittoBroker) -> None:
+    other_ca = mosquitto.directory / "other-ca.crt"
+    create_ca("someone else's CA").write(other_ca, mosquitto.directory / "other-ca.key")
+    with MqttLink(mosquitto.link_config(mosquitto.devices[0], ca_file=other_ca)) as agent:
+        wait_until(lambda: agent.stats().connect_failures >= 2, WAIT_S, "failed TLS handshakes")
+        with pytest.raises(ConnectTimeout, match="failed TCP/TLS attempts") as timeout:
+            agent.wait_connected(0)
+    assert agent.stats().connects == 0
+    assert "ca_file" in str(timeout.value)
 
 
 def test_auto_protocol_speaks_v5_to_mosquitto(mosquitto: MosquittoBroker) -> None:
