@@ -34,6 +34,7 @@ Params = dict[str, np.ndarray]
 Masks = dict[str, np.ndarray]
 
 F16_MAX = float(np.finfo(np.float16).max)
+F32_MAX = float(np.finfo(np.float32).max)
 
 
 class ValueDtype(enum.IntEnum):
@@ -206,8 +207,8 @@ def values_from_wire(obj: Any, what: str, count: int) -> np.ndarray:
     if code == ValueDtype.INT8:
         as_list(entry, what, 3, length=3)
         scale = as_float(entry[1], f"{what} scale")
-        if scale < 0:
-            raise fail(f"{what} scale", "a non-negative float", scale)
+        if scale < 0 or scale > F32_MAX or float(np.float32(scale)) != scale:
+            raise fail(f"{what} scale", "a non-negative float32", scale)
         raw = _sized(entry[2], what, count, 1)
         q = np.frombuffer(raw, dtype=np.int8)
         if (q == -128).any():
