@@ -64,6 +64,15 @@ class LastWill:
 
 @dataclass(frozen=True)
 class LinkConfig:
+    """One MQTT connection.
+
+    ``ca_file`` None with mqtts:// trusts the system store; ``cert_file``/``key_file`` add a TLS
+    client certificate. ``protocol``: "auto" (v5, or 3.1.1 where the broker refuses v5), "5" or
+    "3.1.1". A persistent session is ``clean_start=False`` plus, under v5, ``session_expiry_s``
+    (under 3.1.1 the broker's ``persistent_client_expiration`` decides). ``max_message_bytes``
+    bounds every publish; ``max_queued_messages`` bounds what waits while the broker is away.
+    """
+
     url: str
     client_id: str
     username: str | None = None
