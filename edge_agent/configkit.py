@@ -64,6 +64,11 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where} {value!r}: expected a list")
         return tuple(_coerce(v, args[0], where) for v in value)
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} {value!r}: expected a table")
+        label = where.replace("[", "").replace("] ", ".")
+        return _build_section(label, annotation, {k: (v, f"[{label}] {k}") for k, v in value.items()})
     if annotation is bool:
         if isinstance(value, bool):
             return value
@@ -168,7 +173,8 @@ def _build_section(section: str, section_cls: type, given: dict[str, tuple[Any, 
             raw, where = given[name]
             value = _coerce(raw, types_[name], where)
         else:
-            value, where = f.default, f"[{section}] {name}"
+            value = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            where = f"[{section}] {name}"
         check = f.metadata.get("check")
         problem = check(value) if (check and value is not None) else None
         if problem:
@@ -178,7 +184,7 @@ def _build_section(section: str, section_cls: type, given: dict[str, tuple[Any, 
     try:
         return section_cls(**values)
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"[{section}]: {exc}") from None
+        raise ConfigError(f"[{section}] {exc}") from None
 
 
 def render_example(cls: type, title: str, values: Mapping[str, Mapping[str, Any]] | None = None) -> str:
@@ -186,16 +192,27 @@ def render_example(cls: type, title: str, values: Mapping[str, Mapping[str, Any]
     lines = [f"# {title}", "# Every key is optional; shown values are the defaults unless set by init.", ""]
     types_ = _field_types(cls)
     for section in dataclasses.fields(cls):
-        section_cls = types_[section.name]
-        doc = (section_cls.__doc__ or "").strip().splitlines()[0] if section_cls.__doc__ else ""
-        lines.append(f"[{section.name}]" + (f"  # {doc}" if doc else ""))
-        for f in dataclasses.fields(section_cls):
-            value = (values or {}).get(section.name, {}).get(f.name, f.default)
-            lines.append(f"# {f.metadata.get('help', '')}")
-            rendered = _toml_literal(value)
-            lines.append(f"{f.name} = {rendered}" if rendered is not None else f"# {f.name} =")
-        lines.append("")
+        _render_table(lines, section.name, types_[section.name], (values or {}).get(section.name, {}))
     return "\n".join(lines)
+
+
+def _render_table(lines: list[str], name: str, table_cls: type, given: Mapping[str, Any]) -> None:
+    doc = (table_cls.__doc__ or "").strip().splitlines()
+    lines.append(f"[{name}]" + (f"  # {doc[0]}" if doc else ""))
+    nested = []
+    for f in dataclasses.fields(table_cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        value = given.get(f.name, default)
+        if dataclasses.is_dataclass(value):
+            nested.append((f.name, type(value), dataclasses.asdict(value)))
+            continue
+        if f.metadata.get("help"):
+            lines.append(f"# {f.metadata['help']}")
+        rendered = _toml_literal(value)
+        lines.append(f"{f.name} = {rendered}" if rendered is not None else f"# {f.name} =")
+    lines.append("")
+    for child, child_cls, child_values in nested:
+        _render_table(lines, f"{name}.{child}", child_cls, child_values)
 
 
 def _toml_literal(value: Any) -> str | None:
