@@ -1,10 +1,11 @@
 """Local-training cost per built-in model: dense vs 80 % vs 90 % sparse (ERK masks).
 
 For each (model, sparsity) a fresh subprocess trains a 100-sample client with train_local and
-reports: median wall time of one local epoch (marginal: (t(E=5) - t(E=1)) / 4, so model build and
+reports: the wall time of one local epoch (marginal: (t(E=5) - t(E=1)) / 4, so model build and
 the class-loss pass are excluded), the fixed per-call overhead, the same for a readjust round,
 forward MACs per example (count_macs, sparse-aware), LocalResult.flops, and the subprocess's
-peak RSS (ru_maxrss, includes importing torch).
+peak RSS (ru_maxrss, includes importing torch). Times are the minimum over repeats: the
+least-disturbed run on a shared machine, where medians drift with other load.
 
 Unstructured sparsity does not make dense torch kernels faster: masked weights are stored and
 multiplied as zeros, so wall time stays roughly flat while MACs fall. The MAC column is what a
@@ -20,7 +21,6 @@ import json
 import os
 import platform
 import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -65,7 +65,7 @@ def measure(dataset: str, model: str, sparsity: float, repeats: int, threads: in
             start = time.perf_counter()
             result = train_local(spec, params, masks, X, y, hp)
             times.append(time.perf_counter() - start)
-        return statistics.median(times), result
+        return min(times), result
 
     timed(epochs=1)  # warm-up: first-call allocations and lazy init
     t1, _ = timed(epochs=1)
@@ -121,7 +121,7 @@ def main() -> None:
               f"{r['active_weights']:>8}/{r['prunable_weights']:<8} {r['epoch_ms']:9.2f} {r['overhead_ms']:11.2f} "
               f"{r['round_e5_ms']:7.1f} {readjust:>11} {r['forward_macs_per_example']:9d} "
               f"{r['round_e5_macs']:11d} {r['peak_rss_mib']:8.0f}")
-    print(f"\nclient of {CLIENT_SIZE} samples, batch {BATCH}, {args.threads} thread(s), median of {args.repeats}; "
+    print(f"\nclient of {CLIENT_SIZE} samples, batch {BATCH}, {args.threads} thread(s), min of {args.repeats}; "
           "wall time uses dense kernels (zeros are multiplied), MACs count active weights only.")
 
     out_dir = ROOT / "benchmarks" / "results"
