@@ -1,8 +1,10 @@
-"""Message bodies <-> msgpack, under ``Limits``, with exact types on every field.
+"""Message bodies <-> bytes, under ``Limits``, with exact types on every field.
 
-Bodies are msgpack maps with short keys (one schema per ``Kind`` below). Tensors travel as
-per-tensor ``[dtype, bytes]`` lists in layout order, never by name: the layout fingerprint in
-the body proves both sides mean the same tensors. A newer minor version may add keys, which an
+A body is ``u32 meta length | msgpack meta | tensor tail`` (see ``wire.frame``): the meta is a
+msgpack map with short keys (one schema per ``Kind`` below); tensors are listed in the meta as
+per-tensor ``[dtype, byte length]`` in layout order, never by name, and their bytes follow in
+the tail, so a decoder views them in place instead of copying. The layout fingerprint in the
+meta proves both sides mean the same tensors. A newer minor version may add keys, which an
 older reader ignores; at the same minor an unknown key is an error.
 
 ``decode_body`` is the decoder's one entry point: whatever goes wrong inside it (msgpack, numpy,
@@ -32,10 +34,12 @@ from protocol.wire import (
     as_list,
     as_map,
     as_str,
+    TailReader,
+    TailWriter,
     construct,
     fail,
-    pack,
-    unpack,
+    frame,
+    unframe,
 )
 
 LayoutFor = Callable[[ModelRef], ModelLayout]
@@ -46,7 +50,8 @@ _HP_TYPES = {f.name: {"int": int, "float": float, "bool": bool, "str": str}[str(
 
 
 def encode_body(msg: Message, *, value_dtype: ValueDtype = ValueDtype.FLOAT32, base_masks: dict | None = None) -> bytes:
-    """msgpack body of ``msg``. ``base_masks``: the mask an Update trained from (for XOR coding)."""
+    """Framed body of ``msg``. ``base_masks``: the mask an Update trained from (for XOR coding)."""
+    tail = TailWriter()
     if isinstance(msg, Register):
         obj: dict[str, Any] = {
             "dev": msg.device, "cpu": msg.cpu_count, "ram": msg.ram_mb, "acc": msg.accelerator,
@@ -58,7 +63,7 @@ def encode_body(msg: Message, *, value_dtype: ValueDtype = ValueDtype.FLOAT32, b
             "model": [msg.model.name, list(msg.model.input_shape), msg.model.num_classes],
             "lfp": msg.layout.fingerprint(),
             "masks": masks_to_wire(msg.layout, msg.masks) if msg.include_masks else None,
-            "w": msg.weights.to_wire(value_dtype),
+            "w": msg.weights.to_wire(value_dtype, tail),
             "hp": {k: _HP_TYPES[k](v) for k, v in msg.hyper.to_dict().items()},
             "deadline": msg.deadline, "sel": list(msg.selected),
             "clm": None if msg.class_loss_medians is None else [[c, m] for c, m in sorted(msg.class_loss_medians.items())],
@@ -70,8 +75,8 @@ def encode_body(msg: Message, *, value_dtype: ValueDtype = ValueDtype.FLOAT32, b
             "cl": [[c, m, n] for c, (m, n) in sorted(msg.class_losses.items())],
             "lfp": msg.delta.layout.fingerprint(),
             "mask": masks_to_wire(msg.delta.layout, msg.masks, base_masks) if msg.mask_changed else None,
-            "d": msg.delta.to_wire(value_dtype),
-            "buf": {name: np.ascontiguousarray(a, dtype="<f4").tobytes() for name, a in msg.buffers.items()},
+            "d": msg.delta.to_wire(value_dtype, tail),
+            "buf": {name: tail.add(np.ascontiguousarray(a, dtype="<f4").tobytes()) for name, a in msg.buffers.items()},
         }
     elif isinstance(msg, ModelRelease):
         obj = {"ver": msg.version, "sha": msg.sha256, "meta": msg.metadata, "onnx": msg.onnx}
@@ -81,7 +86,7 @@ def encode_body(msg: Message, *, value_dtype: ValueDtype = ValueDtype.FLOAT32, b
         obj = {"round": msg.round, "dev": msg.device, "reason": msg.reason, "detail": msg.detail}
     else:
         raise TypeError(f"not a protocol message: {type(msg).__name__}")
-    return pack(obj)
+    return frame(obj, tail)
 
 
 # ------------------------------------------------------------------------------------ decoding
@@ -102,10 +107,12 @@ def decode_body(
     storing a task's masks is the caller's decision, made after authentication.
     """
     try:
-        obj = unpack(body, limits, f"{header.kind.name.lower()} body")
+        what = f"{header.kind.name.lower()} body"
+        obj, tail = unframe(body, limits, what)
         lenient = header.minor > MINOR
         decoder = _DECODERS[header.kind]
-        msg = decoder(obj, lenient, limits, layout_for, masks if masks is not None else MaskStore())
+        msg = decoder(obj, lenient, limits, layout_for, masks if masks is not None else MaskStore(), tail)
+        tail.finish(what)
         _check_matches_header(msg, header)
         return msg
     except ProtocolError:
@@ -150,13 +157,15 @@ def _layout_checked(
         layout = layout_for(model)  # type: ignore[arg-type]
     except (KeyError, ValueError) as exc:
         raise DecodeError(f"model {model!r} is not known here: {exc}") from None
-    covered = ModelLayout(layout.trainable) if trainable_only else layout
+    covered = layout.trainable_layout if trainable_only else layout
     if as_bytes(fingerprint, "layout fingerprint", 8) != covered.fingerprint():
         raise DecodeError("tensors were encoded for a different model layout (fingerprint mismatch)")
     return layout
 
 
-def _task(obj: Any, lenient: bool, limits: Limits, layout_for: LayoutFor | None, store: MaskStore) -> RoundTask:
+def _task(
+    obj: Any, lenient: bool, limits: Limits, layout_for: LayoutFor | None, store: MaskStore, tail: TailReader
+) -> RoundTask:
     keys = frozenset({"fed", "round", "mv", "model", "lfp", "masks", "w", "hp", "deadline", "sel", "clm"})
     m = as_map(obj, "task", keys, lenient=lenient)
     name, shape, ncls = as_list(m["model"], "model", 3, length=3)
@@ -171,7 +180,7 @@ def _task(obj: Any, lenient: bool, limits: Limits, layout_for: LayoutFor | None,
     mv = as_int(m["mv"], "mask_version", 0, 2**32 - 1)
     included = m["masks"] is not None
     masks = masks_from_wire(m["masks"], layout) if included else store.require(mv)
-    weights = SparseParams.from_wire(m["w"], layout, masks)
+    weights = SparseParams.from_wire(m["w"], layout, masks, tail)
     hp_map = as_map(m["hp"], "hyper", frozenset(_HP_TYPES), lenient=lenient)
     hp = {}
     for key, typ in _HP_TYPES.items():
@@ -193,11 +202,13 @@ def _task(obj: Any, lenient: bool, limits: Limits, layout_for: LayoutFor | None,
     ))
 
 
-def _update(obj: Any, lenient: bool, limits: Limits, layout_for: LayoutFor | None, store: MaskStore) -> Update:
+def _update(
+    obj: Any, lenient: bool, limits: Limits, layout_for: LayoutFor | None, store: MaskStore, tail: TailReader
+) -> Update:
     keys = frozenset({"round", "dev", "mv", "n", "metrics", "cl", "lfp", "mask", "d", "buf"})
     m = as_map(obj, "update", keys, lenient=lenient)
     full = _layout_checked(layout_for, None, m["lfp"], trainable_only=True)
-    trainable = ModelLayout(full.trainable)
+    trainable = full.trainable_layout
     mv = as_int(m["mv"], "mask_version", 0, 2**32 - 1)
     base = store.get(mv)
     changed = m["mask"] is not None
@@ -205,7 +216,7 @@ def _update(obj: Any, lenient: bool, limits: Limits, layout_for: LayoutFor | Non
         masks = masks_from_wire(m["mask"], trainable, base)
     else:
         masks = store.require(mv)
-    delta = SparseParams.from_wire(m["d"], trainable, masks)
+    delta = SparseParams.from_wire(m["d"], trainable, masks, tail)
     metrics_map = m["metrics"]
     if type(metrics_map) is not dict or len(metrics_map) > limits.max_metrics:
         raise fail("metrics", f"a map of at most {limits.max_metrics} entries", metrics_map)
@@ -220,7 +231,7 @@ def _update(obj: Any, lenient: bool, limits: Limits, layout_for: LayoutFor | Non
         raise DecodeError(f"buffers must be exactly {sorted(names)}")
     buffers = {}
     for spec in full.buffers:
-        arr = values_from_wire([0, buf_map[spec.name]], f"buffer {spec.name}", spec.size)
+        arr = values_from_wire([int(ValueDtype.FLOAT32), buf_map[spec.name]], f"buffer {spec.name}", spec.size, tail)
         buffers[spec.name] = arr.reshape(spec.shape)
     return construct("update", lambda: Update(
         round=as_int(m["round"], "round", 0, 2**32 - 1), device=as_str(m["dev"], "device", 64), mask_version=mv,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from functools import cached_property
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
@@ -90,6 +91,15 @@ class ModelLayout:
 
     def fingerprint(self) -> bytes:
         """8 bytes identifying names, shapes and roles, so both sides can tell they share a layout."""
+        return self._fingerprint
+
+    @cached_property
+    def trainable_layout(self) -> "ModelLayout":
+        """The trainable tensors alone: what an update's delta covers."""
+        return ModelLayout(self.trainable)
+
+    @cached_property
+    def _fingerprint(self) -> bytes:
         canon = ";".join(
             f"{t.name}:{'x'.join(map(str, t.shape))}:{int(t.masked)}{int(t.trainable)}" for t in self.tensors
         )

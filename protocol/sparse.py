@@ -20,6 +20,7 @@ Everything decoded is checked against the layout and mask: counts, shapes, index
 from __future__ import annotations
 
 import enum
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -28,7 +29,9 @@ import numpy as np
 
 from protocol.errors import DecodeError, UnknownMask
 from protocol.layout import ModelLayout, TensorSpec
-from protocol.wire import DEFAULT_LIMITS, Limits, as_bytes, as_float, as_int, as_list, fail, pack, unpack
+from protocol.wire import (
+    DEFAULT_LIMITS, Limits, TailReader, TailWriter, as_bytes, as_float, as_int, as_list, fail, frame, pack, unframe, unpack,
+)
 
 Params = dict[str, np.ndarray]
 Masks = dict[str, np.ndarray]
@@ -178,28 +181,34 @@ def decode_masks(data: bytes, layout: ModelLayout, limits: Limits = DEFAULT_LIMI
 # --------------------------------------------------------------------------------------- values
 
 
-def values_to_wire(values: np.ndarray, dtype: ValueDtype) -> list[Any]:
-    """One tensor's active values: [FLOAT32, bytes] | [FLOAT16, bytes] | [INT8, scale, bytes]."""
+def values_to_wire(values: np.ndarray, dtype: ValueDtype, tail: TailWriter) -> list[Any]:
+    """One tensor's active values into ``tail``; meta [FLOAT32, n] | [FLOAT16, n] | [INT8, scale, n]."""
     v = np.asarray(values, dtype=np.float32).reshape(-1)
     dtype = ValueDtype(dtype)
     code = int(dtype)
     if dtype == ValueDtype.FLOAT32:
-        return [code, v.astype("<f4", copy=False).tobytes()]
+        return [code, tail.add(v.astype("<f4", copy=False).tobytes())]
     if dtype == ValueDtype.FLOAT16:
-        finite = v[np.isfinite(v)]
-        if finite.size and float(np.abs(finite).max()) > F16_MAX:
-            raise ValueError(f"values up to {float(np.abs(finite).max()):.3g} overflow float16 (max {F16_MAX})")
-        return [code, v.astype("<f2").tobytes()]
+        with np.errstate(over="ignore"):
+            half = v.astype("<f2")
+        overflow = np.isinf(half) & np.isfinite(v)
+        if overflow.any():
+            raise ValueError(f"values up to {float(np.abs(v[overflow]).max()):.3g} overflow float16 (max {F16_MAX})")
+        return [code, tail.add(half.tobytes())]
     if not np.isfinite(v).all():
         raise ValueError("int8 values must be finite")
     peak = float(np.abs(v).max()) if v.size else 0.0
     scale = float(np.float32(peak / 127.0))
     q = np.zeros(v.shape, np.int8) if scale == 0.0 else np.clip(np.rint(v / np.float32(scale)), -127, 127).astype(np.int8)
-    return [code, scale, q.tobytes()]
+    return [code, scale, tail.add(q.tobytes())]
 
 
-def values_from_wire(obj: Any, what: str, count: int) -> np.ndarray:
-    """Decode ``count`` values to a read-only float32 vector; DecodeError on wrong sizes or codes."""
+def values_from_wire(obj: Any, what: str, count: int, tail: TailReader) -> np.ndarray:
+    """Decode ``count`` values to a read-only vector; DecodeError on wrong sizes or codes.
+
+    float32 and float16 stay zero-copy views in their wire precision (widen with ``to_dense``);
+    int8 is scaled to float32.
+    """
     entry = as_list(obj, what, 3)
     if not entry:
         raise fail(what, "a non-empty array", entry)
@@ -209,7 +218,7 @@ def values_from_wire(obj: Any, what: str, count: int) -> np.ndarray:
         scale = as_float(entry[1], f"{what} scale")
         if scale < 0 or scale > F32_MAX or float(np.float32(scale)) != scale:
             raise fail(f"{what} scale", "a non-negative float32", scale)
-        raw = _sized(entry[2], what, count, 1)
+        raw = _sized(entry[2], what, count, 1, tail)
         q = np.frombuffer(raw, dtype=np.int8)
         if (q == -128).any():
             raise DecodeError(f"{what}: int8 values must lie in -127..127")
@@ -217,29 +226,46 @@ def values_from_wire(obj: Any, what: str, count: int) -> np.ndarray:
     else:
         as_list(entry, what, 2, length=2)
         width = 4 if code == ValueDtype.FLOAT32 else 2
-        raw = _sized(entry[1], what, count, width)
-        view = np.frombuffer(raw, dtype="<f4" if width == 4 else "<f2")
-        out = view if width == 4 else view.astype(np.float32)
+        raw = _sized(entry[1], what, count, width, tail)
+        out = np.frombuffer(raw, dtype=np.float32 if width == 4 else np.float16)  # zero-copy view
     out.flags.writeable = False
     return out
 
 
-def _sized(value: Any, what: str, count: int, width: int) -> bytes:
-    raw = as_bytes(value, f"{what} values")
-    if len(raw) != count * width:
-        raise DecodeError(f"{what}: {len(raw)} value bytes, expected {count} values x {width} bytes")
-    return raw
+def _sized(length: Any, what: str, count: int, width: int, tail: TailReader) -> memoryview:
+    if length != count * width or type(length) is not int:
+        raise DecodeError(f"{what}: {length!r} value bytes, expected {count} values x {width} bytes")
+    return tail.take(length, what)
 
 
 # --------------------------------------------------------------------------------- SparseParams
+
+_VALUE_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
+_COUNTS: OrderedDict[int, tuple[weakref.ref, int]] = OrderedDict()
+
+
+def active_count(mask: np.ndarray) -> int:
+    """Number of True positions; memoised for read-only masks that own their memory (MaskStore's)."""
+    if mask.flags.writeable or mask.base is not None:
+        return int(np.count_nonzero(mask))
+    hit = _COUNTS.get(id(mask))
+    if hit is not None and hit[0]() is mask:
+        return hit[1]
+    count = int(np.count_nonzero(mask))
+    _COUNTS[id(mask)] = (weakref.ref(mask), count)
+    while len(_COUNTS) > 4096:
+        _COUNTS.popitem(last=False)
+    return count
 
 
 @dataclass(frozen=True, eq=False)
 class SparseParams:
     """Tensors of ``layout``: masked ones as their active values in mask order, others in full.
 
-    ``values[name]`` is a 1-D float32 vector; ``masks`` holds the mask of every masked tensor
-    (the one the values refer to). Build with ``from_dense``; ``to_dense`` scatters back.
+    ``values[name]`` is a 1-D float32 vector (float16 when decoded from float16: values keep
+    their wire precision until ``to_dense`` widens them); ``masks`` holds the mask of every
+    masked tensor (the one the values refer to). Build with ``from_dense``; ``to_dense``
+    scatters back to float32.
     """
 
     layout: ModelLayout
@@ -252,8 +278,8 @@ class SparseParams:
             raise ValueError(f"values must list exactly the layout's tensors in order {list(self.layout.names)}")
         for spec in self.layout:
             v = self.values[spec.name]
-            expected = int(np.count_nonzero(self.masks[spec.name])) if spec.masked else spec.size
-            if not isinstance(v, np.ndarray) or v.dtype != np.float32 or v.shape != (expected,):
+            expected = active_count(self.masks[spec.name]) if spec.masked else spec.size
+            if not isinstance(v, np.ndarray) or v.dtype not in _VALUE_DTYPES or v.shape != (expected,):
                 raise ValueError(f"values of {spec.name}: expected a float32 vector of {expected} values")
 
     @classmethod
@@ -288,7 +314,7 @@ class SparseParams:
                 full = np.zeros(spec.size, dtype=np.float32)
                 full[self.masks[spec.name].reshape(-1)] = v
             else:
-                full = v.copy()
+                full = v.astype(np.float32)
             out[spec.name] = full.reshape(spec.shape)
         return out
 
@@ -296,29 +322,33 @@ class SparseParams:
     def nnz(self) -> int:
         return sum(v.size for v in self.values.values())
 
-    def to_wire(self, dtype: ValueDtype) -> list[Any]:
-        return [values_to_wire(self.values[s.name], dtype) for s in self.layout]
+    def to_wire(self, dtype: ValueDtype, tail: TailWriter) -> list[Any]:
+        return [values_to_wire(self.values[s.name], dtype, tail) for s in self.layout]
 
     @classmethod
-    def from_wire(cls, obj: Any, layout: ModelLayout, masks: Masks) -> "SparseParams":
+    def from_wire(cls, obj: Any, layout: ModelLayout, masks: Masks, tail: TailReader) -> "SparseParams":
         entries = as_list(obj, "values", len(layout), length=len(layout))
         values = {}
         for spec, entry in zip(layout, entries):
-            count = int(np.count_nonzero(masks[spec.name])) if spec.masked else spec.size
-            values[spec.name] = values_from_wire(entry, f"values of {spec.name}", count)
+            count = active_count(masks[spec.name]) if spec.masked else spec.size
+            values[spec.name] = values_from_wire(entry, f"values of {spec.name}", count, tail)
         return cls(layout, {s.name: masks[s.name] for s in layout.masked}, values)
 
 
 def encode_values(sparse: SparseParams, dtype: ValueDtype = ValueDtype.FLOAT32) -> bytes:
     """Standalone value bytes (layout fingerprint + per-tensor values); masks travel separately."""
-    return pack([sparse.layout.fingerprint(), sparse.to_wire(dtype)])
+    tail = TailWriter()
+    return frame([sparse.layout.fingerprint(), sparse.to_wire(dtype, tail)], tail)
 
 
 def decode_values(data: bytes, layout: ModelLayout, masks: Masks, limits: Limits = DEFAULT_LIMITS) -> SparseParams:
-    top = as_list(unpack(data, limits, "values"), "values", 2, length=2)
+    meta, tail = unframe(data, limits, "values")
+    top = as_list(meta, "values", 2, length=2)
     if as_bytes(top[0], "layout fingerprint", 8) != layout.fingerprint():
         raise DecodeError("values were encoded for a different model layout")
-    return SparseParams.from_wire(top[1], layout, masks)
+    out = SparseParams.from_wire(top[1], layout, masks, tail)
+    tail.finish("values")
+    return out
 
 
 # ------------------------------------------------------------------------------------ MaskStore

@@ -154,3 +154,62 @@ def construct(what: str, build: Callable[[], T]) -> T:
         raise
     except (ValueError, TypeError, KeyError) as exc:
         raise DecodeError(f"{what}: {exc}") from None
+
+
+# ------------------------------------------------------------------ framed bodies: meta + tail
+#
+# Tensor bytes do not go through msgpack (which would copy every binary on decode): a body is
+#   u32 meta length | msgpack meta | tail
+# where the meta names each tensor's byte length and the tail holds those bytes back to back in
+# the order the meta lists them. Decoders take zero-copy numpy views of the tail.
+
+_META_LEN = 4
+
+
+class TailWriter:
+    """Collects tensor bytes in order; ``add`` returns the length to record in the meta."""
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+
+    def add(self, data: bytes) -> int:
+        self.parts.append(data)
+        return len(data)
+
+
+class TailReader:
+    """Hands out consecutive slices of the tail; every byte must be claimed exactly once."""
+
+    def __init__(self, tail: memoryview) -> None:
+        self._tail = tail
+        self._pos = 0
+
+    def take(self, n: Any, what: str) -> memoryview:
+        if type(n) is not int or n < 0 or self._pos + n > len(self._tail):
+            raise DecodeError(f"{what}: length {n!r} runs past the {len(self._tail) - self._pos} bytes left")
+        out = self._tail[self._pos : self._pos + n]
+        self._pos += n
+        return out
+
+    def finish(self, what: str) -> None:
+        if self._pos != len(self._tail):
+            raise DecodeError(f"{what}: {len(self._tail) - self._pos} unclaimed bytes after the tensors")
+
+
+def frame(meta: Any, tail: TailWriter) -> bytes:
+    head = pack(meta)
+    return b"".join([len(head).to_bytes(_META_LEN, "big"), head, *tail.parts])
+
+
+def unframe(data: bytes | memoryview, limits: Limits, what: str) -> tuple[Any, TailReader]:
+    """Meta object and a reader over the tail; DecodeError/TooLarge like ``unpack``."""
+    if len(data) > limits.max_message_bytes:
+        raise TooLarge(f"{what}: {len(data)} bytes exceeds the limit of {limits.max_message_bytes}")
+    view = memoryview(data)
+    if len(view) < _META_LEN:
+        raise DecodeError(f"{what}: {len(view)} bytes cannot hold a framed body")
+    n = int.from_bytes(view[:_META_LEN], "big")
+    if n > len(view) - _META_LEN:
+        raise DecodeError(f"{what}: meta length {n} exceeds the {len(view) - _META_LEN} bytes present")
+    meta = unpack(view[_META_LEN : _META_LEN + n], limits, what)
+    return meta, TailReader(view[_META_LEN + n :])

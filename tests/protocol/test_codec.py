@@ -1,4 +1,3 @@
-import msgpack
 import numpy as np
 import pytest
 
@@ -7,7 +6,7 @@ from protocol.envelope import Header, Suite, parse_header
 from protocol.errors import DecodeError, TooLarge, UnknownMask, UnsupportedVersion
 from protocol.messages import Kind, ModelRelease, Register, Reject, RoundTask, State, Status, Update
 from protocol.sparse import MaskStore, ValueDtype
-from protocol.wire import Limits
+from protocol.wire import Limits, TailWriter, frame
 from tests.protocol.factories import FED, LAYOUT, MODEL, T0, assert_sparse_equal, register, release, reject, status, task, update
 
 
@@ -65,7 +64,7 @@ def test_body_must_agree_with_the_authenticated_header(rng):
 
 
 def _body(**fields):
-    return msgpack.packb(fields, use_bin_type=True)
+    return frame(fields, TailWriter())
 
 
 REG = dict(dev="dev-a", cpu=4, ram=2048, acc="none", n=10, ver="1", mv=None)
@@ -87,7 +86,9 @@ def test_missing_keys_and_non_maps_are_decode_errors():
     with pytest.raises(DecodeError, match="missing keys"):
         decode(Kind.REGISTER, _body(dev="dev-a"), "dev-a")
     with pytest.raises(DecodeError):
-        decode(Kind.REGISTER, msgpack.packb([1, 2]), "dev-a")
+        decode(Kind.REGISTER, frame([1, 2], TailWriter()), "dev-a")
+    with pytest.raises(DecodeError, match="unclaimed"):
+        decode(Kind.REGISTER, codec.encode_body(register()) + b"x", "dev-a")
 
 
 def test_a_newer_minor_version_may_add_fields():
@@ -108,7 +109,7 @@ def test_limits_are_enforced_as_too_large():
         decode(Kind.REGISTER, codec.encode_body(register()), "dev-a", limits=small)
     with pytest.raises(TooLarge):
         decode(Kind.RELEASE, codec.encode_body(ModelRelease.of(1, b"x" * 5000)), limits=small)
-    nested = msgpack.packb({"a": [[[[1]]]]})
+    nested = frame({"a": [[[[1]]]]}, TailWriter())
     with pytest.raises(TooLarge, match="nesting"):
         decode(Kind.REGISTER, nested, "dev-a", limits=small)
     with pytest.raises(ValueError):

@@ -89,12 +89,26 @@ def mutate_object(obj: Any, r: random.Random) -> Any:
     return r.choice(LEAVES)
 
 
-def run(decoder: Callable[[bytes], Any], corpus: list[bytes], seed: int, structured: list[Any] | None = None) -> int:
+def split_body(data: bytes) -> tuple[Any, bytes]:
+    """A framed body's meta object and its tensor tail, for structure-aware mutation."""
+    n = int.from_bytes(data[:4], "big")
+    return msgpack.unpackb(data[4 : 4 + n], raw=False), data[4 + n :]
+
+
+def join_body(meta: Any, tail: bytes) -> bytes:
+    head = msgpack.packb(meta, use_bin_type=True)
+    return len(head).to_bytes(4, "big") + head + tail
+
+
+def run(
+    decoder: Callable[[bytes], Any], corpus: list[bytes], seed: int, structured: list[Any] | None = None, join=join_body
+) -> int:
     r = random.Random(seed)
     accepted = 0
     for i in range(N):
         if structured and i % 3 == 0:
-            data = msgpack.packb(mutate_object(r.choice(structured), r), use_bin_type=True)
+            meta, tail = r.choice(structured)
+            data = join(mutate_object(meta, r), tail)
         else:
             data = mutate(r.choice(corpus), r, corpus)
         try:
@@ -129,7 +143,7 @@ def world():
 def test_message_decode_raises_only_protocol_errors(world):
     bodies = world["bodies"]
     corpus = list(bodies.values()) + [world["changed"]]
-    structured = [msgpack.unpackb(b, raw=False) for b in corpus]
+    structured = [split_body(b) for b in corpus]
     kinds = list(bodies)
     r = random.Random(1)
 
@@ -150,7 +164,7 @@ def test_message_decode_raises_only_protocol_errors(world):
 def test_sparse_value_decode_raises_only_protocol_errors(world):
     rng, m = world["rng"], world["task"].masks
     corpus = [encode_values(SparseParams.from_dense(TRAINABLE, params(rng, m, TRAINABLE), m), d) for d in ValueDtype]
-    structured = [msgpack.unpackb(b, raw=False) for b in corpus]
+    structured = [split_body(b) for b in corpus]
     run(lambda data: decode_values(data, TRAINABLE, m), corpus, seed=12, structured=structured)
 
 
@@ -158,8 +172,9 @@ def test_sparse_value_decode_raises_only_protocol_errors(world):
 def test_mask_decode_raises_only_protocol_errors(world):
     rng = world["rng"]
     corpus = [encode_masks(LAYOUT, masks(rng, d)) for d in (0.0, 0.02, 0.5, 1.0)]
-    structured = [msgpack.unpackb(b, raw=False) for b in corpus]
-    run(lambda data: decode_masks(data, LAYOUT), corpus, seed=13, structured=structured)
+    structured = [(msgpack.unpackb(b, raw=False), b"") for b in corpus]
+    plain = lambda meta, _tail: msgpack.packb(meta, use_bin_type=True)  # noqa: E731 - masks are unframed msgpack
+    run(lambda data: decode_masks(data, LAYOUT), corpus, seed=13, structured=structured, join=plain)
 
 
 @pytest.mark.timeout(120)

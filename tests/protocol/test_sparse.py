@@ -9,13 +9,22 @@ from protocol.sparse import (
     MaskCode, MaskStore, SparseParams, ValueDtype, decode_masks, decode_values, encode_masks, encode_values,
     mask_from_wire, mask_to_wire, masks_from_wire, masks_to_wire, values_from_wire, values_to_wire,
 )
-from protocol.wire import pack, unpack, DEFAULT_LIMITS
+from protocol.wire import DEFAULT_LIMITS, TailReader, TailWriter, pack, unpack
 
 shapes = hnp.array_shapes(min_dims=1, max_dims=3, min_side=1, max_side=40)
 
 
 def _wire(entry):
     return unpack(pack(entry), DEFAULT_LIMITS, "test")  # what the peer actually parses
+
+
+def _values_round_trip(v, dtype):
+    tail = TailWriter()
+    entry = values_to_wire(v, dtype, tail)
+    reader = TailReader(memoryview(b"".join(tail.parts)))
+    out = values_from_wire(_wire(entry), "v", v.size, reader)
+    reader.finish("v")
+    return entry, out
 
 
 @given(mask=hnp.arrays(bool, shapes))
@@ -95,24 +104,23 @@ def test_float32_values_round_trip_bit_exact_including_negative_zero_and_inf(dat
 
 @given(v=hnp.arrays(np.float32, st.integers(0, 200), elements=st.floats(-6e4, 6e4, width=32)))
 def test_float16_error_is_within_half_an_ulp(v):
-    out = values_from_wire(_wire(values_to_wire(v, ValueDtype.FLOAT16)), "v", v.size)
+    _, out = _values_round_trip(v, ValueDtype.FLOAT16)
     bound = np.abs(v) * 2.0**-11 + 2.0**-25
     assert (np.abs(out.astype(np.float64) - v) <= bound).all()
 
 
 @given(v=hnp.arrays(np.float32, st.integers(0, 200), elements=st.floats(-2.0**100, 2.0**100, width=32)))
 def test_int8_error_is_within_half_a_step_of_the_per_tensor_scale(v):
-    entry = values_to_wire(v, ValueDtype.INT8)
+    entry, out = _values_round_trip(v, ValueDtype.INT8)
     scale = entry[1]
-    out = values_from_wire(_wire(entry), "v", v.size)
     assert (np.abs(out.astype(np.float64) - v) <= scale * (0.5 + 1e-5) + 1e-30).all()
 
 
 def test_lossy_dtypes_refuse_values_they_cannot_represent():
     with pytest.raises(ValueError, match="overflow float16"):
-        values_to_wire(np.array([1e6], np.float32), ValueDtype.FLOAT16)
+        values_to_wire(np.array([1e6], np.float32), ValueDtype.FLOAT16, TailWriter())
     with pytest.raises(ValueError, match="finite"):
-        values_to_wire(np.array([np.inf], np.float32), ValueDtype.INT8)
+        values_to_wire(np.array([np.inf], np.float32), ValueDtype.INT8, TailWriter())
 
 
 def test_values_count_is_checked_against_the_mask(rng):
@@ -153,3 +161,13 @@ def test_mask_store_is_bounded_and_says_which_versions_it_holds(rng):
     assert 0 not in store and store.latest == 2
     with pytest.raises(UnknownMask, match=r"have \[1, 2\]"):
         store.require(0)
+
+
+def test_values_beyond_or_short_of_the_tail_are_decode_errors():
+    layout = ModelLayout((TensorSpec("b", (4,), False),))
+    sp = SparseParams(layout, {}, {"b": np.arange(4, dtype=np.float32)})
+    data = encode_values(sp)
+    assert decode_values(data, layout, {}).values["b"].tolist() == [0, 1, 2, 3]
+    for bad in (data[:-1], data + b"\0", b"\xff\xff\xff\xff" + data[4:], b"\0\0"):
+        with pytest.raises(DecodeError):
+            decode_values(bad, layout, {})
