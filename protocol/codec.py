@@ -27,7 +27,6 @@ from protocol.sparse import MaskStore, SparseParams, ValueDtype, masks_from_wire
 from protocol.wire import (
     DEFAULT_LIMITS,
     Limits,
-    as_bool,
     as_bytes,
     as_float,
     as_int,

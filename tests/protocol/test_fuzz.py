@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 
 from protocol import codec
-from protocol.channel import Publication
 from protocol.chunks import Reassembler, parse_chunk, split
 from protocol.envelope import Header, Suite, open_envelope, parse_header, verify_envelope
 from protocol.errors import ProtocolError
@@ -232,4 +231,3 @@ def test_channel_receive_raises_only_protocol_errors(world):
         assert channel.reassembler.buffered_bytes <= channel.reassembler.max_buffered
 
     run(receive, [p.payload for p in uplink + downlink], seed=19)
-    assert isinstance(uplink[0], Publication)
