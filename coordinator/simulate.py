@@ -5,19 +5,19 @@ The coordinator's ``Strategy`` plans and finishes every round; each selected cli
 re-implements algorithm math: this module only partitions data, injects label noise, counts
 bytes and compute, evaluates the global model and writes results (JSON and PNG plots).
 
-Byte accounting (ALGORITHM.md §9.11). Until ``protocol/sparse.py`` lands, bytes are an explicit
-estimate of the wire format it will use: values in mask order as float32 (4 bytes per active
-weight and per dense-tensor entry, buffers included), plus a mask as a bitmap (ceil(N_l/8) bytes
-per masked tensor) only when it has to travel: downlink when the client's cached mask version
-differs from the global one, uplink when the client changed its mask. Dense runs send no masks.
-Envelope, signature and chunking overheads are excluded (they are the same for every method).
+Byte accounting (ALGORITHM.md §9.11): real encoded message bodies. Every client's update is
+encoded as the ``protocol.messages.Update`` a device would send (``protocol.codec.encode_body``:
+float32 values in mask order, the mask only when it changed, XOR-coded against the mask it
+trained from) and every download as the ``RoundTask`` it would receive (the mask included only
+when the client's cached mask version is stale). Dense runs carry all-True masks, which encode
+in 0 bytes. The envelope header, seal/signature and chunk framing are excluded: a constant few
+dozen bytes per message, the same for every method.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -26,12 +26,15 @@ from typing import Any
 
 import numpy as np
 
-from coordinator.strategy import ClientUpdate, GlobalState, Strategy, StrategyConfig
+from coordinator.strategy import ClientUpdate, GlobalState, Masks, Params, RoundPlan, Strategy, StrategyConfig
 from edge_agent import data as data_mod
 from edge_agent.configkit import ConfigError, tomllib
 from edge_agent.models import ModelSpec, count_macs, evaluate, init_params, model_layout
 from edge_agent.training import train_local
+from protocol.codec import encode_body
 from protocol.layout import ModelLayout
+from protocol.messages import ModelRef, RoundTask, Update
+from protocol.sparse import SparseParams
 
 PARTITIONS = ("dirichlet", "iid", "quantity")
 EVAL_SPLITS = ("test", "validation")
@@ -155,15 +158,30 @@ class SimulationResult:
         return dataclasses.asdict(self)
 
 
-def _mask_bitmap_bytes(layout: ModelLayout) -> int:
-    return sum(math.ceil(s.size / 8) for s in layout.masked)
+def task_bytes(layout: ModelLayout, spec: ModelSpec, plan: RoundPlan, params: Params, masks: Masks,
+               mask_version: int, with_masks: bool) -> int:
+    """Encoded body of the RoundTask a selected client receives."""
+    task = RoundTask(
+        federation="simulation", round=plan.round, mask_version=mask_version,
+        model=ModelRef(spec.name, tuple(spec.input_shape), spec.num_classes),
+        weights=SparseParams.from_dense(layout, params, masks), hyper=plan.hyper, deadline=0.0,
+        selected=plan.selected, include_masks=with_masks,
+    )
+    return len(encode_body(task))
 
 
-def payload_bytes(layout: ModelLayout, masks: Mapping[str, np.ndarray], sparse: bool, with_mask: bool) -> int:
-    """Estimated wire bytes of a model or update: float32 values of active and dense entries,
-    plus the mask bitmap when it travels (see the module docstring)."""
-    values = sum(int(np.count_nonzero(masks[s.name])) if (sparse and s.masked) else s.size for s in layout)
-    return 4 * values + (_mask_bitmap_bytes(layout) if (sparse and with_mask) else 0)
+def update_bytes(layout: ModelLayout, round_: int, client_id: str, mask_version: int, result: Any,
+                 base_masks: Masks) -> int:
+    """Encoded body of the Update a device sends for ``result`` (a LocalResult)."""
+    trainable = layout.subset(s.name for s in layout if s.trainable)
+    update = Update(
+        round=round_, device=client_id, mask_version=mask_version, n_examples=int(result.n_examples),
+        metrics={"train_loss": float(result.train_loss)},
+        class_losses={c: (float(m), int(n)) for c, (m, n) in result.class_losses.items() if n > 0},
+        delta=SparseParams.from_dense(trainable, result.delta, result.masks),
+        mask_changed=bool(result.mask_changed), buffers=dict(result.buffers),
+    )
+    return len(encode_body(update, base_masks=base_masks))
 
 
 def _clients(cfg: SimulationConfig, dataset: data_mod.Dataset, rng: np.random.Generator):
@@ -198,7 +216,6 @@ def run_simulation(config: SimulationConfig, progress: bool = False) -> Simulati
     strategy = Strategy(config.strategy)
     rng = np.random.default_rng([seed, 2])
     state: GlobalState = strategy.initial_state(layout, init_params(spec, seed), rng)
-    sparse = config.strategy.sparse
     cached_version: dict[str, int] = {}
     records: list[dict[str, Any]] = []
     up_total = down_total = 0
@@ -213,11 +230,12 @@ def run_simulation(config: SimulationConfig, progress: bool = False) -> Simulati
             params = state.params if masks is state.masks else {
                 k: (np.where(masks[k], v, 0).astype(v.dtype) if k in masks else v) for k, v in state.params.items()}
             own_mask = cid in plan.client_masks  # a §6 sub-mask follows θ^t, so it travels every round
-            down_bytes += payload_bytes(layout, masks, sparse, own_mask or cached_version.get(cid) != state.mask_version)
+            stale = own_mask or cached_version.get(cid) != state.mask_version
+            down_bytes += task_bytes(layout, spec, plan, params, masks, state.mask_version, stale)
             cached_version[cid] = -1 if own_mask else state.mask_version
             X, y = shards[cid]
             result = train_local(spec, params, masks, X, y, plan.hyper_for(cid))
-            up_bytes += payload_bytes(layout, result.masks, sparse, result.mask_changed)
+            up_bytes += update_bytes(layout, plan.round, cid, state.mask_version, result, masks)
             flops += result.flops
             updates.append(ClientUpdate.from_local(cid, result))
         outcome = strategy.finish_round(state, plan, updates)
@@ -269,17 +287,22 @@ def final_scores(result: SimulationResult) -> dict[str, dict[str, float]]:
 
 
 def noise_summary(result: SimulationResult) -> dict[str, float | None]:
-    """Mean final r of noisy and clean clients, their ratio and the smallest clean r relative to the clean mean."""
+    """Final r (= s·q, so data size included) and q (quality alone) of noisy vs clean clients:
+    means, ratios, the smallest clean r relative to the clean mean and the smallest clean q."""
     last = final_scores(result)
     noisy = set(result.noisy_clients)
     r_noisy = [s["r"] for c, s in last.items() if c in noisy]
     r_clean = [s["r"] for c, s in last.items() if c not in noisy]
+    q_noisy = [s["q"] for c, s in last.items() if c in noisy]
+    q_clean = [s["q"] for c, s in last.items() if c not in noisy]
     mean_clean = float(np.mean(r_clean)) if r_clean else None
     mean_noisy = float(np.mean(r_noisy)) if r_noisy else None
     return {
         "r_noisy": mean_noisy, "r_clean": mean_clean,
         "r_ratio": (mean_noisy / mean_clean) if (mean_noisy is not None and mean_clean) else None,
         "min_clean_r_rel": (min(r_clean) / mean_clean) if mean_clean else None,
+        "q_ratio": (float(np.mean(q_noisy)) / float(np.mean(q_clean))) if (q_noisy and q_clean) else None,
+        "min_clean_q": min(q_clean) if q_clean else None,
     }
 
 

@@ -112,28 +112,31 @@ def summarise(results: list[dict[str, Any]], grid: dict[str, Any]) -> tuple[str,
     lines, summary = [], {}
     for setting in [s["label"] for s in grid["setting"]]:
         lines += [f"\n### {setting}\n",
-                  "| method | final acc (%) | best acc (%) | uplink MB/client | downlink MB/client | MMAC/client/round | r noisy/clean | min clean r / mean | n |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "| method | final acc (%) | best acc (%) | uplink MB/client | downlink MB/client | MMAC/client/round | r noisy/clean | min clean r / mean | min clean q | n |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for method in methods:
             rs = [r for r in results if r["setting"] == setting and r["method"] == method]
             if not rs:
                 continue
             ratio = [r["r_ratio"] for r in rs if r["r_ratio"] is not None]
             minr = [r["min_clean_r_rel"] for r in rs if r["min_clean_r_rel"] is not None]
+            minq = [r["min_clean_q"] for r in rs if r.get("min_clean_q") is not None]
             row = {
                 "final": [r["final_accuracy"] for r in rs], "best": [r["best_accuracy"] for r in rs],
                 "uplink_mb": float(np.mean([r["uplink_bytes_per_client"] for r in rs])) / 1e6,
                 "downlink_mb": float(np.mean([r["downlink_bytes_per_client"] for r in rs])) / 1e6,
                 "mmac": float(np.mean([r["macs_per_client_round"] for r in rs])) / 1e6,
                 "r_ratio": float(np.mean(ratio)) if ratio else None,
-                "min_clean_r_rel": float(np.min(minr)) if minr else None, "n": len(rs),
+                "min_clean_r_rel": float(np.min(minr)) if minr else None,
+                "min_clean_q": float(np.min(minq)) if minq else None, "n": len(rs),
             }
             summary[f"{setting}/{method}"] = row
             ratio_s = "-" if row["r_ratio"] is None else f"{row['r_ratio']:.2f}"
             minr_s = "-" if row["min_clean_r_rel"] is None else f"{row['min_clean_r_rel']:.2f}"
+            minq_s = "-" if row["min_clean_q"] is None else f"{row['min_clean_q']:.2f}"
             lines.append(
                 f"| {method} | {_ms(row['final'])} | {_ms(row['best'])} | {row['uplink_mb']:.2f} | "
-                f"{row['downlink_mb']:.2f} | {row['mmac']:.1f} | {ratio_s} | {minr_s} | {row['n']} |")
+                f"{row['downlink_mb']:.2f} | {row['mmac']:.1f} | {ratio_s} | {minr_s} | {minq_s} | {row['n']} |")
     return "\n".join(lines) + "\n", summary
 
 
