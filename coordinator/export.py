@@ -50,8 +50,10 @@ VARIANTS = ("dense", "compact", "int8")
 _INT_KEYS = {"round", "mask_version", "num_classes", "opset"}
 _FLOAT_KEYS = {"sparsity", "val_accuracy"}
 # Storing a tensor compactly costs a few nodes and shape constants; below this saving, keep it dense.
-_MIN_SAVING = 512
-_DECODE_PREFIX = "fp_decode/"
+_MIN_SAVING = 256
+# Decoder tensors are named "~/<constant>" (shared) and "~<k>/<step>" (k-th decoded tensor), and
+# their nodes are unnamed: on a 25 KB model, descriptive names cost more than a layer's weights.
+_DECODE_PREFIX = "~"
 
 
 def weights_sha256(spec: ModelSpec, params: Mapping[str, np.ndarray]) -> str:
@@ -167,7 +169,7 @@ def compact_onnx(model_bytes: bytes) -> bytes:
     opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     if opset < MIN_OPSET:
         raise ValueError(f"opset {opset}: compact storage needs opset >= {MIN_OPSET}")
-    if any(node.name.startswith(_DECODE_PREFIX) for node in graph.node):
+    if _is_compact(graph):
         raise ValueError("model is already compact")
     graph_inputs = {i.name for i in graph.input}
     kept, decoders = [], []
@@ -180,32 +182,36 @@ def compact_onnx(model_bytes: bytes) -> bytes:
         if 4 * array.size - bitmap_bytes < _MIN_SAVING:
             kept.append(init)
             continue
-        inits, nodes = _bitmap_decoder(init.name, array)
+        inits, nodes = _bitmap_decoder(init.name, array, len(decoders))
         kept.extend(inits)
-        decoders.extend(nodes)
+        decoders.append(nodes)
     if decoders:
         kept.extend(_shared_constants())
     del graph.initializer[:]
     graph.initializer.extend(kept)
     original = list(graph.node)
     del graph.node[:]
-    graph.node.extend(decoders + original)  # nodes must stay topologically sorted
+    graph.node.extend([node for nodes in decoders for node in nodes] + original)  # nodes must stay topologically sorted
     _set_metadata(model, {"variant": "compact"})
     return _finish(model)
 
 
 def _shared_constants() -> list[onnx.TensorProto]:
     return [
-        numpy_helper.from_array(np.arange(8, dtype=np.uint8), f"{_DECODE_PREFIX}shifts"),
-        numpy_helper.from_array(np.array([2], dtype=np.uint8), f"{_DECODE_PREFIX}two"),
-        numpy_helper.from_array(np.array([-1], dtype=np.int64), f"{_DECODE_PREFIX}flat"),
-        numpy_helper.from_array(np.array([-1, 1], dtype=np.int64), f"{_DECODE_PREFIX}column"),
-        numpy_helper.from_array(np.array(0, dtype=np.int64), f"{_DECODE_PREFIX}axis"),
-        numpy_helper.from_array(np.array([0], dtype=np.int64), f"{_DECODE_PREFIX}start"),
+        numpy_helper.from_array(np.arange(8, dtype=np.uint8), f"{_DECODE_PREFIX}/shifts"),
+        numpy_helper.from_array(np.array([2], dtype=np.uint8), f"{_DECODE_PREFIX}/two"),
+        numpy_helper.from_array(np.array([-1], dtype=np.int64), f"{_DECODE_PREFIX}/flat"),
+        numpy_helper.from_array(np.array([-1, 1], dtype=np.int64), f"{_DECODE_PREFIX}/column"),
+        numpy_helper.from_array(np.array(0, dtype=np.int64), f"{_DECODE_PREFIX}/axis"),
+        numpy_helper.from_array(np.array([0], dtype=np.int64), f"{_DECODE_PREFIX}/start"),
     ]
 
 
-def _bitmap_decoder(name: str, array: np.ndarray) -> tuple[list[onnx.TensorProto], list[onnx.NodeProto]]:
+def _is_compact(graph: onnx.GraphProto) -> bool:
+    return any(init.name.startswith(_DECODE_PREFIX) for init in graph.initializer)
+
+
+def _bitmap_decoder(name: str, array: np.ndarray, k: int) -> tuple[list[onnx.TensorProto], list[onnx.NodeProto]]:
     """Initializers and nodes rebuilding ``name`` from its non-zero values and a packed bitmap.
 
     bits (uint8, little bit order) -> per-byte shifts -> mod 2 -> the first N bits b. With the
@@ -214,24 +220,25 @@ def _bitmap_decoder(name: str, array: np.ndarray) -> tuple[list[onnx.TensorProto
     """
     flat = array.reshape(-1)
     present = flat != 0
-    p, s = f"{_DECODE_PREFIX}{name}/", _DECODE_PREFIX
+    p, s = f"{_DECODE_PREFIX}{k}/", f"{_DECODE_PREFIX}/"
     inits = [
         numpy_helper.from_array(np.packbits(present, bitorder="little"), f"{p}bits"),
         numpy_helper.from_array(np.concatenate([[0], flat[present]]).astype(np.float32), f"{p}values"),
         numpy_helper.from_array(np.array([flat.size], dtype=np.int64), f"{p}size"),
         numpy_helper.from_array(np.array(array.shape, dtype=np.int64), f"{p}shape"),
     ]
+    node = helper.make_node
     nodes = [
-        helper.make_node("Reshape", [f"{p}bits", f"{s}column"], [f"{p}bytes"], name=f"{p}bytes"),
-        helper.make_node("BitShift", [f"{p}bytes", f"{s}shifts"], [f"{p}shifted"], direction="RIGHT", name=f"{p}shift"),
-        helper.make_node("Mod", [f"{p}shifted", f"{s}two"], [f"{p}bit8"], name=f"{p}mod"),
-        helper.make_node("Reshape", [f"{p}bit8", f"{s}flat"], [f"{p}padded"], name=f"{p}padded"),
-        helper.make_node("Slice", [f"{p}padded", f"{s}start", f"{p}size"], [f"{p}bitu8"], name=f"{p}slice"),
-        helper.make_node("Cast", [f"{p}bitu8"], [f"{p}bit"], to=TensorProto.INT64, name=f"{p}cast"),
-        helper.make_node("CumSum", [f"{p}bit", f"{s}axis"], [f"{p}rank"], name=f"{p}cumsum"),
-        helper.make_node("Mul", [f"{p}rank", f"{p}bit"], [f"{p}index"], name=f"{p}index"),
-        helper.make_node("Gather", [f"{p}values", f"{p}index"], [f"{p}dense"], axis=0, name=f"{p}gather"),
-        helper.make_node("Reshape", [f"{p}dense", f"{p}shape"], [name], name=f"{p}reshape"),
+        node("Reshape", [f"{p}bits", f"{s}column"], [f"{p}1"]),
+        node("BitShift", [f"{p}1", f"{s}shifts"], [f"{p}2"], direction="RIGHT"),
+        node("Mod", [f"{p}2", f"{s}two"], [f"{p}3"]),
+        node("Reshape", [f"{p}3", f"{s}flat"], [f"{p}4"]),
+        node("Slice", [f"{p}4", f"{s}start", f"{p}size"], [f"{p}5"]),
+        node("Cast", [f"{p}5"], [f"{p}b"], to=TensorProto.INT64),
+        node("CumSum", [f"{p}b", f"{s}axis"], [f"{p}6"]),
+        node("Mul", [f"{p}6", f"{p}b"], [f"{p}index"]),
+        node("Gather", [f"{p}values", f"{p}index"], [f"{p}dense"], axis=0),
+        node("Reshape", [f"{p}dense", f"{p}shape"], [name]),
     ]
     return inits, nodes
 
@@ -242,7 +249,7 @@ def quantize_int8(model_bytes: bytes, *, per_channel: bool = False) -> bytes:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     model = onnx.load_from_string(model_bytes)
-    if any(n.name.startswith(_DECODE_PREFIX) for n in model.graph.node):
+    if _is_compact(model.graph):
         raise ValueError("quantize the dense export, not a compact one")
     props = {p.key: p.value for p in model.metadata_props}
     with tempfile.TemporaryDirectory(prefix="fedprune-int8-") as tmp:
