@@ -1,0 +1,179 @@
+"""``fedprune-coordinator``: the operator's command. Only this module calls ``sys.exit``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from importlib.metadata import version
+from pathlib import Path
+from typing import Callable, Sequence
+
+from coordinator.state import StateError
+from edge_agent.bundle import EnrollmentError
+from edge_agent.configkit import ConfigError
+
+EXIT_CODES = {
+    0: "success, or stopped by SIGTERM/SIGINT after finishing the current write",
+    1: "unexpected error (a bug: please report it with the log)",
+    2: "usage error (unknown command or flag)",
+    78: "configuration, state or enrollment error (the message names the key or file and the fix)",
+}
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedprune-coordinator",
+        description="Run fedprune federations: rounds, contribution-weighted aggregation, sparse masks, ONNX releases.",
+        epilog="exit codes: " + "; ".join(f"{code} {meaning}" for code, meaning in EXIT_CODES.items()),
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version('fedprune')}")
+    parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+    for register in _COMMANDS:
+        register(commands)
+    return parser
+
+
+def _add_simulate(commands: argparse._SubParsersAction) -> None:
+    sub = commands.add_parser(
+        "simulate",
+        help="run a whole federation in one process (same strategy and trainer as the daemon)",
+        description="Simulate a federation from a TOML config; writes results JSON and PNG plots.",
+    )
+    sub.add_argument("--config", required=True, help="simulation TOML file (see docs/ and benchmarks/experiments/)")
+    sub.add_argument("--out", default=None, help="output directory (default: runs/<config name>)")
+    sub.add_argument("--no-progress", action="store_true", help="disable the progress bar")
+    sub.set_defaults(handler=_run_simulate)
+
+
+def _run_simulate(args: argparse.Namespace) -> int:
+    from coordinator import simulate
+
+    return simulate.main(args.config, out_dir=args.out, progress=not args.no_progress)
+
+
+def _add_config_flags(sub: argparse.ArgumentParser, required: bool = True) -> None:
+    sub.add_argument("--config", type=Path, required=required, help="coordinator TOML file (made by `init`)")
+    sub.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                     help="override one setting (repeatable), e.g. --set rounds.total=50")
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, str]:
+    pairs = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r}: expected SECTION.KEY=VALUE")
+        pairs[key.strip()] = value.strip()
+    return pairs
+
+
+def _load(args: argparse.Namespace):
+    from coordinator.config import load_config
+
+    return load_config(args.config, _overrides(args))
+
+
+def _add_init(commands: argparse._SubParsersAction) -> None:
+    sub = commands.add_parser("init", help="write a commented config and generate the coordinator's keys")
+    sub.add_argument("--config", type=Path, default=Path("coordinator.toml"), help="config file to write")
+    sub.add_argument("--state", type=Path, default=Path("fedprune-state"), help="state directory to create")
+    sub.add_argument("--federation", default="demo", help="federation id")
+    sub.add_argument("--broker-url", default="mqtt://127.0.0.1:1883", help="broker URL devices and coordinator use")
+    sub.add_argument("--embedded-broker", action="store_true", help="start an in-process amqtt broker (single box)")
+    sub.add_argument("--force", action="store_true", help="overwrite an existing config file")
+    sub.set_defaults(handler=_run_init)
+
+
+def _run_init(args: argparse.Namespace) -> int:
+    from coordinator import enrollment
+
+    enrollment.init(config_path=args.config, state_dir=args.state, federation=args.federation,
+                    broker_url=args.broker_url, embedded_broker=args.embedded_broker, force=args.force)
+    print(f"wrote {args.config} and the coordinator keys in {args.state}/keys")
+    return 0
+
+
+def _add_enroll(commands: argparse._SubParsersAction) -> None:
+    sub = commands.add_parser("enroll", help="add a device to the allow-list and write its enrollment bundle")
+    sub.add_argument("device_id", help="device id (1-64 of A-Z a-z 0-9 . _ -); also its broker user name")
+    _add_config_flags(sub)
+    sub.add_argument("--out", type=Path, required=True, help="bundle file to write (copy it to the device)")
+    sub.add_argument("--broker-password", default="", help="the device's broker password (from `provision`)")
+    sub.add_argument("--broker-url", default="", help="URL the device uses; default: the coordinator's")
+    sub.set_defaults(handler=_run_enroll)
+
+
+def _run_enroll(args: argparse.Namespace) -> int:
+    from coordinator import enrollment
+
+    bundle = enrollment.enroll(_load(args), args.device_id, args.out, broker_password=args.broker_password,
+                               broker_url=args.broker_url or None)
+    print(f"enrolled {bundle.device_id} (key {bundle.identity.public.fingerprint()}); bundle: {args.out}")
+    return 0
+
+
+def _add_revoke(commands: argparse._SubParsersAction) -> None:
+    sub = commands.add_parser("revoke", help="remove a device from the allow-list")
+    sub.add_argument("device_id")
+    _add_config_flags(sub)
+    sub.set_defaults(handler=_run_revoke)
+
+
+def _run_revoke(args: argparse.Namespace) -> int:
+    from coordinator import enrollment
+
+    enrollment.revoke(_load(args), args.device_id)
+    print(f"revoked {args.device_id}")
+    return 0
+
+
+def _add_run(commands: argparse._SubParsersAction) -> None:
+    sub = commands.add_parser("run", help="run the coordinator daemon until the configured rounds are done")
+    _add_config_flags(sub)
+    sub.set_defaults(handler=_run_daemon)
+
+
+def _run_daemon(args: argparse.Namespace) -> int:
+    from coordinator.daemon import run_with_broker
+
+    return run_with_broker(_load(args))
+
+
+def _add_status(commands: argparse._SubParsersAction) -> None:
+    sub = commands.add_parser("status", help="show rounds, accuracy and devices from the state directory")
+    _add_config_flags(sub)
+    sub.add_argument("--json", action="store_true", help="machine-readable output")
+    sub.set_defaults(handler=_run_status)
+
+
+def _run_status(args: argparse.Namespace) -> int:
+    from coordinator import enrollment
+
+    print(enrollment.status_report(_load(args), as_json=args.json))
+    return 0
+
+
+_COMMANDS = [_add_init, _add_enroll, _add_revoke, _add_run, _add_status, _add_simulate]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    try:
+        code = args.handler(args)
+    except (ConfigError, StateError, EnrollmentError) as exc:
+        print(f"fedprune-coordinator: {type(exc).__name__}: {exc}", file=sys.stderr)
+        code = 78
+    except KeyboardInterrupt:
+        code = 0
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

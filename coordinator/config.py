@@ -1,0 +1,137 @@
+"""CoordinatorConfig: every knob of the daemon, declared once.
+
+Loaded from defaults < TOML (``--config``) < ``FEDPRUNE_COORDINATOR_<SECTION>_<KEY>`` <
+``--set section.key=value``; validated into frozen dataclasses. ``init`` renders the commented
+example from the same declarations. This module is the only reader of ``os.environ``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+from urllib.parse import urlsplit
+
+from coordinator.strategy import StrategyConfig
+from edge_agent.configkit import ConfigError, in_range, load, one_of, render_example, setting
+from protocol.topics import is_valid_id
+
+ENV_PREFIX = "FEDPRUNE_COORDINATOR_"
+
+
+def _broker_url(value: str) -> str | None:
+    parts = urlsplit(value)
+    if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname or "://" not in value:
+        return "mqtt://host:port or mqtts://host:port"
+    try:
+        parts.port
+    except ValueError:
+        return "a port number in 1..65535"
+    return None
+
+
+def _valid_id(value: str) -> str | None:
+    return None if is_valid_id(value) else "1-64 characters from A-Z a-z 0-9 . _ -"
+
+
+def _positive_dims(value: tuple[int, ...]) -> str | None:
+    return None if value and all(d > 0 for d in value) else "a non-empty list of positive ints"
+
+
+@dataclass(frozen=True)
+class FederationSection:
+    """Which federation this coordinator runs and which model it trains."""
+
+    id: str = setting("demo", "federation id; part of every topic", check=_valid_id)
+    model: str = setting("mlp", "built-in model name: mlp, cnn2d or cnn1d", check=one_of("mlp", "cnn2d", "cnn1d"))
+    input_shape: tuple[int, ...] = setting((64,), "shape of one input sample (digits: [64] for mlp, [1, 8, 8] for cnn2d)", check=_positive_dims)
+    num_classes: int = setting(10, "number of classes", check=in_range(2, 100_000))
+    seed: int = setting(0, "seed of the initial model, masks and device selection", check=in_range(0, 2**31 - 1))
+
+
+@dataclass(frozen=True)
+class BrokerSection:
+    """The MQTT broker; `embedded = true` starts an in-process amqtt broker (demo only, no ACLs)."""
+
+    url: str = setting("mqtt://127.0.0.1:1883", "broker URL, mqtt://host:port or mqtts://host:port", check=_broker_url)
+    embedded: bool = setting(False, "start an embedded amqtt broker on the URL's port (single box and demo; not a security boundary)")
+    username: str = setting("coordinator", "broker user name")
+    password: str = setting("", "broker password (prefer the env FEDPRUNE_COORDINATOR_BROKER_PASSWORD)", secret=True)
+    ca_file: Path | None = setting(None, "CA certificate that signed the broker's certificate (mqtts)")
+    cert_file: Path | None = setting(None, "client certificate for mutual TLS")
+    key_file: Path | None = setting(None, "client private key for mutual TLS")
+    max_message_kib: int = setting(128, "largest MQTT message sent; larger payloads are chunked", check=in_range(4, 256 * 1024))
+
+
+@dataclass(frozen=True)
+class RoundsSection:
+    """How rounds are run."""
+
+    total: int = setting(20, "rounds to run (T)", check=in_range(1, 1_000_000))
+    min_devices: int = setting(2, "online devices needed before a round starts", check=in_range(1, 1_000_000))
+    quorum: int = setting(2, "updates needed to aggregate at the deadline", check=in_range(1, 1_000_000))
+    deadline_s: float = setting(120.0, "seconds a round waits for updates", check=in_range(0.1, 86_400))
+    on_missed_quorum: str = setting("retry", "at the deadline without quorum: close with what arrived, or retry", check=one_of("close", "retry"))
+    max_retries: int = setting(2, "re-announcements of a round that missed quorum", check=in_range(0, 100))
+    reannounce_s: float = setting(10.0, "re-send the task to selected devices that have not answered, every this many seconds", check=in_range(0.5, 3600))
+    heartbeat_timeout_s: float = setting(90.0, "a device is offline when silent this long", check=in_range(1, 86_400))
+
+
+@dataclass(frozen=True)
+class StateSection:
+    """Where the coordinator keeps keys, registry and checkpoints."""
+
+    dir: Path = setting(Path("fedprune-state"), "state directory (keys, registry, checkpoints)")
+    keep_checkpoints: int = setting(3, "checkpoints kept", check=in_range(1, 1000))
+
+
+@dataclass(frozen=True)
+class EvaluationSection:
+    """Held-out data the coordinator evaluates the global model on (never used for training)."""
+
+    data: Path | None = setting(None, "a .npz (X, y) or CSV file or directory; empty: no evaluation")
+
+
+@dataclass(frozen=True)
+class MetricsSection:
+    """Prometheus endpoint."""
+
+    host: str = setting("127.0.0.1", "address of the /metrics endpoint")
+    port: int = setting(9464, "port of the /metrics endpoint; 0 picks a free one; -1 disables it", check=in_range(-1, 65535))
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    federation: FederationSection = field(default_factory=FederationSection)
+    broker: BrokerSection = field(default_factory=BrokerSection)
+    rounds: RoundsSection = field(default_factory=RoundsSection)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    state: StateSection = field(default_factory=StateSection)
+    evaluation: EvaluationSection = field(default_factory=EvaluationSection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
+
+    def __post_init__(self) -> None:
+        if self.rounds.quorum > self.rounds.min_devices:
+            raise ConfigError(
+                f"[rounds] quorum {self.rounds.quorum}: expected at most min_devices ({self.rounds.min_devices})"
+            )
+        if self.strategy.rounds != self.rounds.total:
+            object.__setattr__(self, "strategy", _with_rounds(self.strategy, self.rounds.total))
+
+
+def _with_rounds(strategy: StrategyConfig, total: int) -> StrategyConfig:
+    """The schedule (T_end, ΔT) follows [rounds] total; one number, not two to keep in sync."""
+    from dataclasses import replace
+
+    return replace(strategy, rounds=total)
+
+
+def load_config(path: Path | None, overrides: Mapping[str, str] | None = None,
+                env: Mapping[str, str] | None = None) -> CoordinatorConfig:
+    return load(CoordinatorConfig, toml_path=path, env=os.environ if env is None else env,
+                env_prefix=ENV_PREFIX, overrides=overrides)
+
+
+def example_config(values: Mapping[str, Mapping[str, object]] | None = None) -> str:
+    return render_example(CoordinatorConfig, "fedprune coordinator configuration", values)

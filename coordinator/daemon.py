@@ -1,0 +1,344 @@
+"""The coordinator's shell: one loop that feeds MQTT messages and clock ticks to the round
+machine and the strategy, and carries out what they decide (publish, checkpoint, count).
+
+A round, top to bottom: ``_maybe_start_round`` plans it (strategy), signs and publishes the
+RoundTask (channel), opens it (rounds); ``_on_message`` authenticates each uplink (channel),
+updates presence (registry) and hands updates to the round machine; ``_tick`` closes the round
+at quorum/deadline, aggregates (strategy), evaluates, checkpoints atomically (state) and only
+then counts the round as done. A crash anywhere before the checkpoint replays the round from
+the previous checkpoint; after it, the next run starts at the next round. Peer input never
+raises past ``_on_message``: a ProtocolError becomes a counted, logged rejection.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import signal
+import time
+from dataclasses import asdict, replace
+from typing import Any, Callable
+
+import numpy as np
+
+from coordinator.config import CoordinatorConfig
+from coordinator.metrics import Metrics, MetricsServer
+from coordinator.registry import Registry
+from coordinator.rounds import Accepted, CloseRound, RetryRound, RoundMachine, RoundPolicy
+from coordinator.state import StateDir, StateError
+from coordinator.strategy import ClientUpdate, GlobalState, RoundPlan, Strategy
+from edge_agent.mqtt import LinkConfig, MqttError, MqttLink
+from protocol.channel import CoordinatorChannel, Publication
+from protocol.crypto import Identity, PublicIdentity
+from protocol.errors import ProtocolError
+from protocol.layout import ModelLayout
+from protocol.messages import ModelRef, Register, RoundTask, State, Status, Update
+from protocol.sparse import SparseParams
+
+log = logging.getLogger("fedprune.coordinator")
+
+IDENTITY_FILE = "coordinator.pem"
+
+
+def declare_metrics(metrics: Metrics) -> None:
+    for name, kind, help_text in (
+        ("rounds_completed_total", "counter", "Rounds aggregated and checkpointed."),
+        ("updates_accepted_total", "counter", "Updates accepted into a round."),
+        ("updates_rejected_total", "counter", "Updates and messages rejected, by reason."),
+        ("bytes_in_total", "counter", "MQTT payload bytes received."),
+        ("bytes_out_total", "counter", "MQTT payload bytes published."),
+        ("devices_online", "gauge", "Devices heard from within the heartbeat timeout."),
+        ("device_importance", "gauge", "Importance score r of each device after the last round."),
+        ("round_duration_seconds", "gauge", "Wall time of the last completed round."),
+        ("current_round", "gauge", "Round in progress (or next to run)."),
+        ("global_accuracy", "gauge", "Accuracy of the global model on the coordinator's evaluation set."),
+        ("rounds_declined_total", "counter", "Rounds devices declined (governance), by reason."),
+    ):
+        metrics.declare(name, kind, help_text)
+
+
+def load_identity(state: StateDir) -> Identity:
+    path = state.keys / IDENTITY_FILE
+    try:
+        return Identity.from_pem(path.read_bytes())
+    except FileNotFoundError:
+        raise StateError(f"{path} is missing: run `fedprune-coordinator init` first") from None
+
+
+def model_spec(config: CoordinatorConfig):
+    from edge_agent.models import ModelSpec
+
+    f = config.federation
+    return ModelSpec(f.model, tuple(f.input_shape), f.num_classes)
+
+
+class CoordinatorDaemon:
+    def __init__(self, config: CoordinatorConfig, clock: Callable[[], float] = time.time) -> None:
+        from edge_agent.models import init_params, model_layout
+
+        self.config = config
+        self.clock = clock
+        self.stopping = False
+        self.state_dir = StateDir(config.state.dir, keep=config.state.keep_checkpoints)
+        self.state_dir.ensure()
+        self.identity = load_identity(self.state_dir)
+        registry_doc = self.state_dir.load_registry()
+        self.registry = (Registry.from_dict(registry_doc) if registry_doc
+                         else Registry(config.rounds.heartbeat_timeout_s))
+        self.registry.heartbeat_timeout_s = config.rounds.heartbeat_timeout_s
+        self.spec = model_spec(config)
+        self.layout: ModelLayout = model_layout(self.spec)
+        self.model_ref = ModelRef(self.spec.name, tuple(self.spec.input_shape), self.spec.num_classes)
+        self.strategy = Strategy(config.strategy)
+        self.metrics = Metrics()
+        declare_metrics(self.metrics)
+        self.history: list[dict[str, Any]] = []
+        self.holders: dict[str, int] = {}
+        checkpoint = self.state_dir.load_latest_checkpoint()
+        if checkpoint is None:
+            self.rng = np.random.default_rng(config.federation.seed)
+            self.state = self.strategy.initial_state(self.layout, init_params(self.spec, config.federation.seed), self.rng)
+            self._checkpoint(completed=0)
+        else:
+            self._restore(checkpoint)
+        self.channel = CoordinatorChannel(
+            federation=config.federation.id, identity=self.identity, devices=self._device_key, layout=self.layout,
+            max_chunk=config.broker.max_message_kib * 1024,
+        )
+        self.rounds: RoundMachine[Update] = RoundMachine(RoundPolicy(
+            quorum=config.rounds.quorum, deadline_s=config.rounds.deadline_s,
+            on_missed_quorum=config.rounds.on_missed_quorum, max_retries=config.rounds.max_retries,
+        ))
+        self.evaluation = self._load_evaluation()
+        self.plan: RoundPlan | None = None
+        self.task_publications: list[Publication] = []
+        self.round_started = 0.0
+        self.next_announce = 0.0
+        self.link: MqttLink | None = None
+
+    # ---- state ----------------------------------------------------------------------------------
+    @property
+    def completed(self) -> int:
+        return self.state.round - 1
+
+    def _checkpoint(self, completed: int) -> None:
+        s = self.state
+        self.state_dir.save_checkpoint(completed, {
+            "state_round": s.round, "params": s.params, "masks": s.masks, "mask_version": s.mask_version,
+            "densities": s.densities, "counts": s.counts, "quality": s.quality, "data_sizes": s.data_sizes,
+            "importance": s.importance, "rng": json.dumps(self.rng.bit_generator.state),
+            "history": self.history, "holders": self.holders,
+        })
+
+    def _restore(self, doc: dict[str, Any]) -> None:
+        self.rng = np.random.default_rng()
+        self.rng.bit_generator.state = json.loads(doc["rng"])
+        self.state = GlobalState(
+            layout=self.layout, round=int(doc["state_round"]), params=doc["params"], masks=doc["masks"],
+            mask_version=int(doc["mask_version"]), densities=doc["densities"], counts=doc["counts"],
+            quality=doc["quality"], data_sizes=doc["data_sizes"], importance=doc["importance"],
+        )
+        self.history = list(doc["history"])
+        self.holders = dict(doc["holders"])
+        log.info("event=resumed completed_rounds=%d mask_version=%d", self.completed, self.state.mask_version)
+
+    def _device_key(self, device_id: str) -> PublicIdentity | None:
+        record = self.registry.get(device_id)
+        return None if record is None else PublicIdentity(record.sign_public, record.kx_public)
+
+    def _load_evaluation(self):
+        path = self.config.evaluation.data
+        if path is None:
+            return None
+        from edge_agent.data import load_local_data
+
+        return load_local_data(path)
+
+    # ---- main loop ------------------------------------------------------------------------------
+    def stop(self, *_: object) -> None:
+        self.stopping = True
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self.stop)
+        signal.signal(signal.SIGINT, self.stop)
+        server = None
+        if self.config.metrics.port >= 0:
+            server = MetricsServer(self.metrics, self.config.metrics.host, self.config.metrics.port).start()
+            log.info("event=metrics_listening url=http://%s:%d/metrics", self.config.metrics.host, server.port)
+        self.metrics_port = server.port if server else None
+        broker = self.config.broker
+        self.link = MqttLink(LinkConfig(
+            url=broker.url, client_id=f"fedprune-coordinator-{self.config.federation.id}",
+            username=broker.username or None, password=broker.password or None, ca_file=broker.ca_file,
+            cert_file=broker.cert_file, key_file=broker.key_file, clean_start=False, session_expiry_s=86_400,
+            max_message_bytes=broker.max_message_kib * 1024, max_queued_messages=100_000,
+        ), subscriptions=[(f, 1) for f in self.channel.subscriptions])
+        log.info("event=start federation=%s completed_rounds=%d total_rounds=%d broker=%s",
+                 self.config.federation.id, self.completed, self.config.rounds.total, broker.url)
+        try:
+            while not self.stopping and self.completed < self.config.rounds.total:
+                try:
+                    topic, payload = self.link.messages.get(timeout=0.05)
+                except queue.Empty:
+                    pass
+                else:
+                    self._on_message(topic, payload)
+                    while not self.link.messages.empty() and not self.stopping:
+                        self._on_message(*self.link.messages.get_nowait())
+                self._tick()
+        finally:
+            self.link.close()
+            if server is not None:
+                server.stop()
+        log.info("event=stopped completed_rounds=%d", self.completed)
+        return 0
+
+    def _on_message(self, topic: str, payload: bytes) -> None:
+        now = self.clock()
+        self.metrics.inc("bytes_in_total", len(payload))
+        try:
+            message = self.channel.receive(topic, payload, now)
+        except ProtocolError as exc:
+            self.metrics.inc("updates_rejected_total", reason=exc.reason)
+            log.warning("event=rejected topic=%s reason=%s detail=%s", topic, exc.reason, exc)
+            return
+        if message is None:
+            return
+        if isinstance(message, Register):
+            self.registry.seen(message.device, now, capabilities={
+                "cpu_count": message.cpu_count, "ram_mb": message.ram_mb, "accelerator": message.accelerator,
+                "agent_version": message.agent_version}, n_examples=message.n_examples)
+            if message.cached_mask_version is not None:
+                self.holders[message.device] = message.cached_mask_version
+            self.state_dir.save_registry(self.registry.to_dict())
+            log.info("event=registered device=%s examples=%d", message.device, message.n_examples)
+            self._announce_to_late_joiner(message.device)
+        elif isinstance(message, Status):
+            self.registry.seen(message.device, now, online=message.state is not State.OFFLINE)
+            if message.state is State.DECLINED:
+                self.metrics.inc("rounds_declined_total", reason=message.reason)
+                log.info("event=declined device=%s round=%d reason=%s", message.device, message.round, message.reason)
+        elif isinstance(message, Update):
+            self.registry.seen(message.device, now)
+            verdict = self.rounds.on_update(message.device, message.round, message, now)
+            if isinstance(verdict, Accepted):
+                self.metrics.inc("updates_accepted_total")
+                log.info("event=update_accepted device=%s round=%d", message.device, message.round)
+            else:
+                self.metrics.inc("updates_rejected_total", reason=verdict.reason)
+                log.warning("event=update_rejected device=%s round=%d reason=%s",
+                            message.device, message.round, verdict.reason)
+
+    def _tick(self) -> None:
+        now = self.clock()
+        self.metrics.set("devices_online", len(self.registry.online(now)))
+        if self.rounds.open_round is None:
+            self._maybe_start_round(now)
+            return
+        action = self.rounds.tick(now)
+        if isinstance(action, CloseRound):
+            self._close_round(action, now)
+        elif isinstance(action, RetryRound):
+            log.warning("event=round_retry round=%d attempt=%d missing=%s", action.round, action.attempt,
+                        ",".join(action.missing))
+            self._publish_task(replace(self._task, deadline=action.deadline), now)
+        elif now >= self.next_announce:
+            self._publish_task(self._task, now)
+
+    def _maybe_start_round(self, now: float) -> None:
+        online = self.registry.online(now)
+        if len(online) < self.config.rounds.min_devices:
+            return
+        self.plan = self.strategy.plan_round(self.state, online, self.rng)
+        if self.plan.client_masks:
+            raise StateError("adaptive_density needs per-device tasks, which the daemon does not send yet; "
+                             "set [strategy] adaptive_density = false")
+        deadline = now + self.config.rounds.deadline_s
+        include_masks = any(self.holders.get(d) != self.state.mask_version for d in self.plan.selected)
+        self._task = RoundTask(
+            federation=self.config.federation.id, round=self.plan.round, mask_version=self.state.mask_version,
+            model=self.model_ref, weights=SparseParams.from_dense(self.layout, self.state.params, self.state.masks),
+            hyper=self.plan.hyper, deadline=deadline, selected=self.plan.selected, include_masks=include_masks,
+        )
+        self.rounds.open(self.plan.round, self.plan.selected, now)
+        self.round_started = now
+        self.metrics.set("current_round", self.plan.round)
+        log.info("event=round_open round=%d selected=%d readjust=%s p_t=%.3f deadline_s=%.1f",
+                 self.plan.round, len(self.plan.selected), self.plan.readjust, self.plan.p_t,
+                 self.config.rounds.deadline_s)
+        self._publish_task(self._task, now)
+
+    def _announce_to_late_joiner(self, device: str) -> None:
+        if self.rounds.open_round is not None and device in self.plan.selected and device not in self.rounds.received:
+            self._publish_task(replace(self._task, include_masks=True), self.clock())
+
+    def _publish_task(self, task: RoundTask, now: float) -> None:
+        self.next_announce = now + self.config.rounds.reannounce_s
+        try:
+            for publication in self.channel.send(task, now):
+                self.link.publish(publication.topic, publication.payload, qos=1)
+                self.metrics.inc("bytes_out_total", len(publication.payload))
+        except MqttError as exc:
+            log.warning("event=task_not_published round=%d error=%s", task.round, exc)
+
+    def _close_round(self, closed: CloseRound[Update], now: float) -> None:
+        plan = self.plan
+        updates = [
+            ClientUpdate(
+                client_id=u.device, n_examples=u.n_examples, delta=u.delta_params(), masks=u.masks,
+                buffers=dict(u.buffers), train_loss=u.metrics.get("train_loss", float("nan")),
+                class_losses=dict(u.class_losses),
+            )
+            for u in closed.updates.values()
+        ]
+        result = self.strategy.finish_round(self.state, plan, updates) if updates else None
+        if result is not None:
+            for device in closed.updates:
+                self.holders[device] = self.state.mask_version
+            self.state = result.state
+        else:
+            self.state = replace(self.state, round=self.state.round + 1)
+        entry: dict[str, Any] = {
+            "round": closed.round, "selected": len(plan.selected), "received": len(closed.updates),
+            "reached_quorum": closed.reached_quorum, "readjust": plan.readjust, "p_t": plan.p_t,
+            "mask_version": self.state.mask_version, "duration_s": now - self.round_started,
+            "cum_bytes_in": int(self.metrics.value("bytes_in_total")),
+            "cum_bytes_out": int(self.metrics.value("bytes_out_total")),
+        }
+        if result is not None:
+            entry["rejected"] = result.rejected
+            entry["scores"] = {d: asdict(s) for d, s in result.scores.items()}
+            entry["mask_churn"] = result.mask_churn
+        if self.evaluation is not None:
+            from edge_agent.models import evaluate
+
+            ev = evaluate(self.spec, self.state.params, *self.evaluation)
+            entry.update(accuracy=ev.accuracy, loss=ev.loss)
+            self.metrics.set("global_accuracy", ev.accuracy)
+        self.history.append(entry)
+        self._checkpoint(completed=closed.round)
+        self.state_dir.save_registry(self.registry.to_dict())
+        self.state_dir.append_history(entry)
+        self.metrics.inc("rounds_completed_total")
+        self.metrics.set("round_duration_seconds", entry["duration_s"])
+        self.metrics.set("current_round", self.state.round)
+        self.metrics.clear("device_importance")
+        for device, score in entry.get("scores", {}).items():
+            self.metrics.set("device_importance", score["r"], device=device)
+        log.info("event=round_closed round=%d received=%d/%d accuracy=%s duration_s=%.2f",
+                 closed.round, len(closed.updates), len(plan.selected),
+                 f"{entry['accuracy']:.4f}" if "accuracy" in entry else "n/a", entry["duration_s"])
+
+
+def run_with_broker(config: CoordinatorConfig) -> int:
+    """Run the daemon, first starting the embedded broker when the config asks for one."""
+    if not config.broker.embedded:
+        return CoordinatorDaemon(config).run()
+    from urllib.parse import urlsplit
+
+    from coordinator.broker import EmbeddedBroker
+
+    parts = urlsplit(config.broker.url)
+    with EmbeddedBroker(host=parts.hostname or "127.0.0.1", port=parts.port or 1883):
+        return CoordinatorDaemon(config).run()

@@ -1,0 +1,245 @@
+"""The agent's shell: one loop that feeds MQTT messages and clock ticks to AgentCore and
+carries out its actions (train, seal and publish, report status, audit).
+
+Everything that decides lives in ``edge_agent.agent`` (what to do with a task) and
+``protocol.channel`` (verify, decode, seal, chunk). paho's callbacks only enqueue; signal
+handlers only set a flag; the loop below is the only thread that touches the core.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import signal
+import time
+from pathlib import Path
+from typing import Callable
+
+from edge_agent import worker
+from edge_agent.agent import AgentCore, Decline, Ignore, Phase, ReportStatus, Resend, Train, Upload
+from edge_agent.audit import AuditLog
+from edge_agent.bundle import Bundle, load_bundle
+from edge_agent.config import AgentConfig
+from edge_agent.data import load_local_data
+from edge_agent.fsutil import atomic_write
+from edge_agent.mqtt import LastWill, LinkConfig, MqttError, MqttLink
+from protocol.channel import AgentChannel, Publication
+from protocol.errors import ProtocolError
+from protocol.layout import ModelLayout
+from protocol.messages import ModelRef, Register, RoundTask, State, Status, Update
+from protocol.sparse import SparseParams
+
+log = logging.getLogger("fedprune.agent")
+
+_PHASE_STATE = {Phase.IDLE: State.IDLE, Phase.TRAINING: State.TRAINING, Phase.UPLOADING: State.UPLOADING}
+
+
+class AgentDaemon:
+    def __init__(self, config: AgentConfig, clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.clock = clock
+        self.stopping = False
+        section = config.agent
+        self.bundle: Bundle = load_bundle(section.bundle)
+        self.state_dir = Path(section.state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.audit = AuditLog(self.state_dir / "audit.jsonl")
+        _, labels = load_local_data(section.data)
+        self.n_examples = int(len(labels))
+        self.core = AgentCore(self.bundle.device_id)
+        self._layouts: dict[ModelRef, ModelLayout] = {}
+        self.channel = AgentChannel(
+            federation=self.bundle.federation, device=self.bundle.device_id, identity=self.bundle.identity,
+            coordinator=self.bundle.coordinator, layout=self._layout_for,
+        )
+        self._sent: dict[int, list[Publication]] = {}
+        self._round = 0
+        self._connects_seen = 0
+        self._next_heartbeat = 0.0
+        self.link: MqttLink | None = None
+
+    def _layout_for(self, model: ModelRef) -> ModelLayout:
+        if model not in self._layouts:
+            resolve = worker.layout_in_child if self.config.agent.train_in_subprocess else worker.layout_for
+            self._layouts[model] = resolve(model)
+        return self._layouts[model]
+
+    def _link_config(self) -> LinkConfig:
+        override = self.config.broker
+        url = override.url or self.bundle.broker_url
+        ca_file = override.ca_file
+        if ca_file is None and self.bundle.ca_pem and url.startswith("mqtts://"):
+            ca_file = self.state_dir / "broker-ca.pem"
+            atomic_write(ca_file, self.bundle.ca_pem, mode=0o644)
+        will = self.channel.last_will(self.clock())
+        return LinkConfig(
+            url=url, client_id=f"fedprune-agent-{self.bundle.device_id}",
+            username=self.bundle.broker_username or None, password=self.bundle.broker_password or None,
+            ca_file=ca_file, will=LastWill(will.topic, will.payload, qos=1),
+        )
+
+    def stop(self, *_: object) -> None:
+        self.stopping = True
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self.stop)
+        signal.signal(signal.SIGINT, self.stop)
+        if not self.config.agent.train_in_subprocess:
+            worker.warm_up()
+        self.link = MqttLink(self._link_config(), subscriptions=[(f, 1) for f in self.channel.subscriptions])
+        log.info("event=start device=%s federation=%s examples=%d broker=%s", self.bundle.device_id,
+                 self.bundle.federation, self.n_examples, self.link_url)
+        try:
+            while not self.stopping:
+                self._maybe_register()
+                try:
+                    topic, payload = self.link.messages.get(timeout=0.2)
+                except queue.Empty:
+                    pass
+                else:
+                    self._on_message(topic, payload)
+                self._maybe_heartbeat()
+        finally:
+            if self.link.connected:
+                self._publish_status(State.OFFLINE, "stopped")
+            self.link.close()
+        log.info("event=stopped device=%s", self.bundle.device_id)
+        return 0
+
+    @property
+    def link_url(self) -> str:
+        return self.config.broker.url or self.bundle.broker_url
+
+    def _maybe_register(self) -> None:
+        connects = self.link.stats().connects
+        if self.link.connected and connects != self._connects_seen:
+            self._connects_seen = connects
+            register = Register(
+                device=self.bundle.device_id, cpu_count=os.cpu_count() or 1, ram_mb=_ram_mb(),
+                accelerator=_accelerator(self.config.agent.device), n_examples=self.n_examples,
+                agent_version=_version(), cached_mask_version=self.channel.masks.latest,
+            )
+            self._publish(self.channel.send(register, self.clock()), "register", self._round)
+            log.info("event=registered device=%s connects=%d", self.bundle.device_id, connects)
+
+    def _maybe_heartbeat(self) -> None:
+        now = self.clock()
+        if self.link.connected and now >= self._next_heartbeat:
+            self._next_heartbeat = now + self.config.agent.heartbeat_s
+            self._publish_status(_PHASE_STATE[self.core.phase], "heartbeat")
+
+    def _publish_status(self, state: State, reason: str) -> None:
+        status = Status(self.bundle.device_id, state, self._round, reason, self.clock())
+        try:
+            self._publish(self.channel.send(status, self.clock()), "status", self._round)
+        except MqttError as exc:
+            log.warning("event=status_not_sent reason=%s", exc)
+
+    def _on_message(self, topic: str, payload: bytes) -> None:
+        now = self.clock()
+        try:
+            message = self.channel.receive(topic, payload, now)
+        except ProtocolError as exc:
+            log.warning("event=message_rejected topic=%s reason=%s detail=%s", topic, exc.reason, exc)
+            return
+        if isinstance(message, RoundTask):
+            self._on_task(message)
+
+    def _on_task(self, task: RoundTask) -> None:
+        for action in self.core.on_task(task, self.clock()):
+            self._carry_out(action, task)
+
+    def _carry_out(self, action: object, task: RoundTask) -> None:
+        if isinstance(action, ReportStatus):
+            self._round = action.round
+            self._publish_status(_PHASE_STATE[action.phase], "round")
+        elif isinstance(action, Train):
+            self._train_and_upload(task)
+        elif isinstance(action, Resend):
+            log.info("event=resend round=%d reason=task_repeated", action.round)
+            self._publish(self._sent.get(action.round, []), "update", action.round)
+        elif isinstance(action, Ignore):
+            log.debug("event=task_ignored round=%d reason=%s", action.round, action.reason)
+        elif isinstance(action, Decline):
+            log.info("event=round_declined round=%d reason=%s", action.round, action.reason)
+            self._publish_status(State.DECLINED, action.reason)
+
+    def _train_and_upload(self, task: RoundTask) -> None:
+        section = self.config.agent
+        job = worker.TrainJob(
+            model=task.model, params=task.params(), masks=task.masks, hyper=task.hyper,
+            data_path=section.data, device=_torch_device(section.device), threads=section.threads,
+        )
+        try:
+            run = worker.train_in_child if section.train_in_subprocess else worker.train
+            outcome = run(job)
+        except (worker.WorkerError, ValueError, MemoryError, OSError) as exc:
+            log.error("event=training_failed round=%d error=%s", task.round, exc)
+            for action in self.core.on_failed(task.round, "training_failed"):
+                self._carry_out(action, task)
+            return
+        log.info("event=trained round=%d examples=%d steps=%d loss=%.4f seconds=%.2f mask_changed=%s",
+                 task.round, outcome.n_examples, outcome.steps, outcome.train_loss, outcome.seconds,
+                 outcome.mask_changed)
+        self.core.on_trained(task.round)
+        trainable = task.layout.subset(s.name for s in task.layout.trainable)
+        update = Update(
+            round=task.round, device=self.bundle.device_id, mask_version=task.mask_version,
+            n_examples=outcome.n_examples, metrics={"train_loss": outcome.train_loss, "steps": outcome.steps,
+                                                     "train_seconds": outcome.seconds},
+            class_losses=outcome.class_losses,
+            delta=SparseParams.from_dense(trainable, {s.name: outcome.delta[s.name] for s in trainable},
+                                          outcome.masks),
+            mask_changed=outcome.mask_changed, buffers=outcome.buffers,
+        )
+        publications = self.channel.send(update, self.clock())
+        self._sent = {task.round: publications}
+        try:
+            self._publish(publications, "update", task.round, wait=True)
+        except MqttError as exc:
+            log.error("event=upload_failed round=%d error=%s", task.round, exc)
+            for action in self.core.on_failed(task.round, "upload_failed"):
+                self._carry_out(action, task)
+            return
+        for action in self.core.on_uploaded(task.round, task.mask_version):
+            self._carry_out(action, task)
+
+    def _publish(self, publications: list[Publication], kind: str, round_number: int, wait: bool = False) -> None:
+        handles = []
+        for publication in publications:
+            handles.append(self.link.publish(publication.topic, publication.payload, qos=1, retain=publication.retain))
+            self.audit.record(now=self.clock(), federation=self.bundle.federation, round=round_number,
+                              message_type=kind, topic=publication.topic, payload=publication.payload)
+        if wait:
+            deadline = time.monotonic() + self.config.agent.upload_timeout_s
+            for handle in handles:
+                if not handle.wait(max(0.0, deadline - time.monotonic())):
+                    raise MqttError(f"broker did not acknowledge the {kind} within "
+                                    f"{self.config.agent.upload_timeout_s} s")
+
+
+def _torch_device(choice: str) -> str:
+    if choice != "auto":
+        return choice
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _accelerator(choice: str) -> str:
+    return "cuda" if choice == "cuda" else ("auto" if choice == "auto" else "none")
+
+
+def _ram_mb() -> int:
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1 << 20))
+    except (ValueError, OSError):
+        return 0
+
+
+def _version() -> str:
+    from importlib.metadata import version
+
+    return version("fedprune")
+

@@ -1,0 +1,160 @@
+"""Where torch lives on the device: model layouts and local training, in-process or in a child.
+
+An idle agent should stay small (importing torch alone costs ~200 MB RSS), so by default the
+daemon runs each training job in a short-lived child process (``python -m edge_agent.worker``)
+that reads one msgpack job from stdin and writes one msgpack result to stdout. With
+``in_process=True`` (many agents on one box, as in the demo) torch is imported once, lazily.
+Jobs carry only arrays and plain values; no pickle crosses the pipe.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from protocol.hyperparams import HyperParams
+from protocol.layout import ModelLayout, TensorSpec
+from protocol.messages import ModelRef
+
+Params = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    model: ModelRef
+    params: Params
+    masks: Params
+    hyper: HyperParams
+    data_path: Path
+    device: str
+    threads: int
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    delta: Params
+    buffers: Params
+    masks: Params
+    mask_changed: bool
+    n_examples: int
+    steps: int
+    train_loss: float
+    class_losses: dict[int, tuple[float, int]]
+    seconds: float
+
+
+class WorkerError(RuntimeError):
+    """Training failed in the worker; the message is the worker's own last words."""
+
+
+def _arrays_out(arrays: Params) -> dict[str, Any]:
+    return {k: [v.dtype.str, list(v.shape), np.ascontiguousarray(v).tobytes()] for k, v in arrays.items()}
+
+
+def _arrays_in(packed: dict[str, Any]) -> Params:
+    return {k: np.frombuffer(raw, dtype=np.dtype(dt)).reshape(shape).copy() for k, (dt, shape, raw) in packed.items()}
+
+
+def _model_spec(model: ModelRef):
+    from edge_agent.models import ModelSpec
+
+    return ModelSpec(model.name, tuple(model.input_shape), model.num_classes)
+
+
+def layout_for(model: ModelRef) -> ModelLayout:
+    """The layout of a built-in model; imports torch (cached per model by the caller)."""
+    from edge_agent.models import model_layout
+
+    return model_layout(_model_spec(model))
+
+
+def layout_in_child(model: ModelRef, python: str = sys.executable) -> ModelLayout:
+    """Same as :func:`layout_for` without loading torch into this process."""
+    job = msgpack.packb({"op": "layout", "model": [model.name, list(model.input_shape), model.num_classes]})
+    done = subprocess.run([python, "-m", "edge_agent.worker"], input=job, capture_output=True, check=False)
+    if done.returncode != 0:
+        raise WorkerError(done.stderr.decode(errors="replace").strip()[-500:])
+    specs = msgpack.unpackb(done.stdout)
+    return ModelLayout(tuple(TensorSpec(n, tuple(s), m, t) for n, s, m, t in specs))
+
+
+def warm_up() -> None:
+    """Import torch and the trainer now, so the first round does not pay for it mid-deadline."""
+    import edge_agent.training  # noqa: F401
+
+
+def train(job: TrainJob) -> TrainOutcome:
+    import time
+
+    import torch
+
+    from edge_agent.data import load_local_data
+    from edge_agent.training import train_local
+
+    if job.threads > 0:
+        torch.set_num_threads(job.threads)
+    X, y = load_local_data(job.data_path)
+    started = time.perf_counter()
+    result = train_local(_model_spec(job.model), job.params, job.masks, X, y, job.hyper, device=job.device)
+    return TrainOutcome(
+        delta=result.delta, buffers=result.buffers, masks=result.masks, mask_changed=result.mask_changed,
+        n_examples=result.n_examples, steps=result.steps, train_loss=result.train_loss,
+        class_losses=dict(result.class_losses), seconds=time.perf_counter() - started,
+    )
+
+
+def train_in_child(job: TrainJob, python: str = sys.executable, timeout_s: float | None = None) -> TrainOutcome:
+    packed = msgpack.packb({
+        "op": "train", "model": [job.model.name, list(job.model.input_shape), job.model.num_classes],
+        "params": _arrays_out(job.params), "masks": _arrays_out(job.masks), "hyper": job.hyper.to_dict(),
+        "data": str(job.data_path), "device": job.device, "threads": job.threads,
+    }, use_bin_type=True)
+    try:
+        done = subprocess.run([python, "-m", "edge_agent.worker"], input=packed, capture_output=True,
+                              check=False, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise WorkerError(f"training did not finish within {timeout_s} s") from None
+    if done.returncode != 0:
+        raise WorkerError(done.stderr.decode(errors="replace").strip()[-500:])
+    out = msgpack.unpackb(done.stdout, raw=False, strict_map_key=False)
+    return TrainOutcome(
+        delta=_arrays_in(out["delta"]), buffers=_arrays_in(out["buffers"]),
+        masks={k: v.astype(bool) for k, v in _arrays_in(out["masks"]).items()},
+        mask_changed=out["mask_changed"], n_examples=out["n_examples"], steps=out["steps"],
+        train_loss=out["train_loss"], class_losses={int(c): (float(m), int(n)) for c, (m, n) in out["class_losses"].items()},
+        seconds=out["seconds"],
+    )
+
+
+def _main() -> int:
+    request = msgpack.unpackb(sys.stdin.buffer.read(), raw=False, strict_map_key=False)
+    name, shape, classes = request["model"]
+    model = ModelRef(name, tuple(shape), classes)
+    if request["op"] == "layout":
+        layout = layout_for(model)
+        sys.stdout.buffer.write(msgpack.packb([[s.name, list(s.shape), s.masked, s.trainable] for s in layout]))
+        return 0
+    job = TrainJob(
+        model=model, params=_arrays_in(request["params"]),
+        masks={k: v.astype(bool) for k, v in _arrays_in(request["masks"]).items()},
+        hyper=HyperParams.from_dict(request["hyper"]), data_path=Path(request["data"]),
+        device=request["device"], threads=request["threads"],
+    )
+    outcome = train(job)
+    sys.stdout.buffer.write(msgpack.packb({
+        "delta": _arrays_out(outcome.delta), "buffers": _arrays_out(outcome.buffers),
+        "masks": _arrays_out(outcome.masks), "mask_changed": outcome.mask_changed,
+        "n_examples": outcome.n_examples, "steps": outcome.steps, "train_loss": outcome.train_loss,
+        "class_losses": {c: [m, n] for c, (m, n) in outcome.class_losses.items()}, "seconds": outcome.seconds,
+    }, use_bin_type=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())
