@@ -18,6 +18,7 @@ power supply, a VM may have no thermal zone. Only what is measured is enforced.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -88,7 +89,9 @@ class GovernanceConfig:
             raise ValueError("training_windows: expected a list of 'HH:MM-HH:MM' strings, not one string")
         object.__setattr__(self, "training_windows", tuple(self.training_windows))
         if self.max_threads is not None and (type(self.max_threads) is not int or self.max_threads < 1):
-            raise ValueError(f"max_threads {self.max_threads!r}: expected a positive integer or None (all cores but one)")
+            raise ValueError(
+                f"max_threads {self.max_threads!r}: expected a positive integer or None (all cores but one)"
+            )
         if not _finite_number(self.memory_ceiling_mb) or self.memory_ceiling_mb < 0:
             raise ValueError(f"memory_ceiling_mb {self.memory_ceiling_mb!r}: expected a number of MiB >= 0")
         for name in ("thermal_limit_c", "thermal_resume_c"):
@@ -176,4 +179,4 @@ class Governor:
 
 
 def _finite_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value and abs(value) != float("inf")
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
