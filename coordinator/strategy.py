@@ -7,12 +7,13 @@ scales the sparse initial weights. ``plan_round`` picks S^t and the hyper-parame
 psi_n^t (always, it is the thesis's contribution score), turns the configured quality signal into
 q_n and weights w_n ∝ s_n q_n, combines the updates over their sparse supports (§5), merges and
 re-prunes the masks on readjust rounds (§3.7) and returns the new GlobalState. Methods differ only
-in weights, step and combiner, so every baseline runs through this same code path:
+in weights and combiner (the step, `plain` by default, is a separate knob), so every baseline
+runs through this same code path:
 
 | method        | weights | step        | combiner         | mask readjust |
 | fedavg        | s       | plain       | mean             | never (static m^0 if sparse) |
 | feddst        | s       | plain       | mean             | yes           |
-| fedprune      | s·q     | normalized  | mean             | yes           |
+| fedprune      | s·q     | plain       | mean             | yes           |
 | median        | -       | plain       | coordinate median| yes if sparse |
 | trimmed_mean  | -       | plain       | trimmed mean     | yes if sparse |
 | krum          | -       | plain       | mean of Krum pick| yes if sparse |
@@ -61,19 +62,19 @@ class StrategyConfig:
     clients_per_round: int = 0  # 0: every online client
     # contribution (§4)
     contribution: str = "ours"
-    quality: str = "loss"
+    quality: str = "loss_rel"
     reference: str = "s"
     leave_one_out: bool = True
-    gamma: float = 0.9
+    gamma: float = 0.8
     q_min: float = 1e-3
     warmup_rounds: int = 0
     loss_full: float = 2.0
     loss_zero: float = 4.0
-    loss_weighted: bool = False
-    rel_full: float = 2.0
-    rel_zero: float = 4.0
-    rel_spread_floor: float = 0.05
-    step: str | None = None  # None: the method's own step
+    loss_weighted: bool = True
+    rel_full: float = 3.0
+    rel_zero: float = 6.0
+    rel_spread_floor: float = 0.1
+    step: str = "plain"  # measured better than "normalized" here (docs/ALGORITHM_NOTES.md)
     server_lr: float = 1.0
     cgsv_step: float = 0.5
     trim_fraction: float = 0.2
@@ -105,7 +106,7 @@ class StrategyConfig:
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise bad(key, f"one of {allowed}")
-        if self.step is not None and self.step not in STEPS:
+        if self.step not in STEPS:
             raise bad("step", f"one of {STEPS}")
         if not (is_int(self.rounds) and self.rounds >= 1):
             raise bad("rounds", "an int >= 1")
@@ -182,12 +183,6 @@ class StrategyConfig:
     @property
     def effective_t_end(self) -> int:
         return self.t_end if self.t_end is not None else max(1, self.rounds // 2)
-
-    @property
-    def effective_step(self) -> str:
-        if self.step is not None:
-            return self.step
-        return "normalized" if self.method == "fedprune" else "plain"
 
 
 @dataclass(frozen=True)
@@ -482,7 +477,7 @@ class Strategy:
     def _apply(self, state, plan, valid, nrm, w, chosen):
         """Combine over sparse supports (§5), step θ, merge/re-prune masks on readjust rounds."""
         cfg = self.config
-        step = cfg.effective_step
+        step = cfg.step
         if step == "normalized":
             scale = float(np.dot(w, nrm)) / nrm  # L / ‖Δθ_n‖
         elif step == "cgsv":
