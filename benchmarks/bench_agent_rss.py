@@ -132,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     coordinator_log = fed.logs / "coordinator.log"
     try:
         coordinator = fed.start_coordinator()
+        fed.wait_coordinator_subscribed()
         a = fed.start_agent(0)
         wait_for(lambda: "event=registered device=dev-0" in coordinator_log.read_text(errors="replace"), 120,
                  "dev-0 to register")

@@ -150,6 +150,7 @@ class Federation:
 
     def start(self) -> None:
         self.start_coordinator()
+        self.wait_coordinator_subscribed()
         for i in range(len(self.agent_configs)):
             self.start_agent(i)
 
@@ -158,6 +159,15 @@ class Federation:
             [BIN / "fedprune-coordinator", "run", "--config", self.config_path],
             stdout=open(self.logs / "coordinator.log", "wb"), stderr=subprocess.STDOUT, env=_ENV)
         return self.coordinator
+
+    def wait_coordinator_subscribed(self, timeout_s: float = 120.0) -> None:
+        """Agents started earlier would register into the void: the coordinator's session is new."""
+        log = self.logs / "coordinator.log"
+        deadline = time.monotonic() + timeout_s
+        while "event=mqtt_connected" not in log.read_text(errors="replace"):
+            if self.coordinator.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the coordinator did not connect; see {log}")
+            time.sleep(0.1)
 
     def start_agent(self, i: int) -> subprocess.Popen:
         cfg = self.agent_configs[i]
