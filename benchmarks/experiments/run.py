@@ -183,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--workers", type=int, default=2, help="processes (at most 2 on the shared machine)")
     parser.add_argument("--seeds", type=int, nargs="*", help="override the grid's seeds")
+    parser.add_argument("--summarise-only", action="store_true", help="summarise the cached runs, compute nothing")
     args = parser.parse_args(argv)
     grid = tomllib.loads(Path(args.grid).read_text())
     if args.seeds:
@@ -195,7 +196,10 @@ def main(argv: list[str] | None = None) -> int:
     workers = max(1, min(2, args.workers))
     start = time.perf_counter()
     results = []
-    if workers == 1:
+    if args.summarise_only:
+        paths = [cache / f"{_key(r['doc'])}.json" for r in runs]
+        results = [json.loads(p.read_text()) for p in paths if p.exists()]
+    elif workers == 1:
         results = [run_one(j) for j in jobs]
     else:
         import multiprocessing as mp
