@@ -60,7 +60,7 @@ class EmbeddedBroker:
         self._loop, self._thread = loop, thread
         try:
             for attempt in range(_BIND_ATTEMPTS):
-                port = self._requested_port or _free_port(self.host)
+                port = self._requested_port or free_port(self.host)
                 future: Future[Broker] = asyncio.run_coroutine_threadsafe(self._serve(port), loop)
                 try:
                     self._broker = future.result(self._start_timeout_s)
@@ -129,7 +129,7 @@ class EmbeddedBroker:
         loop.close()
 
 
-def _free_port(host: str) -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind((host, 0))
         return int(probe.getsockname()[1])

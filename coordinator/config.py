@@ -102,6 +102,15 @@ class MetricsSection:
 
 
 @dataclass(frozen=True)
+class ExportSection:
+    """ONNX releases of the pruned global model, signed and published retained to every device."""
+
+    every_rounds: int = setting(0, "also release every this many rounds; 0: only after the last round", check=in_range(0, 1_000_000))
+    opset: int = setting(18, "ONNX opset of the export", check=in_range(13, 20))
+    variant: str = setting("compact", "what devices receive: compact (sparse weights, smallest), dense, or int8 (MatMul/Gemm quantized)", check=one_of("compact", "dense", "int8"))
+
+
+@dataclass(frozen=True)
 class CoordinatorConfig:
     federation: FederationSection = field(default_factory=FederationSection)
     broker: BrokerSection = field(default_factory=BrokerSection)
@@ -110,6 +119,7 @@ class CoordinatorConfig:
     state: StateSection = field(default_factory=StateSection)
     evaluation: EvaluationSection = field(default_factory=EvaluationSection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
+    export: ExportSection = field(default_factory=ExportSection)
 
     def __post_init__(self) -> None:
         if self.rounds.quorum > self.rounds.min_devices:

@@ -33,7 +33,7 @@ from protocol.channel import CoordinatorChannel, Publication
 from protocol.crypto import Identity, PublicIdentity
 from protocol.errors import ProtocolError
 from protocol.layout import ModelLayout
-from protocol.messages import ModelRef, Register, RoundTask, State, Status, Update
+from protocol.messages import ModelRef, ModelRelease, Register, RoundTask, State, Status, Update
 from protocol.sparse import SparseParams
 
 log = logging.getLogger("fedprune.coordinator")
@@ -95,6 +95,7 @@ class CoordinatorDaemon:
         declare_metrics(self.metrics)
         self.history: list[dict[str, Any]] = []
         self.holders: dict[str, int] = {}
+        self.release_version = 0
         checkpoint = self.state_dir.load_latest_checkpoint()
         if checkpoint is None:
             self.rng = np.random.default_rng(config.federation.seed)
@@ -128,7 +129,7 @@ class CoordinatorDaemon:
             "state_round": s.round, "params": s.params, "masks": s.masks, "mask_version": s.mask_version,
             "densities": s.densities, "counts": s.counts, "quality": s.quality, "data_sizes": s.data_sizes,
             "importance": s.importance, "rng": json.dumps(self.rng.bit_generator.state),
-            "history": self.history, "holders": self.holders,
+            "history": self.history, "holders": self.holders, "release_version": self.release_version,
         })
 
     def _restore(self, doc: dict[str, Any]) -> None:
@@ -141,6 +142,7 @@ class CoordinatorDaemon:
         )
         self.history = list(doc["history"])
         self.holders = dict(doc["holders"])
+        self.release_version = int(doc.get("release_version", 0))
         log.info("event=resumed completed_rounds=%d mask_version=%d", self.completed, self.state.mask_version)
 
     def _device_key(self, device_id: str) -> PublicIdentity | None:
@@ -176,6 +178,7 @@ class CoordinatorDaemon:
         ), subscriptions=[(f, 1) for f in self.channel.subscriptions])
         log.info("event=start federation=%s completed_rounds=%d total_rounds=%d broker=%s",
                  self.config.federation.id, self.completed, self.config.rounds.total, broker.url)
+        self._republish_latest_release()
         try:
             while not self.stopping and self.completed < self.config.rounds.total:
                 try:
@@ -317,6 +320,7 @@ class CoordinatorDaemon:
             entry.update(accuracy=ev.accuracy, loss=ev.loss)
             self.metrics.set("global_accuracy", ev.accuracy)
         self.history.append(entry)
+        release = self._maybe_release(closed.round, entry.get("accuracy"))
         self._checkpoint(completed=closed.round)
         self.state_dir.save_registry(self.registry.to_dict())
         self.state_dir.append_history(entry)
@@ -329,6 +333,58 @@ class CoordinatorDaemon:
         log.info("event=round_closed round=%d received=%d/%d accuracy=%s duration_s=%.2f",
                  closed.round, len(closed.updates), len(plan.selected),
                  f"{entry['accuracy']:.4f}" if "accuracy" in entry else "n/a", entry["duration_s"])
+        if release is not None:
+            self._publish_release(release)
+
+    # ---- releases -------------------------------------------------------------------------------
+    def _maybe_release(self, round_number: int, accuracy: float | None) -> ModelRelease | None:
+        """Export before the checkpoint (so the version is persisted with the round), publish after."""
+        every = self.config.export.every_rounds
+        if round_number != self.config.rounds.total and not (every and round_number % every == 0):
+            return None
+        from coordinator.releases import make_release
+
+        metadata: dict[str, str | int | float] = {
+            "federation": self.config.federation.id, "round": round_number, "mask_version": self.state.mask_version,
+        }
+        if accuracy is not None:
+            metadata["val_accuracy"] = float(accuracy)
+        version = self.release_version + 1
+        release, path = make_release(self.spec, self.state.params, version=version, variant=self.config.export.variant,
+                                     opset=self.config.export.opset, metadata=metadata,
+                                     state_root=self.state_dir.root)
+        self.release_version = version
+        log.info("event=release_exported version=%d round=%d bytes=%d file=%s", version, round_number,
+                 len(release.onnx), path)
+        return release
+
+    def _republish_latest_release(self) -> None:
+        """After a restart the broker may have lost the retained release; publishing it again is harmless."""
+        from coordinator.releases import latest_release
+
+        latest = latest_release(self.state_dir.root)
+        if latest is None or latest[0] != self.release_version:
+            return
+        from coordinator.export import build_release
+
+        self._publish_release(build_release(latest[0], latest[1].read_bytes()))
+
+    def _publish_release(self, release: ModelRelease, timeout_s: float = 30.0) -> None:
+        """Retained and acknowledged before returning: the final release must outlive this process."""
+        try:
+            handles = []
+            for publication in self.channel.send(release, self.clock()):
+                handles.append(self.link.publish(publication.topic, publication.payload, qos=1,
+                                                 retain=publication.retain))
+                self.metrics.inc("bytes_out_total", len(publication.payload))
+            deadline = time.monotonic() + timeout_s
+            for handle in handles:
+                if not handle.wait(max(0.0, deadline - time.monotonic())):
+                    raise MqttError(f"broker did not acknowledge the release within {timeout_s} s")
+        except MqttError as exc:
+            log.warning("event=release_not_published version=%d error=%s", release.version, exc)
+            return
+        log.info("event=release_published version=%d bytes=%d", release.version, len(release.onnx))
 
 
 def run_with_broker(config: CoordinatorConfig) -> int:

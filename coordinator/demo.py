@@ -10,84 +10,33 @@ Everything lands in ``demo-output/`` (the README's ``make demo`` runs this).
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import shutil
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from coordinator import enrollment
-from coordinator.broker import _free_port
-from coordinator.config import load_config
-from edge_agent.data import add_label_noise, load_dataset, partition_dirichlet
-
-BIN = Path(sys.executable).parent
+from coordinator.broker import free_port
+from coordinator.localfed import BrokerAccess, LocalFederation
 
 
-def prepare(out: Path, devices: int, noisy: int, rounds: int, seed: int) -> tuple[Path, list[Path], list[str]]:
-    dataset = load_dataset("digits", seed)
-    rng = np.random.default_rng(seed)
-    parts = partition_dirichlet(dataset.y_train, devices, 0.5, rng, min_size=40)
-    noisy_ids = sorted(rng.choice(devices, size=noisy, replace=False).tolist())
-    names = [f"pi-{i + 1}" for i in range(devices)]
-    (out / "data").mkdir(parents=True)
-    for i, (name, idx) in enumerate(zip(names, parts)):
-        y = dataset.y_train[idx]
-        if i in noisy_ids:
-            y = add_label_noise(y, 0.8, dataset.num_classes, rng, kind="symmetric")
-        np.savez(out / "data" / f"{name}.npz", X=dataset.X_train[idx], y=y)
-    np.savez(out / "data" / "holdout.npz", X=dataset.X_test, y=dataset.y_test)
-    port = _free_port("127.0.0.1")
-    config_path = out / "coordinator.toml"
-    enrollment.init(config_path=config_path, state_dir=out / "state", federation="demo",
-                    broker_url=f"mqtt://127.0.0.1:{port}", embedded_broker=True)
-    text = config_path.read_text()
-    for old, new in (
-        ('input_shape = [64]', 'input_shape = [1, 8, 8]'),
-        ('total = 20', f'total = {rounds}'),
-        ('min_devices = 2', f'min_devices = {devices}'),
-        ('quorum = 2', f'quorum = {devices - 2}'),
-        ('deadline_s = 120.0', 'deadline_s = 30.0'),
-        ('port = 9464', 'port = 0'),
-        ('# data =', f'data = "{out / "data" / "holdout.npz"}"'),
-    ):
-        assert old in text, old
-        text = text.replace(old, new, 1)
-    config_path.write_text(text)
-    config = load_config(config_path, env={})
-    agent_configs = []
-    for name in names:
-        bundle = out / "devices" / name / "bundle.json"
-        enrollment.enroll(config, name, bundle)
-        agent_config = out / "devices" / name / "agent.toml"
-        agent_config.write_text(
-            "[agent]\n"
-            f'bundle = "{bundle}"\ndata = "{out / "data" / f"{name}.npz"}"\nstate_dir = "{bundle.parent / "state"}"\n'
-            "threads = 1\ntrain_in_subprocess = false\nheartbeat_s = 5.0\n"
-        )
-        agent_configs.append(agent_config)
-    return config_path, agent_configs, [names[i] for i in noisy_ids]
-
-
-def watch(state: Path, rounds: int, coordinator: subprocess.Popen, timeout_s: float) -> list[dict]:
-    history_path = state / "history.jsonl"
+def watch(federation: LocalFederation, rounds: int, timeout_s: float) -> list[dict]:
+    coordinator = federation.processes["coordinator"]
     shown = 0
     started = time.monotonic()
     history: list[dict] = []
-    while coordinator.poll() is None and time.monotonic() - started < timeout_s:
+    while time.monotonic() - started < timeout_s:
+        running = coordinator.poll() is None
         time.sleep(0.5)
-        if history_path.exists():
-            history = [json.loads(line) for line in history_path.read_text().splitlines() if line.strip()]
+        history = federation.history()
         for entry in history[shown:]:
             bar = "#" * int(30 * entry["round"] / rounds)
             print(f"\r  round {entry['round']:3d}/{rounds} [{bar:<30}] accuracy {entry.get('accuracy', float('nan')):.3f} "
                   f"({entry['received']}/{entry['selected']} updates, {entry['duration_s']:.1f} s)", flush=True)
         shown = len(history)
+        if not running:
+            break
     return history
 
 
@@ -129,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("demo-output"))
     parser.add_argument("--devices", type=int, default=8)
     parser.add_argument("--noisy", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=600.0)
     args = parser.parse_args(argv)
@@ -137,36 +86,41 @@ def main(argv: list[str] | None = None) -> int:
     if out.exists():
         shutil.rmtree(out)
     started = time.monotonic()
-    print(f"fedprune demo: {args.devices} devices ({args.noisy} with noisy labels), {args.rounds} rounds, in {out}")
-    config_path, agent_configs, noisy = prepare(out, args.devices, args.noisy, args.rounds, args.seed)
-    logs = out / "logs"
-    logs.mkdir()
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    coordinator = subprocess.Popen([BIN / "fedprune-coordinator", "run", "--config", config_path],
-                                   stdout=open(logs / "coordinator.log", "wb"), stderr=subprocess.STDOUT, env=env)
-    agents = []
+    names = tuple(f"pi-{i + 1}" for i in range(args.devices))
+    noisy = tuple(sorted(np.random.default_rng(args.seed).choice(names, size=args.noisy, replace=False)))
+    print(f"fedprune demo: {args.devices} devices ({', '.join(noisy)} with 80 % noisy labels), "
+          f"{args.rounds} rounds, in {out}")
+    federation = LocalFederation(
+        root=out, broker=BrokerAccess(url=f"mqtt://127.0.0.1:{free_port()}", embedded=True),
+        devices=names, rounds=args.rounds, noisy=noisy, seed=args.seed,
+        settings={"federation": {"model": "mlp"}, "rounds": {"quorum": args.devices - 2, "deadline_s": 30.0}},
+    )
+    federation.prepare()
+    federation.start_coordinator()
     try:
         time.sleep(1.0)
-        for cfg in agent_configs:
-            agents.append(subprocess.Popen([BIN / "fedprune-agent", "run", "--config", cfg],
-                                           stdout=open(logs / f"{cfg.parent.name}.log", "wb"),
-                                           stderr=subprocess.STDOUT, env=env))
-        history = watch(out / "state", args.rounds, coordinator, args.timeout)
+        for name in names:
+            federation.start_agent(name)
+        history = watch(federation, args.rounds, args.timeout)
+        if len(history) == args.rounds:
+            federation.wait_for_release(1, timeout=60)
     finally:
-        for proc in [*agents, coordinator]:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in [*agents, coordinator]:
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-    if coordinator.returncode != 0 or len(history) < args.rounds:
-        print(f"demo failed: coordinator exit {coordinator.returncode}, {len(history)} rounds; see {logs}",
-              file=sys.stderr)
+        codes = federation.stop_all()
+    if codes.get("coordinator") != 0 or len(history) < args.rounds:
+        print(f"demo failed: coordinator exit {codes.get('coordinator')}, {len(history)} rounds; "
+              f"see {out / 'logs'}", file=sys.stderr)
         return 1
-    report(history, noisy, out)
-    print(f"done in {time.monotonic() - started:.0f} s; logs in {logs}")
+    report(history, list(noisy), out)
+    release = sorted((out / "state" / "releases").glob("model-v*.onnx"))[-1]
+    print(f"\nfinal model released to every device: {release} ({release.stat().st_size:,} bytes, compact ONNX)")
+    print("on-device inference (onnxruntime) on the held-out test set:")
+    for name in names:
+        done = federation.infer(name, out / "data" / "holdout.npz")
+        if done.returncode != 0:
+            print(f"  {name}: infer failed: {done.stderr.strip()}", file=sys.stderr)
+            return 1
+        print(f"  {name}: {done.stderr.strip().splitlines()[-1]}")
+    print(f"done in {time.monotonic() - started:.0f} s; logs in {out / 'logs'}")
     return 0
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any, Mapping
 
 from coordinator.config import CoordinatorConfig, example_config
 from coordinator.daemon import IDENTITY_FILE, load_identity
@@ -23,14 +24,17 @@ from protocol.crypto import Identity
 
 
 def init(*, config_path: Path, state_dir: Path, federation: str, broker_url: str, embedded_broker: bool,
-         force: bool = False) -> None:
+         force: bool = False, settings: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+    """Write the config (defaults, the given values, then ``settings`` per section) and the keys."""
     if Path(config_path).exists() and not force:
         raise ConfigError(f"{config_path} exists; pass --force to overwrite it")
-    values = {
+    values: dict[str, dict[str, Any]] = {
         "federation": {"id": federation},
         "broker": {"url": broker_url, "embedded": embedded_broker},
         "state": {"dir": str(Path(state_dir).resolve())},
     }
+    for section, table in (settings or {}).items():
+        values.setdefault(section, {}).update(table)
     text = example_config(values)
     from coordinator.config import load_config
 

@@ -17,6 +17,7 @@ EXIT_CODES = {
     0: "success, or stopped by SIGTERM/SIGINT",
     1: "unexpected error (a bug: please report it with the log)",
     2: "usage error (unknown command or flag)",
+    3: "infer: no model release has been received yet",
     78: "configuration or enrollment error (the message names the key or file and the fix)",
 }
 
@@ -36,6 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                      help="override one setting (repeatable), e.g. --set agent.device=cuda")
     run.set_defaults(handler=_run_agent)
+    infer = commands.add_parser("infer", help="predict with the newest verified model release")
+    infer.add_argument("--config", type=Path, required=True, help="agent TOML file (finds the model store)")
+    infer.add_argument("--input", type=Path, required=True, help=".npz (X[, y]) or CSV (features[, label]) file")
+    infer.add_argument("--output", type=Path, help="write predictions here (CSV: row,prediction); default stdout")
+    infer.add_argument("--labels", action="store_true", help="the CSV's last column is a label: report accuracy")
+    infer.set_defaults(handler=_run_infer)
     audit = commands.add_parser("audit", help="show what this device sent, when, and to which federation")
     audit.add_argument("--log", type=Path, required=True, help="the agent's audit log (audit.jsonl in its state dir)")
     audit.set_defaults(handler=_run_audit)
@@ -53,6 +60,50 @@ def _run_agent(args: argparse.Namespace) -> int:
             raise ConfigError(f"--set {item!r}: expected SECTION.KEY=VALUE")
         overrides[key.strip()] = value.strip()
     return AgentDaemon(load_config(args.config, overrides)).run()
+
+
+def _run_infer(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from edge_agent.config import load_config
+    from edge_agent.inference import Predictor
+    from edge_agent.release_store import ReleaseStore
+
+    config = load_config(args.config)
+    current = ReleaseStore(config.agent.state_dir / "models", keep=config.inference.keep_releases).current()
+    if current is None:
+        print("fedprune-agent: no model release received yet; run the agent until the coordinator "
+              "publishes one", file=sys.stderr)
+        return 3
+    version, path = current
+    X, y = _read_inputs(args.input, args.labels)
+    predictions = Predictor.from_file(path, accelerator=config.inference.accelerator).predict_classes(X)
+    lines = [f"{i},{int(p)}" for i, p in enumerate(predictions)]
+    if args.output:
+        args.output.write_text("row,prediction\n" + "\n".join(lines) + "\n")
+    else:
+        print("row,prediction", *lines, sep="\n")
+    summary = f"model release {version}: {len(predictions)} predictions"
+    if y is not None:
+        summary += f", accuracy {float(np.mean(predictions == y)):.4f}"
+    print(summary, file=sys.stderr)
+    return 0
+
+
+def _read_inputs(path: Path, labelled_csv: bool):
+    import numpy as np
+
+    from edge_agent.data import LocalDataError, load_local_data
+
+    if path.suffix == ".npz":
+        with np.load(path, allow_pickle=False) as archive:
+            if "X" not in archive:
+                raise LocalDataError(f"{path}: no array 'X'")
+            return archive["X"].astype(np.float32), (archive["y"] if "y" in archive else None)
+    if labelled_csv:
+        return load_local_data(path)
+    rows = np.loadtxt(path, delimiter=",", dtype=np.float32, ndmin=2)
+    return rows, None
 
 
 def _run_audit(args: argparse.Namespace) -> int:

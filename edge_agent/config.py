@@ -39,9 +39,20 @@ class BrokerOverride:
 
 
 @dataclass(frozen=True)
+class InferenceSection:
+    """On-device inference with the newest verified ONNX release."""
+
+    accelerator: str = setting("cpu", "onnxruntime execution provider: cpu, cuda (Jetson, onnxruntime-gpu) or auto", check=one_of("cpu", "cuda", "auto"))
+    keep_releases: int = setting(3, "model releases kept on disk", check=in_range(1, 100))
+    http_port: int = setting(-1, "serve POST /predict on 127.0.0.1 at this port; 0 picks one; -1 disables", check=in_range(-1, 65535))
+    http_host: str = setting("127.0.0.1", "address of the inference endpoint (keep it on localhost unless you front it)")
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     agent: AgentSection = field(default_factory=AgentSection)
     broker: BrokerOverride = field(default_factory=BrokerOverride)
+    inference: InferenceSection = field(default_factory=InferenceSection)
 
 
 def load_config(path: Path | None, overrides: Mapping[str, str] | None = None,

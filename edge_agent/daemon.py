@@ -23,11 +23,13 @@ from edge_agent.bundle import Bundle, load_bundle
 from edge_agent.config import AgentConfig
 from edge_agent.data import load_local_data
 from edge_agent.fsutil import atomic_write
+from edge_agent.inference import InferenceHTTP, ModelServer, Predictor, Served
 from edge_agent.mqtt import LastWill, LinkConfig, MqttError, MqttLink
 from protocol.channel import AgentChannel, Publication
 from protocol.errors import ProtocolError
 from protocol.layout import ModelLayout
-from protocol.messages import ModelRef, Register, RoundTask, State, Status, Update
+from edge_agent.release_store import ReleaseRejected, ReleaseStore
+from protocol.messages import ModelRef, ModelRelease, Register, RoundTask, State, Status, Update
 from protocol.sparse import SparseParams
 
 log = logging.getLogger("fedprune.agent")
@@ -53,6 +55,11 @@ class AgentDaemon:
             federation=self.bundle.federation, device=self.bundle.device_id, identity=self.bundle.identity,
             coordinator=self.bundle.coordinator, layout=self._layout_for,
         )
+        self.releases = ReleaseStore(self.state_dir / "models", keep=config.inference.keep_releases)
+        self.server = ModelServer()
+        current = self.releases.current()
+        if current is not None:
+            self._serve(*current)
         self._sent: dict[int, list[Publication]] = {}
         self._round = 0
         self._connects_seen = 0
@@ -87,6 +94,10 @@ class AgentDaemon:
         signal.signal(signal.SIGINT, self.stop)
         if not self.config.agent.train_in_subprocess:
             worker.warm_up()
+        http = None
+        if self.config.inference.http_port >= 0:
+            http = InferenceHTTP(self.server, self.config.inference.http_host, self.config.inference.http_port).start()
+            log.info("event=inference_listening url=http://%s:%d/predict", *http.address)
         self.link = MqttLink(self._link_config(), subscriptions=[(f, 1) for f in self.channel.subscriptions])
         log.info("event=start device=%s federation=%s examples=%d broker=%s", self.bundle.device_id,
                  self.bundle.federation, self.n_examples, self.link_url)
@@ -104,6 +115,8 @@ class AgentDaemon:
             if self.link.connected:
                 self._publish_status(State.OFFLINE, "stopped")
             self.link.close()
+            if http is not None:
+                http.stop()
         log.info("event=stopped device=%s", self.bundle.device_id)
         return 0
 
@@ -145,6 +158,22 @@ class AgentDaemon:
             return
         if isinstance(message, RoundTask):
             self._on_task(message)
+        elif isinstance(message, ModelRelease):
+            self._on_release(message)
+
+    def _on_release(self, release: ModelRelease) -> None:
+        try:
+            path = self.releases.accept(release)
+        except ReleaseRejected as exc:
+            level = logging.DEBUG if exc.reason == "duplicate" else logging.WARNING
+            log.log(level, "event=release_rejected version=%d reason=%s detail=%s", release.version, exc.reason, exc)
+            return
+        self._serve(release.version, path)
+        log.info("event=release_installed version=%d bytes=%d", release.version, len(release.onnx))
+
+    def _serve(self, version: int, path: Path) -> None:
+        predictor = Predictor.from_file(path, accelerator=self.config.inference.accelerator)
+        self.server.swap(Served(version, predictor))
 
     def _on_task(self, task: RoundTask) -> None:
         for action in self.core.on_task(task, self.clock()):

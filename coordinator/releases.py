@@ -1,0 +1,42 @@
+"""From the global model to a signed ModelRelease on disk: the coordinator's release pipeline.
+
+``make_release`` exports the masked global weights to ONNX (checked by onnx.checker), turns it
+into the configured variant, and writes ``<state>/releases/model-v<N>.onnx`` atomically before
+anything is published, so the newest file is always a release that devices may hold. The
+version is monotonic and persisted in the checkpoint by the daemon.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from edge_agent.fsutil import atomic_write
+from protocol.messages import ModelRelease
+
+_RELEASE_FILE = re.compile(r"^model-v(\d+)\.onnx$")
+
+
+def release_dir(state_root: Path) -> Path:
+    return Path(state_root) / "releases"
+
+
+def make_release(spec: Any, params: dict, *, version: int, variant: str, opset: int,
+                 metadata: dict[str, str | int | float], state_root: Path) -> tuple[ModelRelease, Path]:
+    from coordinator.export import build_release, compact_onnx, export_onnx, quantize_int8
+
+    dense = export_onnx(spec, params, opset=opset, metadata=metadata)
+    blob = {"dense": lambda: dense, "compact": lambda: compact_onnx(dense), "int8": lambda: quantize_int8(dense)}[variant]()
+    release = build_release(version, blob)
+    path = release_dir(state_root) / f"model-v{version}.onnx"
+    atomic_write(path, blob, mode=0o644)
+    return release, path
+
+
+def latest_release(state_root: Path) -> tuple[int, Path] | None:
+    directory = release_dir(state_root)
+    if not directory.exists():
+        return None
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _RELEASE_FILE.match(p.name))]
+    return max(found) if found else None

@@ -1,0 +1,150 @@
+"""Whole federations as real processes: a coordinator daemon and agent daemons over a real
+Mosquitto (TLS, password file, ACL), and over the embedded broker."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from coordinator.broker import EmbeddedBroker, free_port
+from coordinator.localfed import BrokerAccess, LocalFederation
+from tests.integration.mosquitto import MosquittoBroker, start_mosquitto
+
+pytestmark = pytest.mark.slow
+
+DEVICES = 5
+
+
+@pytest.fixture
+def broker() -> Iterator[MosquittoBroker]:
+    if shutil.which("mosquitto") is None:
+        pytest.fail("mosquitto is not installed: run scripts/bootstrap.sh --mosquitto")
+    server = start_mosquitto(federation="fed1", devices=DEVICES)
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def federation_on(broker: MosquittoBroker, root: Path, rounds: int, **overrides) -> LocalFederation:
+    access = BrokerAccess(
+        url=broker.url, ca_file=broker.ca_file, coordinator_password=broker.coordinator.password,
+        device_passwords={d.username: d.password for d in broker.devices},
+    )
+    settings = {"broker": {"username": broker.coordinator.username}, "rounds": {"deadline_s": 20.0}}
+    for section, table in overrides.pop("settings", {}).items():
+        settings.setdefault(section, {}).update(table)
+    federation = LocalFederation(root=root, broker=access, devices=tuple(d.username for d in broker.devices),
+                                 rounds=rounds, federation=broker.federation, settings=settings, **overrides)
+    federation.prepare()
+    return federation
+
+
+def rounds_of(history: list[dict]) -> list[int]:
+    return [h["round"] for h in history]
+
+
+def test_five_agents_complete_a_federation_and_accuracy_rises(broker: MosquittoBroker, tmp_path: Path) -> None:
+    fed = federation_on(broker, tmp_path, rounds=8)
+    fed.start()
+    try:
+        history = fed.wait_for_round(8, timeout=180)
+        codes = fed.stop_all()
+    finally:
+        fed.stop_all()
+    assert rounds_of(history) == list(range(1, 9))
+    assert all(h["received"] == DEVICES for h in history)
+    assert history[-1]["accuracy"] > 0.5, history[-1]
+    assert history[-1]["accuracy"] > history[0]["accuracy"] + 0.2
+    assert codes["coordinator"] == 0
+    assert all(codes[d] == 0 for d in fed.devices), codes
+
+
+def test_coordinator_killed_mid_round_resumes_without_losing_or_repeating_rounds(
+        broker: MosquittoBroker, tmp_path: Path) -> None:
+    fed = federation_on(broker, tmp_path, rounds=6)
+    fed.start()
+    try:
+        fed.wait_for_round(2, timeout=120)
+        fed.kill("coordinator")
+        killed_at = len(fed.history())
+        fed.start_coordinator()
+        history = fed.wait_for_round(6, timeout=180)
+        assert "event=resumed completed_rounds=%d" % killed_at in fed.log("coordinator")
+    finally:
+        fed.stop_all()
+    assert rounds_of(history) == list(range(1, 7))
+    assert history[-1]["accuracy"] > 0.4
+
+
+def test_broker_restarted_mid_round_agents_and_coordinator_reconnect_and_finish(
+        broker: MosquittoBroker, tmp_path: Path) -> None:
+    fed = federation_on(broker, tmp_path, rounds=5)
+    fed.start()
+    try:
+        fed.wait_for_round(2, timeout=120)
+        broker.restart()
+        history = fed.wait_for_round(5, timeout=180)
+    finally:
+        fed.stop_all()
+    assert rounds_of(history) == list(range(1, 6))
+    assert len(re.findall(r"event=mqtt_connected", fed.log("coordinator"))) >= 2
+
+
+def test_an_agent_killed_mid_round_lets_the_round_close_at_its_deadline(
+        broker: MosquittoBroker, tmp_path: Path) -> None:
+    victim = broker.devices[0].username
+    fed = federation_on(
+        broker, tmp_path, rounds=3,
+        settings={"rounds": {"quorum": DEVICES - 1, "min_devices": DEVICES - 1, "deadline_s": 20.0,
+                             "on_missed_quorum": "close"}},
+        device_settings={victim: {"train_in_subprocess": True}},
+    )
+    fed.start_coordinator()
+    try:
+        wait_for_log(fed, "event=mqtt_connected")
+        fed.start_agent(victim)
+        wait_for_log(fed, f"event=registered device={victim}")
+        for name in fed.devices[1:]:
+            fed.start_agent(name)
+        wait_for_log(fed, "event=round_open round=1")
+        fed.kill(victim)
+        history = fed.wait_for_round(3, timeout=120)
+    finally:
+        fed.stop_all()
+    assert rounds_of(history) == [1, 2, 3]
+    first = history[0]
+    assert first["received"] == first["selected"] - 1
+    assert first["duration_s"] >= 20.0
+    assert all(h["received"] == h["selected"] == DEVICES - 1 for h in history[1:])
+
+
+def wait_for_log(fed: LocalFederation, text: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in fed.log("coordinator"):
+        assert time.monotonic() < deadline, f"no {text!r} in the coordinator log:\n{fed.log('coordinator')[-2000:]}"
+        time.sleep(0.05)
+
+
+def test_the_same_federation_runs_on_the_embedded_broker(tmp_path: Path) -> None:
+    fed = LocalFederation(root=tmp_path, broker=BrokerAccess(url=f"mqtt://127.0.0.1:{free_port()}", embedded=True),
+                          devices=tuple(f"pi-{i}" for i in range(DEVICES)), rounds=5)
+    fed.prepare()
+    fed.start_coordinator()
+    try:
+        time.sleep(1.0)
+        for name in fed.devices:
+            fed.start_agent(name)
+        history = fed.wait_for_round(5, timeout=180)
+        metrics = fed.metrics_text()
+    finally:
+        fed.stop_all()
+    assert rounds_of(history) == list(range(1, 6))
+    assert history[-1]["accuracy"] > 0.4
+    assert "fedprune_rounds_completed_total 5" in metrics
+    assert re.search(r'fedprune_device_importance\{device="pi-0"\} 0\.\d+', metrics)
