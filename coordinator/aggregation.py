@@ -23,11 +23,16 @@ def _holders(x: np.ndarray, holds: np.ndarray | None) -> np.ndarray:
 
 def weighted_mean(x: np.ndarray, holds: np.ndarray | None, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Σ_{n∈H_j} w_n x_{n,j} / Σ_{n∈H_j} w_n per position; weights renormalised over holders."""
-    h = _holders(x, holds)
-    wb = np.asarray(w, dtype=np.float64).reshape((-1,) + (1,) * (x.ndim - 1))
-    den = np.sum(wb * h, axis=0)
-    num = np.sum(wb * np.where(h, x, 0.0), axis=0)
-    empty = ~np.any(h, axis=0)
+    w64 = np.asarray(w, dtype=np.float64)
+    if holds is None:
+        num = np.tensordot(w64, x, axes=1)
+        den = np.full(x.shape[1:], w64.sum())
+        empty = np.zeros(x.shape[1:], dtype=bool) if len(w64) else np.ones(x.shape[1:], dtype=bool)
+    else:
+        h = np.asarray(holds, dtype=bool)
+        num = np.tensordot(w64, np.where(h, x, 0.0), axes=1)
+        den = np.tensordot(w64, h.astype(np.float64), axes=1)
+        empty = ~np.any(h, axis=0)
     safe = np.where(den > 0, den, 1.0)
     return np.where(den > 0, num / safe, 0.0), empty
 

@@ -200,12 +200,17 @@ class CoordinatorDaemon:
     def _on_message(self, topic: str, payload: bytes) -> None:
         now = self.clock()
         self.metrics.inc("bytes_in_total", len(payload))
+        duplicates = self.channel.reassembler.duplicates
         try:
             message = self.channel.receive(topic, payload, now)
         except ProtocolError as exc:
             self.metrics.inc("updates_rejected_total", reason=exc.reason)
             log.warning("event=rejected topic=%s reason=%s detail=%s", topic, exc.reason, exc)
             return
+        if self.channel.reassembler.duplicates > duplicates:
+            self.metrics.inc("updates_rejected_total", reason="duplicate_transfer")
+            log.warning("event=rejected topic=%s reason=duplicate_transfer detail=chunk of a transfer already "
+                        "received (broker redelivery or replay)", topic)
         if message is None:
             return
         if isinstance(message, Register):
@@ -319,6 +324,7 @@ class CoordinatorDaemon:
             ev = evaluate(self.spec, self.state.params, *self.evaluation)
             entry.update(accuracy=ev.accuracy, loss=ev.loss)
             self.metrics.set("global_accuracy", ev.accuracy)
+        entry["close_s"] = self.clock() - now
         self.history.append(entry)
         release = self._maybe_release(closed.round, entry.get("accuracy"))
         self._checkpoint(completed=closed.round)

@@ -63,6 +63,7 @@ class AgentDaemon:
         self._sent: dict[int, list[Publication]] = {}
         self._round = 0
         self._connects_seen = 0
+        self._tasks_seen = False
         self._next_heartbeat = 0.0
         self.link: MqttLink | None = None
 
@@ -125,8 +126,12 @@ class AgentDaemon:
         return self.config.broker.url or self.bundle.broker_url
 
     def _maybe_register(self) -> None:
+        """Register on every (re)connect, and with each heartbeat until the first task arrives:
+        a Register sent before the coordinator's session exists is dropped by the broker."""
         connects = self.link.stats().connects
-        if self.link.connected and connects != self._connects_seen:
+        reconnected = connects != self._connects_seen
+        unanswered = not self._tasks_seen and self.clock() >= self._next_heartbeat
+        if self.link.connected and (reconnected or unanswered):
             self._connects_seen = connects
             register = Register(
                 device=self.bundle.device_id, cpu_count=os.cpu_count() or 1, ram_mb=_ram_mb(),
@@ -176,6 +181,7 @@ class AgentDaemon:
         self.server.swap(Served(version, predictor))
 
     def _on_task(self, task: RoundTask) -> None:
+        self._tasks_seen = True
         for action in self.core.on_task(task, self.clock()):
             self._carry_out(action, task)
 

@@ -85,8 +85,16 @@ def layout_in_child(model: ModelRef, python: str = sys.executable) -> ModelLayou
 
 
 def warm_up() -> None:
-    """Import torch and the trainer now, so the first round does not pay for it mid-deadline."""
+    """Import torch and the trainer now, so the first round does not pay for it mid-deadline.
+
+    The first ``torch.optim.SGD`` imports ``torch._dynamo`` (about 2 s of CPU on a small board),
+    so one throwaway optimiser is built here too.
+    """
+    import torch
+
     import edge_agent.training  # noqa: F401
+
+    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1, momentum=0.9)
 
 
 def train(job: TrainJob) -> TrainOutcome:

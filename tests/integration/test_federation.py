@@ -148,3 +148,79 @@ def test_the_same_federation_runs_on_the_embedded_broker(tmp_path: Path) -> None
     assert history[-1]["accuracy"] > 0.4
     assert "fedprune_rounds_completed_total 5" in metrics
     assert re.search(r'fedprune_device_importance\{device="pi-0"\} 0\.\d+', metrics)
+
+
+def test_forged_and_replayed_updates_are_rejected_and_counted(broker: MosquittoBroker, tmp_path: Path) -> None:
+    """An attacker holding dev-1's broker password but not its key, and a replay of dev-2's
+    round-1 update in a later round: both reach the coordinator (the ACL allows the topics),
+    both are rejected with a reason, counted in /metrics, and the federation carries on."""
+    import numpy as np
+
+    from edge_agent.mqtt import MqttLink
+    from protocol.channel import AgentChannel
+    from protocol.crypto import Identity
+    from protocol.messages import Update
+    from protocol.sparse import SparseParams
+    from protocol.topics import update_topic
+
+    fed = federation_on(broker, tmp_path, rounds=10_000)
+    forger_id, replay_id = broker.devices[1], broker.devices[2]
+    recorder = MqttLink(broker.link_config(broker.coordinator, client_id="recorder"),
+                        subscriptions=[(update_topic(broker.federation, replay_id.username), 1)])
+    recorder.wait_connected(10)
+    fed.start()
+    try:
+        fed.wait_for_round(1, timeout=120)
+        recorded = []
+        while not recorder.messages.empty():
+            recorded.append(recorder.messages.get_nowait())
+        assert recorded, "the recorder saw no update from dev-2"
+        fed.wait_for_round(2, timeout=60)
+
+        coordinator_public = _coordinator_public(fed)
+        layout = _federation_layout(fed)
+        forger = AgentChannel(federation=broker.federation, device=forger_id.username, identity=Identity.generate(),
+                              coordinator=coordinator_public, layout=layout)
+        trainable = layout.subset(s.name for s in layout.trainable)
+        masks = {s.name: np.ones(s.shape, bool) for s in trainable.masked}
+        delta = {s.name: np.full(s.shape, 9.0, np.float32) for s in trainable}
+        forged = Update(round=3, device=forger_id.username, mask_version=0, n_examples=10_000, metrics={},
+                        class_losses={}, delta=SparseParams.from_dense(trainable, delta, masks))
+        with MqttLink(broker.link_config(forger_id, client_id="forger")) as forger_link, \
+                MqttLink(broker.link_config(replay_id, client_id="replayer")) as replay_link:
+            forger_link.wait_connected(10)
+            replay_link.wait_connected(10)
+            for topic, payload in forger.send(forged, time.time()):
+                assert forger_link.publish(topic, payload).wait(10)
+            for topic, payload in recorded:
+                assert replay_link.publish(topic, payload).wait(10)
+            deadline = time.monotonic() + 30
+            while True:
+                metrics = fed.metrics_text()
+                if 'reason="open_failed"' in metrics and re.search(r'reason="(replayed|stale|duplicate_transfer)"', metrics):
+                    break
+                assert time.monotonic() < deadline, metrics
+                time.sleep(0.2)
+        still_going = len(fed.history()) + 3
+        fed.wait_for_round(still_going, timeout=60)
+    finally:
+        recorder.close()
+        codes = fed.stop_all()
+    history = fed.history()
+    assert rounds_of(history) == list(range(1, len(history) + 1))
+    assert "event=rejected" in fed.log("coordinator")
+    assert codes["coordinator"] == 0, "SIGTERM must stop the coordinator cleanly"
+
+
+def _coordinator_public(fed: LocalFederation):
+    from edge_agent.bundle import load_bundle
+
+    return load_bundle(fed.root / "devices" / fed.devices[0] / "bundle.json").coordinator
+
+
+def _federation_layout(fed: LocalFederation):
+    from coordinator.config import load_config
+    from coordinator.daemon import model_spec
+    from edge_agent.models import model_layout
+
+    return model_layout(model_spec(load_config(fed.config_path, env={})))

@@ -108,3 +108,13 @@ def test_split_refuses_unusable_sizes():
         split(b"x", transfer_id=1, max_size=100)
     with pytest.raises(ValueError):
         split(b"x", transfer_id=-1)
+
+
+def test_chunks_of_a_completed_transfer_are_dropped_and_counted():
+    payload = b"x" * 5000
+    chunks = split(payload, transfer_id=9, max_size=2048)
+    r = Reassembler()
+    assert [r.feed(c, 0.0) for c in chunks][-1] == payload
+    assert r.duplicates == 0
+    assert [r.feed(c, 1.0) for c in chunks] == [None] * len(chunks)
+    assert r.duplicates == len(chunks)
