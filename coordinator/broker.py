@@ -54,6 +54,8 @@ class EmbeddedBroker:
     def start(self) -> EmbeddedBroker:
         if self._thread is not None:
             raise RuntimeError("EmbeddedBroker already started")
+        for noisy in ("amqtt", "transitions"):  # per-connection INFO lines would drown the daemon's own
+            logging.getLogger(noisy).setLevel(logging.WARNING)
         loop = asyncio.new_event_loop()
         thread = threading.Thread(target=loop.run_forever, name="fedprune-embedded-broker", daemon=True)
         thread.start()

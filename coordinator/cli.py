@@ -158,7 +158,26 @@ def _run_status(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = [_add_init, _add_enroll, _add_revoke, _add_run, _add_status, _add_simulate]
+def _add_export(commands: argparse._SubParsersAction) -> None:
+    sub = commands.add_parser("export", help="export the current global model from the state directory to ONNX")
+    _add_config_flags(sub)
+    sub.add_argument("--out", type=Path, required=True, help="ONNX file to write")
+    sub.add_argument("--variant", choices=("dense", "compact", "int8"), default=None,
+                     help="default: [export] variant of the config")
+    sub.set_defaults(handler=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from coordinator.releases import export_checkpoint
+
+    config = _load(args)
+    size, metadata = export_checkpoint(config, args.out, variant=args.variant or config.export.variant)
+    print(f"wrote {args.out} ({size:,} bytes): round {metadata['round']}, mask version {metadata['mask_version']}, "
+          f"sparsity {float(metadata['sparsity']):.3f}")
+    return 0
+
+
+_COMMANDS = [_add_init, _add_enroll, _add_revoke, _add_run, _add_status, _add_export, _add_simulate]
 
 
 def main(argv: Sequence[str] | None = None) -> None:

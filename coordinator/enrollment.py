@@ -17,7 +17,7 @@ from coordinator.config import CoordinatorConfig, example_config
 from coordinator.daemon import IDENTITY_FILE, load_identity
 from coordinator.registry import Registry
 from coordinator.state import StateDir
-from edge_agent.bundle import Bundle, save_bundle
+from edge_agent.bundle import Bundle, EnrollmentError, save_bundle
 from edge_agent.configkit import ConfigError
 from edge_agent.fsutil import atomic_write
 from protocol.crypto import Identity
@@ -64,7 +64,10 @@ def enroll(config: CoordinatorConfig, device_id: str, out: Path, *, broker_passw
     coordinator = load_identity(state)
     registry = _registry(config, state)
     device = Identity.generate()
-    registry.enroll(device_id, device.public.signing, device.public.agreement, now=time.time())
+    try:
+        registry.enroll(device_id, device.public.signing, device.public.agreement, now=time.time())
+    except ValueError as exc:
+        raise EnrollmentError(str(exc)) from None
     ca = config.broker.ca_file.read_bytes() if config.broker.ca_file else None
     bundle = Bundle(
         federation=config.federation.id, device_id=device_id, identity=device, coordinator=coordinator.public,

@@ -22,12 +22,19 @@ def release_dir(state_root: Path) -> Path:
     return Path(state_root) / "releases"
 
 
-def make_release(spec: Any, params: dict, *, version: int, variant: str, opset: int,
-                 metadata: dict[str, str | int | float], state_root: Path) -> tuple[ModelRelease, Path]:
-    from coordinator.export import build_release, compact_onnx, export_onnx, quantize_int8
+def export_variant(spec: Any, params: dict, *, variant: str, opset: int,
+                   metadata: dict[str, str | int | float]) -> bytes:
+    from coordinator.export import compact_onnx, export_onnx, quantize_int8
 
     dense = export_onnx(spec, params, opset=opset, metadata=metadata)
-    blob = {"dense": lambda: dense, "compact": lambda: compact_onnx(dense), "int8": lambda: quantize_int8(dense)}[variant]()
+    return {"dense": lambda: dense, "compact": lambda: compact_onnx(dense), "int8": lambda: quantize_int8(dense)}[variant]()
+
+
+def make_release(spec: Any, params: dict, *, version: int, variant: str, opset: int,
+                 metadata: dict[str, str | int | float], state_root: Path) -> tuple[ModelRelease, Path]:
+    from coordinator.export import build_release
+
+    blob = export_variant(spec, params, variant=variant, opset=opset, metadata=metadata)
     release = build_release(version, blob)
     path = release_dir(state_root) / f"model-v{version}.onnx"
     atomic_write(path, blob, mode=0o644)
@@ -40,3 +47,25 @@ def latest_release(state_root: Path) -> tuple[int, Path] | None:
         return None
     found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _RELEASE_FILE.match(p.name))]
     return max(found) if found else None
+
+
+def export_checkpoint(config: Any, out: Path, *, variant: str) -> tuple[int, dict[str, str | int | float]]:
+    """``fedprune-coordinator export``: the newest checkpoint's global model to an ONNX file."""
+    from coordinator.daemon import model_spec
+    from coordinator.export import read_metadata
+    from coordinator.state import StateDir, StateError
+
+    checkpoint = StateDir(config.state.dir).load_latest_checkpoint()
+    if checkpoint is None:
+        raise StateError(f"{config.state.dir} has no checkpoint yet: run the coordinator first")
+    accuracy = next((h["accuracy"] for h in reversed(checkpoint["history"]) if "accuracy" in h), None)
+    metadata: dict[str, str | int | float] = {
+        "federation": config.federation.id, "round": int(checkpoint["round"]),
+        "mask_version": int(checkpoint["mask_version"]),
+    }
+    if accuracy is not None:
+        metadata["val_accuracy"] = float(accuracy)
+    blob = export_variant(model_spec(config), checkpoint["params"], variant=variant, opset=config.export.opset,
+                          metadata=metadata)
+    atomic_write(Path(out), blob, mode=0o644)
+    return len(blob), read_metadata(blob)
