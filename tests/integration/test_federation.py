@@ -49,20 +49,28 @@ def rounds_of(history: list[dict]) -> list[int]:
     return [h["round"] for h in history]
 
 
-def test_five_agents_complete_a_federation_and_accuracy_rises(broker: MosquittoBroker, tmp_path: Path) -> None:
+def test_five_agents_complete_a_federation_and_every_agent_serves_the_final_model(
+        broker: MosquittoBroker, tmp_path: Path) -> None:
     fed = federation_on(broker, tmp_path, rounds=8)
     fed.start()
     try:
         history = fed.wait_for_round(8, timeout=180)
+        fed.wait_for_release(1, timeout=60)
         codes = fed.stop_all()
     finally:
         fed.stop_all()
     assert rounds_of(history) == list(range(1, 9))
     assert all(h["received"] == DEVICES for h in history)
-    assert history[-1]["accuracy"] > 0.5, history[-1]
-    assert history[-1]["accuracy"] > history[0]["accuracy"] + 0.2
+    final = history[-1]["accuracy"]
+    assert final > 0.5, history[-1]
+    assert final > history[0]["accuracy"] + 0.2
     assert codes["coordinator"] == 0
     assert all(codes[d] == 0 for d in fed.devices), codes
+    for device in fed.devices:
+        result = fed.infer(device, fed.root / "data" / "holdout.npz")
+        assert result.returncode == 0, result.stderr
+        accuracy = float(re.search(r"accuracy (\d\.\d+)", result.stderr).group(1))
+        assert abs(accuracy - final) < 0.01, (device, accuracy, final)
 
 
 def test_coordinator_killed_mid_round_resumes_without_losing_or_repeating_rounds(
