@@ -39,6 +39,7 @@ from protocol.sparse import SparseParams
 log = logging.getLogger("fedprune.coordinator")
 
 IDENTITY_FILE = "coordinator.pem"
+COMMIT_RETRY_S = 5
 
 
 def declare_metrics(metrics: Metrics) -> None:
@@ -54,6 +55,7 @@ def declare_metrics(metrics: Metrics) -> None:
         ("current_round", "gauge", "Round in progress (or next to run)."),
         ("global_accuracy", "gauge", "Accuracy of the global model on the coordinator's evaluation set."),
         ("rounds_declined_total", "counter", "Rounds devices declined (governance), by reason."),
+        ("checkpoint_failures_total", "counter", "Checkpoint writes that failed (e.g. disk full) and were retried."),
     ):
         metrics.declare(name, kind, help_text)
 
@@ -117,6 +119,8 @@ class CoordinatorDaemon:
         self.round_started = 0.0
         self.next_announce = 0.0
         self.link: MqttLink | None = None
+        self._pending_commit: tuple[int, dict[str, Any], ModelRelease | None] | None = None
+        self._retry_commit_at = 0.0
 
     # ---- state ----------------------------------------------------------------------------------
     @property
@@ -180,7 +184,7 @@ class CoordinatorDaemon:
                  self.config.federation.id, self.completed, self.config.rounds.total, broker.url)
         self._republish_latest_release()
         try:
-            while not self.stopping and self.completed < self.config.rounds.total:
+            while not self.stopping and (self.completed < self.config.rounds.total or self._pending_commit):
                 try:
                     topic, payload = self.link.messages.get(timeout=0.05)
                 except queue.Empty:
@@ -241,6 +245,10 @@ class CoordinatorDaemon:
     def _tick(self) -> None:
         now = self.clock()
         self.metrics.set("devices_online", len(self.registry.online(now)))
+        if self._pending_commit is not None:
+            if now >= self._retry_commit_at:
+                self._commit_round()
+            return
         if self.rounds.open_round is None:
             self._maybe_start_round(now)
             return
@@ -326,10 +334,24 @@ class CoordinatorDaemon:
             self.metrics.set("global_accuracy", ev.accuracy)
         entry["close_s"] = self.clock() - now
         self.history.append(entry)
-        release = self._maybe_release(closed.round, entry.get("accuracy"))
-        self._checkpoint(completed=closed.round)
-        self.state_dir.save_registry(self.registry.to_dict())
-        self.state_dir.append_history(entry)
+        self._pending_commit = (closed.round, entry, self._maybe_release(closed.round, entry.get("accuracy")))
+        self._commit_round()
+
+    def _commit_round(self) -> None:
+        """Checkpoint the closed round; only then does it count. A failed write (disk full) keeps
+        the previous checkpoint intact (atomic_write), is logged and counted, and is retried
+        every few seconds; no new round starts meanwhile."""
+        completed, entry, release = self._pending_commit
+        try:
+            self._checkpoint(completed=completed)
+            self.state_dir.save_registry(self.registry.to_dict())
+            self.state_dir.append_history(entry)
+        except OSError as exc:
+            self.metrics.inc("checkpoint_failures_total")
+            self._retry_commit_at = self.clock() + COMMIT_RETRY_S
+            log.error("event=checkpoint_failed round=%d error=%r action=retry_in_%ds", completed, exc, COMMIT_RETRY_S)
+            return
+        self._pending_commit = None
         self.metrics.inc("rounds_completed_total")
         self.metrics.set("round_duration_seconds", entry["duration_s"])
         self.metrics.set("current_round", self.state.round)
@@ -337,7 +359,7 @@ class CoordinatorDaemon:
         for device, score in entry.get("scores", {}).items():
             self.metrics.set("device_importance", score["r"], device=device)
         log.info("event=round_closed round=%d received=%d/%d accuracy=%s duration_s=%.2f",
-                 closed.round, len(closed.updates), len(plan.selected),
+                 completed, entry["received"], entry["selected"],
                  f"{entry['accuracy']:.4f}" if "accuracy" in entry else "n/a", entry["duration_s"])
         if release is not None:
             self._publish_release(release)
@@ -356,9 +378,13 @@ class CoordinatorDaemon:
         if accuracy is not None:
             metadata["val_accuracy"] = float(accuracy)
         version = self.release_version + 1
-        release, path = make_release(self.spec, self.state.params, version=version, variant=self.config.export.variant,
-                                     opset=self.config.export.opset, metadata=metadata,
-                                     state_root=self.state_dir.root)
+        try:
+            release, path = make_release(self.spec, self.state.params, version=version,
+                                         variant=self.config.export.variant, opset=self.config.export.opset,
+                                         metadata=metadata, state_root=self.state_dir.root)
+        except OSError as exc:
+            log.error("event=release_failed version=%d round=%d error=%r", version, round_number, exc)
+            return None
         self.release_version = version
         log.info("event=release_exported version=%d round=%d bytes=%d file=%s", version, round_number,
                  len(release.onnx), path)
