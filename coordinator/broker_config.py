@@ -1,4 +1,8 @@
-"""Render Mosquitto's configuration and topic ACL from the templates in deploy/mosquitto/.
+"""Render Mosquitto's configuration and topic ACL from the templates shipped in the package.
+
+The templates (``coordinator/templates/*.template``) are package data, so a wheel install
+renders exactly what the source tree does; they are the one source of truth for the broker's
+configuration and ACL (``fedprune-coordinator provision`` writes the rendered files).
 
 Templates use ``{{name}}`` placeholders. Rendering is strict: a placeholder without a value, a
 value without a placeholder, or a value that could smuggle a second directive into the file
@@ -10,15 +14,15 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass
+from importlib.resources import files
 from pathlib import Path
 from typing import Mapping
 
 from edge_agent.mqtt import MAX_MESSAGE_BYTES
 from protocol.topics import validate_id
 
-TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "deploy" / "mosquitto"
-CONF_TEMPLATE = TEMPLATE_DIR / "mosquitto.conf.template"
-ACL_TEMPLATE = TEMPLATE_DIR / "acl.template"
+CONF_TEMPLATE = "mosquitto.conf.template"
+ACL_TEMPLATE = "acl.template"
 
 _PLACEHOLDER = re.compile(r"\{\{([a-z_]+)\}\}")
 _PACKET_HEADROOM = 1024  # fixed header, topic (<= 256 bytes) and v5 properties of one chunk
@@ -80,12 +84,17 @@ def render(template: str, values: Mapping[str, object]) -> str:
     return _PLACEHOLDER.sub(lambda match: given[match.group(1)], template)
 
 
-def render_mosquitto_conf(settings: MosquittoSettings, template_path: Path = CONF_TEMPLATE) -> str:
-    return render(Path(template_path).read_text(), asdict(settings))
+def template_text(name: str) -> str:
+    """A packaged template by file name (works from a wheel, a zip or the source tree)."""
+    return files("coordinator").joinpath("templates", name).read_text(encoding="utf-8")
 
 
-def render_acl(federation: str, coordinator_user: str, template_path: Path = ACL_TEMPLATE) -> str:
+def render_mosquitto_conf(settings: MosquittoSettings) -> str:
+    return render(template_text(CONF_TEMPLATE), asdict(settings))
+
+
+def render_acl(federation: str, coordinator_user: str) -> str:
     """The ACL for one federation: devices use their own topics (``%u``), one coordinator user the rest."""
     validate_id(federation, "federation")
     validate_id(coordinator_user, "coordinator user")
-    return render(Path(template_path).read_text(), {"federation": federation, "coordinator_user": coordinator_user})
+    return render(template_text(ACL_TEMPLATE), {"federation": federation, "coordinator_user": coordinator_user})

@@ -153,13 +153,3 @@ def agent_filters(federation: str, device: str) -> tuple[str, ...]:
         inbox_topic(federation, device),
     )
 
-
-def mosquitto_acl() -> str:
-    """The pattern ACL for devices (username = device id), as Mosquitto ``acl_file`` lines."""
-    lines = [f"pattern write {PREFIX}/+/{k.value}/%u" for k in (TopicKind.REGISTER, TopicKind.UPDATE, TopicKind.STATUS)]
-    lines += [
-        f"pattern read {PREFIX}/+/{TopicKind.TASK.value}",
-        f"pattern read {PREFIX}/+/{TopicKind.RELEASE.value}/+",
-        f"pattern read {PREFIX}/+/{TopicKind.INBOX.value}/%u",
-    ]
-    return "\n".join(lines) + "\n"
