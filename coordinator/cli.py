@@ -117,6 +117,36 @@ def _run_enroll(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_provision(commands: argparse._SubParsersAction) -> None:
+    sub = commands.add_parser(
+        "provision", help="make the broker's CA, certificate, passwords, ACL and config, and device bundles",
+        description="Idempotent: re-run with more devices to add them; existing keys, passwords and bundles "
+                    "are kept. Updates the config's [broker] url, ca_file and password in place.",
+    )
+    sub.add_argument("--config", type=Path, required=True, help="coordinator TOML file (made by `init`); updated in place")
+    sub.add_argument("--devices", default="", metavar="ID,ID,...", help="device ids to enroll (comma-separated)")
+    sub.add_argument("--out", type=Path, required=True, help="directory for the broker files and bundles/")
+    sub.add_argument("--broker-host", action="append", default=[], metavar="NAME",
+                     help="host name or IP devices connect to (repeatable; the first goes into URLs)")
+    sub.add_argument("--broker-port", type=int, default=8883, help="TLS listener port")
+    sub.add_argument("--install-dir", type=Path, default=None,
+                     help="where the broker host reads these files (paths in mosquitto.conf); default --out")
+    sub.add_argument("--persistence-dir", type=Path, default=Path("/var/lib/mosquitto"),
+                     help="Mosquitto's persistence directory (writable by the mosquitto user)")
+    sub.add_argument("--bind-address", default="0.0.0.0", help="address the listener binds")
+    sub.set_defaults(handler=_run_provision)
+
+
+def _run_provision(args: argparse.Namespace) -> int:
+    from coordinator.provision import provision
+
+    report = provision(args.config, args.devices.split(","), args.out, broker_hosts=args.broker_host,
+                       broker_port=args.broker_port, install_dir=args.install_dir,
+                       persistence_dir=args.persistence_dir, bind_address=args.bind_address)
+    print("\n".join(report.lines()))
+    return 0
+
+
 def _add_revoke(commands: argparse._SubParsersAction) -> None:
     sub = commands.add_parser("revoke", help="remove a device from the allow-list")
     sub.add_argument("device_id")
@@ -177,7 +207,7 @@ def _run_export(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = [_add_init, _add_enroll, _add_revoke, _add_run, _add_status, _add_export, _add_simulate]
+_COMMANDS = [_add_init, _add_provision, _add_enroll, _add_revoke, _add_run, _add_status, _add_export, _add_simulate]
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -23,14 +23,15 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from edge_agent.configkit import ConfigError
 from edge_agent.fsutil import atomic_write
 
 DEFAULT_SERVER_NAMES = ("localhost", "127.0.0.1")
 _CLOCK_SKEW = timedelta(minutes=5)
 
 
-class PkiError(Exception):
-    """A PKI file could not be read or produced; the message names the file and the fix."""
+class PkiError(ConfigError):
+    """A PKI file could not be read or produced; the message names the file and the fix (exit 78)."""
 
 
 @dataclass(frozen=True)
@@ -92,13 +93,26 @@ def load_key_pair(cert_path: Path, key_path: Path) -> KeyPair:
     return KeyPair(certificate, key)
 
 
-def write_password_file(path: Path, credentials: Mapping[str, str], tool: str = "mosquitto_passwd") -> None:
+def password_file_users(path: Path) -> set[str]:
+    """The user names in a Mosquitto password file; empty when the file does not exist."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except FileNotFoundError:
+        return set()
+    return {line.split(":", 1)[0] for line in lines if ":" in line and not line.startswith("#")}
+
+
+def write_password_file(
+    path: Path, credentials: Mapping[str, str], tool: str = "mosquitto_passwd", *, add: bool = False
+) -> None:
     """Write a Mosquitto password file (PBKDF2-SHA512 hashes) for ``credentials`` {username: password}.
 
+    With ``add``, the users already in ``path`` keep their hashes and ``credentials`` are added
+    (or replace those users' hashes); otherwise the file holds exactly ``credentials``.
     Passwords go to ``mosquitto_passwd`` on stdin, never on its command line (``-b`` would show
     them in ``ps``). The file is built beside ``path`` and renamed into place with mode 0600.
     """
-    if not credentials:
+    if not credentials and not add:
         raise ValueError("credentials: at least one user is needed (allow_anonymous is false)")
     for user, password in credentials.items():
         if not user or ":" in user or any(c in user for c in "\n\r\0 "):
@@ -109,8 +123,10 @@ def write_password_file(path: Path, credentials: Mapping[str, str], tool: str = 
     tmp = path.with_name(f".{path.name}.building")
     tmp.unlink(missing_ok=True)
     try:
-        for index, (user, password) in enumerate(credentials.items()):
-            args = [tool, *(["-c"] if index == 0 else []), str(tmp), user]
+        if add and path.exists():
+            atomic_write(tmp, path.read_bytes(), mode=0o600)
+        for user, password in credentials.items():
+            args = [tool, *([] if tmp.exists() else ["-c"]), str(tmp), user]
             try:
                 subprocess.run(
                     args, input=f"{password}\n{password}\n", text=True, capture_output=True, check=True, timeout=30
@@ -119,7 +135,8 @@ def write_password_file(path: Path, credentials: Mapping[str, str], tool: str = 
                 raise PkiError(f"{tool} not found: install Mosquitto (apt-get install mosquitto)") from None
             except subprocess.CalledProcessError as error:
                 raise PkiError(f"{tool} failed for user {user!r} writing {path}: {error.stderr.strip()}") from None
-        atomic_write(path, tmp.read_bytes(), mode=0o600)
+        if tmp.exists():
+            atomic_write(path, tmp.read_bytes(), mode=0o600)
     finally:
         tmp.unlink(missing_ok=True)
 
