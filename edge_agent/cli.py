@@ -43,6 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--output", type=Path, help="write predictions here (CSV: row,prediction); default stdout")
     infer.add_argument("--labels", action="store_true", help="the CSV's last column is a label: report accuracy")
     infer.set_defaults(handler=_run_infer)
+    status = commands.add_parser("status", help="model release in use, privacy budget spent, last rounds sent")
+    status.add_argument("--config", type=Path, required=True, help="agent TOML file (finds the state directory)")
+    status.add_argument("--rounds", type=int, default=5, help="how many recent rounds to list")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(handler=_run_status)
     audit = commands.add_parser("audit", help="show what this device sent, when, and to which federation")
     audit.add_argument("--log", type=Path, required=True, help="the agent's audit log (audit.jsonl in its state dir)")
     audit.set_defaults(handler=_run_audit)
@@ -104,6 +109,16 @@ def _read_inputs(path: Path, labelled_csv: bool):
         return load_local_data(path)
     rows = np.loadtxt(path, delimiter=",", dtype=np.float32, ndmin=2)
     return rows, None
+
+
+def _run_status(args: argparse.Namespace) -> int:
+    from edge_agent.config import load_config
+    from edge_agent.status import device_status, render
+
+    config = load_config(args.config)
+    report = device_status(config.agent.state_dir, config.inference.keep_releases, args.rounds)
+    print(render(report, as_json=args.json))
+    return 0
 
 
 def _run_audit(args: argparse.Namespace) -> int:

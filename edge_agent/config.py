@@ -6,12 +6,14 @@ This module is the only reader of ``os.environ`` on the device.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
 from edge_agent.configkit import in_range, load, one_of, render_example, setting
+from edge_agent.guard import GovernanceConfig
 
 ENV_PREFIX = "FEDPRUNE_AGENT_"
 
@@ -24,7 +26,7 @@ class AgentSection:
     data: Path = setting(Path("/var/lib/fedprune-agent/data"), "local training data: a .npz (X, y) or CSV file, or a directory of them")
     state_dir: Path = setting(Path("/var/lib/fedprune-agent"), "state directory (audit log, models, cached updates)")
     device: str = setting("cpu", "where to train: cpu, cuda (Jetson) or auto", check=one_of("cpu", "cuda", "auto"))
-    threads: int = setting(0, "torch threads for training; 0 lets torch decide", check=in_range(0, 256))
+    threads: int = setting(0, "deprecated: moved to [governance] max_threads, which wins when set", check=in_range(0, 256))
     train_in_subprocess: bool = setting(True, "train in a short-lived child so the idle agent never holds torch (small RSS)")
     heartbeat_s: float = setting(30.0, "seconds between status heartbeats", check=in_range(1, 3600))
     upload_timeout_s: float = setting(60.0, "seconds to wait for the broker to acknowledge an update", check=in_range(1, 3600))
@@ -48,11 +50,64 @@ class InferenceSection:
     http_host: str = setting("127.0.0.1", "address of the inference endpoint (keep it on localhost unless you front it)")
 
 
+def _positive(value: float) -> str | None:
+    return None if math.isfinite(value) and value > 0 else "a finite number > 0"
+
+
+def _probability(value: float) -> str | None:
+    return None if 0 < value < 1 else "a number strictly between 0 and 1, typically below 1/number of devices"
+
+
+@dataclass(frozen=True)
+class GovernanceSection:
+    """The device owner's limits: instead of training, decline the round with a reason the coordinator counts."""
+
+    max_threads: int = setting(0, "torch threads for training; 0: all cores but one", check=in_range(0, 256))
+    memory_ceiling_mb: float = setting(512.0, "MiB one training run may take; decline (memory_low) when less is available", check=in_range(0, 1 << 20))
+    training_windows: tuple[str, ...] = setting((), 'local-time windows when training is allowed, e.g. ["22:00-06:00"]; empty: any time')
+    thermal_limit_c: float = setting(75.0, "decline (too_hot) at or above this CPU/GPU/SoC temperature", check=in_range(-40, 150))
+    thermal_resume_c: float = setting(65.0, "after too_hot, train again only below this temperature", check=in_range(-40, 150))
+    min_battery_percent: float = setting(30.0, "on battery, decline (battery_low) below this level", check=in_range(0, 100))
+    require_ac_power: bool = setting(False, "decline (on_battery) whenever the device runs on battery")
+    sysfs_root: Path = setting(Path("/"), "root of the sys/ and proc/ trees the readings come from")
+
+    def __post_init__(self) -> None:
+        self.limits()
+
+    def limits(self) -> GovernanceConfig:
+        """The pure guard's view; raises ValueError (a ConfigError when loading) on inconsistent limits."""
+        return GovernanceConfig(
+            max_threads=self.max_threads or None, memory_ceiling_mb=self.memory_ceiling_mb,
+            training_windows=self.training_windows, thermal_limit_c=self.thermal_limit_c,
+            thermal_resume_c=self.thermal_resume_c, min_battery_percent=self.min_battery_percent,
+            require_ac_power=self.require_ac_power,
+        )
+
+
+@dataclass(frozen=True)
+class PrivacySection:
+    """Client-level differential privacy of each update (docs/PRIVACY.md): clip to C, add N(0, (σC)²), spend a budget."""
+
+    enabled: bool = setting(False, "clip and noise every update before it is sealed, and keep the device's ε ledger")
+    clip_norm: float = setting(1.0, "C: the update's global L2 norm is clipped to this", check=_positive)
+    noise_multiplier: float = setting(1.0, "σ: Gaussian noise with standard deviation σ·C on every sent position", check=_positive)
+    epsilon_budget: float = setting(8.0, "ε this device may spend in one federation; then it declines (privacy_budget_exhausted)", check=_positive)
+    delta: float = setting(1e-5, "δ of the (ε, δ) guarantee", check=_probability)
+    report_class_losses: bool = setting(True, "send per-class losses (they reveal which classes the device holds; not covered by DP)")
+
+
 @dataclass(frozen=True)
 class AgentConfig:
     agent: AgentSection = field(default_factory=AgentSection)
     broker: BrokerOverride = field(default_factory=BrokerOverride)
     inference: InferenceSection = field(default_factory=InferenceSection)
+    governance: GovernanceSection = field(default_factory=GovernanceSection)
+    privacy: PrivacySection = field(default_factory=PrivacySection)
+
+    def training_threads(self, cpu_count: int) -> int:
+        """[governance] max_threads, else the deprecated [agent] threads, else all cores but one."""
+        threads = self.governance.max_threads or self.agent.threads
+        return GovernanceConfig(max_threads=threads or None).training_threads(cpu_count)
 
 
 def load_config(path: Path | None, overrides: Mapping[str, str] | None = None,

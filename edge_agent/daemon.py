@@ -1,9 +1,13 @@
 """The agent's shell: one loop that feeds MQTT messages and clock ticks to AgentCore and
 carries out its actions (train, seal and publish, report status, audit).
 
-Everything that decides lives in ``edge_agent.agent`` (what to do with a task) and
-``protocol.channel`` (verify, decode, seal, chunk). paho's callbacks only enqueue; signal
-handlers only set a flag; the loop below is the only thread that touches the core.
+Everything that decides lives in ``edge_agent.agent`` (what to do with a task),
+``edge_agent.guard`` (may this device train now), ``edge_agent.privacy`` (clip, noise, budget)
+and ``protocol.channel`` (verify, decode, seal, chunk). When a task arrives the daemon samples
+sysfs, asks its one ``Governor`` (which remembers the thermal latch) and the privacy ledger, and
+hands the first reason to the core, which turns it into a DECLINED status. paho's callbacks
+only enqueue; signal handlers only set a flag; the loop below is the only thread that touches
+the core.
 """
 
 from __future__ import annotations
@@ -16,15 +20,20 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from edge_agent import worker
+import numpy as np
+
+from edge_agent import sysfs, worker
 from edge_agent.agent import AgentCore, Decline, Ignore, Phase, ReportStatus, Resend, Train, Upload
 from edge_agent.audit import AuditLog
 from edge_agent.bundle import Bundle, load_bundle
 from edge_agent.config import AgentConfig
 from edge_agent.data import load_local_data
 from edge_agent.fsutil import atomic_write
+from edge_agent.guard import Governor
 from edge_agent.inference import InferenceHTTP, ModelServer, Predictor, Served
+from edge_agent.ledger import PrivacyLedger, ledger_path
 from edge_agent.mqtt import LastWill, LinkConfig, MqttError, MqttLink
+from edge_agent.privacy import PRIVACY_BUDGET_EXHAUSTED
 from protocol.channel import AgentChannel, Publication
 from protocol.errors import ProtocolError
 from protocol.layout import ModelLayout
@@ -50,6 +59,8 @@ class AgentDaemon:
         _, labels = load_local_data(section.data)
         self.n_examples = int(len(labels))
         self.core = AgentCore(self.bundle.device_id)
+        self.governor = Governor(config.governance.limits())
+        self.ledger = self._privacy_ledger() if config.privacy.enabled else None
         self._layouts: dict[ModelRef, ModelLayout] = {}
         self.channel = AgentChannel(
             federation=self.bundle.federation, device=self.bundle.device_id, identity=self.bundle.identity,
@@ -66,6 +77,13 @@ class AgentDaemon:
         self._tasks_seen = False
         self._next_heartbeat = 0.0
         self.link: MqttLink | None = None
+
+    def _privacy_ledger(self) -> PrivacyLedger:
+        """The ledger on disk; the noise comes from a generator seeded by the OS's entropy, never a fixed seed."""
+        p = self.config.privacy
+        return PrivacyLedger(ledger_path(self.state_dir, self.bundle.federation), self.bundle.federation,
+                             epsilon_budget=p.epsilon_budget, delta=p.delta, clip_norm=p.clip_norm,
+                             noise_multiplier=p.noise_multiplier, rng=np.random.default_rng())
 
     def _layout_for(self, model: ModelRef) -> ModelLayout:
         if model not in self._layouts:
@@ -102,6 +120,8 @@ class AgentDaemon:
         self.link = MqttLink(self._link_config(), subscriptions=[(f, 1) for f in self.channel.subscriptions])
         log.info("event=start device=%s federation=%s examples=%d broker=%s", self.bundle.device_id,
                  self.bundle.federation, self.n_examples, self.link_url)
+        if self.config.agent.threads and not self.config.governance.max_threads:
+            log.warning("event=config_deprecated key=agent.threads replacement=governance.max_threads")
         try:
             while not self.stopping:
                 self._maybe_register()
@@ -147,10 +167,12 @@ class AgentDaemon:
             self._next_heartbeat = now + self.config.agent.heartbeat_s
             self._publish_status(_PHASE_STATE[self.core.phase], "heartbeat")
 
-    def _publish_status(self, state: State, reason: str) -> None:
-        status = Status(self.bundle.device_id, state, self._round, reason, self.clock())
+    def _publish_status(self, state: State, reason: str, round_number: int | None = None) -> None:
+        """``round_number`` names the round a DECLINED status is about; other states report the last round."""
+        round_number = self._round if round_number is None else round_number
+        status = Status(self.bundle.device_id, state, round_number, reason, self.clock())
         try:
-            self._publish(self.channel.send(status, self.clock()), "status", self._round)
+            self._publish(self.channel.send(status, self.clock()), "status", round_number)
         except MqttError as exc:
             log.warning("event=status_not_sent reason=%s", exc)
 
@@ -182,8 +204,22 @@ class AgentDaemon:
 
     def _on_task(self, task: RoundTask) -> None:
         self._tasks_seen = True
-        for action in self.core.on_task(task, self.clock()):
+        reason = self._decline_reason() if self.bundle.device_id in task.selected else None
+        for action in self.core.on_task(task, self.clock(), decline_reason=reason):
             self._carry_out(action, task)
+
+    def _decline_reason(self) -> str | None:
+        """Governance first (transient: heat, power, windows, memory), then the privacy budget (final)."""
+        local = time.localtime(self.clock())
+        readings = sysfs.read_readings(local.tm_hour * 60 + local.tm_min, self.config.governance.sysfs_root)
+        reason = self.governor.decide(readings)
+        if reason is None and self.ledger is not None and self.ledger.exhausted:
+            reason = PRIVACY_BUDGET_EXHAUSTED
+        if reason is not None:
+            log.info("event=governance_decline reason=%s temperature_c=%s battery_percent=%s on_ac=%s "
+                     "available_memory_mb=%s", reason, readings.temperature_c, readings.battery_percent,
+                     readings.on_ac, readings.available_memory_mb)
+        return reason
 
     def _carry_out(self, action: object, task: RoundTask) -> None:
         if isinstance(action, ReportStatus):
@@ -198,13 +234,14 @@ class AgentDaemon:
             log.debug("event=task_ignored round=%d reason=%s", action.round, action.reason)
         elif isinstance(action, Decline):
             log.info("event=round_declined round=%d reason=%s", action.round, action.reason)
-            self._publish_status(State.DECLINED, action.reason)
+            self._publish_status(State.DECLINED, action.reason, action.round)
 
     def _train_and_upload(self, task: RoundTask) -> None:
         section = self.config.agent
         job = worker.TrainJob(
             model=task.model, params=task.params(), masks=task.masks, hyper=task.hyper,
-            data_path=section.data, device=_torch_device(section.device), threads=section.threads,
+            data_path=section.data, device=_torch_device(section.device),
+            threads=self.config.training_threads(os.cpu_count() or 1),
         )
         try:
             run = worker.train_in_child if section.train_in_subprocess else worker.train
@@ -219,13 +256,15 @@ class AgentDaemon:
                  outcome.mask_changed)
         self.core.on_trained(task.round)
         trainable = task.layout.subset(s.name for s in task.layout.trainable)
+        delta = {s.name: outcome.delta[s.name] for s in trainable}
+        if self.ledger is not None:
+            delta = self._privatize(self.ledger, task.round, delta, outcome)
         update = Update(
             round=task.round, device=self.bundle.device_id, mask_version=task.mask_version,
             n_examples=outcome.n_examples, metrics={"train_loss": outcome.train_loss, "steps": outcome.steps,
                                                      "train_seconds": outcome.seconds},
-            class_losses=outcome.class_losses,
-            delta=SparseParams.from_dense(trainable, {s.name: outcome.delta[s.name] for s in trainable},
-                                          outcome.masks),
+            class_losses=outcome.class_losses if self.config.privacy.report_class_losses else {},
+            delta=SparseParams.from_dense(trainable, delta, outcome.masks),
             mask_changed=outcome.mask_changed, buffers=outcome.buffers,
         )
         publications = self.channel.send(update, self.clock())
@@ -239,6 +278,20 @@ class AgentDaemon:
             return
         for action in self.core.on_uploaded(task.round, task.mask_version):
             self._carry_out(action, task)
+
+    @staticmethod
+    def _privatize(ledger: PrivacyLedger, round_number: int, delta: dict[str, np.ndarray],
+                   outcome: worker.TrainOutcome) -> dict[str, np.ndarray]:
+        """Clip and noise the delta on the positions the mask holds; the ledger is on disk before it leaves."""
+        released, norm = ledger.release(delta, outcome.masks)
+        budget = ledger.budget
+        log.info("event=privatized round=%d norm_before_clip=%.4f clip_norm=%g epsilon_spent=%.3f "
+                 "epsilon_budget=%g rounds=%d", round_number, norm, ledger.clip_norm, budget.spent,
+                 budget.epsilon_budget, budget.rounds)
+        if outcome.mask_changed:
+            log.warning("event=privacy_not_covered round=%d reason=client_readjust detail=the grown mask depends "
+                        "on local data and is sent without noise (docs/PRIVACY.md)", round_number)
+        return released
 
     def _publish(self, publications: list[Publication], kind: str, round_number: int, wait: bool = False) -> None:
         handles = []

@@ -1,0 +1,82 @@
+"""The device's privacy ledger on disk, and the one place an update is privatised before it leaves.
+
+``edge_agent.privacy`` is the math (clip, noise, accountant, ``PrivacyBudget``); this shell keeps
+one budget per federation in the state directory (``privacy-<federation>.json``, 0600, replaced
+atomically) and applies it. ``release`` records the round's cost and persists the ledger
+*before* it returns the noised update, so a crash after sending can only over-count, never
+forget a release. A ledger that cannot be read is an error, never a silent reset: resetting it
+would let a device spend its budget twice. The owner's current ε budget and δ apply to the RDP
+already spent, so raising or lowering the budget in the config takes effect on restart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from edge_agent.configkit import ConfigError
+from edge_agent.fsutil import atomic_write
+from edge_agent.privacy import PrivacyBudget, RoundCost, privatize
+
+LEDGER_GLOB = "privacy-*.json"
+
+
+class LedgerError(ConfigError):
+    """The privacy ledger is unreadable or belongs to another federation; the message names the file and the fix."""
+
+
+def ledger_path(state_dir: Path, federation: str) -> Path:
+    return Path(state_dir) / f"privacy-{federation}.json"
+
+
+def read_budget(path: Path) -> PrivacyBudget | None:
+    """The stored budget, None when there is none yet; LedgerError when the file is damaged."""
+    try:
+        raw = Path(path).read_bytes()
+    except FileNotFoundError:
+        return None
+    try:
+        return PrivacyBudget.from_dict(json.loads(raw))
+    except ValueError as exc:
+        raise LedgerError(
+            f"{path}: unreadable privacy ledger ({exc}); it is never reset automatically: restore it from a "
+            "backup, or move it away only if you accept that this device's spent budget is forgotten"
+        ) from None
+
+
+class PrivacyLedger:
+    """One federation's budget on disk plus the mechanism (C, σ) that spends it."""
+
+    def __init__(self, path: Path, federation: str, *, epsilon_budget: float, delta: float, clip_norm: float,
+                 noise_multiplier: float, rng: np.random.Generator) -> None:
+        self.path = Path(path)
+        self.clip_norm = clip_norm
+        self.noise_multiplier = noise_multiplier
+        self.cost = RoundCost(noise_multiplier, sample_rate=1.0)
+        self.rng = rng
+        stored = read_budget(self.path)
+        if stored is not None and stored.federation != federation:
+            raise LedgerError(f"{self.path}: ledger of federation {stored.federation!r}, not {federation!r}")
+        if stored is None:
+            self.budget = PrivacyBudget(federation, epsilon_budget, delta)
+        else:
+            self.budget = dataclasses.replace(stored, epsilon_budget=epsilon_budget, delta=delta)
+
+    @property
+    def exhausted(self) -> bool:
+        """True when one more round would exceed the budget."""
+        return not self.budget.can_participate(self.cost)
+
+    def release(self, delta: Mapping[str, np.ndarray],
+                masks: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], float]:
+        """(clipped and noised delta, its norm before clipping); the round is on disk when this returns."""
+        if self.exhausted:
+            raise RuntimeError("privacy budget exhausted: the daemon must decline before training")
+        released, norm = privatize(delta, masks, self.clip_norm, self.noise_multiplier, self.rng)
+        self.budget = self.budget.record(self.cost)
+        atomic_write(self.path, json.dumps(self.budget.to_dict(), indent=1).encode(), mode=0o600)
+        return released, norm
