@@ -32,15 +32,17 @@ if [ ! -x "$venv/bin/python" ]; then
   "$python" -m venv "$venv"
 fi
 pip=("$venv/bin/python" -m pip install --quiet --disable-pip-version-check)
+# This machine's pip config names local mirrors that may be absent; pip says so once per package.
+pip_install() { "${pip[@]}" "$@" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }; }
 
 if ! "$venv/bin/python" -c "import torch" >/dev/null 2>&1; then
   echo "bootstrap: installing torch==$torch_version (CPU wheel) before anything else"
-  "${pip[@]}" "torch==$torch_version"
+  pip_install "torch==$torch_version"
 fi
 
 stamp="$venv/.fedprune-installed-$extras"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   echo "bootstrap: installing fedprune[$extras]"
-  "${pip[@]}" -e ".[$extras]"
+  pip_install -e ".[$extras]"
   touch "$stamp"
 fi
