@@ -171,10 +171,12 @@ def test_jetson_needs_nvidias_torch_wheel(inputs: dict[str, Path]) -> None:
 
 
 def test_data_dir_gets_a_read_only_drop_in(inputs: dict[str, Path]) -> None:
-    # Any existing directory outside /tmp (the service's /tmp is private) stands in for the data.
-    result = dry_run(inputs, "--platform", "pi", "--data-dir", str(ROOT / "tests"))
+    # Any existing directory outside /tmp (the service's /tmp is private) stands in for the data;
+    # not the checkout, which CI may clone under /tmp.
+    data = Path("/usr/share").resolve()
+    result = dry_run(inputs, "--platform", "pi", "--data-dir", str(data))
     assert result.returncode == 0, result.stderr
-    assert f"ReadOnlyPaths={ROOT / 'tests'}" in result.stdout
+    assert f"ReadOnlyPaths={data}" in result.stdout
     assert "ProtectHome=yes" in result.stdout
 
 
