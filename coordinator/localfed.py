@@ -56,8 +56,8 @@ class LocalFederation:
     noise_rate: float = 0.8
     seed: int = 0
     settings: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
-    agent_settings: Mapping[str, Any] = field(default_factory=dict)
-    device_settings: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    agent_sections: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    device_sections: Mapping[str, Mapping[str, Mapping[str, Any]]] = field(default_factory=dict)
     processes: dict[str, subprocess.Popen] = field(default_factory=dict, init=False)
 
     @property
@@ -99,11 +99,17 @@ class LocalFederation:
             device_dir = self.root / "devices" / name
             bundle = device_dir / "bundle.json"
             enrollment.enroll(config, name, bundle, broker_password=self.broker.device_passwords.get(name, ""))
-            agent = {"bundle": str(bundle), "data": str(data_dir / f"{name}.npz"),
-                     "state_dir": str(device_dir / "state"), "threads": 1, "train_in_subprocess": False,
-                     "heartbeat_s": 5.0, **self.agent_settings, **self.device_settings.get(name, {})}
-            (device_dir / "agent.toml").write_text("[agent]\n" + "".join(
-                f"{key} = {json.dumps(value)}\n" for key, value in agent.items()))
+            sections: dict[str, dict[str, Any]] = {
+                "agent": {"bundle": str(bundle), "data": str(data_dir / f"{name}.npz"),
+                          "state_dir": str(device_dir / "state"), "train_in_subprocess": False, "heartbeat_s": 5.0},
+                "governance": {"max_threads": 1},
+            }
+            for extra in (self.agent_sections, self.device_sections.get(name, {})):
+                for section, table in extra.items():
+                    sections.setdefault(section, {}).update(table)
+            (device_dir / "agent.toml").write_text("".join(
+                f"[{section}]\n" + "".join(f"{key} = {json.dumps(value)}\n" for key, value in table.items())
+                for section, table in sections.items()))
         (self.root / "logs").mkdir(exist_ok=True)
         return config
 

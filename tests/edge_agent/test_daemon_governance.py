@@ -171,12 +171,6 @@ def test_hot_and_out_of_budget_devices_decline_and_the_coordinator_counts_why(tm
 
     sigma = 1.0
     one_round = (compute_epsilon(sigma, 1, 1e-5) + compute_epsilon(sigma, 2, 1e-5)) / 2
-    fed = LocalFederation(
-        root=tmp_path, broker=BrokerAccess(url=f"mqtt://127.0.0.1:{free_port()}", embedded=True),
-        devices=("pi-hot", "pi-dp", "pi-ok"), rounds=4, federation=FED,
-        settings={"rounds": {"quorum": 1, "deadline_s": 3.0, "on_missed_quorum": "close"}},
-    )
-    fed.prepare()
     sections = {
         "pi-hot": {"governance": {"sysfs_root": str(fake_sysfs(tmp_path / "hot", 90.0))}},
         "pi-dp": {"governance": {"sysfs_root": str(fake_sysfs(tmp_path / "dp", 40.0))},
@@ -184,9 +178,13 @@ def test_hot_and_out_of_budget_devices_decline_and_the_coordinator_counts_why(tm
                               "report_class_losses": False}},
         "pi-ok": {"governance": {"sysfs_root": str(fake_sysfs(tmp_path / "ok", 40.0))}},
     }
-    for name, extra in sections.items():
-        agent_toml = tmp_path / "devices" / name / "agent.toml"
-        agent_toml.write_text(agent_toml.read_text() + write_toml(tmp_path / "extra.toml", extra).read_text())
+    fed = LocalFederation(
+        root=tmp_path, broker=BrokerAccess(url=f"mqtt://127.0.0.1:{free_port()}", embedded=True),
+        devices=("pi-hot", "pi-dp", "pi-ok"), rounds=4, federation=FED,
+        settings={"rounds": {"quorum": 1, "deadline_s": 3.0, "on_missed_quorum": "close"}},
+        device_sections=sections,
+    )
+    fed.prepare()
     fed.start()
     try:
         history = fed.wait_for_round(3, timeout=90)  # round 4 keeps the coordinator (and /metrics) up

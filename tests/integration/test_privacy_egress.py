@@ -50,11 +50,10 @@ def test_agents_send_only_sealed_updates_and_statuses_on_their_own_topics(tmp_pa
         fed = LocalFederation(
             root=tmp_path, broker=broker.access(DEVICES), devices=DEVICES, rounds=2, federation=FED,
             settings={"broker": {"username": broker.config.broker.username}, "rounds": {"deadline_s": 20.0}},
+            device_sections={"dev-2": {"privacy": {"enabled": True, "epsilon_budget": 1000.0, "clip_norm": 0.5,
+                                                   "report_class_losses": False}}},
         )
         fed.prepare()
-        dp_agent = tmp_path / "devices" / "dev-2" / "agent.toml"
-        dp_agent.write_text(dp_agent.read_text() + "[privacy]\nenabled = true\nepsilon_budget = 1000.0\n"
-                            "clip_norm = 0.5\nreport_class_losses = false\n")
         fed.start()
         try:
             fed.wait_for_round(2, timeout=90)
