@@ -1,17 +1,15 @@
-"""``fedprune-coordinator``: the operator's command. Only this module calls ``sys.exit``."""
+"""``fedprune-coordinator``: the operator's command; exits only through ``cli_common.run_main``."""
 
 from __future__ import annotations
 
 import argparse
-import logging
-import sys
-from importlib.metadata import version
 from pathlib import Path
 from typing import Callable, Sequence
 
 from coordinator.state import StateError
 from edge_agent.bundle import EnrollmentError
-from edge_agent.configkit import ConfigError
+from edge_agent.cli_common import new_parser, run_main
+from edge_agent.configkit import ConfigError, parse_assignments
 
 EXIT_CODES = {
     0: "success, or stopped by SIGTERM/SIGINT after finishing the current write",
@@ -24,15 +22,11 @@ Handler = Callable[[argparse.Namespace], int]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="fedprune-coordinator",
-        description="Run fedprune federations: rounds, contribution-weighted aggregation, sparse masks, ONNX releases.",
-        epilog="exit codes: " + "; ".join(f"{code} {meaning}" for code, meaning in EXIT_CODES.items()),
+    parser, commands = new_parser(
+        "fedprune-coordinator",
+        "Run fedprune federations: rounds, contribution-weighted aggregation, sparse masks, ONNX releases.",
+        EXIT_CODES,
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {version('fedprune')}")
-    parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    commands.required = True
     for register in _COMMANDS:
         register(commands)
     return parser
@@ -62,20 +56,10 @@ def _add_config_flags(sub: argparse.ArgumentParser, required: bool = True) -> No
                      help="override one setting (repeatable), e.g. --set rounds.total=50")
 
 
-def _overrides(args: argparse.Namespace) -> dict[str, str]:
-    pairs = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--set {item!r}: expected SECTION.KEY=VALUE")
-        pairs[key.strip()] = value.strip()
-    return pairs
-
-
 def _load(args: argparse.Namespace):
     from coordinator.config import load_config
 
-    return load_config(args.config, _overrides(args))
+    return load_config(args.config, parse_assignments(args.set))
 
 
 def _add_init(commands: argparse._SubParsersAction) -> None:
@@ -211,17 +195,7 @@ _COMMANDS = [_add_init, _add_provision, _add_enroll, _add_revoke, _add_run, _add
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    try:
-        code = args.handler(args)
-    except (ConfigError, StateError, EnrollmentError) as exc:
-        print(f"fedprune-coordinator: {type(exc).__name__}: {exc}", file=sys.stderr)
-        code = 78
-    except KeyboardInterrupt:
-        code = 0
-    sys.exit(code)
+    run_main("fedprune-coordinator", build_parser(), argv, (ConfigError, StateError, EnrollmentError))
 
 
 if __name__ == "__main__":

@@ -1,16 +1,15 @@
-"""``fedprune-agent``: the device owner's command. Only this module calls ``sys.exit``."""
+"""``fedprune-agent``: the device owner's command; exits only through ``cli_common.run_main``."""
 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
-from importlib.metadata import version
 from pathlib import Path
 from typing import Sequence
 
 from edge_agent.bundle import EnrollmentError
-from edge_agent.configkit import ConfigError
+from edge_agent.cli_common import new_parser, run_main
+from edge_agent.configkit import ConfigError, parse_assignments
 from edge_agent.data import LocalDataError
 
 EXIT_CODES = {
@@ -23,15 +22,11 @@ EXIT_CODES = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="fedprune-agent",
-        description="The fedprune edge agent: masked local training, sealed sparse updates over MQTT, ONNX inference.",
-        epilog="exit codes: " + "; ".join(f"{code} {meaning}" for code, meaning in EXIT_CODES.items()),
+    parser, commands = new_parser(
+        "fedprune-agent",
+        "The fedprune edge agent: masked local training, sealed sparse updates over MQTT, ONNX inference.",
+        EXIT_CODES,
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {version('fedprune')}")
-    parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    commands.required = True
     run = commands.add_parser("run", help="join the federation: train when selected, upload sealed sparse updates")
     run.add_argument("--config", type=Path, required=True, help="agent TOML file")
     run.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -58,12 +53,7 @@ def _run_agent(args: argparse.Namespace) -> int:
     from edge_agent.config import load_config
     from edge_agent.daemon import AgentDaemon
 
-    overrides = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--set {item!r}: expected SECTION.KEY=VALUE")
-        overrides[key.strip()] = value.strip()
+    overrides = parse_assignments(args.set)
     return AgentDaemon(load_config(args.config, overrides)).run()
 
 
@@ -132,17 +122,7 @@ def _run_audit(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    try:
-        code = args.handler(args)
-    except (ConfigError, EnrollmentError, LocalDataError) as exc:
-        print(f"fedprune-agent: {type(exc).__name__}: {exc}", file=sys.stderr)
-        code = 78
-    except KeyboardInterrupt:
-        code = 0
-    sys.exit(code)
+    run_main("fedprune-agent", build_parser(), argv, (ConfigError, EnrollmentError, LocalDataError))
 
 
 if __name__ == "__main__":

@@ -102,6 +102,17 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     raise TypeError(f"unsupported config type {annotation!r} at {where}")
 
 
+def parse_assignments(items: list[str]) -> dict[str, str]:
+    """``--set section.key=value`` flags as a mapping for :func:`load`."""
+    pairs = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r}: expected SECTION.KEY=VALUE")
+        pairs[key.strip()] = value.strip()
+    return pairs
+
+
 def _parse_flag_value(raw: str) -> Any:
     """Flags are TOML literals when they parse as one (``20``, ``true``, ``[1, 2]``), else strings."""
     try:

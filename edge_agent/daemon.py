@@ -23,7 +23,7 @@ from typing import Callable
 import numpy as np
 
 from edge_agent import sysfs, worker
-from edge_agent.agent import AgentCore, Decline, Ignore, Phase, ReportStatus, Resend, Train, Upload
+from edge_agent.agent import AgentCore, Decline, Ignore, Phase, ReportStatus, Resend, Train
 from edge_agent.audit import AuditLog
 from edge_agent.bundle import Bundle, load_bundle
 from edge_agent.config import AgentConfig

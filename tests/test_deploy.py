@@ -4,7 +4,6 @@ Nothing here needs systemd running, Docker or root, and nothing modifies the hos
 
 from __future__ import annotations
 
-import configparser
 import os
 import re
 import shutil

@@ -11,7 +11,7 @@ from typing import Iterator
 
 import pytest
 
-from coordinator.broker import EmbeddedBroker, free_port
+from coordinator.broker import free_port
 from coordinator.localfed import BrokerAccess, LocalFederation
 from tests.integration.mosquitto import MosquittoBroker, start_mosquitto
 

@@ -1,0 +1,40 @@
+"""What both command-line programs share: the parser frame with --version, --log-level and the
+exit-code table in its help, and the one function that turns errors into exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from importlib.metadata import version
+from typing import NoReturn, Sequence
+
+USER_ERROR = 78
+
+
+def new_parser(prog: str, description: str, exit_codes: dict[int, str]) -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description,
+        epilog="exit codes: " + "; ".join(f"{code} {meaning}" for code, meaning in exit_codes.items()),
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version('fedprune')}")
+    parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+    return parser, commands
+
+
+def run_main(prog: str, parser: argparse.ArgumentParser, argv: Sequence[str] | None,
+             user_errors: tuple[type[Exception], ...]) -> NoReturn:
+    """Parse, run the chosen handler, exit: 0 ok, 78 for a user's mistake (message on stderr),
+    0 on Ctrl-C; anything else is a bug and keeps its traceback (exit 1)."""
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    try:
+        code = args.handler(args)
+    except user_errors as exc:
+        print(f"{prog}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        code = USER_ERROR
+    except KeyboardInterrupt:
+        code = 0
+    sys.exit(code)
