@@ -1,7 +1,7 @@
 """Agent memory: idle RSS of a running ``fedprune-agent run`` and its peak while training.
 
 A digits-MLP federation of two devices over the real Mosquitto (TLS, passwords, ACL), set up by
-``bench_round_overhead.Federation``. The coordinator waits for two online devices, so:
+``bench_round_overhead.build`` (a LocalFederation). The coordinator waits for two online devices, so:
 
 1. idle: only agent A runs. It is connected, registered (the coordinator logged
    ``event=registered``) and heartbeating, with no round (``min_devices = 2``). Its
@@ -36,7 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_round_overhead import Federation  # noqa: E402
+from bench_round_overhead import build  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "agent_rss.json"
 TARGET_IDLE_MB = 80.0
@@ -127,13 +127,13 @@ def main(argv: list[str] | None = None) -> int:
     name = "inprocess" if args.inprocess else "subprocess"
     out = Path(tempfile.mkdtemp(prefix="fedprune-bench-rss-"))
     print(f"agent RSS, train_in_subprocess={not args.inprocess}, 2 agents, {args.rounds} rounds, in {out}")
-    fed = Federation(out, devices=2, rounds=args.rounds, broker="mosquitto", in_subprocess=not args.inprocess,
-                     heartbeat_s=5.0)
+    fed = build(out, devices=2, rounds=args.rounds, broker="mosquitto", in_subprocess=not args.inprocess,
+                heartbeat_s=5.0)
     coordinator_log = fed.logs / "coordinator.log"
     try:
-        coordinator = fed.start_coordinator()
-        fed.wait_coordinator_subscribed()
-        a = fed.start_agent(0)
+        coordinator = fed.fed.start_coordinator()
+        fed.fed.wait_for_coordinator()
+        a = fed.fed.start_agent(fed.names[0])
         wait_for(lambda: "event=registered device=dev-0" in coordinator_log.read_text(errors="replace"), 120,
                  "dev-0 to register")
         time.sleep(1.0)  # let the first heartbeat go out
@@ -143,15 +143,15 @@ def main(argv: list[str] | None = None) -> int:
         idle["sent_since_start"] = {kind: sent.count(kind) for kind in sorted(set(sent))}
         print(f"idle agent: VmRSS median {idle['rss_median_mb']:.1f} MB, VmHWM {idle['hwm_mb']:.1f} MB, "
               f"sent since start {idle['sent_since_start']}")
-        b = fed.start_agent(1)
+        b = fed.fed.start_agent(fed.names[1])
         samplers = [TreeSampler(a.pid), TreeSampler(b.pid)]
         deadline = time.monotonic() + 600
         while coordinator.poll() is None and time.monotonic() < deadline:
             for s in samplers:
                 s.sample()
             time.sleep(SAMPLE_S)
-        if len(fed.history()) < args.rounds:
-            raise RuntimeError(f"only {len(fed.history())}/{args.rounds} rounds ran; logs in {fed.logs}")
+        if len(fed.fed.history()) < args.rounds:
+            raise RuntimeError(f"only {len(fed.fed.history())}/{args.rounds} rounds ran; logs in {fed.logs}")
         wait_for(lambda: not children(a.pid) and not children(b.pid), 30, "training children to exit")
         after = [sample_idle(p.pid, 3.0) for p in (a, b)]
     finally:

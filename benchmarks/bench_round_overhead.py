@@ -1,8 +1,8 @@
 """Round overhead of the real daemons: what a round costs beyond its slowest local training.
 
-A whole federation on loopback, set up the way ``coordinator/demo.py`` does it: digits split IID
-over N devices (.npz each), ``coordinator.toml`` from ``enrollment.init`` plus text edits, one
-enrollment bundle and ``agent.toml`` per device, then one ``fedprune-coordinator run`` and N
+A whole federation on loopback, built by ``coordinator.localfed.LocalFederation`` like the demo
+and the integration tests: digits split IID over N devices (.npz each), a coordinator config,
+one enrollment bundle and ``agent.toml`` per device, then one ``fedprune-coordinator run`` and N
 ``fedprune-agent run`` processes. The broker is either the real Mosquitto (TLS, passwords, ACL,
 started exactly like the integration tests: ``tests/integration/mosquitto.start_mosquitto``) or
 the embedded amqtt broker (``[broker] embedded = true``, as in the demo).
@@ -37,24 +37,21 @@ import os
 import platform
 import re
 import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from coordinator import enrollment  # noqa: E402
-from coordinator.config import load_config  # noqa: E402
-from edge_agent.data import load_dataset, partition_iid  # noqa: E402
+from coordinator.broker import free_port  # noqa: E402
+from coordinator.localfed import BrokerAccess, LocalFederation  # noqa: E402
+from tests.integration.mosquitto import MosquittoBroker, start_mosquitto  # noqa: E402
 
 BIN = Path(sys.executable).parent
 RESULTS = ROOT / "benchmarks" / "results" / "round_overhead.json"
@@ -62,12 +59,6 @@ FEDERATION = "bench"
 TARGET_S = 0.5
 _ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 _STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def log_time(line: str) -> float | None:
@@ -82,134 +73,68 @@ def fields(line: str) -> dict[str, str]:
     return dict(re.findall(r"(\w+)=(\S+)", line))
 
 
-def edit(text: str, replacements: list[tuple[str, str]]) -> str:
-    for old, new in replacements:
-        if old not in text:
-            raise RuntimeError(f"coordinator.toml template changed: {old!r} not found")
-        text = text.replace(old, new, 1)
-    return text
+@dataclass
+class BenchFederation:
+    """A LocalFederation (IID digits, every agent on one broker) and the Mosquitto it may own."""
 
+    fed: LocalFederation
+    mosquitto: MosquittoBroker | None
 
-class Federation:
-    """Files and processes of one benchmark federation; ``close`` ends everything it started."""
+    @property
+    def logs(self) -> Path:
+        return self.fed.root / "logs"
 
-    def __init__(self, out: Path, devices: int, rounds: int, broker: str, in_subprocess: bool, heartbeat_s: float,
-                 seed: int = 0) -> None:
-        self.out = out
-        self.rounds = rounds
-        self.mosquitto = None
-        self.names = [f"dev-{i}" for i in range(devices)]
-        passwords = {name: "" for name in self.names}
-        if broker == "mosquitto":
-            from tests.integration.mosquitto import start_mosquitto
-
-            self.mosquitto = start_mosquitto(FEDERATION, devices)
-            passwords = {c.username: c.password for c in self.mosquitto.devices}
-            url = self.mosquitto.url
-        else:
-            url = f"mqtt://127.0.0.1:{free_port()}"
-        dataset = load_dataset("digits", seed)
-        parts = partition_iid(dataset.y_train, devices, np.random.default_rng(seed))
-        (out / "data").mkdir(parents=True)
-        for name, idx in zip(self.names, parts):
-            np.savez(out / "data" / f"{name}.npz", X=dataset.X_train[idx], y=dataset.y_train[idx])
-        np.savez(out / "data" / "holdout.npz", X=dataset.X_test, y=dataset.y_test)
-        self.config_path = out / "coordinator.toml"
-        enrollment.init(config_path=self.config_path, state_dir=out / "state", federation=FEDERATION,
-                        broker_url=url, embedded_broker=broker == "embedded")
-        edits = [
-            ("input_shape = [64]", "input_shape = [1, 8, 8]"),
-            ("total = 20", f"total = {rounds}"),
-            ("min_devices = 2", f"min_devices = {devices}"),
-            ("quorum = 2", f"quorum = {devices}"),
-            ("deadline_s = 120.0", "deadline_s = 120.0"),
-            ("reannounce_s = 10.0", "reannounce_s = 120.0"),
-            ("port = 9464", "port = -1"),
-            ("# data =", f'data = "{out / "data" / "holdout.npz"}"'),
-        ]
-        if self.mosquitto is not None:
-            edits += [('password = ""', f'password = "{self.mosquitto.coordinator.password}"'),
-                      ("# ca_file =", f'ca_file = "{self.mosquitto.ca_file}"')]
-        self.config_path.write_text(edit(self.config_path.read_text(), edits))
-        config = load_config(self.config_path, env={})
-        self.agent_configs = []
-        for name in self.names:
-            bundle = out / "devices" / name / "bundle.json"
-            enrollment.enroll(config, name, bundle, broker_password=passwords[name])
-            path = out / "devices" / name / "agent.toml"
-            path.write_text(
-                "[agent]\n"
-                f'bundle = "{bundle}"\ndata = "{out / "data" / f"{name}.npz"}"\nstate_dir = "{bundle.parent / "state"}"\n'
-                f"threads = 1\ntrain_in_subprocess = {str(in_subprocess).lower()}\nheartbeat_s = {heartbeat_s}\n"
-            )
-            self.agent_configs.append(path)
-        self.logs = out / "logs"
-        self.logs.mkdir()
-        self.coordinator: subprocess.Popen | None = None
-        self.agents: list[subprocess.Popen] = []
-
-    def start(self) -> None:
-        self.start_coordinator()
-        self.wait_coordinator_subscribed()
-        for i in range(len(self.agent_configs)):
-            self.start_agent(i)
-
-    def start_coordinator(self) -> subprocess.Popen:
-        self.coordinator = subprocess.Popen(
-            [BIN / "fedprune-coordinator", "run", "--config", self.config_path],
-            stdout=open(self.logs / "coordinator.log", "wb"), stderr=subprocess.STDOUT, env=_ENV)
-        return self.coordinator
-
-    def wait_coordinator_subscribed(self, timeout_s: float = 120.0) -> None:
-        """Agents started earlier would register into the void: the coordinator's session is new."""
-        log = self.logs / "coordinator.log"
-        deadline = time.monotonic() + timeout_s
-        while "event=mqtt_connected" not in log.read_text(errors="replace"):
-            if self.coordinator.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the coordinator did not connect; see {log}")
-            time.sleep(0.1)
-
-    def start_agent(self, i: int) -> subprocess.Popen:
-        cfg = self.agent_configs[i]
-        agent = subprocess.Popen([BIN / "fedprune-agent", "run", "--config", cfg],
-                                 stdout=open(self.logs / f"{cfg.parent.name}.log", "wb"), stderr=subprocess.STDOUT,
-                                 env=_ENV)
-        self.agents.append(agent)
-        return agent
-
-    def history(self) -> list[dict]:
-        path = self.out / "state" / "history.jsonl"
-        if not path.exists():
-            return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-    def wait(self, timeout_s: float) -> list[dict]:
-        deadline = time.monotonic() + timeout_s
-        shown = 0
-        while self.coordinator.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.5)
-            history = self.history()
-            for h in history[shown:]:
-                print(f"  round {h['round']:3d}/{self.rounds}  duration {h['duration_s']:.2f} s", flush=True)
-            shown = len(history)
-        return self.history()
+    @property
+    def names(self) -> tuple[str, ...]:
+        return self.fed.devices
 
     def close(self) -> None:
-        procs = [p for p in [*self.agents, self.coordinator] if p is not None]
-        for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        self.fed.stop_all()
         if self.mosquitto is not None:
             self.mosquitto.close()
 
 
-def analyse(fed: Federation, history: list[dict]) -> list[dict]:
+def build(out: Path, devices: int, rounds: int, broker: str, in_subprocess: bool, heartbeat_s: float,
+          seed: int = 0) -> BenchFederation:
+    mosquitto = None
+    settings: dict = {"rounds": {"deadline_s": 120.0, "reannounce_s": 120.0}, "metrics": {"port": -1}}
+    if broker == "mosquitto":
+        mosquitto = start_mosquitto(FEDERATION, devices)
+        access = BrokerAccess(url=mosquitto.url, ca_file=mosquitto.ca_file,
+                              coordinator_password=mosquitto.coordinator.password,
+                              device_passwords={c.username: c.password for c in mosquitto.devices})
+        names = tuple(c.username for c in mosquitto.devices)
+        settings["broker"] = {"username": mosquitto.coordinator.username}
+    else:
+        access = BrokerAccess(url=f"mqtt://127.0.0.1:{free_port()}", embedded=True)
+        names = tuple(f"dev-{i}" for i in range(devices))
+    fed = LocalFederation(
+        root=out, broker=access, devices=names, rounds=rounds, federation=FEDERATION, partition="iid", seed=seed,
+        settings=settings, agent_sections={"agent": {"train_in_subprocess": in_subprocess, "heartbeat_s": heartbeat_s}},
+    )
+    try:
+        fed.prepare()
+    except BaseException:
+        if mosquitto is not None:
+            mosquitto.close()
+        raise
+    return BenchFederation(fed, mosquitto)
+
+
+def wait(bench: BenchFederation, rounds: int, timeout_s: float) -> list[dict]:
+    coordinator = bench.fed.processes["coordinator"]
+    deadline = time.monotonic() + timeout_s
+    shown = 0
+    while coordinator.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+        history = bench.fed.history()
+        for h in history[shown:]:
+            print(f"  round {h['round']:3d}/{rounds}  duration {h['duration_s']:.2f} s", flush=True)
+        shown = len(history)
+    return bench.fed.history()
+
+
+def analyse(fed: BenchFederation, history: list[dict]) -> list[dict]:
     opened: dict[int, float] = {}
     closed: dict[int, float] = {}
     for line in (fed.logs / "coordinator.log").read_text(errors="replace").splitlines():
@@ -302,10 +227,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{name}: {args.devices} agents, {args.rounds} rounds, digits MLP, in {out}")
     load_before = os.getloadavg()
     started = time.monotonic()
-    fed = Federation(out, args.devices, args.rounds, args.broker, args.subprocess, args.heartbeat)
+    fed = build(out, args.devices, args.rounds, args.broker, args.subprocess, args.heartbeat)
     try:
-        fed.start()
-        history = fed.wait(args.timeout)
+        fed.fed.start()
+        history = wait(fed, args.rounds, args.timeout)
     finally:
         fed.close()
     wall = time.monotonic() - started

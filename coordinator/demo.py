@@ -96,11 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         settings={"federation": {"model": "mlp"}, "rounds": {"quorum": args.devices - 2, "deadline_s": 30.0}},
     )
     federation.prepare()
-    federation.start_coordinator()
     try:
-        time.sleep(1.0)
-        for name in names:
-            federation.start_agent(name)
+        federation.start()
         history = watch(federation, args.rounds, args.timeout)
         if len(history) == args.rounds:
             federation.wait_for_release(1, timeout=60)

@@ -26,7 +26,7 @@ import numpy as np
 
 from coordinator import enrollment
 from coordinator.config import CoordinatorConfig, load_config
-from edge_agent.data import add_label_noise, load_dataset, partition_dirichlet
+from edge_agent.data import add_label_noise, load_dataset, partition_dirichlet, partition_iid
 
 BIN = Path(sys.executable).parent
 
@@ -52,6 +52,7 @@ class LocalFederation:
     dataset: str = "digits"
     model: str = "mlp"
     beta: float = 0.5
+    partition: str = "dirichlet"
     noisy: tuple[str, ...] = ()
     noise_rate: float = 0.8
     seed: int = 0
@@ -71,7 +72,10 @@ class LocalFederation:
     def prepare(self) -> CoordinatorConfig:
         dataset = load_dataset(self.dataset, self.seed)
         rng = np.random.default_rng(self.seed)
-        parts = partition_dirichlet(dataset.y_train, len(self.devices), self.beta, rng, min_size=40)
+        if self.partition == "iid":
+            parts = partition_iid(dataset.y_train, len(self.devices), rng)
+        else:
+            parts = partition_dirichlet(dataset.y_train, len(self.devices), self.beta, rng, min_size=40)
         data_dir = self.root / "data"
         data_dir.mkdir(parents=True, exist_ok=True)
         for name, idx in zip(self.devices, parts):
@@ -120,10 +124,24 @@ class LocalFederation:
     def start_agent(self, name: str) -> subprocess.Popen:
         return self._spawn(name, [BIN / "fedprune-agent", "run", "--config", self.root / "devices" / name / "agent.toml"])
 
-    def start(self) -> None:
+    def start(self, timeout: float = 120.0) -> None:
+        """The coordinator first, agents once its MQTT session exists (so none registers into the void)."""
         self.start_coordinator()
+        try:
+            self.wait_for_coordinator(timeout)
+        except BaseException:
+            self.stop_all()
+            raise
         for name in self.devices:
             self.start_agent(name)
+
+    def wait_for_coordinator(self, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while "event=mqtt_connected" not in self.log("coordinator"):
+            coordinator = self.processes["coordinator"]
+            if coordinator.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the coordinator did not connect to the broker:\n{self.log('coordinator')[-3000:]}")
+            time.sleep(0.05)
 
     def _spawn(self, name: str, argv: list[Any]) -> subprocess.Popen:
         log = open(self.root / "logs" / f"{name}.log", "ab")

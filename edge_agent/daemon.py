@@ -30,7 +30,6 @@ from edge_agent.config import AgentConfig
 from edge_agent.data import load_local_data
 from edge_agent.fsutil import atomic_write
 from edge_agent.guard import Governor
-from edge_agent.inference import InferenceHTTP, ModelServer, Predictor, Served
 from edge_agent.ledger import PrivacyLedger, ledger_path
 from edge_agent.mqtt import LastWill, LinkConfig, MqttError, MqttLink
 from edge_agent.privacy import PRIVACY_BUDGET_EXHAUSTED
@@ -66,11 +65,10 @@ class AgentDaemon:
             federation=self.bundle.federation, device=self.bundle.device_id, identity=self.bundle.identity,
             coordinator=self.bundle.coordinator, layout=self._layout_for,
         )
-        self.releases = ReleaseStore(self.state_dir / "models", keep=config.inference.keep_releases)
-        self.server = ModelServer()
-        current = self.releases.current()
-        if current is not None:
-            self._serve(*current)
+        small = config.agent.train_in_subprocess
+        self.releases = ReleaseStore(self.state_dir / "models", keep=config.inference.keep_releases,
+                                     check_model=worker.model_problem_in_child if small else None)
+        self.server = None
         self._sent: dict[int, list[Publication]] = {}
         self._round = 0
         self._connects_seen = 0
@@ -115,6 +113,12 @@ class AgentDaemon:
             worker.warm_up()
         http = None
         if self.config.inference.http_port >= 0:
+            from edge_agent.inference import InferenceHTTP, ModelServer
+
+            self.server = ModelServer()
+            current = self.releases.current()
+            if current is not None:
+                self._serve(*current)
             http = InferenceHTTP(self.server, self.config.inference.http_host, self.config.inference.http_port).start()
             log.info("event=inference_listening url=http://%s:%d/predict", *http.address)
         self.link = MqttLink(self._link_config(), subscriptions=[(f, 1) for f in self.channel.subscriptions])
@@ -195,10 +199,14 @@ class AgentDaemon:
             level = logging.DEBUG if exc.reason == "duplicate" else logging.WARNING
             log.log(level, "event=release_rejected version=%d reason=%s detail=%s", release.version, exc.reason, exc)
             return
-        self._serve(release.version, path)
+        if self.server is not None:
+            self._serve(release.version, path)
         log.info("event=release_installed version=%d bytes=%d", release.version, len(release.onnx))
 
     def _serve(self, version: int, path: Path) -> None:
+        """Only with the HTTP endpoint on: ``fedprune-agent infer`` loads the model itself."""
+        from edge_agent.inference import Predictor, Served
+
         predictor = Predictor.from_file(path, accelerator=self.config.inference.accelerator)
         self.server.swap(Served(version, predictor))
 

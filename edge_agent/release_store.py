@@ -18,11 +18,11 @@ import hashlib
 import json
 import re
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from edge_agent.fsutil import atomic_write
-from edge_agent.inference import Predictor
 from protocol.messages import ModelRelease
 
 POINTER = "current.json"
@@ -48,7 +48,11 @@ class ReleaseStoreError(Exception):
 
 
 class ReleaseStore:
-    def __init__(self, directory: Path, keep: int = 3, *, max_model_bytes: int = MAX_MODEL_BYTES) -> None:
+    def __init__(self, directory: Path, keep: int = 3, *, max_model_bytes: int = MAX_MODEL_BYTES,
+                 check_model: Callable[[bytes], str | None] | None = None) -> None:
+        """``check_model(onnx) -> problem | None`` proves a model runs; the default loads it here,
+        the agent passes one that loads it in a child so onnxruntime never stays resident."""
+        self.check_model = check_model or model_problem
         if not (type(keep) is int and keep >= 1):
             raise ValueError(f"keep={keep!r}: expected a positive int")
         self.directory = Path(directory)
@@ -83,7 +87,9 @@ class ReleaseStore:
             raise ReleaseRejected(
                 "too_large", f"release {release.version}: {len(release.onnx)} bytes exceeds {self.max_model_bytes}"
             )
-        _check_runs(release)
+        problem = self.check_model(release.onnx)
+        if problem is not None:
+            raise ReleaseRejected("invalid_model", f"release {release.version}: {problem}")
         path = self._path(release.version)
         atomic_write(path, release.onnx)
         pointer = {"version": release.version, "file": path.name, "sha256": digest}
@@ -126,13 +132,15 @@ class ReleaseStore:
         return version, digest
 
 
-def _check_runs(release: ModelRelease) -> None:
+def model_problem(onnx: bytes) -> str | None:
+    """Why ``onnx`` is not a servable model (does not load, or non-finite logits on a zero input)."""
+    from edge_agent.inference import Predictor
+
     try:
-        predictor = Predictor(release.onnx)
+        predictor = Predictor(onnx)
         logits = predictor.predict(np.zeros((1, *predictor.input_shape), dtype=np.float32))
     except Exception as exc:  # onnxruntime raises several private types for a bad model
-        raise ReleaseRejected(
-            "invalid_model", f"release {release.version} does not load in onnxruntime: {type(exc).__name__}: {str(exc)[:200]}"
-        ) from None
+        return f"does not load in onnxruntime: {type(exc).__name__}: {str(exc)[:200]}"
     if not np.isfinite(logits).all():
-        raise ReleaseRejected("invalid_model", f"release {release.version} gives non-finite outputs on a zero input")
+        return "gives non-finite outputs on a zero input"
+    return None

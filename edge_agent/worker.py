@@ -1,4 +1,5 @@
-"""Where torch lives on the device: model layouts and local training, in-process or in a child.
+"""Where torch and onnxruntime live on the device: model layouts, local training and release
+checks, in-process or in a child.
 
 An idle agent should stay small (importing torch alone costs ~200 MB RSS), so by default the
 daemon runs each training job in a short-lived child process (``python -m edge_agent.worker``)
@@ -140,8 +141,22 @@ def train_in_child(job: TrainJob, python: str = sys.executable, timeout_s: float
     )
 
 
+def model_problem_in_child(onnx: bytes, python: str = sys.executable) -> str | None:
+    """``release_store.model_problem`` in a child, so onnxruntime never stays in the daemon."""
+    request = msgpack.packb({"op": "check_model", "onnx": onnx}, use_bin_type=True)
+    done = subprocess.run([python, "-m", "edge_agent.worker"], input=request, capture_output=True, check=False)
+    if done.returncode != 0:
+        return f"model check failed: {done.stderr.decode(errors='replace').strip()[-300:]}"
+    return msgpack.unpackb(done.stdout)
+
+
 def _main() -> int:
     request = msgpack.unpackb(sys.stdin.buffer.read(), raw=False, strict_map_key=False)
+    if request["op"] == "check_model":
+        from edge_agent.release_store import model_problem
+
+        sys.stdout.buffer.write(msgpack.packb(model_problem(request["onnx"])))
+        return 0
     name, shape, classes = request["model"]
     model = ModelRef(name, tuple(shape), classes)
     if request["op"] == "layout":

@@ -145,3 +145,14 @@ def test_signed_release_path_rejects_tampering_other_keys_and_replays(tmp_path, 
     version, logits = device.server.predict(X)
     assert version == 2 and np.array_equal(logits, serving)
     assert device.deliver(coordinator.send(release(onnx_models, 3), T0 + 60), T0 + 61) == 3
+
+
+def test_the_model_check_can_run_in_a_child_so_onnxruntime_never_stays_loaded(tmp_path, onnx_models):
+    from edge_agent.worker import model_problem_in_child
+
+    store = ReleaseStore(tmp_path, check_model=model_problem_in_child)
+    assert store.accept(release(onnx_models, 1)).exists()
+    with pytest.raises(ReleaseRejected) as bad:
+        store.accept(ModelRelease.of(2, b"\x08\x07not an onnx model"))
+    assert bad.value.reason == "invalid_model" and "onnxruntime" in str(bad.value)
+    assert store.current()[0] == 1

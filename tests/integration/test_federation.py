@@ -115,7 +115,7 @@ def test_an_agent_killed_mid_round_lets_the_round_close_at_its_deadline(
     )
     fed.start_coordinator()
     try:
-        wait_for_log(fed, "event=mqtt_connected")
+        fed.wait_for_coordinator()
         fed.start_agent(victim)
         wait_for_log(fed, f"event=registered device={victim}")
         for name in fed.devices[1:]:
@@ -143,11 +143,8 @@ def test_the_same_federation_runs_on_the_embedded_broker(tmp_path: Path) -> None
     fed = LocalFederation(root=tmp_path, broker=BrokerAccess(url=f"mqtt://127.0.0.1:{free_port()}", embedded=True),
                           devices=tuple(f"pi-{i}" for i in range(DEVICES)), rounds=10_000)
     fed.prepare()
-    fed.start_coordinator()
     try:
-        time.sleep(1.0)
-        for name in fed.devices:
-            fed.start_agent(name)
+        fed.start()
         fed.wait_for_round(8, timeout=180)
         metrics = fed.metrics_text()
     finally:
