@@ -94,17 +94,21 @@ def class_medians(class_losses: Sequence[Mapping[int, tuple[float, int]]]) -> di
 
 
 def loss_ratio(
-    losses: Mapping[int, tuple[float, int]], medians: Mapping[int, float], weighted: bool = False
+    losses: Mapping[int, tuple[float, int]],
+    medians: Mapping[int, float],
+    weighted: bool = False,
+    offset: float = LOSS_OFFSET,
 ) -> float | None:
-    """rho_n = mean over n's classes of (ℓ_{n,c} + 0.05)/(m_c + 0.05); None if no usable class.
+    """rho_n = mean over n's classes of (ℓ_{n,c} + offset)/(m_c + offset); None if no usable class.
 
     ``weighted`` averages by n's sample count per class, so one rare class with a handful of
-    samples cannot dominate a client's ratio (an ablation of §4.6).
+    samples cannot dominate a client's ratio. ``offset`` (nats) keeps ratios of tiny losses
+    from exploding once the model is confident (§4.6 uses 0.05).
     """
     ratios, counts = [], []
     for c, (loss, count) in losses.items():
         if count > 0 and np.isfinite(loss) and int(c) in medians:
-            ratios.append((loss + LOSS_OFFSET) / (medians[int(c)] + LOSS_OFFSET))
+            ratios.append((loss + offset) / (medians[int(c)] + offset))
             counts.append(count)
     if not ratios:
         return None

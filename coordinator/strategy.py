@@ -71,6 +71,7 @@ class StrategyConfig:
     loss_full: float = 2.0
     loss_zero: float = 4.0
     loss_weighted: bool = True
+    loss_offset: float = 0.5
     rel_full: float = 3.0
     rel_zero: float = 6.0
     rel_spread_floor: float = 0.1
@@ -133,7 +134,7 @@ class StrategyConfig:
             raise bad("loss_full", f"0 < loss_full < loss_zero (loss_zero = {self.loss_zero!r})")
         if not (is_num(self.rel_full) and is_num(self.rel_zero) and self.rel_full < self.rel_zero):
             raise bad("rel_full", f"a number below rel_zero (rel_zero = {self.rel_zero!r})")
-        for key in ("server_lr", "cgsv_step", "adaptive_beta", "rel_spread_floor"):
+        for key in ("server_lr", "cgsv_step", "adaptive_beta", "rel_spread_floor", "loss_offset"):
             if not (is_num(getattr(self, key)) and getattr(self, key) > 0):
                 raise bad(key, "a number > 0")
         if not (is_num(self.trim_fraction) and 0.0 <= self.trim_fraction <= 0.5):
@@ -443,7 +444,7 @@ class Strategy:
         x_loss = None
         if signal in ("loss", "loss_z", "loss_rel"):
             medians = contribution.class_medians([u.class_losses for u in valid])
-            rho = [contribution.loss_ratio(u.class_losses, medians, cfg.loss_weighted) for u in valid]
+            rho = [contribution.loss_ratio(u.class_losses, medians, cfg.loss_weighted, cfg.loss_offset) for u in valid]
             if signal == "loss_rel":
                 x_loss = contribution.relative_loss_quality(rho, cfg.rel_full, cfg.rel_zero, cfg.rel_spread_floor)
             else:

@@ -61,6 +61,9 @@ def test_loss_ratio_per_class_median():
     assert C.loss_ratio(clients[2], med, weighted=True) == pytest.approx((10 * 5.05 / 1.05 + 2 * 5.05 / 3.05) / 12)
     assert C.loss_quality(1.5) == 1.0 and C.loss_quality(3.0) == 0.5 and C.loss_quality(9.0) == 0.0
     assert C.loss_quality(None) == 1.0 and C.loss_ratio({}, med) is None
+    # A larger offset damps ratios of tiny losses (a confident model), not of large ones.
+    tiny = C.loss_ratio({0: (0.08, 10)}, {0: 0.02}, offset=0.5)
+    assert tiny == pytest.approx(0.58 / 0.52) and C.loss_ratio({0: (0.08, 10)}, {0: 0.02}) > 1.8
 
 
 def test_quality_ema_clamp_and_importance_normalised():
