@@ -258,9 +258,11 @@ class CoordinatorDaemon:
         elif isinstance(action, RetryRound):
             log.warning("event=round_retry round=%d attempt=%d missing=%s", action.round, action.attempt,
                         ",".join(action.missing))
-            self._publish_task(replace(self._task, deadline=action.deadline), now)
+            self._task = replace(self._task, deadline=action.deadline)
+            self._publish_task(replace(self._task, selected=action.missing), now)
         elif now >= self.next_announce:
-            self._publish_task(self._task, now)
+            missing = tuple(d for d in self.plan.selected if d not in self.rounds.received)
+            self._publish_task(replace(self._task, selected=missing), now)
 
     def _maybe_start_round(self, now: float) -> None:
         online = self.registry.online(now)
@@ -287,9 +289,11 @@ class CoordinatorDaemon:
 
     def _announce_to_late_joiner(self, device: str) -> None:
         if self.rounds.open_round is not None and device in self.plan.selected and device not in self.rounds.received:
-            self._publish_task(replace(self._task, include_masks=True), self.clock())
+            self._publish_task(replace(self._task, include_masks=True, selected=(device,)), self.clock())
 
     def _publish_task(self, task: RoundTask, now: float) -> None:
+        """Re-announcements name only the devices still missing, so devices that already uploaded
+        do not resend; the round machine keeps the full selection."""
         self.next_announce = now + self.config.rounds.reannounce_s
         try:
             for publication in self.channel.send(task, now):
