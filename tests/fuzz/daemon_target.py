@@ -194,8 +194,9 @@ class DaemonWorld:
         try:
             key = (s.mask_version, float(values), mode_seed)
             if key not in self._deltas:  # from_dense is the costliest step here: build each kind once
-                delta = {spec.name: np.full(spec.shape, values, np.float32) * (masks[spec.name] if spec.masked else 1)
-                         for spec in self.trainable}
+                with np.errstate(invalid="ignore"):  # nan * 0 outside the mask: the agent refuses to build it
+                    delta = {spec.name: np.full(spec.shape, values, np.float32) * (masks[spec.name] if spec.masked else 1)
+                             for spec in self.trainable}
                 self._deltas = {k: v for k, v in self._deltas.items() if k[0] == s.mask_version}
                 self._deltas[key] = SparseParams.from_dense(self.trainable, delta, masks)
             update = Update(round=round_, device=device, mask_version=s.mask_version, n_examples=n_examples,
