@@ -44,7 +44,7 @@ from coordinator.daemon import CoordinatorDaemon
 from coordinator.rounds import REJECT_REASONS
 from edge_agent.mqtt import LinkConfig, MqttLink
 from protocol.channel import AgentChannel, Publication
-from protocol.chunks import HEADER_SIZE, parse_chunk
+from protocol.chunks import parse_chunk
 from protocol.crypto import Identity
 from protocol import errors
 from protocol.errors import ProtocolError

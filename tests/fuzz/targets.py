@@ -301,7 +301,7 @@ def channel_target() -> Target:
     uplink = agent.send(update(w["rng"], t), T0) + agent.send(status(), T0) + agent.send(register(), T0)
     downlink = coord.send(t, T0) + coord.send(release(), T0) + coord.send(reject(), T0)
     up_topics = sorted({p.topic for p in uplink}) + [uplink[0].topic.replace("dev-a", "dev-b"), "nonsense"]
-    down_topics = sorted({p.topic for p in downlink}) + [f"fedprune/v1/{FED}/inbox/dev-b", f"fedprune/v1/x/task"]
+    down_topics = sorted({p.topic for p in downlink}) + [f"fedprune/v1/{FED}/inbox/dev-b", "fedprune/v1/x/task"]
     coordinator_rx = coordinator_channel()
     coordinator_rx.remember_masks(t.mask_version, t.masks)
     coordinator_rx.replay.advance(t.round)

@@ -12,7 +12,6 @@ import errno
 import re
 import shutil
 import subprocess
-import time
 from pathlib import Path
 from typing import Iterator
 
