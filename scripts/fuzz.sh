@@ -28,12 +28,9 @@ for target in "${TARGETS[@]}"; do
         -max_len=4096 -artifact_prefix="tests/fuzz/corpus/$target/" "$work"; then
       status=1
     fi
-    # keep only the inputs that add coverage, small ones
-    "$PY" -m tests.fuzz.engine "$target" --atheris -merge=1 -max_len=2048 "tests/fuzz/corpus/$target" "$work" >/dev/null 2>&1 || true
+    # libFuzzer kept in $work only inputs that added coverage; keep the small ones as regression inputs
+    find "$work" -type f ! -name '*.bin' -size -2049c -exec sh -c 'cp "$1" "tests/fuzz/corpus/$2/$(basename "$1").bin"' _ {} "$target" \;
     rm -rf "$work"
-    for f in tests/fuzz/corpus/"$target"/*; do  # CI replays *.bin; crash-/timeout-/oom- files wait for review
-      case "$(basename "$f")" in *.bin|crash-*|timeout-*|oom-*|leak-*) ;; *) mv "$f" "$f.bin" ;; esac
-    done
   else
     "$PY" -m tests.fuzz.engine "$target" --iterations "$RUNS" --save || status=1
   fi
