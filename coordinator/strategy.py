@@ -350,8 +350,9 @@ class Strategy:
             valid = [valid[i] for i in keep_idx]
             g = g[np.ix_(keep_idx, keep_idx)]
             nrm = nrm[keep_idx]
-        if not valid:
-            return RoundResult(state=state, scores={}, mask_churn=0.0, n_valid=0, rejected=rejected, aggregated=False)
+        if not valid:  # the round happened; the model stays as it was
+            return RoundResult(state=replace(state, round=state.round + 1), scores={}, mask_churn=0.0, n_valid=0,
+                               rejected=rejected, aggregated=False)
 
         ids = [u.client_id for u in valid]
         sizes = dict(state.data_sizes)
@@ -379,7 +380,8 @@ class Strategy:
         new_params, new_masks, churn, version = self._apply(state, plan, valid, nrm, w, chosen)
         if not all(np.all(np.isfinite(v)) for v in new_params.values()):
             rejected_all = dict(rejected, **{c: "non_finite_aggregate" for c in ids})
-            return RoundResult(state=state, scores={}, mask_churn=0.0, n_valid=0, rejected=rejected_all, aggregated=False)
+            return RoundResult(state=replace(state, round=state.round + 1), scores={}, mask_churn=0.0, n_valid=0,
+                               rejected=rejected_all, aggregated=False)
 
         if cfg.contribution == "ours":
             r = contribution.importance(quality, sizes)

@@ -117,7 +117,8 @@ def test_zero_and_invalid_updates_are_rejected_without_nan(rng):
     assert res.n_valid == 1 and res.scores["c2"].w == 1.0 and res.scores["c2"].psi is None
     assert all(np.all(np.isfinite(v)) for v in res.state.params.values())
     none = strat.finish_round(state, plan, [_update("c0", state.masks, zero)])
-    assert not none.aggregated and none.state is state
+    assert not none.aggregated and none.state.round == state.round + 1
+    assert none.state.params is state.params and none.state.masks is state.masks
 
 
 def test_new_clients_start_neutral(rng):

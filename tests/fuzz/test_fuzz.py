@@ -11,9 +11,6 @@ from tests.fuzz.targets import all_targets
 
 N = 10_000
 DECODERS = ["codec", "sparse_values", "masks", "envelope", "chunk", "reassembler", "replay", "channel"]
-ROUND_BUG = ("coordinator/strategy.py finish_round returns the unchanged state (round not advanced) when it "
-             "rejects every update, so the daemon runs and records the same round number twice")
-
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("name", DECODERS)
@@ -25,7 +22,6 @@ def test_target_survives_ten_thousand_mutated_inputs_in_bounded_memory(name: str
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.xfail(strict=True, reason=ROUND_BUG)
 def test_coordinator_message_handler_survives_ten_thousand_programs() -> None:
     report = drive("daemon", N, seed=20261126, memory=False)
     assert report.inputs == N
@@ -40,7 +36,7 @@ def test_coordinator_message_handler_memory_stays_bounded() -> None:
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("name", DECODERS + [pytest.param("daemon", marks=pytest.mark.xfail(strict=True, reason=ROUND_BUG))])
+@pytest.mark.parametrize("name", DECODERS + ["daemon"])
 def test_corpus_inputs_replay_without_findings(name: str) -> None:
     inputs = corpus_inputs(name)
     assert inputs, f"tests/fuzz/corpus/{name}/ is empty"

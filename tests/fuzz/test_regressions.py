@@ -6,7 +6,6 @@ import pytest
 
 from tests.fuzz.daemon_target import DaemonWorld
 from tests.fuzz.targets import Program
-from tests.fuzz.test_fuzz import ROUND_BUG
 
 
 @pytest.fixture
@@ -19,7 +18,6 @@ def world():
         w.close()
 
 
-@pytest.mark.xfail(strict=True, reason=ROUND_BUG)
 def test_a_round_whose_only_update_is_rejected_by_the_strategy_still_counts_once(world: DaemonWorld) -> None:
     """An enrolled device's sealed update with n_examples=0 passes the round machine but the
     strategy rejects it ('no_data'); the round must close once and the next one be round 2."""
