@@ -40,6 +40,7 @@ log = logging.getLogger("fedprune.coordinator")
 
 IDENTITY_FILE = "coordinator.pem"
 COMMIT_RETRY_S = 5
+REGISTRY_SAVE_S = 5
 
 
 def declare_metrics(metrics: Metrics) -> None:
@@ -55,7 +56,7 @@ def declare_metrics(metrics: Metrics) -> None:
         ("current_round", "gauge", "Round in progress (or next to run)."),
         ("global_accuracy", "gauge", "Accuracy of the global model on the coordinator's evaluation set."),
         ("rounds_declined_total", "counter", "Rounds devices declined (governance), by reason."),
-        ("checkpoint_failures_total", "counter", "Checkpoint writes that failed (e.g. disk full) and were retried."),
+        ("checkpoint_failures_total", "counter", "Checkpoint or registry writes that failed (e.g. disk full) and were retried."),
     ):
         metrics.declare(name, kind, help_text)
 
@@ -121,6 +122,8 @@ class CoordinatorDaemon:
         self.link: MqttLink | None = None
         self._pending_commit: tuple[int, dict[str, Any], ModelRelease | None] | None = None
         self._retry_commit_at = 0.0
+        self._registry_dirty = False
+        self._next_registry_save = 0.0
 
     # ---- state ----------------------------------------------------------------------------------
     @property
@@ -145,6 +148,7 @@ class CoordinatorDaemon:
             quality=doc["quality"], data_sizes=doc["data_sizes"], importance=doc["importance"],
         )
         self.history = list(doc["history"])
+        self.state_dir.sync_history(self.history)
         self.holders = dict(doc["holders"])
         self.release_version = int(doc.get("release_version", 0))
         log.info("event=resumed completed_rounds=%d mask_version=%d", self.completed, self.state.mask_version)
@@ -198,6 +202,8 @@ class CoordinatorDaemon:
             self.link.close()
             if server is not None:
                 server.stop()
+            if self._registry_dirty:
+                self._save_registry(self.clock())
         log.info("event=stopped completed_rounds=%d", self.completed)
         return 0
 
@@ -223,7 +229,7 @@ class CoordinatorDaemon:
                 "agent_version": message.agent_version}, n_examples=message.n_examples)
             if message.cached_mask_version is not None:
                 self.holders[message.device] = message.cached_mask_version
-            self.state_dir.save_registry(self.registry.to_dict())
+            self._registry_dirty = True
             log.info("event=registered device=%s examples=%d", message.device, message.n_examples)
             self._announce_to_late_joiner(message.device)
         elif isinstance(message, Status):
@@ -245,6 +251,8 @@ class CoordinatorDaemon:
     def _tick(self) -> None:
         now = self.clock()
         self.metrics.set("devices_online", len(self.registry.online(now)))
+        if self._registry_dirty and now >= self._next_registry_save:
+            self._save_registry(now)
         if self._pending_commit is not None:
             if now >= self._retry_commit_at:
                 self._commit_round()
@@ -341,6 +349,18 @@ class CoordinatorDaemon:
         self._pending_commit = (closed.round, entry, self._maybe_release(closed.round, entry.get("accuracy")))
         self._commit_round()
 
+    def _save_registry(self, now: float) -> None:
+        """Presence is batched (one write per REGISTRY_SAVE_S, not one per Register: O(devices)
+        each); a failed write is logged, counted and retried, never fatal."""
+        self._next_registry_save = now + REGISTRY_SAVE_S
+        try:
+            self.state_dir.save_registry(self.registry.to_dict())
+        except OSError as exc:
+            self.metrics.inc("checkpoint_failures_total")
+            log.error("event=registry_save_failed error=%r action=retry_in_%ds", exc, REGISTRY_SAVE_S)
+            return
+        self._registry_dirty = False
+
     def _commit_round(self) -> None:
         """Checkpoint the closed round; only then does it count. A failed write (disk full) keeps
         the previous checkpoint intact (atomic_write), is logged and counted, and is retried
@@ -348,7 +368,6 @@ class CoordinatorDaemon:
         completed, entry, release = self._pending_commit
         try:
             self._checkpoint(completed=completed)
-            self.state_dir.save_registry(self.registry.to_dict())
             self.state_dir.append_history(entry)
         except OSError as exc:
             self.metrics.inc("checkpoint_failures_total")
@@ -356,6 +375,7 @@ class CoordinatorDaemon:
             log.error("event=checkpoint_failed round=%d error=%r action=retry_in_%ds", completed, exc, COMMIT_RETRY_S)
             return
         self._pending_commit = None
+        self._save_registry(self.clock())
         self.metrics.inc("rounds_completed_total")
         self.metrics.set("round_duration_seconds", entry["duration_s"])
         self.metrics.set("current_round", self.state.round)

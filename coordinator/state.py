@@ -126,3 +126,10 @@ class StateDir:
     def append_history(self, entry: dict[str, Any]) -> None:
         with self.history_path.open("a") as handle:
             handle.write(json.dumps(entry, sort_keys=True) + "\n")
+
+    def sync_history(self, history: list[dict[str, Any]]) -> None:
+        """Make history.jsonl say what the checkpoint says. A kill between the checkpoint and the
+        append (or during the append) leaves it a round short or torn; the checkpoint wins."""
+        text = "".join(json.dumps(entry, sort_keys=True) + "\n" for entry in history)
+        if not self.history_path.exists() or self.history_path.read_text(errors="replace") != text:
+            atomic_write(self.history_path, text.encode(), mode=0o644)

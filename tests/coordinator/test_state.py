@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -66,3 +67,17 @@ def test_unreadable_registry_is_a_state_error_naming_the_file(tmp_path: Path) ->
     state.registry_path.write_bytes(b"garbage" * 10)
     with pytest.raises(StateError, match="registry.msgpack"):
         state.load_registry()
+
+
+def test_history_file_is_rewritten_from_the_checkpoint_when_they_disagree(tmp_path: Path) -> None:
+    state = StateDir(tmp_path)
+    state.ensure()
+    history = [{"round": 1, "accuracy": 0.5}, {"round": 2, "accuracy": 0.6}]
+    state.append_history(history[0])
+    with state.history_path.open("a") as handle:
+        handle.write('{"round": 2, "acc')  # killed mid-append
+    state.sync_history(history)
+    assert [json.loads(line) for line in state.history_path.read_text().splitlines()] == history
+    before = state.history_path.stat().st_mtime_ns
+    state.sync_history(history)
+    assert state.history_path.stat().st_mtime_ns == before, "an agreeing file is left alone"
