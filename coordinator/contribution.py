@@ -93,6 +93,9 @@ def class_medians(class_losses: Sequence[Mapping[int, tuple[float, int]]]) -> di
     return {c: float(np.median(v)) for c, v in per_class.items()}
 
 
+RATIO_CAP = 1e6
+
+
 def loss_ratio(
     losses: Mapping[int, tuple[float, int]],
     medians: Mapping[int, float],
@@ -108,11 +111,14 @@ def loss_ratio(
     ratios, counts = [], []
     for c, (loss, count) in losses.items():
         if count > 0 and np.isfinite(loss) and int(c) in medians:
-            ratios.append((loss + offset) / (medians[int(c)] + offset))
-            counts.append(count)
+            # Past RATIO_CAP a client is simply "far worse"; the cap keeps self-reported extremes
+            # (a loss of 1e300, a count of 2**63) from overflowing the mean.
+            ratios.append(min((loss + offset) / (medians[int(c)] + offset), RATIO_CAP))
+            counts.append(float(count))
     if not ratios:
         return None
-    return float(np.average(ratios, weights=counts if weighted else None))
+    weights = np.asarray(counts) / max(counts) if weighted else None
+    return float(np.average(ratios, weights=weights))
 
 
 def loss_quality(rho: float | None, full: float = 2.0, zero: float = 4.0) -> float:

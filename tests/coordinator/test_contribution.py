@@ -82,3 +82,14 @@ def test_relative_loss_quality_flags_outliers_only():
     assert np.all(x[:5] == 1.0) and x[5] == 0.0 and x[6] == 1.0
     assert np.all(C.relative_loss_quality([1.0, 1.001, 0.999, 1.002]) == 1.0)  # spread floor
     assert np.all(C.relative_loss_quality([1.0, 9.0]) == 1.0)  # too few clients to judge
+
+
+def test_loss_ratio_of_absurd_self_reports_is_finite_and_large_without_overflow():
+    import warnings
+
+    from coordinator.contribution import RATIO_CAP, loss_ratio
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rho = loss_ratio({0: (1e300, 2**63 - 1), 1: (0.1, 1)}, {0: 0.5, 1: 0.5}, weighted=True)
+    assert np.isfinite(rho) and rho > RATIO_CAP / 2
