@@ -55,7 +55,8 @@ sys.path.insert(0, str(ROOT))
 
 from coordinator.registry import Registry  # noqa: E402
 from coordinator.rounds import Accepted, CloseRound, RoundMachine, RoundPolicy  # noqa: E402
-from coordinator.strategy import ClientUpdate, Strategy, StrategyConfig  # noqa: E402
+from coordinator.daemon import client_update  # noqa: E402
+from coordinator.strategy import Strategy, StrategyConfig  # noqa: E402
 from edge_agent.models import ModelSpec, init_params, model_layout  # noqa: E402
 from edge_agent.mqtt import LinkConfig, MqttLink  # noqa: E402
 from protocol.channel import AgentChannel, CoordinatorChannel  # noqa: E402
@@ -200,14 +201,7 @@ class Coordinator:
             self.timers["open"] += time.perf_counter() - t3
 
     def close(self, closed: CloseRound[Update]) -> None:
-        updates = [
-            ClientUpdate(
-                client_id=u.device, n_examples=u.n_examples, delta=u.delta_params(), masks=u.masks,
-                buffers=dict(u.buffers), train_loss=u.metrics.get("train_loss", float("nan")),
-                class_losses=dict(u.class_losses),
-            )
-            for u in closed.updates.values()
-        ]
+        updates = [client_update(u) for u in closed.updates.values()]
         result = self.strategy.finish_round(self.state, self.plan, updates)
         if result.rejected:
             raise RuntimeError(f"strategy rejected updates: {result.rejected}")

@@ -61,6 +61,15 @@ def declare_metrics(metrics: Metrics) -> None:
         metrics.declare(name, kind, help_text)
 
 
+def client_update(update: Update) -> ClientUpdate:
+    """What the strategy needs from a decoded Update: dense deltas, masks, losses, size."""
+    return ClientUpdate(
+        client_id=update.device, n_examples=update.n_examples, delta=update.delta_params(), masks=update.masks,
+        buffers=dict(update.buffers), train_loss=update.metrics.get("train_loss", float("nan")),
+        class_losses=dict(update.class_losses),
+    )
+
+
 def load_identity(state: StateDir) -> Identity:
     path = state.keys / IDENTITY_FILE
     try:
@@ -312,14 +321,7 @@ class CoordinatorDaemon:
 
     def _close_round(self, closed: CloseRound[Update], now: float) -> None:
         plan = self.plan
-        updates = [
-            ClientUpdate(
-                client_id=u.device, n_examples=u.n_examples, delta=u.delta_params(), masks=u.masks,
-                buffers=dict(u.buffers), train_loss=u.metrics.get("train_loss", float("nan")),
-                class_losses=dict(u.class_losses),
-            )
-            for u in closed.updates.values()
-        ]
+        updates = [client_update(u) for u in closed.updates.values()]
         result = self.strategy.finish_round(self.state, plan, updates) if updates else None
         if result is not None:
             for device in closed.updates:

@@ -26,8 +26,10 @@ from pathlib import Path
 from protocol.errors import ProtocolError
 
 CORPUS = Path(__file__).parent / "corpus"
+# msgpack's awkward bytes: reserved 0xc1, huge str/bin/array/map/ext length prefixes, deep nesting, NaN.
 MAGIC = [b"\x00", b"\xff", b"\x7f", b"\x80", b"\xc1", b"\xd9\xff", b"\xc6\xff\xff\xff\xff", b"\xdd\xff\xff\xff\xff",
-         b"\xdf\xff\xff\xff\xff", b"\x91" * 64, b"\xcb\x7f\xf8\x00\x00\x00\x00\x00\x00", b"FC\x01"]
+         b"\xdf\xff\xff\xff\xff", b"\xdb\x7f\xff\xff\xff", b"\xc5\xff\xff", b"\xdc\xff\xff", b"\x91" * 64,
+         b"\x91" * 2000, b"\xc7\x05\x01", b"\xd4\x00\x00", b"\xcb\x7f\xf8\x00\x00\x00\x00\x00\x00", b"FC\x01"]
 PER_INPUT_S = 5
 
 

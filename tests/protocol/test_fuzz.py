@@ -21,42 +21,15 @@ from protocol.errors import ProtocolError
 from protocol.messages import Kind
 from protocol.sparse import MaskStore, SparseParams, ValueDtype, decode_masks, decode_values, encode_masks, encode_values
 from protocol.wire import Limits
+from tests.fuzz.engine import mutate
 from tests.protocol.factories import (
     COORD, DEVICES, FED, LAYOUT, T0, TRAINABLE, agent_channel, coordinator_channel, masks, params, register,
     reject, release, status, task, update,
 )
 
 N = 10_000
-HUGE_PREFIXES = [b"\xc6\xff\xff\xff\xff", b"\xdd\xff\xff\xff\xff", b"\xdf\xff\xff\xff\xff", b"\xdb\x7f\xff\xff\xff",
-                 b"\xc5\xff\xff", b"\xdc\xff\xff", b"\x91" * 2000, b"\xc7\x05\x01", b"\xd4\x00\x00"]
 LEAVES: list[Any] = [None, True, False, 0, -1, 2**64 - 1, -(2**63), 1.5, float("nan"), float("inf"), "", "x" * 70,
                      "dev-a", b"", b"\x00" * 9, [], {}, [1, 2], {"k": 1}, [[[]]], 3]
-
-
-def mutate(data: bytes, r: random.Random, corpus: list[bytes]) -> bytes:
-    b = bytearray(data)
-    op = r.randrange(8)
-    if op == 0 and b:
-        for _ in range(r.randint(1, 4)):
-            b[r.randrange(len(b))] ^= 1 << r.randrange(8)
-    elif op == 1:
-        del b[r.randrange(len(b) + 1):]
-    elif op == 2:
-        b += r.randbytes(r.randint(1, 64))
-    elif op == 3:
-        other = r.choice(corpus)
-        b = b[: r.randrange(len(b) + 1)] + other[r.randrange(len(other) + 1):]
-    elif op == 4 and b:
-        i = r.randrange(len(b))
-        b[i : i + r.randint(1, 16)] = r.randbytes(r.randint(0, 16))
-    elif op == 5:
-        i = r.randrange(len(b) + 1)
-        b[i:i] = r.choice(HUGE_PREFIXES)
-    elif op == 6:
-        b = bytearray(r.randbytes(r.randint(0, 300)))
-    elif b:
-        b[r.randrange(len(b))] = r.choice([0x00, 0xFF, 0x7F, 0x80, 0xC1, 0xD9, 0xDE])
-    return bytes(b)
 
 
 def mutate_object(obj: Any, r: random.Random) -> Any:
