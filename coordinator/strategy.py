@@ -85,7 +85,10 @@ class StrategyConfig:
     adaptive_density: bool = False
     adaptive_beta: float = 1.0
     rho_min: float = 0.5
-    local: HyperParams = field(default_factory=HyperParams)
+    # Batch 16, not HyperParams' 32: with ≈ 60-200 samples per client, batch 32 gives only 4-10
+    # local steps per round, and sparse layers (whose function moves ∝ density per step) stay
+    # far behind dense within T = 60 (docs/ALGORITHM_NOTES.md §4).
+    local: HyperParams = field(default_factory=lambda: HyperParams(batch_size=16))
 
     def __post_init__(self) -> None:
         def bad(key: str, expected: str) -> ValueError:

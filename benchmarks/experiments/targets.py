@@ -1,10 +1,12 @@
 """Check the final grid's summary against the issue's targets; prints a Markdown table.
 
     .venv/bin/python benchmarks/experiments/targets.py benchmarks/results/final/summary.json
+    .venv/bin/python benchmarks/experiments/targets.py benchmarks/results/confirm_batch/summary.json --suffix=-b16
 
 Labels follow benchmarks/experiments/final.toml: "<dataset>-<model>-b<beta>-<clean|sym|pair>"
 settings and the methods "fedavg-dense", "feddst-0.8", "ours-0.8". A target whose runs are
-missing from the summary is reported as "not run".
+missing from the summary is reported as "not run". ``--suffix=S`` reads methods labelled
+"<method>S" instead (e.g. confirm_batch.toml's "ours-0.8-b16").
 """
 
 from __future__ import annotations
@@ -69,6 +71,9 @@ def checks(summary: dict) -> list[tuple[str, str, bool | None]]:
 
 def main(argv: list[str]) -> int:
     summary = json.loads(Path(argv[1]).read_text())
+    suffix = next((a.split("=", 1)[1] for a in argv[2:] if a.startswith("--suffix=")), "")
+    if suffix:
+        summary = {k[: -len(suffix)]: v for k, v in summary.items() if k.endswith(suffix)}
     print("| target | measured | met |\n| --- | --- | --- |")
     for name, detail, ok in checks(summary):
         print(f"| {name} | {detail} | {'-' if ok is None else ('yes' if ok else '**no**')} |")
