@@ -20,15 +20,15 @@ import gzip
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from timing import median_seconds  # noqa: E402
 
 CONFIGS = [("digits", "mlp"), ("digits", "cnn2d"), ("mnist1d", "cnn1d")]
 SPARSITIES = [0.0, 0.8, 0.9]
@@ -45,16 +45,6 @@ i = s.get_inputs()[0]
 s.run(None, {i.name: np.zeros((64, *i.shape[1:]), np.float32)})
 print(rss() - before, rss())
 """
-
-
-def median_seconds(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def session_memory(model: bytes) -> tuple[int, int]:

@@ -19,9 +19,7 @@ import io
 import json
 import os
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +35,7 @@ from protocol.layout import ModelLayout, TensorSpec  # noqa: E402
 from protocol.messages import Kind, Update  # noqa: E402
 from protocol.replay import ReplayGuard  # noqa: E402
 from protocol.sparse import MaskStore, SparseParams, ValueDtype  # noqa: E402
+from timing import median_seconds  # noqa: E402
 
 DENSITIES = (1.0, 0.5, 0.2, 0.1, 0.05)
 DTYPES = {"float32": (ValueDtype.FLOAT32, 4), "float16": (ValueDtype.FLOAT16, 2)}
@@ -50,16 +49,6 @@ def mlp_layout(sizes=(784, 1024, 512, 10)) -> ModelLayout:
     for i, (fan_in, fan_out) in enumerate(zip(sizes, sizes[1:]), 1):
         specs += [TensorSpec(f"fc{i}.weight", (fan_out, fan_in), masked=True), TensorSpec(f"fc{i}.bias", (fan_out,), masked=False)]
     return ModelLayout(tuple(specs))
-
-
-def median_seconds(fn, repeats: int = REPEATS) -> float:
-    fn()  # warm caches (static X25519 secret, allocator)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def flower_bytes(params: dict[str, np.ndarray]) -> int:
@@ -117,10 +106,10 @@ def run() -> dict:
                 out = [ch.receive(p.topic, p.payload, T0) for p in pubs]
                 assert out[-1] is not None
 
-            t_seal = median_seconds(encode_seal)
-            t_open = median_seconds(open_decode)
-            t_enc = median_seconds(lambda: aead.encrypt(nonce, body, None))
-            t_dec = median_seconds(lambda: aead.decrypt(nonce, ciphertext, header.pack()))
+            t_seal = median_seconds(encode_seal, REPEATS)
+            t_open = median_seconds(open_decode, REPEATS)
+            t_enc = median_seconds(lambda: aead.encrypt(nonce, body, None), REPEATS)
+            t_dec = median_seconds(lambda: aead.decrypt(nonce, ciphertext, header.pack()), REPEATS)
             t_chan = median_seconds(channel_receive, max(3, REPEATS // 3))
             mb = len(body) / 1e6
             nnz = sparse.nnz
