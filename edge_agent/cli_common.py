@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from importlib.metadata import version
 from typing import NoReturn, Sequence
@@ -27,7 +28,11 @@ def new_parser(prog: str, description: str, exit_codes: dict[int, str]) -> tuple
 def run_main(prog: str, parser: argparse.ArgumentParser, argv: Sequence[str] | None,
              user_errors: tuple[type[Exception], ...]) -> NoReturn:
     """Parse, run the chosen handler, exit: 0 ok, 78 for a user's mistake (message on stderr),
-    0 on Ctrl-C; anything else is a bug and keeps its traceback (exit 1)."""
+    0 on Ctrl-C; anything else is a bug and keeps its traceback (exit 1).
+
+    Once the handler has returned, SIGTERM and SIGINT are ignored: interpreter teardown resets
+    Python-level handlers to the default, so a stop request racing a daemon's own clean exit
+    (its last round done) would otherwise turn exit 0 into death by signal."""
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
@@ -37,4 +42,6 @@ def run_main(prog: str, parser: argparse.ArgumentParser, argv: Sequence[str] | N
         code = USER_ERROR
     except KeyboardInterrupt:
         code = 0
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     sys.exit(code)

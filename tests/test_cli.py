@@ -35,3 +35,19 @@ def test_every_exit_code_is_documented_in_help(module) -> None:
 def test_unknown_command_is_a_usage_error(script: str) -> None:
     result = subprocess.run([BIN / script, "no-such-command"], capture_output=True, text=True)
     assert result.returncode == 2
+
+
+def test_stop_request_during_teardown_keeps_a_clean_exit() -> None:
+    """The chaos test's race: the daemon finishes its last round and exits by itself while the
+    operator (or systemd) sends SIGTERM. The signal lands during interpreter teardown, here from
+    an atexit hook, and must not turn exit 0 into death by signal."""
+    script = (
+        "import atexit, os, signal, time\n"
+        "from edge_agent.cli_common import new_parser, run_main\n"
+        "parser, commands = new_parser('probe', 'probe', {0: 'ok'})\n"
+        "commands.add_parser('done').set_defaults(handler=lambda args: 0)\n"
+        "atexit.register(lambda: (os.kill(os.getpid(), signal.SIGTERM), time.sleep(0.2)))\n"
+        "run_main('probe', parser, ['done'], ())\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
