@@ -52,6 +52,16 @@ def cosine_matrix(g: np.ndarray) -> np.ndarray:
     return g * inv[:, None] * inv[None, :]
 
 
+def cosine_to(flat: np.ndarray, reference: np.ndarray) -> np.ndarray | None:
+    """cos(Δθ_n, reference) for every row of ``flat``; None if the reference is ≈ 0."""
+    ref = np.asarray(reference, dtype=np.float64)
+    ref_norm = float(np.linalg.norm(ref))
+    if ref_norm <= EPS:
+        return None
+    nrm = np.linalg.norm(flat, axis=1)
+    return (flat @ ref) / (np.where(nrm > EPS, nrm, 1.0) * ref_norm)
+
+
 def loo_cosine(g: np.ndarray, sigma: np.ndarray) -> np.ndarray:
     """psi_n = cos(u_n, U - σ_n u_n) with U = Σ σ_m u_m (§4.2 step 4); 0 where b_n ≤ ε."""
     c = cosine_matrix(g)

@@ -144,7 +144,7 @@ class CoordinatorDaemon:
         self.state_dir.save_checkpoint(completed, {
             "state_round": s.round, "params": s.params, "masks": s.masks, "mask_version": s.mask_version,
             "densities": s.densities, "counts": s.counts, "quality": s.quality, "data_sizes": s.data_sizes,
-            "importance": s.importance, "rng": json.dumps(self.rng.bit_generator.state),
+            "importance": s.importance, "trust": s.trust, "rng": json.dumps(self.rng.bit_generator.state),
             "history": self.history, "holders": self.holders, "release_version": self.release_version,
         })
 
@@ -155,6 +155,7 @@ class CoordinatorDaemon:
             layout=self.layout, round=int(doc["state_round"]), params=doc["params"], masks=doc["masks"],
             mask_version=int(doc["mask_version"]), densities=doc["densities"], counts=doc["counts"],
             quality=doc["quality"], data_sizes=doc["data_sizes"], importance=doc["importance"],
+            trust=doc.get("trust", {}),
         )
         self.history = list(doc["history"])
         self.state_dir.sync_history(self.history)

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from coordinator import attacks
 from coordinator.strategy import ClientUpdate, GlobalState, Masks, Params, RoundPlan, Strategy, StrategyConfig
 from edge_agent import data as data_mod
 from edge_agent.configkit import ConfigError, tomllib
@@ -58,6 +59,9 @@ class SimulationConfig:
     noise_rate: float = 0.8
     noise_kind: str = "symmetric"
     availability: float = 1.0  # probability that a client is online in a round
+    attack: str = "none"  # coordinator.attacks.ATTACKS
+    attack_fraction: float = 0.0  # of clients, chosen apart from the noisy ones
+    attack_scale: float = 10.0
     seed: int = 0
     eval_split: str = "test"
     validation_fraction: float = 0.2
@@ -74,6 +78,8 @@ class SimulationConfig:
             raise bad("partition", f"one of {PARTITIONS}")
         if self.noise_kind not in data_mod.NOISE_KINDS:
             raise bad("noise_kind", f"one of {data_mod.NOISE_KINDS}")
+        if self.attack not in attacks.ATTACKS:
+            raise bad("attack", f"one of {attacks.ATTACKS}")
         if self.eval_split not in EVAL_SPLITS:
             raise bad("eval_split", f"one of {EVAL_SPLITS}")
         for key in ("n_clients", "eval_every"):
@@ -85,10 +91,12 @@ class SimulationConfig:
         if not (isinstance(self.seed, int) and 0 <= self.seed < 2**32):
             raise bad("seed", "an int in [0, 2**32)")
         for key, lo, hi in (("noisy_fraction", 0.0, 1.0), ("noise_rate", 0.0, 1.0), ("availability", 1e-9, 1.0),
-                            ("validation_fraction", 1e-9, 0.99)):
+                            ("validation_fraction", 1e-9, 0.99), ("attack_fraction", 0.0, 1.0), ("attack_scale", 0.0, 1e6)):
             v = getattr(self, key)
             if not (isinstance(v, (int, float)) and not isinstance(v, bool) and lo <= v <= hi):
                 raise bad(key, f"a number in [{lo:g}, {hi:g}]")
+        if self.noisy_fraction + self.attack_fraction > 1.0:
+            raise bad("attack_fraction", "noisy_fraction + attack_fraction <= 1")
         if not (isinstance(self.beta, (int, float)) and self.beta > 0):
             raise bad("beta", "a number > 0")
         try:
@@ -146,6 +154,7 @@ class SimulationResult:
     config: dict[str, Any]
     rounds: list[dict[str, Any]]  # one record per round: accuracy, loss, bytes, flops, scores
     noisy_clients: list[str]
+    attackers: list[str]
     client_sizes: dict[str, int]
     final_accuracy: float
     best_accuracy: float
@@ -172,13 +181,17 @@ def task_bytes(layout: ModelLayout, spec: ModelSpec, plan: RoundPlan, params: Pa
 
 def update_bytes(layout: ModelLayout, round_: int, client_id: str, mask_version: int, result: Any,
                  base_masks: Masks) -> int:
-    """Encoded body of the Update a device sends for ``result`` (a LocalResult)."""
+    """Encoded body of the Update a device sends for ``result`` (a LocalResult).
+
+    A diverged client (non-finite delta, e.g. under a poisoning attack) still sends its update,
+    which the strategy then rejects; NaN counts as non-zero, so the outside-mask check is off."""
     trainable = layout.subset(s.name for s in layout if s.trainable)
+    finite = all(np.all(np.isfinite(v)) for v in result.delta.values())
     update = Update(
         round=round_, device=client_id, mask_version=mask_version, n_examples=int(result.n_examples),
         metrics={"train_loss": float(result.train_loss)},
         class_losses={c: (float(m), int(n)) for c, (m, n) in result.class_losses.items() if n > 0},
-        delta=SparseParams.from_dense(trainable, result.delta, result.masks),
+        delta=SparseParams.from_dense(trainable, result.delta, result.masks, check=finite),
         mask_changed=bool(result.mask_changed), buffers=dict(result.buffers),
     )
     return len(encode_body(update, base_masks=base_masks))
@@ -195,13 +208,36 @@ def _clients(cfg: SimulationConfig, dataset: data_mod.Dataset, rng: np.random.Ge
     ids = [f"client{i:03d}" for i in range(cfg.n_clients)]
     n_noisy = int(round(cfg.noisy_fraction * cfg.n_clients))
     noisy = set(ids[i] for i in rng.choice(cfg.n_clients, size=n_noisy, replace=False)) if n_noisy else set()
+    honest_pool = [c for c in ids if c not in noisy]
+    n_attackers = int(round(cfg.attack_fraction * cfg.n_clients)) if cfg.attack != "none" else 0
+    attackers = set(rng.choice(honest_pool, size=n_attackers, replace=False)) if n_attackers else set()
     shards = {}
     for cid, idx in zip(ids, parts):
         labels = y[idx]
         if cid in noisy:
             labels = data_mod.add_label_noise(labels, cfg.noise_rate, dataset.num_classes, rng, cfg.noise_kind)
+        if cid in attackers and cfg.attack == "label_flip":
+            labels = attacks.flip_labels(labels, dataset.num_classes)
         shards[cid] = (dataset.X_train[idx], labels)
-    return ids, shards, sorted(noisy)
+    return ids, shards, sorted(noisy), sorted(attackers)
+
+
+def _poison_updates(cfg: SimulationConfig, updates: list[ClientUpdate], attackers: set[str],
+                    previous_step: Params | None, rng: np.random.Generator) -> list[ClientUpdate]:
+    """Swap each attacker's honest delta for its attack's (coordinator/attacks.py)."""
+    bad = [i for i, u in enumerate(updates) if u.client_id in attackers]
+    if not bad:
+        return updates
+    out = list(updates)
+    if cfg.attack == "collude":
+        shared = attacks.collude([updates[i].delta for i in bad], [updates[i].masks for i in bad])
+        for i, delta in zip(bad, shared):
+            out[i] = dataclasses.replace(updates[i], delta=delta)
+        return out
+    for i in bad:
+        delta = attacks.poison(cfg.attack, updates[i].delta, updates[i].masks, rng, cfg.attack_scale, previous_step)
+        out[i] = dataclasses.replace(updates[i], delta=delta)
+    return out
 
 
 def run_simulation(config: SimulationConfig, progress: bool = False) -> SimulationResult:
@@ -212,7 +248,9 @@ def run_simulation(config: SimulationConfig, progress: bool = False) -> Simulati
         dataset = data_mod.split_validation(dataset, config.validation_fraction, np.random.default_rng(seed + 1))
     spec = config.model_spec(dataset.input_shape, dataset.num_classes)
     layout = model_layout(spec)
-    ids, shards, noisy = _clients(config, dataset, np.random.default_rng([seed, 1]))
+    ids, shards, noisy, attackers = _clients(config, dataset, np.random.default_rng([seed, 1]))
+    attack_rng = np.random.default_rng([seed, 3])
+    previous_step: Params | None = None
     strategy = Strategy(config.strategy)
     rng = np.random.default_rng([seed, 2])
     state: GlobalState = strategy.initial_state(layout, init_params(spec, seed), rng)
@@ -238,7 +276,9 @@ def run_simulation(config: SimulationConfig, progress: bool = False) -> Simulati
             up_bytes += update_bytes(layout, plan.round, cid, state.mask_version, result, masks)
             flops += result.flops
             updates.append(ClientUpdate.from_local(cid, result))
+        updates = _poison_updates(config, updates, set(attackers), previous_step, attack_rng)
         outcome = strategy.finish_round(state, plan, updates)
+        previous_step = {k: outcome.state.params[k] - state.params[k] for k in state.trainable}
         state = outcome.state
         up_total += up_bytes
         down_total += down_bytes
@@ -262,7 +302,7 @@ def run_simulation(config: SimulationConfig, progress: bool = False) -> Simulati
     accs = [r["accuracy"] for r in records if "accuracy" in r]
     density = (sum(int(m.sum()) for m in state.masks.values()) / max(1, sum(s.size for s in layout.masked)))
     return SimulationResult(
-        config=config.to_dict(), rounds=records, noisy_clients=noisy,
+        config=config.to_dict(), rounds=records, noisy_clients=noisy, attackers=attackers,
         client_sizes={c: int(len(shards[c][1])) for c in ids},
         final_accuracy=accs[-1], best_accuracy=max(accs), uplink_bytes=up_total, downlink_bytes=down_total,
         density=density, model_parameters=layout.num_parameters,

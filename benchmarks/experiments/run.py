@@ -62,7 +62,12 @@ def expand(grid: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _key(doc: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
+    """Cache key of the fully resolved config, defaults included, so that a changed default
+    recomputes a run instead of serving a result the current code would not produce."""
+    from coordinator.simulate import SimulationConfig
+
+    resolved = SimulationConfig.from_dict(doc).to_dict()
+    return hashlib.sha256(json.dumps(resolved, sort_keys=True, default=list).encode()).hexdigest()[:16]
 
 
 def run_one(job: tuple[dict[str, Any], str]) -> dict[str, Any]:
@@ -90,9 +95,30 @@ def run_one(job: tuple[dict[str, Any], str]) -> dict[str, Any]:
                     for c in result.client_sizes},
         "final_psi": {c: s["psi"] for c, s in _last_scores(result).items()},
         "noisy_clients": result.noisy_clients, **noise_summary(result),
+        "attackers": result.attackers, **_attack_summary(result),
     }
     path.write_text(json.dumps(out))
     return out
+
+
+def _attack_summary(result) -> dict[str, float | None]:
+    """How often the defences acted on attackers vs honest clients (gate, clip), and their final r."""
+    bad = set(result.attackers)
+    gated = {True: [], False: []}
+    clipped = {True: [], False: []}
+    for rec in result.rounds:
+        for c, s in rec["scores"].items():
+            gated[c in bad].append(bool(s.get("gated", False)))
+            clipped[c in bad].append(s.get("clip_factor", 1.0) < 1.0)
+    last = _last_scores(result)
+    r_bad = [s["r"] for c, s in last.items() if c in bad]
+
+    def frac(xs: list[bool]) -> float | None:
+        return float(np.mean(xs)) if xs else None
+
+    return {"gated_attackers": frac(gated[True]), "gated_honest": frac(gated[False]),
+            "clipped_attackers": frac(clipped[True]), "clipped_honest": frac(clipped[False]),
+            "r_attackers": float(np.mean(r_bad)) if r_bad else None}
 
 
 def _last_scores(result) -> dict[str, dict[str, Any]]:

@@ -1,0 +1,113 @@
+"""fedprune's Byzantine defences (norm clip, direction gate, sybil check) on synthetic updates."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from coordinator.strategy import ClientUpdate, Strategy, StrategyConfig
+from protocol.layout import ModelLayout, TensorSpec
+
+LAYOUT = ModelLayout((TensorSpec("fc.weight", (16, 8), True), TensorSpec("fc.bias", (16,), False)))
+IDS = [f"c{i}" for i in range(10)]
+HONEST_LOSSES = {0: (1.0, 50), 1: (1.0, 50)}
+
+
+def _strategy(**knobs) -> tuple[Strategy, object]:
+    rng = np.random.default_rng(0)
+    strat = Strategy(StrategyConfig(method="fedprune", sparsity=0.0, **knobs))
+    params = {s.name: np.zeros(s.shape, np.float32) for s in LAYOUT}
+    return strat, strat.initial_state(LAYOUT, params, rng)
+
+
+def _round(strat, state, deltas: dict[str, dict[str, np.ndarray]]):
+    plan = strat.plan_round(state, list(deltas), np.random.default_rng(1))
+    ups = [ClientUpdate(c, 100, d, state.masks, {}, 0.5, HONEST_LOSSES) for c, d in deltas.items()]
+    return strat.finish_round(state, plan, ups)
+
+
+def _honest(rng, direction, spread=0.5):
+    return {k: (v + spread * rng.normal(size=v.shape)).astype(np.float32) for k, v in direction.items()}
+
+
+@pytest.fixture
+def direction():
+    rng = np.random.default_rng(7)
+    return {s.name: rng.normal(size=s.shape) for s in LAYOUT}
+
+
+def test_norm_clip_bounds_a_boosted_update(direction):
+    rng = np.random.default_rng(3)
+    deltas = {c: _honest(rng, direction) for c in IDS}
+    deltas["c9"] = {k: 100.0 * v for k, v in deltas["c9"].items()}
+    unclipped = _round(*_strategy(norm_clip=0.0), deltas)
+    clipped = _round(*_strategy(norm_clip=2.0), deltas)
+    step = lambda res: float(np.linalg.norm(res.state.params["fc.weight"]))  # noqa: E731
+    assert step(unclipped) > 5 * step(clipped)
+    score = clipped.scores["c9"]
+    assert score.clip_factor < 0.05 and score.update_norm * score.clip_factor == pytest.approx(
+        2.0 * np.median([s.update_norm for s in clipped.scores.values()]), rel=1e-6)
+    assert all(clipped.scores[c].clip_factor == 1.0 for c in IDS[:9])
+
+
+def test_sybil_twins_are_left_out_but_distinct_clients_are_not(direction):
+    rng = np.random.default_rng(4)
+    deltas = {c: _honest(rng, direction) for c in IDS}
+    poison = {k: -v for k, v in direction.items()}
+    deltas["c8"] = deltas["c9"] = poison
+    res = _round(*_strategy(sybil_cos=0.99), deltas)
+    assert res.scores["c8"].gated and res.scores["c9"].gated
+    assert res.scores["c8"].w == 0.0 and res.scores["c9"].w == 0.0
+    assert not any(res.scores[c].gated for c in IDS[:8])
+    assert sum(s.w for s in res.scores.values()) == pytest.approx(1.0)
+
+
+def test_memory_gate_drops_a_persistent_reverser_and_keeps_an_occasional_one(direction):
+    strat, state = _strategy(direction_gate="memory", gamma=0.8, trust_threshold=0.5)
+    rng = np.random.default_rng(5)
+    for t in range(12):
+        deltas = {c: _honest(rng, direction) for c in IDS}
+        deltas["c9"] = {k: -v for k, v in deltas["c9"].items()}  # every round
+        if t % 4 == 0:
+            deltas["c8"] = {k: -v for k, v in deltas["c8"].items()}  # one round in four
+        res = _round(strat, state, deltas)
+        state = res.state
+    assert res.scores["c9"].gated and res.scores["c9"].w == 0.0
+    assert state.trust["c9"] < 0.1
+    assert not res.scores["c8"].gated and state.trust["c8"] >= 0.5
+
+
+def test_round_gate_drops_this_rounds_reversers_only(direction):
+    rng = np.random.default_rng(6)
+    deltas = {c: _honest(rng, direction) for c in IDS}
+    deltas["c7"] = {k: -v for k, v in deltas["c7"].items()}
+    res = _round(*_strategy(direction_gate="round"), deltas)
+    assert [c for c, s in res.scores.items() if s.gated] == ["c7"]
+
+
+def test_a_gate_that_would_drop_everyone_drops_no_one(direction):
+    deltas = {c: {k: v.astype(np.float32) for k, v in direction.items()} for c in IDS[:4]}
+    res = _round(*_strategy(sybil_cos=0.99), deltas)
+    assert res.aggregated and not any(s.gated for s in res.scores.values())
+    assert np.allclose(res.state.params["fc.weight"], direction["fc.weight"], atol=1e-5)
+
+
+def test_baselines_ignore_the_defence_knobs(direction):
+    rng = np.random.default_rng(8)
+    deltas = {c: _honest(rng, direction) for c in IDS}
+    deltas["c9"] = {k: 100.0 * v for k, v in deltas["c9"].items()}
+    strat = Strategy(StrategyConfig(method="fedavg", sparsity=0.0, norm_clip=1.0, sybil_cos=0.5))
+    state = strat.initial_state(LAYOUT, {s.name: np.zeros(s.shape, np.float32) for s in LAYOUT},
+                                np.random.default_rng(0))
+    res = _round(strat, state, deltas)
+    want = np.mean([d["fc.weight"] for d in deltas.values()], axis=0)
+    assert np.allclose(res.state.params["fc.weight"], want, atol=1e-4)
+
+
+def test_defence_knobs_are_validated():
+    with pytest.raises(ValueError, match="strategy.direction_gate"):
+        StrategyConfig(direction_gate="always")
+    with pytest.raises(ValueError, match="strategy.norm_clip"):
+        StrategyConfig(norm_clip=-1.0)
+    with pytest.raises(ValueError, match="strategy.sybil_cos"):
+        StrategyConfig(sybil_cos=1.5)
