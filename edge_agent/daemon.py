@@ -259,6 +259,11 @@ class AgentDaemon:
             for action in self.core.on_failed(task.round, "training_failed"):
                 self._carry_out(action, task)
             return
+        if not all(np.all(np.isfinite(v)) for v in outcome.delta.values()):
+            log.error("event=training_failed round=%d error=non-finite update (the model diverged)", task.round)
+            for action in self.core.on_failed(task.round, "training_diverged"):
+                self._carry_out(action, task)
+            return
         log.info("event=trained round=%d examples=%d steps=%d loss=%.4f seconds=%.2f mask_changed=%s",
                  task.round, outcome.n_examples, outcome.steps, outcome.train_loss, outcome.seconds,
                  outcome.mask_changed)

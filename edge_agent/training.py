@@ -113,7 +113,10 @@ def readjust_masks(
 
 
 def class_losses(model: nn.Module, X: torch.Tensor, y: torch.Tensor, num_classes: int) -> dict[int, tuple[float, int]]:
-    """Mean cross-entropy of ``model`` (eval mode) on the samples of each class present in y."""
+    """Mean cross-entropy of ``model`` (eval mode) on the samples of each class present in y.
+
+    A class whose loss overflows (a diverged or poisoned global model) is left out: the protocol
+    carries finite numbers only, and the coordinator reads a missing class as "no evidence"."""
     was_training = model.training
     model.eval()
     sums = torch.zeros(num_classes, dtype=torch.float64, device=X.device)
@@ -125,7 +128,8 @@ def class_losses(model: nn.Module, X: torch.Tensor, y: torch.Tensor, num_classes
     model.train(was_training)
     counts = torch.bincount(y, minlength=num_classes).cpu().numpy()
     sums_np = sums.cpu().numpy()
-    return {int(c): (float(sums_np[c] / counts[c]), int(counts[c])) for c in np.flatnonzero(counts)}
+    means = {int(c): (float(sums_np[c] / counts[c]), int(counts[c])) for c in np.flatnonzero(counts)}
+    return {c: pair for c, pair in means.items() if np.isfinite(pair[0])}
 
 
 def _check_state(layout: ModelLayout, params: Params, masks: Masks) -> None:

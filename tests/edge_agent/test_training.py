@@ -316,3 +316,20 @@ def test_cuda_training_matches_cpu(digits):
     for name in params:
         assert np.allclose(cpu.delta[name], gpu.delta[name], atol=1e-4)
     assert cpu.class_losses.keys() == gpu.class_losses.keys()
+
+
+def test_class_losses_leave_out_classes_whose_loss_overflowed():
+    """A diverged global model must not make an honest device send NaN (the protocol refuses it)."""
+    from torch import nn
+
+    from edge_agent.training import class_losses
+
+    model = nn.Linear(4, 3)
+    with torch.no_grad():
+        model.weight.fill_(float("inf"))
+    X = torch.ones(6, 4)
+    y = torch.tensor([0, 0, 1, 1, 2, 2])
+    assert class_losses(model, X, y, 3) == {}
+    with torch.no_grad():
+        model.weight.fill_(0.1)
+    assert set(class_losses(model, X, y, 3)) == {0, 1, 2}
