@@ -17,7 +17,10 @@ Kinds (``scale`` is the attack's magnitude, 10 by default):
   that costs no training (zero in round 1);
 - ``label_flip``: honest training on labels mapped c → C−1−c (applied to the shard, not here);
 - ``collude``: all attackers upload one identical update, −mean of their honest updates: a
-  coordinated reversal that also looks like a tight cluster to distance-based rules (Krum).
+  coordinated reversal that also looks like a tight cluster to distance-based rules (Krum);
+- ``absent``: the attackers never take part. Not an attack but the benchmark's yardstick: the
+  accuracy of the honest clients alone, which no defence can beat, since a defence that drops
+  an attacker also loses that client's data.
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ import numpy as np
 
 Params = dict[str, np.ndarray]
 
-ATTACKS = ("none", "sign_flip", "scaled", "gaussian", "free_rider_zero", "free_rider_stale", "label_flip", "collude")
+ATTACKS = ("none", "sign_flip", "scaled", "gaussian", "free_rider_zero", "free_rider_stale", "label_flip", "collude",
+           "absent")
 
 
 def flip_labels(labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -44,9 +48,9 @@ def poison(kind: str, honest: Mapping[str, np.ndarray], masks: Mapping[str, np.n
            scale: float, previous_step: Mapping[str, np.ndarray] | None) -> Params:
     """The update an attacker of ``kind`` sends in place of its honest ``honest`` update.
 
-    ``collude`` is set by :func:`collude` over all attackers at once; ``label_flip`` poisons the
-    data, so both return the honest update here."""
-    if kind in ("none", "label_flip", "collude"):
+    ``collude`` is set by :func:`collude` over all attackers at once, ``label_flip`` poisons the
+    data and ``absent`` clients send nothing, so these return the honest update here."""
+    if kind in ("none", "label_flip", "collude", "absent"):
         return dict(honest)
     if kind == "sign_flip":
         return {k: -v for k, v in honest.items()}

@@ -261,6 +261,8 @@ def run_simulation(config: SimulationConfig, progress: bool = False) -> Simulati
     bar = _progress(T, progress, config.name)
     for _ in range(T):
         online = [c for c in ids if config.availability >= 1.0 or rng.random() < config.availability]
+        if config.attack == "absent":
+            online = [c for c in online if c not in attackers]
         plan = strategy.plan_round(state, online, rng)
         updates, up_bytes, down_bytes, flops = [], 0, 0, 0
         for cid in plan.selected:

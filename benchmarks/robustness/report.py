@@ -5,7 +5,8 @@
     .venv/bin/python benchmarks/robustness/report.py benchmarks/results/robustness
 
 prints, per dataset, final test accuracy for every attack × attacker fraction × aggregator, the
-issue's two targets for each fedprune variant, and how often the defences acted on attackers vs
+issue's two targets for each fedprune variant (beside the accuracy of the honest clients alone,
+attack "absent", which bounds what any defence that drops attackers can reach), and how often the defences acted on attackers vs
 honest clients; writes <dir>/report.md, <dir>/report.json and docs/robustness_<dataset>.png.
 """
 
@@ -20,7 +21,7 @@ from typing import Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
-OURS = ("ours", "ours-gated")
+OURS = ("ours", "ours-hardened")
 ROBUST = ("median", "trimmed_mean", "krum")
 LOSS_BUDGET = 2.0  # points against the attack-free accuracy, at 30 % attackers
 BASELINE_MARGIN = 1.0  # points behind the best robust baseline
@@ -45,8 +46,9 @@ def load(out_dir: Path) -> tuple[dict[tuple[str, str, int, str], float], dict[tu
 
 def targets(acc: dict, dataset: str, attacks: list[str], method: str) -> list[dict[str, Any]]:
     clean = acc[(dataset, "none", 0, method)]
+    honest_only = acc.get((dataset, "absent", 30, method))
     rows = []
-    for attack in attacks:
+    for attack in [a for a in attacks if a != "absent"]:
         mine = acc.get((dataset, attack, 30, method))
         robust = {m: acc[(dataset, attack, 30, m)] for m in ROBUST if (dataset, attack, 30, m) in acc}
         if mine is None or not robust:
@@ -55,10 +57,15 @@ def targets(acc: dict, dataset: str, attacks: list[str], method: str) -> list[di
         rows.append({
             "dataset": dataset, "method": method, "attack": attack, "clean": clean, "attacked": mine,
             "loss": clean - mine, "loss_met": clean - mine < LOSS_BUDGET,
+            "honest_only": honest_only,
             "best_robust": best_name, "best_robust_acc": robust[best_name],
             "behind_best": robust[best_name] - mine, "baseline_met": robust[best_name] - mine <= BASELINE_MARGIN,
         })
     return rows
+
+
+def _opt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
 
 
 def table(acc: dict, dataset: str, attacks: list[str], methods: list[str]) -> list[str]:
@@ -130,14 +137,15 @@ def main(argv: list[str] | None = None) -> int:
         lines += table(acc, dataset, attacks, methods)
         lines += gate_table(gates, dataset, attacks)
         lines += [f"\n### {dataset}: targets at 30 % attackers\n",
-                  "| method | attack | clean → attacked | loss < 2 | best robust baseline | behind it ≤ 1 |",
-                  "| --- | --- | --- | --- | --- | --- |"]
+                  "| method | attack | clean → attacked | loss < 2 | honest clients alone | best robust baseline | behind it ≤ 1 |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
         for method in OURS:
             for row in targets(acc, dataset, attacks, method):
                 report["targets"].append(row)
                 lines.append(
                     f"| {method} | {row['attack']} | {row['clean']:.1f} → {row['attacked']:.1f} ({-row['loss']:+.1f}) | "
-                    f"{'yes' if row['loss_met'] else '**no**'} | {row['best_robust']} {row['best_robust_acc']:.1f} | "
+                    f"{'yes' if row['loss_met'] else '**no**'} | {_opt(row['honest_only'])} | "
+                    f"{row['best_robust']} {row['best_robust_acc']:.1f} | "
                     f"{'yes' if row['baseline_met'] else '**no**'} ({-row['behind_best']:+.1f}) |")
         plot(acc, dataset, attacks, methods, args.plots / f"robustness_{dataset}.png")
     report["accuracy"] = [{"dataset": d, "attack": a, "attackers_pct": f, "method": m, "final_accuracy_pct": v}

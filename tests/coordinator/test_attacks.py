@@ -99,3 +99,11 @@ def test_defences_hold_a_small_federation_under_sign_flip():
     gated_good = np.mean([g for bad, g in late if not bad])
     print(f"gated in rounds 7-12: attackers {gated_bad:.2f}, honest {gated_good:.2f}")
     assert gated_bad >= 0.5 and gated_good <= 0.25
+
+
+def test_absent_attackers_never_take_part():
+    cfg = SimulationConfig(n_clients=10, partition="iid", attack="absent", attack_fraction=0.3,
+                           strategy=StrategyConfig(rounds=2, sparsity=0.5))
+    result = run_simulation(cfg)
+    assert len(result.attackers) == 3
+    assert all(set(r["scores"]).isdisjoint(result.attackers) and r["n_valid"] == 7 for r in result.rounds)

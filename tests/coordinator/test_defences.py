@@ -111,3 +111,26 @@ def test_defence_knobs_are_validated():
         StrategyConfig(norm_clip=-1.0)
     with pytest.raises(ValueError, match="strategy.sybil_cos"):
         StrategyConfig(sybil_cos=1.5)
+
+
+def test_centered_clip_bounds_any_one_update_and_passes_the_honest_cluster(direction):
+    rng = np.random.default_rng(9)
+    honest = {c: _honest(rng, direction, spread=0.05) for c in IDS}
+    plain = _round(*_strategy(norm_clip=0.0, sybil_cos=0.0), honest)
+    centred = _round(*_strategy(norm_clip=0.0, sybil_cos=0.0, centered_clip=2.0), honest)
+    assert np.allclose(plain.state.params["fc.weight"], centred.state.params["fc.weight"], atol=1e-6)
+
+    attacked = dict(honest, c9={k: -1000.0 * v for k, v in direction.items()})
+    res = _round(*_strategy(norm_clip=0.0, sybil_cos=0.0, centered_clip=2.0), attacked)
+    moved = res.state.params["fc.weight"] - plain.state.params["fc.weight"]
+    spread = max(np.linalg.norm(h["fc.weight"] - direction["fc.weight"]) for h in honest.values())
+    assert np.linalg.norm(moved) < 3 * spread  # vs ≈ 100 × ‖direction‖ for the plain mean
+
+
+def test_chance_gate_drops_pure_noise_and_keeps_skewed_but_related_clients(direction):
+    rng = np.random.default_rng(10)
+    other = {k: rng.normal(size=v.shape) for k, v in direction.items()}
+    deltas = {c: _honest(rng, direction if i < 5 else other, spread=1.0) for i, c in enumerate(IDS)}
+    deltas["c9"] = {k: rng.normal(0, 10, v.shape).astype(np.float32) for k, v in direction.items()}
+    res = _round(*_strategy(chance_gate=4.0), deltas)
+    assert [c for c, s in res.scores.items() if s.gated] == ["c9"]
