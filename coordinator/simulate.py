@@ -95,8 +95,9 @@ class SimulationConfig:
             v = getattr(self, key)
             if not (isinstance(v, (int, float)) and not isinstance(v, bool) and lo <= v <= hi):
                 raise bad(key, f"a number in [{lo:g}, {hi:g}]")
-        if self.noisy_fraction + self.attack_fraction > 1.0:
-            raise bad("attack_fraction", "noisy_fraction + attack_fraction <= 1")
+        if self.attack != "none" and (round(self.noisy_fraction * self.n_clients)
+                                      + round(self.attack_fraction * self.n_clients)) > self.n_clients:
+            raise bad("attack_fraction", "room for the attackers beside the noisy clients (rounded counts)")
         if not (isinstance(self.beta, (int, float)) and self.beta > 0):
             raise bad("beta", "a number > 0")
         try:

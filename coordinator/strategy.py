@@ -162,6 +162,8 @@ class StrategyConfig:
             raise bad("direction_gate", f"one of {GATES}")
         if not (is_num(self.centered_clip) and self.centered_clip >= 0):
             raise bad("centered_clip", "a number >= 0 (0 = off)")
+        if self.centered_clip > 0 and self.step != "plain":
+            raise bad("centered_clip", "0 unless step = 'plain' (the centre is built from the plain updates)")
         if not (is_num(self.chance_gate) and self.chance_gate >= 0):
             raise bad("chance_gate", "a number >= 0 (0 = off)")
         for key in ("trust_threshold", "sybil_cos"):
@@ -405,10 +407,11 @@ class Strategy:
 
         w, fallback = self._weights(ids, s_v, quality, imp)
         clip, gate, trust = self._defence(flat, nrm, g, ids, state.trust)
-        center = self._center(flat * clip[:, None], gate)
+        center = self._center(state, valid, flat * clip[:, None], gate)
         if not gate.all():
-            w = w * gate / float(np.sum(w * gate))
-        chosen = np.arange(len(valid))
+            kept = float(np.sum(w * gate))
+            w = w * gate / kept if kept > contribution.EPS else gate / float(gate.sum())
+        chosen = np.flatnonzero(gate)  # gated updates neither vote on masks nor hold positions
         if cfg.method == "krum":
             chosen = aggregation.krum_select(g, cfg.krum_byzantine, cfg.krum_select)
         new_params, new_masks, churn, version = self._apply(state, plan, valid, nrm * clip, w, chosen, clip, center)
@@ -514,7 +517,9 @@ class Strategy:
         its weight while one that points backwards most rounds (sign flip) loses it. The sybil
         check runs first and drops updates with a near-identical twin (cosine >= ``sybil_cos``),
         which independent clients' data never produce; the reference is then built without them,
-        since identical updates survive trimming and would steer it (measured on colluders). The
+        since identical updates survive trimming and would steer it (measured on colluders), and
+        so are clients the memory already distrusts. Rounds with fewer than 3 updates skip every
+        comparison and apply only the stored trust. The
         chance check drops an update whose largest |cosine| with any other update is what two
         random vectors of its size would show (``chance_gate`` / sqrt(nnz)): noise shares no
         signal with anyone, while a clean client shares classes, hence directions, with some
@@ -524,7 +529,12 @@ class Strategy:
         clip = np.ones(n)
         gate = np.ones(n, dtype=bool)
         trust = dict(trust)
-        if cfg.method != "fedprune" or n < 3:
+        if cfg.method != "fedprune":
+            return clip, gate, trust
+        trusted = np.array([trust.get(c, 1.0) >= cfg.trust_threshold for c in ids])
+        if n < 3:  # too few to compare: only the memory of earlier rounds applies
+            if cfg.direction_gate == "memory" and trusted.any():
+                gate &= trusted
             return clip, gate, trust
         if cfg.norm_clip > 0:
             clip = np.minimum(1.0, cfg.norm_clip * float(np.median(nrm)) / nrm)
@@ -537,8 +547,9 @@ class Strategy:
             np.fill_diagonal(cos, 0.0)
             nnz = np.maximum(np.count_nonzero(flat, axis=1), 1)
             gate &= cos.max(axis=1) >= cfg.chance_gate / np.sqrt(nnz)
-        if cfg.direction_gate != "off" and gate.sum() >= 3:
-            reference, _ = aggregation.trimmed_mean(flat[gate], None, cfg.trim_fraction)
+        admitted = gate & trusted if cfg.direction_gate == "memory" and (gate & trusted).sum() >= 3 else gate
+        if cfg.direction_gate != "off" and admitted.sum() >= 3:
+            reference, _ = aggregation.trimmed_mean(flat[admitted], None, cfg.trim_fraction)
             cos = contribution.cosine_to(flat, reference)
             if cos is not None:
                 along = cos > 0
@@ -552,17 +563,25 @@ class Strategy:
             gate[:] = True
         return clip, gate, trust
 
-    def _center(self, flat: np.ndarray, gate: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    def _center(self, state: GlobalState, valid: Sequence[ClientUpdate], flat: np.ndarray,
+                gate: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
         """Centered clipping (Karimireddy et al., ICML 2021), one step from a robust centre:
-        v = trimmed mean of the admitted updates, c_n = min(1, τ/‖x_n − v‖) with τ =
-        ``centered_clip`` × the median deviation; the combiner then sees v + c_n (x_n − v). An
-        honest update near the centre passes unchanged; any one update moves the mean by at most
-        τ, whatever its size or direction. None when off."""
+        v = trimmed mean of the admitted updates over the positions each holds, c_n = min(1,
+        τ/‖x_n − v‖) measured on n's held positions, τ = ``centered_clip`` × the median
+        deviation; the combiner then sees v + c_n (x_n − v). An honest update near the centre
+        passes unchanged; an update far from it pulls the mean by at most its weight × τ,
+        whatever its size or direction. None when off."""
         cfg = self.config
         if cfg.method != "fedprune" or cfg.centered_clip <= 0 or gate.sum() < 3:
             return None
-        center, _ = aggregation.trimmed_mean(flat[gate], None, cfg.trim_fraction)
-        deviation = np.linalg.norm(flat - center, axis=1)
+        names = state.trainable
+        specs = {spec.name: spec for spec in state.layout}
+        holds = np.stack([
+            np.concatenate([np.asarray(u.masks[n], dtype=bool).ravel() if specs[n].masked
+                            else np.ones(int(np.prod(specs[n].shape)), dtype=bool) for n in names])
+            for u in valid])
+        center, _ = aggregation.trimmed_mean(flat[gate], holds[gate], cfg.trim_fraction)
+        deviation = np.linalg.norm(np.where(holds, flat - center, 0.0), axis=1)
         tau = cfg.centered_clip * float(np.median(deviation[gate]))
         factors = np.where(deviation > tau, tau / np.where(deviation > 0, deviation, 1.0), 1.0)
         return center, factors

@@ -32,7 +32,8 @@ def run_main(prog: str, parser: argparse.ArgumentParser, argv: Sequence[str] | N
 
     Once the handler has returned, SIGTERM and SIGINT are ignored: interpreter teardown resets
     Python-level handlers to the default, so a stop request racing a daemon's own clean exit
-    (its last round done) would otherwise turn exit 0 into death by signal."""
+    (its last round done) would otherwise turn exit 0 into death by signal. A teardown that hung
+    would then need SIGKILL, which systemd sends after TimeoutStopSec anyway."""
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:

@@ -260,7 +260,7 @@ class AgentDaemon:
                 self._carry_out(action, task)
             return
         if not all(np.all(np.isfinite(v)) for v in outcome.delta.values()):
-            log.error("event=training_failed round=%d error=non-finite update (the model diverged)", task.round)
+            log.error("event=training_failed round=%d reason=training_diverged error=non-finite update", task.round)
             for action in self.core.on_failed(task.round, "training_diverged"):
                 self._carry_out(action, task)
             return

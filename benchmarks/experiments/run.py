@@ -156,6 +156,9 @@ def summarise(results: list[dict[str, Any]], grid: dict[str, Any]) -> tuple[str,
                 "min_clean_r_rel": float(np.min(minr)) if minr else None,
                 "min_clean_q": float(np.min(minq)) if minq else None, "n": len(rs),
             }
+            for key in ("gated_attackers", "gated_honest", "clipped_attackers", "clipped_honest"):
+                vals = [r[key] for r in rs if r.get(key) is not None]
+                row[key] = float(np.mean(vals)) if vals else None
             summary[f"{setting}/{method}"] = row
             ratio_s = "-" if row["r_ratio"] is None else f"{row['r_ratio']:.2f}"
             minr_s = "-" if row["min_clean_r_rel"] is None else f"{row['min_clean_r_rel']:.2f}"

@@ -27,25 +27,38 @@ LOSS_BUDGET = 2.0  # points against the attack-free accuracy, at 30 % attackers
 BASELINE_MARGIN = 1.0  # points behind the best robust baseline
 
 
+Key = tuple[str, str, int, str]  # dataset, attack, attackers %, method
+
+
 def _split(setting: str) -> tuple[str, str, int]:
+    """"digits-sign_flip-30" -> ("digits", "sign_flip", 30); ValueError for other labels."""
     dataset, rest = setting.split("-", 1)
     attack, fraction = rest.rsplit("-", 1)
     return dataset, attack, int(fraction)
 
 
-def load(out_dir: Path) -> tuple[dict[tuple[str, str, int, str], float], dict[tuple[str, str, int, str], dict[str, Any]]]:
+def load(out_dir: Path) -> tuple[dict[Key, float], dict[Key, dict[str, Any]]]:
+    """Accuracy and defence statistics per run of the current grid (summary.json holds only
+    those, unlike runs/, which keeps every run ever cached)."""
     summary = json.loads((out_dir / "summary.json").read_text())
-    acc = {(*_split(key.split("/")[0]), key.split("/")[1]): 100 * float(np.mean(row["final"]))
-           for key, row in summary.items()}
-    gates: dict[tuple[str, str, int, str], dict[str, Any]] = {}
-    for path in sorted((out_dir / "runs").glob("*.json")):
-        run = json.loads(path.read_text())
-        gates[(*_split(run["setting"]), run["method"])] = run
-    return acc, gates
+    acc: dict[Key, float] = {}
+    rows: dict[Key, dict[str, Any]] = {}
+    for label, row in summary.items():
+        setting, method = label.rsplit("/", 1)
+        try:
+            key = (*_split(setting), method)
+        except ValueError:
+            print(f"skipping {label}: not a <dataset>-<attack>-<percent> setting", file=sys.stderr)
+            continue
+        acc[key] = 100 * float(np.mean(row["final"]))
+        rows[key] = row
+    return acc, rows
 
 
 def targets(acc: dict, dataset: str, attacks: list[str], method: str) -> list[dict[str, Any]]:
-    clean = acc[(dataset, "none", 0, method)]
+    clean = acc.get((dataset, "none", 0, method))
+    if clean is None:
+        return []
     honest_only = acc.get((dataset, "absent", 30, method))
     rows = []
     for attack in [a for a in attacks if a != "absent"]:
@@ -75,13 +88,15 @@ def table(acc: dict, dataset: str, attacks: list[str], methods: list[str]) -> li
     rows = [("none", 0)] + [(a, f) for a in attacks for f in (10, 30)]
     for attack, fraction in rows:
         vals = [acc.get((dataset, attack, fraction, m)) for m in methods]
+        if all(v is None for v in vals):
+            continue
         best = max(v for v in vals if v is not None)
         cells = ["-" if v is None else (f"**{v:.1f}**" if v == best else f"{v:.1f}") for v in vals]
         lines.append(f"| {attack} | {fraction} % | " + " | ".join(cells) + " |")
     return lines
 
 
-def gate_table(gates: dict, dataset: str, attacks: list[str]) -> list[str]:
+def gate_table(gates: dict[Key, dict[str, Any]], dataset: str, attacks: list[str]) -> list[str]:
     lines = [f"\n### {dataset}: how often the defences acted (fraction of client-rounds, 30 % attackers)\n",
              "| attack | method | clipped: attackers / honest | gated: attackers / honest |",
              "| --- | --- | --- | --- |"]
@@ -130,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plots", type=Path, default=ROOT / "docs", help="where the PNGs go")
     args = parser.parse_args(argv)
     acc, gates = load(args.out_dir)
-    methods = sorted({k[3] for k in acc}, key=lambda m: (OURS + ("fedavg",) + ROBUST).index(m))
+    order = OURS + ("fedavg",) + ROBUST
+    methods = sorted({k[3] for k in acc}, key=lambda m: (order.index(m) if m in order else len(order), m))
     lines, report = [], {"accuracy": [], "targets": []}
     for dataset in sorted({k[0] for k in acc}):
         attacks = sorted({k[1] for k in acc if k[0] == dataset and k[1] != "none"})

@@ -77,6 +77,20 @@ def test_memory_gate_drops_a_persistent_reverser_and_keeps_an_occasional_one(dir
     assert not res.scores["c8"].gated and state.trust["c8"] >= 0.5
 
 
+def test_stored_distrust_still_applies_in_a_round_too_small_to_compare(direction):
+    strat, state = _strategy(direction_gate="memory")
+    rng = np.random.default_rng(11)
+    for _ in range(8):
+        deltas = {c: _honest(rng, direction) for c in IDS}
+        deltas["c9"] = {k: -v for k, v in deltas["c9"].items()}
+        state = _round(strat, state, deltas).state
+    assert state.trust["c9"] < 0.5
+    small = _round(strat, state, {"c0": _honest(rng, direction), "c9": {k: -v for k, v in direction.items()}})
+    assert small.scores["c9"].gated and not small.scores["c0"].gated
+    assert np.dot(small.state.params["fc.weight"].ravel() - state.params["fc.weight"].ravel(),
+                  direction["fc.weight"].ravel()) > 0
+
+
 def test_round_gate_drops_this_rounds_reversers_only(direction):
     rng = np.random.default_rng(6)
     deltas = {c: _honest(rng, direction) for c in IDS}
@@ -111,6 +125,8 @@ def test_defence_knobs_are_validated():
         StrategyConfig(norm_clip=-1.0)
     with pytest.raises(ValueError, match="strategy.sybil_cos"):
         StrategyConfig(sybil_cos=1.5)
+    with pytest.raises(ValueError, match="strategy.centered_clip .* step = 'plain'"):
+        StrategyConfig(centered_clip=1.0, step="normalized")
 
 
 def test_centered_clip_bounds_any_one_update_and_passes_the_honest_cluster(direction):
@@ -118,13 +134,15 @@ def test_centered_clip_bounds_any_one_update_and_passes_the_honest_cluster(direc
     honest = {c: _honest(rng, direction, spread=0.05) for c in IDS}
     plain = _round(*_strategy(norm_clip=0.0, sybil_cos=0.0), honest)
     centred = _round(*_strategy(norm_clip=0.0, sybil_cos=0.0, centered_clip=2.0), honest)
-    assert np.allclose(plain.state.params["fc.weight"], centred.state.params["fc.weight"], atol=1e-6)
+    for name in ("fc.weight", "fc.bias"):  # both tensors: the flat offsets line up
+        assert np.allclose(plain.state.params[name], centred.state.params[name], atol=1e-6)
 
     attacked = dict(honest, c9={k: -1000.0 * v for k, v in direction.items()})
     res = _round(*_strategy(norm_clip=0.0, sybil_cos=0.0, centered_clip=2.0), attacked)
-    moved = res.state.params["fc.weight"] - plain.state.params["fc.weight"]
-    spread = max(np.linalg.norm(h["fc.weight"] - direction["fc.weight"]) for h in honest.values())
-    assert np.linalg.norm(moved) < 3 * spread  # vs ≈ 100 × ‖direction‖ for the plain mean
+    for name in ("fc.weight", "fc.bias"):
+        moved = res.state.params[name] - plain.state.params[name]
+        spread = max(np.linalg.norm(h[name] - direction[name]) for h in honest.values())
+        assert np.linalg.norm(moved) < 3 * spread  # vs ≈ 100 × ‖direction‖ for the plain mean
 
 
 def test_chance_gate_drops_pure_noise_and_keeps_skewed_but_related_clients(direction):
