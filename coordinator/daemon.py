@@ -52,6 +52,7 @@ def declare_metrics(metrics: Metrics) -> None:
         ("bytes_out_total", "counter", "MQTT payload bytes published."),
         ("devices_online", "gauge", "Devices heard from within the heartbeat timeout."),
         ("device_importance", "gauge", "Importance score r of each device after the last round."),
+        ("updates_gated_total", "counter", "Accepted updates the Byzantine defences left out of a round, by device and rule."),
         ("round_duration_seconds", "gauge", "Wall time of the last completed round."),
         ("current_round", "gauge", "Round in progress (or next to run)."),
         ("global_accuracy", "gauge", "Accuracy of the global model on the coordinator's evaluation set."),
@@ -338,6 +339,10 @@ class CoordinatorDaemon:
             "cum_bytes_out": int(self.metrics.value("bytes_out_total")),
         }
         if result is not None:
+            for device, score in result.scores.items():
+                if score.gated_by:
+                    self.metrics.inc("updates_gated_total", device=device, reason=score.gated_by)
+                    log.warning("event=update_gated device=%s round=%d reason=%s", device, closed.round, score.gated_by)
             entry["rejected"] = result.rejected
             entry["scores"] = {d: asdict(s) for d, s in result.scores.items()}
             entry["mask_churn"] = result.mask_churn

@@ -287,6 +287,7 @@ class ClientScore:
     update_norm: float
     clip_factor: float = 1.0
     gated: bool = False
+    gated_by: str = ""  # "sybil", "chance" or "direction" when gated
 
 
 @dataclass(frozen=True)
@@ -406,7 +407,8 @@ class Strategy:
                     quality[c] = contribution.update_quality(quality[c], float(x), cfg.gamma, cfg.q_min)
 
         w, fallback = self._weights(ids, s_v, quality, imp)
-        clip, gate, trust = self._defence(flat, nrm, g, ids, state.trust)
+        clip, gated_by, trust = self._defence(flat, nrm, g, ids, state.trust)
+        gate = np.array([not reason for reason in gated_by])
         center = self._center(state, valid, flat * clip[:, None], gate)
         if not gate.all():
             kept = float(np.sum(w * gate))
@@ -429,7 +431,8 @@ class Strategy:
                 psi=float(psi[i]) if psi is not None else None,
                 q=quality[c], r=r.get(c, 0.0), w=float(w[i]),
                 quality_x=float(x_obs[i]) if x_obs is not None else None,
-                loss_ratio=rho[i], update_norm=float(nrm[i]), clip_factor=float(clip[i]), gated=not gate[i],
+                loss_ratio=rho[i], update_norm=float(nrm[i]), clip_factor=float(clip[i]), gated=bool(gated_by[i]),
+                gated_by=gated_by[i],
             )
             for i, c in enumerate(ids)
         }
@@ -502,66 +505,70 @@ class Strategy:
         return {c: v / total for c, v in out.items()}
 
     def _defence(self, flat: np.ndarray, nrm: np.ndarray, g: np.ndarray, ids: Sequence[str],
-                 trust: Mapping[str, float]) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
-        """Per-update clip factors, this round's gate and the new direction trust (fedprune only;
-        the baselines stay textbook).
+                 trust: Mapping[str, float]) -> tuple[np.ndarray, list[str], dict[str, float]]:
+        """Per-update clip factors, this round's gate (why each update was left out, "" if
+        admitted) and the new direction trust; fedprune only, the baselines stay textbook.
 
-        Self-reported losses cannot see a poisoned update sent with honest-looking metrics, so
-        the geometry is checked as well. The clip bounds what one update can move θ to
-        ``norm_clip`` × the round's median norm (boosted and noise updates). The direction check
-        compares each update with the trimmed mean (``trim_fraction``) of the round's updates,
-        which a minority cannot steer far (measured: clean clients point along it in ≈ 90 % of
-        rounds against ≈ 80 % for the coordinate median, docs/ROBUSTNESS.md): "round" drops this round's updates with cosine <= 0; "memory" keeps
-        trust_n, the γ-average of [cosine > 0], and drops a client while trust_n is below
-        ``trust_threshold``, so a clean client that label skew turns away in some rounds keeps
-        its weight while one that points backwards most rounds (sign flip) loses it. The sybil
-        check runs first and drops updates with a near-identical twin (cosine >= ``sybil_cos``),
-        which independent clients' data never produce; the reference is then built without them,
-        since identical updates survive trimming and would steer it (measured on colluders), and
-        so are clients the memory already distrusts. Rounds with fewer than 3 updates skip every
-        comparison and apply only the stored trust. The
-        chance check drops an update whose largest |cosine| with any other update is what two
-        random vectors of its size would show (``chance_gate`` / sqrt(nnz)): noise shares no
-        signal with anyone, while a clean client shares classes, hence directions, with some
-        others however skewed the split. A gate that would drop everything drops nothing."""
+        Self-reported losses cannot expose a poisoned update sent with honest-looking metrics,
+        so the geometry is checked too, with rules a clean client under label skew does not trip
+        (docs/ROBUSTNESS.md):
+
+        - clip: scale an update down to ``norm_clip`` × the round's median norm (boosted, noise);
+        - "sybil": a near-identical twin (cosine >= ``sybil_cos``), which independent clients'
+          data never produce (colluders);
+        - "chance": no other update correlates with it beyond chance, ``chance_gate``/sqrt(nnz)
+          (noise; a clean client shares classes, hence directions, with some others);
+        - "direction": the cosine with the trimmed mean of the admitted, still-trusted updates
+          is <= 0 this round ("round"), or has been in most recent rounds ("memory": trust_n,
+          the γ-average of [cosine > 0], below ``trust_threshold``). Sybils and distrusted
+          clients are kept out of that reference: identical updates survive trimming.
+
+        Rounds with fewer than 3 updates cannot compare and apply only the stored trust. A gate
+        that would leave nobody leaves everybody in."""
         cfg = self.config
         n = len(nrm)
         clip = np.ones(n)
-        gate = np.ones(n, dtype=bool)
+        why = [""] * n
         trust = dict(trust)
         if cfg.method != "fedprune":
-            return clip, gate, trust
+            return clip, why, trust
+
+        def drop(mask: np.ndarray, reason: str) -> None:
+            for i in np.flatnonzero(mask):
+                why[i] = why[i] or reason
+
         trusted = np.array([trust.get(c, 1.0) >= cfg.trust_threshold for c in ids])
-        if n < 3:  # too few to compare: only the memory of earlier rounds applies
+        if n < 3:
             if cfg.direction_gate == "memory" and trusted.any():
-                gate &= trusted
-            return clip, gate, trust
+                drop(~trusted, "direction")
+            return clip, why, trust
         if cfg.norm_clip > 0:
             clip = np.minimum(1.0, cfg.norm_clip * float(np.median(nrm)) / nrm)
         if cfg.sybil_cos > 0:
             twin = contribution.cosine_matrix(g) >= cfg.sybil_cos
             np.fill_diagonal(twin, False)
-            gate &= ~twin.any(axis=1)
+            drop(twin.any(axis=1), "sybil")
         if cfg.chance_gate > 0:
             cos = np.abs(contribution.cosine_matrix(g))
             np.fill_diagonal(cos, 0.0)
             nnz = np.maximum(np.count_nonzero(flat, axis=1), 1)
-            gate &= cos.max(axis=1) >= cfg.chance_gate / np.sqrt(nnz)
-        admitted = gate & trusted if cfg.direction_gate == "memory" and (gate & trusted).sum() >= 3 else gate
+            drop(cos.max(axis=1) < cfg.chance_gate / np.sqrt(nnz), "chance")
+        admitted = np.array([not w for w in why])
+        if cfg.direction_gate == "memory" and (admitted & trusted).sum() >= 3:
+            admitted &= trusted
         if cfg.direction_gate != "off" and admitted.sum() >= 3:
             reference, _ = aggregation.trimmed_mean(flat[admitted], None, cfg.trim_fraction)
             cos = contribution.cosine_to(flat, reference)
             if cos is not None:
                 along = cos > 0
-                if cfg.direction_gate == "round":
-                    gate &= along
-                else:
+                if cfg.direction_gate == "memory":
                     for c, a in zip(ids, along):
                         trust[c] = cfg.gamma * trust.get(c, 1.0) + (1.0 - cfg.gamma) * float(a)
-                    gate &= np.array([trust[c] >= cfg.trust_threshold for c in ids])
-        if not gate.any():
-            gate[:] = True
-        return clip, gate, trust
+                    along = np.array([trust[c] >= cfg.trust_threshold for c in ids])
+                drop(~along, "direction")
+        if all(why):
+            why = [""] * n
+        return clip, why, trust
 
     def _center(self, state: GlobalState, valid: Sequence[ClientUpdate], flat: np.ndarray,
                 gate: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import coordinator.state as state_module
@@ -13,6 +14,8 @@ from coordinator import enrollment
 from coordinator.config import load_config
 from coordinator.daemon import COMMIT_RETRY_S, CoordinatorDaemon
 from coordinator.rounds import CloseRound
+from protocol.messages import Update
+from protocol.sparse import SparseParams
 
 
 class Clock:
@@ -23,10 +26,12 @@ class Clock:
         return self.now
 
 
-def daemon(tmp_path: Path, clock: Clock) -> CoordinatorDaemon:
+def daemon(tmp_path: Path, clock: Clock, strategy: dict | None = None) -> CoordinatorDaemon:
     config_path = tmp_path / "coordinator.toml"
-    enrollment.init(config_path=config_path, state_dir=tmp_path / "state", federation="f", broker_url="mqtt://127.0.0.1:1",
-                    embedded_broker=False, settings={"rounds": {"total": 5}, "metrics": {"port": -1}})
+    if not config_path.exists():
+        enrollment.init(config_path=config_path, state_dir=tmp_path / "state", federation="f",
+                        broker_url="mqtt://127.0.0.1:1", embedded_broker=False,
+                        settings={"rounds": {"total": 5}, "metrics": {"port": -1}, "strategy": strategy or {}})
     return CoordinatorDaemon(load_config(config_path, env={}), clock=clock)
 
 
@@ -70,3 +75,35 @@ def test_a_restarted_daemon_resumes_from_the_last_committed_round(tmp_path: Path
     assert again.completed == 2
     assert [h["round"] for h in again.history] == [1, 2]
     assert again.rng.bit_generator.state == d.rng.bit_generator.state
+
+
+def test_gated_updates_are_counted_logged_and_trust_survives_a_restart(tmp_path: Path, caplog) -> None:
+    """Colluding twins are left out by the sybil rule, counted per device and rule; the
+    direction trust is checkpointed with the round and restored by a restarted daemon."""
+    clock = Clock()
+    d = daemon(tmp_path, clock, strategy={"direction_gate": "memory"})
+    devices = [f"pi-{i}" for i in range(6)]
+    d.plan = d.strategy.plan_round(d.state, devices, d.rng)
+    d.round_started = clock.now
+    trainable = d.layout.subset(s.name for s in d.layout.trainable)
+    rng = np.random.default_rng(0)
+    direction = {s.name: rng.normal(size=s.shape).astype(np.float32) for s in trainable}
+    twin = {k: -v for k, v in direction.items()}
+    updates = {}
+    for i, device in enumerate(devices):
+        delta = twin if i >= 4 else {k: v + 0.3 * rng.normal(size=v.shape).astype(np.float32) for k, v in direction.items()}
+        masked = {k: np.where(d.state.masks[k], v, 0).astype(np.float32) if k in d.state.masks else v
+                  for k, v in delta.items()}
+        updates[device] = Update(round=d.plan.round, device=device, mask_version=d.state.mask_version, n_examples=50,
+                                 metrics={}, class_losses={0: (1.0, 50)},
+                                 delta=SparseParams.from_dense(trainable, masked, d.state.masks))
+    d._close_round(CloseRound(d.plan.round, updates, True), clock.now)
+    assert d.metrics.value("updates_gated_total", device="pi-4", reason="sybil") == 1
+    assert d.metrics.value("updates_gated_total", device="pi-5", reason="sybil") == 1
+    assert d.metrics.value("updates_gated_total", device="pi-0", reason="sybil") == 0
+    assert "event=update_gated device=pi-4 round=1 reason=sybil" in caplog.text
+    assert d.history[-1]["scores"]["pi-4"]["gated_by"] == "sybil"
+    trust = dict(d.state.trust)
+    assert set(trust) == set(devices)
+    restarted = daemon(tmp_path, clock)
+    assert restarted.state.trust == trust and restarted.completed == 1

@@ -56,7 +56,7 @@ def test_sybil_twins_are_left_out_but_distinct_clients_are_not(direction):
     poison = {k: -v for k, v in direction.items()}
     deltas["c8"] = deltas["c9"] = poison
     res = _round(*_strategy(sybil_cos=0.99), deltas)
-    assert res.scores["c8"].gated and res.scores["c9"].gated
+    assert res.scores["c8"].gated_by == res.scores["c9"].gated_by == "sybil"
     assert res.scores["c8"].w == 0.0 and res.scores["c9"].w == 0.0
     assert not any(res.scores[c].gated for c in IDS[:8])
     assert sum(s.w for s in res.scores.values()) == pytest.approx(1.0)
@@ -72,7 +72,7 @@ def test_memory_gate_drops_a_persistent_reverser_and_keeps_an_occasional_one(dir
             deltas["c8"] = {k: -v for k, v in deltas["c8"].items()}  # one round in four
         res = _round(strat, state, deltas)
         state = res.state
-    assert res.scores["c9"].gated and res.scores["c9"].w == 0.0
+    assert res.scores["c9"].gated_by == "direction" and res.scores["c9"].w == 0.0
     assert state.trust["c9"] < 0.1
     assert not res.scores["c8"].gated and state.trust["c8"] >= 0.5
 
@@ -151,4 +151,4 @@ def test_chance_gate_drops_pure_noise_and_keeps_skewed_but_related_clients(direc
     deltas = {c: _honest(rng, direction if i < 5 else other, spread=1.0) for i, c in enumerate(IDS)}
     deltas["c9"] = {k: rng.normal(0, 10, v.shape).astype(np.float32) for k, v in direction.items()}
     res = _round(*_strategy(chance_gate=4.0), deltas)
-    assert [c for c, s in res.scores.items() if s.gated] == ["c9"]
+    assert [(c, s.gated_by) for c, s in res.scores.items() if s.gated] == [("c9", "chance")]
