@@ -518,10 +518,12 @@ class Strategy:
           data never produce (colluders);
         - "chance": no other update correlates with it beyond chance, ``chance_gate``/sqrt(nnz)
           (noise; a clean client shares classes, hence directions, with some others);
-        - "direction": the cosine with the trimmed mean of the admitted, still-trusted updates
-          is <= 0 this round ("round"), or has been in most recent rounds ("memory": trust_n,
-          the γ-average of [cosine > 0], below ``trust_threshold``). Sybils and distrusted
-          clients are kept out of that reference: identical updates survive trimming.
+        - "direction": the cosine with the trimmed mean of the updates admitted so far is <= 0
+          this round ("round"), or has been in most recent rounds ("memory": trust_n, the
+          γ-average of [cosine > 0], below ``trust_threshold``). Sybils are kept out of that
+          reference (identical updates survive trimming); distrusted clients are not: a
+          reference of trusted clients only entrenched an early wrong majority on digits under
+          30 % sign flips (honest gated 56 % of rounds, accuracy 9.8 % against 80.1 %).
 
         Rounds with fewer than 3 updates cannot compare and apply only the stored trust. A gate
         that would leave nobody leaves everybody in."""
@@ -554,8 +556,6 @@ class Strategy:
             nnz = np.maximum(np.count_nonzero(flat, axis=1), 1)
             drop(cos.max(axis=1) < cfg.chance_gate / np.sqrt(nnz), "chance")
         admitted = np.array([not w for w in why])
-        if cfg.direction_gate == "memory" and (admitted & trusted).sum() >= 3:
-            admitted &= trusted
         if cfg.direction_gate != "off" and admitted.sum() >= 3:
             reference, _ = aggregation.trimmed_mean(flat[admitted], None, cfg.trim_fraction)
             cos = contribution.cosine_to(flat, reference)
