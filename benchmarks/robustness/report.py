@@ -120,7 +120,7 @@ def plot(acc: dict, dataset: str, attacks: list[str], methods: list[str], path: 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 3.8), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), sharey=True)
     width = 0.8 / len(methods)
     x = np.arange(len(attacks))
     for ax, fraction in zip(axes, (10, 30)):
@@ -133,8 +133,9 @@ def plot(acc: dict, dataset: str, attacks: list[str], methods: list[str], path: 
         ax.set_xticks(x, [a.replace("_", "\n") for a in attacks], fontsize=8)
         ax.set(title=f"{dataset}, {fraction} % attackers", ylabel="final test accuracy (%)")
         ax.grid(axis="y", alpha=0.3)
-    axes[1].legend(fontsize=7, ncol=2)
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
