@@ -287,8 +287,7 @@ class ClientScore:
     loss_ratio: float | None
     update_norm: float
     clip_factor: float = 1.0
-    gated: bool = False
-    gated_by: str = ""  # "sybil", "chance" or "direction" when gated
+    gated_by: str = ""  # "sybil", "chance" or "direction" when this round left the update out
 
 
 @dataclass(frozen=True)
@@ -432,8 +431,7 @@ class Strategy:
                 psi=float(psi[i]) if psi is not None else None,
                 q=quality[c], r=r.get(c, 0.0), w=float(w[i]),
                 quality_x=float(x_obs[i]) if x_obs is not None else None,
-                loss_ratio=rho[i], update_norm=float(nrm[i]), clip_factor=float(clip[i]), gated=bool(gated_by[i]),
-                gated_by=gated_by[i],
+                loss_ratio=rho[i], update_norm=float(nrm[i]), clip_factor=float(clip[i]), gated_by=gated_by[i],
             )
             for i, c in enumerate(ids)
         }

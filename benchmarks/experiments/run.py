@@ -108,7 +108,7 @@ def _attack_summary(result) -> dict[str, float | None]:
     clipped = {True: [], False: []}
     for rec in result.rounds:
         for c, s in rec["scores"].items():
-            gated[c in bad].append(bool(s.get("gated", False)))
+            gated[c in bad].append(bool(s.get("gated_by")))
             clipped[c in bad].append(s.get("clip_factor", 1.0) < 1.0)
     last = _last_scores(result)
     r_bad = [s["r"] for c, s in last.items() if c in bad]
