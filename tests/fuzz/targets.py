@@ -28,11 +28,11 @@ from protocol.envelope import Header, Suite, open_envelope, parse_header, verify
 from protocol.errors import ProtocolError, Replayed, Stale
 from protocol.messages import Kind
 from protocol.replay import ReplayGuard
-from protocol.sparse import MaskStore, SparseParams, ValueDtype, decode_masks, decode_values, encode_masks, encode_values
+from protocol.sparse import SparseParams, ValueDtype, decode_masks, decode_values, encode_masks, encode_values
 from protocol.wire import Limits
 from tests.protocol.factories import (
     COORD, DEVICES, FED, LAYOUT, T0, TRAINABLE, agent_channel, coordinator_channel, masks, params, register, reject,
-    release, status, task, update,
+    release, status, task_world, update,
 )
 
 
@@ -84,11 +84,7 @@ class Target:
 # ---- decoders --------------------------------------------------------------------------------
 def _world() -> dict[str, Any]:
     rng = np.random.default_rng(7)
-    t = task(rng)
-    store = MaskStore()
-    store.put(t.mask_version, t.masks)
-    changed = {k: v.copy() for k, v in t.masks.items()}
-    changed["fc2.weight"][0] = True
+    t, store, changed = task_world(rng)
     bodies = {
         Kind.TASK: [codec.encode_body(t)],
         Kind.UPDATE: [codec.encode_body(update(rng, t), value_dtype=d) for d in ValueDtype]

@@ -9,7 +9,7 @@ from protocol.crypto import Identity
 from protocol.hyperparams import HyperParams
 from protocol.layout import ModelLayout, TensorSpec
 from protocol.messages import ModelRef, ModelRelease, Register, Reject, RoundTask, State, Status, Update
-from protocol.sparse import Masks, Params, SparseParams
+from protocol.sparse import Masks, MaskStore, Params, SparseParams
 
 FED = "fed-1"
 T0 = 1_800_000_000.0
@@ -57,6 +57,17 @@ def task(rng: np.random.Generator, round_: int = 5, mask_version: int = 2, inclu
         deadline=T0 + 60, selected=("dev-a", "dev-b"), include_masks=include_masks,
         class_loss_medians={0: 1.5, 2: 0.25},
     )
+
+
+def task_world(rng: np.random.Generator) -> tuple[RoundTask, MaskStore, Masks]:
+    """A task, a coordinator-side MaskStore that knows its mask version, and a changed copy of
+    that mask (an update with ``new_masks`` travels as a delta against the stored one)."""
+    t = task(rng)
+    store = MaskStore()
+    store.put(t.mask_version, t.masks)
+    changed = {k: v.copy() for k, v in t.masks.items()}
+    changed["fc2.weight"][0] = True
+    return t, store, changed
 
 
 def update(rng: np.random.Generator, t: RoundTask, device: str = "dev-a", new_masks: Masks | None = None) -> Update:

@@ -19,12 +19,12 @@ from protocol.chunks import Reassembler, parse_chunk, split
 from protocol.envelope import Header, Suite, open_envelope, parse_header, verify_envelope
 from protocol.errors import ProtocolError
 from protocol.messages import Kind
-from protocol.sparse import MaskStore, SparseParams, ValueDtype, decode_masks, decode_values, encode_masks, encode_values
+from protocol.sparse import SparseParams, ValueDtype, decode_masks, decode_values, encode_masks, encode_values
 from protocol.wire import Limits
 from tests.fuzz.engine import mutate
 from tests.protocol.factories import (
     COORD, DEVICES, FED, LAYOUT, T0, TRAINABLE, agent_channel, coordinator_channel, masks, params, register,
-    reject, release, status, task, update,
+    reject, release, status, task_world, update,
 )
 
 N = 10_000
@@ -94,11 +94,7 @@ def run(
 @pytest.fixture(scope="module")
 def world():
     rng = np.random.default_rng(7)
-    t = task(rng)
-    store = MaskStore()
-    store.put(t.mask_version, t.masks)
-    new = {k: v.copy() for k, v in t.masks.items()}
-    new["fc2.weight"][0] = True
+    t, store, new = task_world(rng)
     bodies = {
         Kind.TASK: codec.encode_body(t),
         Kind.UPDATE: codec.encode_body(update(rng, t), value_dtype=ValueDtype.INT8),
