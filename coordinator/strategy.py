@@ -545,15 +545,13 @@ class Strategy:
             return clip, why, trust
         if cfg.norm_clip > 0:
             clip = np.minimum(1.0, cfg.norm_clip * float(np.median(nrm)) / nrm)
+        pairwise = contribution.cosine_matrix(g)
+        np.fill_diagonal(pairwise, 0.0)
         if cfg.sybil_cos > 0:
-            twin = contribution.cosine_matrix(g) >= cfg.sybil_cos
-            np.fill_diagonal(twin, False)
-            drop(twin.any(axis=1), "sybil")
+            drop((pairwise >= cfg.sybil_cos).any(axis=1), "sybil")
         if cfg.chance_gate > 0:
-            cos = np.abs(contribution.cosine_matrix(g))
-            np.fill_diagonal(cos, 0.0)
             nnz = np.maximum(np.count_nonzero(flat, axis=1), 1)
-            drop(cos.max(axis=1) < cfg.chance_gate / np.sqrt(nnz), "chance")
+            drop(np.abs(pairwise).max(axis=1) < cfg.chance_gate / np.sqrt(nnz), "chance")
         admitted = np.array([not w for w in why])
         if cfg.direction_gate != "off" and admitted.sum() >= 3:
             reference, _ = aggregation.trimmed_mean(flat[admitted], None, cfg.trim_fraction)
