@@ -11,7 +11,10 @@ Unstructured sparsity does not make dense torch kernels faster: masked weights a
 multiplied as zeros, so wall time stays roughly flat while MACs fall. The MAC column is what a
 sparse kernel could save, not what this code saves.
 
-    .venv/bin/python benchmarks/bench_training.py [--repeats 15] [--threads 1]
+    .venv/bin/python benchmarks/bench_training.py [--repeats 15] [--threads 1] [--device cuda --out FILE]
+
+On a GPU host, ``--device cuda`` times the same cells with train_local on CUDA (the Jetson path);
+each subprocess then pays CUDA's context start, which the warm-up keeps out of the times.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ CLIENT_SIZE = 100
 BATCH = 32
 
 
-def measure(dataset: str, model: str, sparsity: float, repeats: int, threads: int) -> dict:
+def measure(dataset: str, model: str, sparsity: float, repeats: int, threads: int, device: str) -> dict:
     """Runs inside the subprocess: one (model, sparsity) cell of the table."""
     import numpy as np
     import torch
@@ -63,7 +66,7 @@ def measure(dataset: str, model: str, sparsity: float, repeats: int, threads: in
         for r in range(repeats):
             hp = HyperParams(batch_size=BATCH, seed=r, **hp_kwargs)
             start = time.perf_counter()
-            result = train_local(spec, params, masks, X, y, hp)
+            result = train_local(spec, params, masks, X, y, hp, device=device)
             times.append(time.perf_counter() - start)
         return min(times), result
 
@@ -76,6 +79,7 @@ def measure(dataset: str, model: str, sparsity: float, repeats: int, threads: in
     return {
         "dataset": dataset,
         "model": model,
+        "device": device,
         "sparsity": sparsity,
         "prunable_weights": sum(t.size for t in layout.masked),
         "active_weights": nnz,
@@ -95,20 +99,31 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where train_local runs")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "training.json",
+                        help="results JSON (default: benchmarks/results/training.json)")
     parser.add_argument("--one", nargs=3, metavar=("DATASET", "MODEL", "SPARSITY"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         dataset, model, sparsity = args.one
-        print(json.dumps(measure(dataset, model, float(sparsity), args.repeats, args.threads)))
+        print(json.dumps(measure(dataset, model, float(sparsity), args.repeats, args.threads, args.device)))
         return
 
-    env = os.environ | {"OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT)}
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            sys.exit("--device cuda: torch sees no CUDA device here")
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = os.environ | {"OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": path}
     rows = []
     for dataset, model in CONFIGS:
         for sparsity in SPARSITIES:
             cmd = [sys.executable, __file__, "--repeats", str(args.repeats), "--threads", str(args.threads),
-                   "--one", dataset, model, str(sparsity)]
-            out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, check=True)
+                   "--device", args.device, "--one", dataset, model, str(sparsity)]
+            out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+            if out.returncode != 0:
+                sys.exit(f"{dataset} {model} {sparsity} failed:\n{out.stderr[-3000:]}")
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
 
     header = (f"{'dataset':8} {'model':6} {'sparse':>6} {'active/prunable':>17} {'epoch ms':>9} {'overhead ms':>11} "
@@ -121,23 +136,32 @@ def main() -> None:
               f"{r['active_weights']:>8}/{r['prunable_weights']:<8} {r['epoch_ms']:9.2f} {r['overhead_ms']:11.2f} "
               f"{r['round_e5_ms']:7.1f} {readjust:>11} {r['forward_macs_per_example']:9d} "
               f"{r['round_e5_macs']:11d} {r['peak_rss_mib']:8.0f}")
-    print(f"\nclient of {CLIENT_SIZE} samples, batch {BATCH}, {args.threads} thread(s), min of {args.repeats}; "
+    print(f"\n{args.device}: client of {CLIENT_SIZE} samples, batch {BATCH}, {args.threads} thread(s), min of {args.repeats}; "
           "wall time uses dense kernels (zeros are multiplied), MACs count active weights only.")
 
-    out_dir = ROOT / "benchmarks" / "results"
-    out_dir.mkdir(parents=True, exist_ok=True)
     report = {
         "benchmark": "training",
         "client_size": CLIENT_SIZE,
         "batch_size": BATCH,
         "threads": args.threads,
+        "device": args.device,
+        "device_name": _device_name(args.device),
         "repeats": args.repeats,
         "python": platform.python_version(),
         "machine": platform.machine(),
         "rows": rows,
     }
-    (out_dir / "training.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out_dir / 'training.json'}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+def _device_name(device: str) -> str:
+    if device == "cpu":
+        return platform.processor() or platform.machine()
+    import torch
+
+    return torch.cuda.get_device_name(0)
 
 
 if __name__ == "__main__":

@@ -41,13 +41,15 @@ def _add_simulate(commands: argparse._SubParsersAction) -> None:
     sub.add_argument("--config", required=True, help="simulation TOML file (see docs/ and benchmarks/experiments/)")
     sub.add_argument("--out", default=None, help="output directory (default: runs/<config name>)")
     sub.add_argument("--no-progress", action="store_true", help="disable the progress bar")
+    sub.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"),
+                     help="where the simulated devices train (auto: CUDA when torch sees a GPU)")
     sub.set_defaults(handler=_run_simulate)
 
 
 def _run_simulate(args: argparse.Namespace) -> int:
     from coordinator import simulate
 
-    return simulate.main(args.config, out_dir=args.out, progress=not args.no_progress)
+    return simulate.main(args.config, out_dir=args.out, progress=not args.no_progress, device=args.device)
 
 
 def _add_config_flags(sub: argparse.ArgumentParser, required: bool = True) -> None:

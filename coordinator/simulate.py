@@ -241,8 +241,28 @@ def _poison_updates(cfg: SimulationConfig, updates: list[ClientUpdate], attacker
     return out
 
 
-def run_simulation(config: SimulationConfig, progress: bool = False) -> SimulationResult:
-    """Run the federation; deterministic for a given config (seed included)."""
+TORCH_DEVICES = ("cpu", "cuda", "auto")
+
+
+def resolve_torch_device(choice: str) -> str:
+    """"auto" means CUDA where torch sees a GPU. Where training runs is not part of the config:
+    it changes the arithmetic's rounding, not what is computed."""
+    if choice not in TORCH_DEVICES:
+        raise ConfigError(f"device = {choice!r}: expected one of {TORCH_DEVICES}")
+    if choice == "cpu":
+        return "cpu"
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if choice == "cuda":
+        raise ConfigError("device = 'cuda' but torch sees no CUDA device (a CPU build of torch, or no GPU)")
+    return "cpu"
+
+
+def run_simulation(config: SimulationConfig, progress: bool = False, device: str = "cpu") -> SimulationResult:
+    """Run the federation; deterministic for a given config (seed included) and device."""
+    device = resolve_torch_device(device)
     seed = config.seed
     dataset = data_mod.load_dataset(config.dataset, seed)
     if config.eval_split == "validation":
@@ -275,7 +295,7 @@ def run_simulation(config: SimulationConfig, progress: bool = False) -> Simulati
             down_bytes += task_bytes(layout, spec, plan, params, masks, state.mask_version, stale)
             cached_version[cid] = -1 if own_mask else state.mask_version
             X, y = shards[cid]
-            result = train_local(spec, params, masks, X, y, plan.hyper_for(cid))
+            result = train_local(spec, params, masks, X, y, plan.hyper_for(cid), device=device)
             up_bytes += update_bytes(layout, plan.round, cid, state.mask_version, result, masks)
             flops += result.flops
             updates.append(ClientUpdate.from_local(cid, result))
@@ -405,11 +425,12 @@ def plot_result(result: SimulationResult, out: Path) -> list[Path]:
     return paths
 
 
-def main(config_path: str | Path, out_dir: str | Path | None = None, progress: bool = True) -> int:
+def main(config_path: str | Path, out_dir: str | Path | None = None, progress: bool = True,
+         device: str = "cpu") -> int:
     """CLI entry: load the TOML config, run, write results; returns an exit code (0 = ok)."""
     config = SimulationConfig.from_toml(config_path)
     out = Path(out_dir) if out_dir is not None else Path("runs") / config.name
-    result = run_simulation(config, progress=progress)
+    result = run_simulation(config, progress=progress, device=device)
     paths = write_outputs(result, out)
     print(f"{config.name}: final accuracy {100 * result.final_accuracy:.2f}% (best {100 * result.best_accuracy:.2f}%), "
           f"uplink {result.uplink_bytes / 1e6:.2f} MB, downlink {result.downlink_bytes / 1e6:.2f} MB; wrote {paths[0]}")

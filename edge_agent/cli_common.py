@@ -7,10 +7,18 @@ import argparse
 import logging
 import signal
 import sys
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 from typing import NoReturn, Sequence
 
 USER_ERROR = 78
+
+
+def _installed_version() -> str:
+    """The installed distribution's version; a source tree on PYTHONPATH has none, and must still run."""
+    try:
+        return version("fedprune")
+    except PackageNotFoundError:
+        return "(not installed: source tree)"
 
 
 def new_parser(prog: str, description: str, exit_codes: dict[int, str]) -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
@@ -18,7 +26,7 @@ def new_parser(prog: str, description: str, exit_codes: dict[int, str]) -> tuple
         prog=prog, description=description,
         epilog="exit codes: " + "; ".join(f"{code} {meaning}" for code, meaning in exit_codes.items()),
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {version('fedprune')}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_installed_version()}")
     parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True

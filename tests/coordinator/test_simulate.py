@@ -86,3 +86,16 @@ def test_missing_or_invalid_toml_is_a_config_error(tmp_path):
     bad.write_text("[simulation\n")
     with pytest.raises(ConfigError, match="invalid TOML"):
         SimulationConfig.from_toml(bad)
+
+
+def test_where_training_runs_is_checked_and_auto_falls_back_to_cpu(monkeypatch):
+    import torch
+
+    from coordinator.simulate import resolve_torch_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_torch_device("auto") == "cpu"
+    with pytest.raises(ConfigError, match="torch sees no CUDA device"):
+        resolve_torch_device("cuda")
+    with pytest.raises(ConfigError, match="expected one of"):
+        resolve_torch_device("tpu")
