@@ -100,8 +100,9 @@ class StrategyConfig:
     rho_min: float = 0.5
     # Batch 16, not HyperParams' 32: with ≈ 60-200 samples per client, batch 32 gives only 4-10
     # local steps per round, and sparse layers (whose function moves ∝ density per step) stay
-    # far behind dense within T = 60 (docs/ALGORITHM_NOTES.md §4).
-    local: HyperParams = field(default_factory=lambda: HyperParams(batch_size=16))
+    # far behind dense within T = 60 (docs/ALGORITHM_NOTES.md §4). For the same reason sparse
+    # layers train at up to 5× the learning rate (lr / density, capped; §5 there).
+    local: HyperParams = field(default_factory=lambda: HyperParams(batch_size=16, max_sparse_lr_factor=5.0))
 
     def __post_init__(self) -> None:
         def bad(key: str, expected: str) -> ValueError:
@@ -180,7 +181,9 @@ class StrategyConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "StrategyConfig":
-        """Build from a TOML table; ``local`` is a sub-table of HyperParams fields."""
+        """Build from a TOML table; ``local`` is a sub-table of HyperParams fields that overrides
+        only the keys it names: the others keep this class's defaults (batch 16, the sparse lr
+        factor), not HyperParams' plain ones."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -191,7 +194,7 @@ class StrategyConfig:
             if not isinstance(local, Mapping):
                 raise ValueError(f"strategy.local = {local!r}: expected a table of hyper-parameters")
             try:
-                kwargs["local"] = HyperParams.from_dict(dict(local))
+                kwargs["local"] = HyperParams.from_dict({**cls().local.to_dict(), **local})
             except (ValueError, TypeError) as exc:
                 raise ValueError(f"strategy.local: {exc}") from exc
         if "dense_layers" in kwargs and isinstance(kwargs["dense_layers"], list):

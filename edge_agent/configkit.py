@@ -48,8 +48,9 @@ def _field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def _coerce(value: Any, annotation: Any, where: str) -> Any:
-    """Convert a TOML/env value to the declared type, or raise ConfigError naming ``where``."""
+def _coerce(value: Any, annotation: Any, where: str, base: Any = None) -> Any:
+    """Convert a TOML/env value to the declared type, or raise ConfigError naming ``where``.
+    ``base``: for a nested table, the instance whose values its missing keys keep."""
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
     if origin in (typing.Union, types.UnionType):
@@ -68,7 +69,7 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{where} {value!r}: expected a table")
         label = where.replace("[", "").replace("] ", ".")
-        return _build_section(label, annotation, {k: (v, f"[{label}] {k}") for k, v in value.items()})
+        return _build_section(label, annotation, {k: (v, f"[{label}] {k}") for k, v in value.items()}, base)
     if annotation is bool:
         if isinstance(value, bool):
             return value
@@ -171,7 +172,9 @@ def load(
     return cls(**built)
 
 
-def _build_section(section: str, section_cls: type, given: dict[str, tuple[Any, str]]) -> Any:
+def _build_section(section: str, section_cls: type, given: dict[str, tuple[Any, str]], base: Any = None) -> Any:
+    """``base`` (an instance of ``section_cls``) supplies the values of keys not given: a nested
+    table such as [strategy.local] overrides its parent's default, not the nested class's."""
     fields = {f.name: f for f in dataclasses.fields(section_cls)}
     unknown = set(given) - set(fields)
     if unknown:
@@ -180,12 +183,15 @@ def _build_section(section: str, section_cls: type, given: dict[str, tuple[Any, 
     types_ = _field_types(section_cls)
     values = {}
     for name, f in fields.items():
+        if base is not None:
+            default = getattr(base, name)
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         if name in given:
             raw, where = given[name]
-            value = _coerce(raw, types_[name], where)
+            value = _coerce(raw, types_[name], where, default if dataclasses.is_dataclass(default) else None)
         else:
-            value = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            where = f"[{section}] {name}"
+            value, where = default, f"[{section}] {name}"
         check = f.metadata.get("check")
         problem = check(value) if (check and value is not None) else None
         if problem:

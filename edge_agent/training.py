@@ -167,7 +167,8 @@ class MaskedSGD:
 
     ``masks`` maps each masked parameter name of ``model`` to a bool tensor on the model's device;
     the weights must already be zero outside it. An optional FedProx term pulls every trainable
-    tensor towards its value at construction (theta^t).
+    tensor towards its value at construction (theta^t). A masked tensor of density d trains at
+    lr * min(1/d, hp.max_sparse_lr_factor); readjusting keeps d, so the rate holds all round.
     """
 
     def __init__(self, model: nn.Module, masks: dict[str, torch.Tensor], hp: HyperParams) -> None:
@@ -180,9 +181,12 @@ class MaskedSGD:
         self._mask_float = [self.masks[name].to(torch.float32) for name in self.names]
         self._trainable = [p for p in model.parameters() if p.requires_grad]
         self._theta_t = [p.detach().clone() for p in self._trainable] if hp.prox_mu > 0 else []
-        self.optimizer = torch.optim.SGD(
-            self._trainable, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay
-        )
+        masked = {id(p) for p in self._masked}
+        groups = [{"params": [p for p in self._trainable if id(p) not in masked]}]
+        for param, mask in zip(self._masked, self._mask_float):
+            density = max(float(mask.mean()), 1.0 / mask.numel())
+            groups.append({"params": [param], "lr": hp.lr * min(1.0 / density, hp.max_sparse_lr_factor)})
+        self.optimizer = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
 
     def step(self, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
         """One masked SGD step on a minibatch; returns its (detached) cross-entropy."""

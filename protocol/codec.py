@@ -43,6 +43,9 @@ from protocol.wire import (
 
 LayoutFor = Callable[[ModelRef], ModelLayout]
 _HP_TYPES = {f.name: {"int": int, "float": float, "bool": bool, "str": str}[str(f.type)] for f in fields(HyperParams)}
+# Hyper-parameters added after minor 0, by the minor that added them: a sender of an older minor
+# leaves them out, and the receiver takes the dataclass default (what that sender meant).
+_HP_SINCE_MINOR = {"max_sparse_lr_factor": 1}
 
 
 # ------------------------------------------------------------------------------------ encoding
@@ -108,9 +111,8 @@ def decode_body(
     try:
         what = f"{header.kind.name.lower()} body"
         obj, tail = unframe(body, limits, what)
-        lenient = header.minor > MINOR
         decoder = _DECODERS[header.kind]
-        msg = decoder(obj, lenient, limits, layout_for, masks if masks is not None else MaskStore(), tail)
+        msg = decoder(obj, header.minor, limits, layout_for, masks if masks is not None else MaskStore(), tail)
         tail.finish(what)
         _check_matches_header(msg, header)
         return msg
@@ -136,8 +138,8 @@ def _check_matches_header(msg: Message, header: Header) -> None:
         raise DecodeError("the last-will flag is only valid on an offline Status")
 
 
-def _register(obj: Any, lenient: bool, limits: Limits, *_: Any) -> Register:
-    m = as_map(obj, "register", frozenset({"dev", "cpu", "ram", "acc", "n", "ver", "mv"}), lenient=lenient)
+def _register(obj: Any, minor: int, limits: Limits, *_: Any) -> Register:
+    m = as_map(obj, "register", frozenset({"dev", "cpu", "ram", "acc", "n", "ver", "mv"}), lenient=minor > MINOR)
     mv = m["mv"]
     return construct("register", lambda: Register(
         device=as_str(m["dev"], "device", 64), cpu_count=as_int(m["cpu"], "cpu_count", 1, 65536),
@@ -163,10 +165,10 @@ def _layout_checked(
 
 
 def _task(
-    obj: Any, lenient: bool, limits: Limits, layout_for: LayoutFor | None, store: MaskStore, tail: TailReader
+    obj: Any, minor: int, limits: Limits, layout_for: LayoutFor | None, store: MaskStore, tail: TailReader
 ) -> RoundTask:
     keys = frozenset({"fed", "round", "mv", "model", "lfp", "masks", "w", "hp", "deadline", "sel", "clm"})
-    m = as_map(obj, "task", keys, lenient=lenient)
+    m = as_map(obj, "task", keys, lenient=minor > MINOR)
     name, shape, ncls = as_list(m["model"], "model", 3, length=3)
     model = construct("model", lambda: ModelRef(
         as_str(name, "model name", 64),
@@ -180,9 +182,10 @@ def _task(
     included = m["masks"] is not None
     masks = masks_from_wire(m["masks"], layout) if included else store.require(mv)
     weights = SparseParams.from_wire(m["w"], layout, masks, tail)
-    hp_map = as_map(m["hp"], "hyper", frozenset(_HP_TYPES), lenient=lenient)
+    hp_keys = {k: t for k, t in _HP_TYPES.items() if _HP_SINCE_MINOR.get(k, 0) <= minor}
+    hp_map = as_map(m["hp"], "hyper", frozenset(hp_keys), lenient=minor > MINOR)
     hp = {}
-    for key, typ in _HP_TYPES.items():
+    for key, typ in hp_keys.items():
         if type(hp_map[key]) is not typ:
             raise fail(f"hyper {key}", typ.__name__, hp_map[key])
         hp[key] = hp_map[key]
@@ -202,10 +205,10 @@ def _task(
 
 
 def _update(
-    obj: Any, lenient: bool, limits: Limits, layout_for: LayoutFor | None, store: MaskStore, tail: TailReader
+    obj: Any, minor: int, limits: Limits, layout_for: LayoutFor | None, store: MaskStore, tail: TailReader
 ) -> Update:
     keys = frozenset({"round", "dev", "mv", "n", "metrics", "cl", "lfp", "mask", "d", "buf"})
-    m = as_map(obj, "update", keys, lenient=lenient)
+    m = as_map(obj, "update", keys, lenient=minor > MINOR)
     full = _layout_checked(layout_for, None, m["lfp"], trainable_only=True)
     trainable = full.trainable_layout
     mv = as_int(m["mv"], "mask_version", 0, 2**32 - 1)
@@ -239,8 +242,8 @@ def _update(
     ))
 
 
-def _release(obj: Any, lenient: bool, limits: Limits, *_: Any) -> ModelRelease:
-    m = as_map(obj, "release", frozenset({"ver", "sha", "meta", "onnx"}), lenient=lenient)
+def _release(obj: Any, minor: int, limits: Limits, *_: Any) -> ModelRelease:
+    m = as_map(obj, "release", frozenset({"ver", "sha", "meta", "onnx"}), lenient=minor > MINOR)
     meta = m["meta"]
     if type(meta) is not dict or len(meta) > limits.max_metadata:
         raise fail("metadata", f"a map of at most {limits.max_metadata} entries", meta)
@@ -253,8 +256,8 @@ def _release(obj: Any, lenient: bool, limits: Limits, *_: Any) -> ModelRelease:
     ))
 
 
-def _status(obj: Any, lenient: bool, limits: Limits, *_: Any) -> Status:
-    m = as_map(obj, "status", frozenset({"dev", "state", "round", "reason", "time"}), lenient=lenient)
+def _status(obj: Any, minor: int, limits: Limits, *_: Any) -> Status:
+    m = as_map(obj, "status", frozenset({"dev", "state", "round", "reason", "time"}), lenient=minor > MINOR)
     return construct("status", lambda: Status(
         device=as_str(m["dev"], "device", 64), state=State(as_str(m["state"], "state", 16)),
         round=as_int(m["round"], "round", 0, 2**32 - 1), reason=as_str(m["reason"], "reason", 256),
@@ -262,8 +265,8 @@ def _status(obj: Any, lenient: bool, limits: Limits, *_: Any) -> Status:
     ))
 
 
-def _reject(obj: Any, lenient: bool, limits: Limits, *_: Any) -> Reject:
-    m = as_map(obj, "reject", frozenset({"round", "dev", "reason", "detail"}), lenient=lenient)
+def _reject(obj: Any, minor: int, limits: Limits, *_: Any) -> Reject:
+    m = as_map(obj, "reject", frozenset({"round", "dev", "reason", "detail"}), lenient=minor > MINOR)
     return construct("reject", lambda: Reject(
         round=as_int(m["round"], "round", 0, 2**32 - 1), device=as_str(m["dev"], "device", 64),
         reason=as_str(m["reason"], "reason", 64), detail=as_str(m["detail"], "detail", 256),

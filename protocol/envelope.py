@@ -34,7 +34,7 @@ from protocol.topics import is_valid_id
 
 MAGIC = b"FP"
 MAJOR = 1
-MINOR = 0
+MINOR = 1  # 1: RoundTask hyper-parameters gained max_sparse_lr_factor
 _FIXED = struct.Struct(">2sBBBBBxIQd")
 FLAG_LAST_WILL = 0x01
 _KNOWN_FLAGS = FLAG_LAST_WILL

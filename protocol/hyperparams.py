@@ -24,6 +24,10 @@ class HyperParams:
     growth: str = "gradient"
     prox_mu: float = 0.0
     seed: int = 0
+    # A masked layer of density d trains at lr * min(1/d, this): with scaled init, one SGD step
+    # moves a sparse layer's output ∝ d (its active inputs), so sparse layers learn d times
+    # slower than dense ones. 1.0 = the plain rule (docs/ALGORITHM_NOTES.md §5).
+    max_sparse_lr_factor: float = 1.0
 
     def __post_init__(self) -> None:
         if not (isinstance(self.epochs, int) and 1 <= self.epochs <= 1000):
@@ -34,6 +38,9 @@ class HyperParams:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value < 1e3):
                 raise ValueError(f"{name}={value!r}: expected a non-negative number")
+        factor = self.max_sparse_lr_factor
+        if not (isinstance(factor, (int, float)) and not isinstance(factor, bool) and 1.0 <= factor <= 1e3):
+            raise ValueError(f"max_sparse_lr_factor={factor!r}: expected a number in [1, 1000]")
         if not (0.0 <= self.prune_fraction <= 1.0):
             raise ValueError(f"prune_fraction={self.prune_fraction!r}: expected a number in [0, 1]")
         if self.growth not in GROWTH_MODES:

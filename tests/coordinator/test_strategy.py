@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -57,6 +59,12 @@ def test_config_errors_name_the_key():
     with pytest.raises(ValueError, match="feddst"):
         StrategyConfig(method="feddst", sparsity=0.0)
     assert StrategyConfig.from_dict({"local": {"lr": 0.1}, "dense_layers": ["fc.weight"]}).local.lr == 0.1
+
+
+def test_a_local_table_overrides_only_the_keys_it_names():
+    local = StrategyConfig.from_dict({"local": {"epochs": 3}}).local
+    assert local == replace(StrategyConfig().local, epochs=3)
+    assert (local.batch_size, local.max_sparse_lr_factor) == (16, 5.0)
 
 
 @pytest.mark.parametrize("method", ["fedavg", "feddst", "fedprune", "median", "trimmed_mean", "krum"])

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -92,3 +92,27 @@ def test_rendered_example_loads_back_to_the_defaults(tmp_path: Path) -> None:
     path = tmp_path / "example.toml"
     path.write_text(text)
     assert load(Config, toml_path=path) == load(Config)
+
+
+@dataclass(frozen=True)
+class Step:
+    size: int = 1
+    decay: float = 0.0
+
+
+@dataclass(frozen=True)
+class Plan:
+    name: str = setting("plan", "a name")
+    step: Step = field(default_factory=lambda: Step(size=16, decay=0.5))
+
+
+@dataclass(frozen=True)
+class Nested:
+    plan: Plan
+
+
+def test_a_nested_table_overrides_only_its_keys_and_keeps_the_parents_defaults(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("[plan.step]\ndecay = 0.25\n")
+    assert load(Nested, toml_path=path).plan.step == Step(size=16, decay=0.25)
+    assert load(Nested).plan.step == Step(size=16, decay=0.5)

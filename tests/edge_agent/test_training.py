@@ -127,6 +127,24 @@ def test_masked_sgd_never_moves_a_pruned_weight_or_its_momentum(digits):
     assert not torch.equal(named["fc0.bias"].detach(), bias_before)
 
 
+def test_a_sparse_layer_steps_by_min_of_inverse_density_and_the_cap(digits):
+    """One plain SGD step: masked tensors move min(1/d, cap) times as far, the rest as before."""
+    X, y = torch.from_numpy(digits[0][:16]), torch.from_numpy(digits[1][:16])
+    moves = {}
+    for cap in (1.0, 3.0, 1000.0):
+        trainer, masks = _trainer(MLP, 0.3, HyperParams(lr=0.01, momentum=0.0, weight_decay=0.0,
+                                                        max_sparse_lr_factor=cap))
+        named = dict(trainer.model.named_parameters())
+        before = {k: p.detach().clone() for k, p in named.items()}
+        trainer.step(X, y)
+        moves[cap] = {k: named[k].detach() - before[k] for k in named}
+    for name, p in moves[1.0].items():
+        density = masks[name].mean() if name in masks else 1.0
+        for cap in (3.0, 1000.0):
+            expected = min(1.0 / density, cap) if name in masks else 1.0
+            assert torch.allclose(moves[cap][name], expected * p, rtol=1e-4, atol=1e-7), (name, cap)
+
+
 def test_readjust_zeroes_weights_and_momentum_where_the_mask_changed(digits):
     X, y = torch.from_numpy(digits[0]), torch.from_numpy(digits[1])
     trainer, masks = _trainer(MLP, 0.3, HyperParams(lr=0.1, momentum=0.9))

@@ -1,8 +1,9 @@
+import msgpack
 import numpy as np
 import pytest
 
 from protocol import codec
-from protocol.envelope import Header, Suite, parse_header
+from protocol.envelope import MINOR, Header, Suite, parse_header
 from protocol.errors import DecodeError, TooLarge, UnknownMask, UnsupportedVersion
 from protocol.messages import Kind, ModelRelease, Register, Reject, RoundTask, State, Status, Update
 from protocol.sparse import MaskStore, ValueDtype
@@ -10,7 +11,7 @@ from protocol.wire import Limits, TailWriter, frame
 from tests.protocol.factories import FED, LAYOUT, MODEL, T0, assert_sparse_equal, register, release, reject, status, task, update
 
 
-def header(kind, sender="", round_=5, minor=0):
+def header(kind, sender="", round_=5, minor=MINOR):
     suite = Suite.SIGNED_ED25519 if sender == "" else Suite.SEALED_AES256_GCM
     return Header(kind, suite, FED, sender, round_, 1, T0, 0, minor)
 
@@ -95,6 +96,29 @@ def test_a_newer_minor_version_may_add_fields():
     body = _body(**REG, future="ignored")
     got = codec.decode_body(header(Kind.REGISTER, "dev-a", minor=7), body)
     assert got == Register("dev-a", 4, 2048, "none", 10, "1")
+
+
+def _task_body_with_hyper(t, **changes):
+    """``t`` encoded, then its hyper-parameter map edited (None deletes a key): what another
+    version of the sender would have written."""
+    body = codec.encode_body(t)
+    n = int.from_bytes(body[:4], "big")
+    meta = msgpack.unpackb(body[4 : 4 + n], raw=False)
+    for key, value in changes.items():
+        meta["hp"].pop(key) if value is None else meta["hp"].__setitem__(key, value)
+    head = msgpack.packb(meta, use_bin_type=True)
+    return len(head).to_bytes(4, "big") + head + body[4 + n :]
+
+
+def test_a_minor_0_task_without_the_sparse_lr_factor_means_the_plain_rule(rng):
+    t = task(rng)
+    old = _task_body_with_hyper(t, max_sparse_lr_factor=None)
+    got = codec.decode_body(header(Kind.TASK, minor=0), old, layout_for=lambda _m: LAYOUT)
+    assert got.hyper.max_sparse_lr_factor == 1.0
+    with pytest.raises(DecodeError, match="missing keys"):
+        decode(Kind.TASK, old)
+    with pytest.raises(DecodeError, match="unexpected keys"):
+        codec.decode_body(header(Kind.TASK, minor=0), codec.encode_body(t), layout_for=lambda _m: LAYOUT)
 
 
 def test_status_state_must_be_in_the_fixed_set():
