@@ -185,14 +185,15 @@ def plot(results: list[dict[str, Any]], grid: dict[str, Any], out: Path) -> None
             mean = curves.mean(axis=0)
             axes[0].plot(mean[:, 0], 100 * mean[:, 1], label=method)
             axes[1].plot(mean[:, 2] / 1e6, 100 * mean[:, 1], label=method)
-            if rs[0]["noisy_clients"] and method == grid.get("plot_scores_of", "fedprune-0.8"):
+            if method == grid.get("plot_scores_of", "fedprune-0.8"):
                 r0 = rs[0]
                 for cid, pts in r0["r_trace"].items():
                     pts = np.array(pts)
                     axes[2].plot(pts[:, 0], pts[:, 1], color="tab:red" if cid in r0["noisy_clients"] else "tab:blue",
                                  lw=0.8, alpha=0.7)
                 axes[2].plot([], [], color="tab:blue", label="clean")
-                axes[2].plot([], [], color="tab:red", label="noisy")
+                if r0["noisy_clients"]:
+                    axes[2].plot([], [], color="tab:red", label="noisy")
                 axes[2].set_title(f"r_n of {method}, seed {r0['seed']}")
         axes[0].set(xlabel="round", ylabel="test accuracy (%)", title=setting)
         axes[1].set(xlabel="cumulative uplink per client (MB)", ylabel="test accuracy (%)")
