@@ -31,7 +31,7 @@ from coordinator.strategy import ClientUpdate, GlobalState, Masks, Params, Round
 from edge_agent import data as data_mod
 from edge_agent.configkit import ConfigError, tomllib
 from edge_agent.models import ModelSpec, count_macs, evaluate, init_params, model_layout
-from edge_agent.training import train_local
+from edge_agent.training import resolve_device, train_local
 from protocol.codec import encode_body
 from protocol.layout import ModelLayout
 from protocol.messages import ModelRef, RoundTask, Update
@@ -241,28 +241,13 @@ def _poison_updates(cfg: SimulationConfig, updates: list[ClientUpdate], attacker
     return out
 
 
-TORCH_DEVICES = ("cpu", "cuda", "auto")
-
-
-def resolve_torch_device(choice: str) -> str:
-    """"auto" means CUDA where torch sees a GPU. Where training runs is not part of the config:
-    it changes the arithmetic's rounding, not what is computed."""
-    if choice not in TORCH_DEVICES:
-        raise ConfigError(f"device = {choice!r}: expected one of {TORCH_DEVICES}")
-    if choice == "cpu":
-        return "cpu"
-    import torch
-
-    if torch.cuda.is_available():
-        return "cuda"
-    if choice == "cuda":
-        raise ConfigError("device = 'cuda' but torch sees no CUDA device (a CPU build of torch, or no GPU)")
-    return "cpu"
-
-
 def run_simulation(config: SimulationConfig, progress: bool = False, device: str = "cpu") -> SimulationResult:
-    """Run the federation; deterministic for a given config (seed included) and device."""
-    device = resolve_torch_device(device)
+    """Run the federation; deterministic for a given config (seed included) and device (cpu,
+    cuda or auto). Where training runs is not part of the config: it changes rounding only."""
+    try:
+        device = resolve_device(device)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     seed = config.seed
     dataset = data_mod.load_dataset(config.dataset, seed)
     if config.eval_split == "validation":

@@ -248,7 +248,7 @@ class AgentDaemon:
         section = self.config.agent
         job = worker.TrainJob(
             model=task.model, params=task.params(), masks=task.masks, hyper=task.hyper,
-            data_path=section.data, device=_torch_device(section.device),
+            data_path=section.data, device=section.device,
             threads=self.config.training_threads(os.cpu_count() or 1),
         )
         try:
@@ -318,14 +318,6 @@ class AgentDaemon:
                 if not handle.wait(max(0.0, deadline - time.monotonic())):
                     raise MqttError(f"broker did not acknowledge the {kind} within "
                                     f"{self.config.agent.upload_timeout_s} s")
-
-
-def _torch_device(choice: str) -> str:
-    if choice != "auto":
-        return choice
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _accelerator(choice: str) -> str:

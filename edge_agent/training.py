@@ -234,6 +234,23 @@ class MaskedSGD:
         self._mask_float = [new[name].to(torch.float32) for name in self.names]
 
 
+DEVICES = ("cpu", "cuda", "auto")
+
+
+def resolve_device(choice: str) -> str:
+    """The torch device for a configured choice: "auto" is CUDA where torch sees a GPU (a Jetson
+    with NVIDIA's wheel) and the CPU elsewhere; "cuda" without one is an error, not a fallback."""
+    if choice not in DEVICES:
+        raise ValueError(f"device {choice!r}: expected one of {DEVICES}")
+    if choice == "cpu":
+        return "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    if choice == "cuda":
+        raise ValueError("device 'cuda' but torch sees no CUDA device (a CPU build of torch, or no GPU)")
+    return "cpu"
+
+
 def train_local(
     spec: ModelSpec,
     params: Params,

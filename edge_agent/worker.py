@@ -33,7 +33,7 @@ class TrainJob:
     masks: Params
     hyper: HyperParams
     data_path: Path
-    device: str
+    device: str  # cpu, cuda or auto: resolved where training runs, so the daemon never imports torch
     threads: int
 
 
@@ -104,13 +104,14 @@ def train(job: TrainJob) -> TrainOutcome:
     import torch
 
     from edge_agent.data import load_local_data
-    from edge_agent.training import train_local
+    from edge_agent.training import resolve_device, train_local
 
     if job.threads > 0:
         torch.set_num_threads(job.threads)
     X, y = load_local_data(job.data_path)
     started = time.perf_counter()
-    result = train_local(_model_spec(job.model), job.params, job.masks, X, y, job.hyper, device=job.device)
+    result = train_local(_model_spec(job.model), job.params, job.masks, X, y, job.hyper,
+                         device=resolve_device(job.device))
     return TrainOutcome(
         delta=result.delta, buffers=result.buffers, masks=result.masks, mask_changed=result.mask_changed,
         n_examples=result.n_examples, steps=result.steps, train_loss=result.train_loss,

@@ -88,14 +88,12 @@ def test_missing_or_invalid_toml_is_a_config_error(tmp_path):
         SimulationConfig.from_toml(bad)
 
 
-def test_where_training_runs_is_checked_and_auto_falls_back_to_cpu(monkeypatch):
+def test_a_simulation_on_cuda_without_a_gpu_is_a_config_error(monkeypatch):
     import torch
 
-    from coordinator.simulate import resolve_torch_device
-
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert resolve_torch_device("auto") == "cpu"
+    cfg = SimulationConfig(n_clients=2, partition="iid", strategy=StrategyConfig(rounds=1))
     with pytest.raises(ConfigError, match="torch sees no CUDA device"):
-        resolve_torch_device("cuda")
+        run_simulation(cfg, device="cuda")
     with pytest.raises(ConfigError, match="expected one of"):
-        resolve_torch_device("tpu")
+        run_simulation(cfg, device="tpu")

@@ -13,7 +13,7 @@ from hypothesis.extra import numpy as hnp
 
 from edge_agent.data import load_dataset
 from edge_agent.models import ModelSpec, evaluate, init_params, model_layout, module_from_params
-from edge_agent.training import MaskedSGD, first_smallest, readjust_layer, readjust_masks, train_local
+from edge_agent.training import MaskedSGD, first_smallest, readjust_layer, readjust_masks, resolve_device, train_local
 from protocol.hyperparams import HyperParams
 
 MLP = ModelSpec("mlp", (1, 8, 8), 10, hidden=(32, 16))
@@ -338,3 +338,15 @@ def test_class_losses_leave_out_classes_whose_loss_overflowed():
     with torch.no_grad():
         model.weight.fill_(0.1)
     assert set(class_losses(model, X, y, 3)) == {0, 1, 2}
+
+
+def test_auto_device_is_the_cpu_without_a_gpu_and_cuda_without_one_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == resolve_device("cpu") == "cpu"
+    with pytest.raises(ValueError, match="no CUDA device"):
+        resolve_device("cuda")
+    with pytest.raises(ValueError, match="expected one of"):
+        resolve_device("gpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == resolve_device("cuda") == "cuda"
+
