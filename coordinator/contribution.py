@@ -104,6 +104,7 @@ def class_medians(class_losses: Sequence[Mapping[int, tuple[float, int]]]) -> di
 
 
 RATIO_CAP = 1e6
+LOSS_REDUCE = ("mean", "median")
 
 
 def loss_ratio(
@@ -111,12 +112,15 @@ def loss_ratio(
     medians: Mapping[int, float],
     weighted: bool = False,
     offset: float = LOSS_OFFSET,
+    reduce: str = "mean",
 ) -> float | None:
     """rho_n = mean over n's classes of (ℓ_{n,c} + offset)/(m_c + offset); None if no usable class.
 
     ``weighted`` averages by n's sample count per class, so one rare class with a handful of
     samples cannot dominate a client's ratio. ``offset`` (nats) keeps ratios of tiny losses
-    from exploding once the model is confident (§4.6 uses 0.05).
+    from exploding once the model is confident (§4.6 uses 0.05). ``reduce = "median"`` takes
+    the (weighted) median instead: wrong labels raise every class's ratio, while a clean client
+    whose few samples of some classes the model has not learned raises only those.
     """
     ratios, counts = [], []
     for c, (loss, count) in losses.items():
@@ -127,8 +131,17 @@ def loss_ratio(
             counts.append(float(count))
     if not ratios:
         return None
-    weights = np.asarray(counts) / max(counts) if weighted else None
+    weights = np.asarray(counts) / max(counts) if weighted else np.ones(len(ratios))
+    if reduce == "median":
+        return weighted_median(np.asarray(ratios), weights)
     return float(np.average(ratios, weights=weights))
+
+
+def weighted_median(values: np.ndarray, weights: np.ndarray) -> float:
+    """The smallest value whose cumulative weight reaches half the total (lower median)."""
+    order = np.argsort(values, kind="stable")
+    cumulative = np.cumsum(weights[order])
+    return float(values[order][np.searchsorted(cumulative, 0.5 * cumulative[-1])])
 
 
 def loss_quality(rho: float | None, full: float = 2.0, zero: float = 4.0) -> float:

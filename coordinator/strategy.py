@@ -73,6 +73,7 @@ class StrategyConfig:
     loss_zero: float = 4.0
     loss_weighted: bool = True
     loss_offset: float = 0.5
+    loss_reduce: str = "mean"  # "median": a client's ratio is the median over its classes
     rel_full: float = 3.0
     rel_zero: float = 6.0
     rel_spread_floor: float = 0.1
@@ -160,6 +161,8 @@ class StrategyConfig:
             raise bad("rho_min", "a number in (0, 1]")
         if not (is_num(self.norm_clip) and self.norm_clip >= 0):
             raise bad("norm_clip", "a number >= 0 (0 = off)")
+        if self.loss_reduce not in contribution.LOSS_REDUCE:
+            raise bad("loss_reduce", f"one of {contribution.LOSS_REDUCE}")
         if self.direction_gate not in GATES:
             raise bad("direction_gate", f"one of {GATES}")
         if not (is_num(self.centered_clip) and self.centered_clip >= 0):
@@ -488,7 +491,8 @@ class Strategy:
         x_loss = None
         if signal in ("loss", "loss_z", "loss_rel"):
             medians = contribution.class_medians([u.class_losses for u in valid])
-            rho = [contribution.loss_ratio(u.class_losses, medians, cfg.loss_weighted, cfg.loss_offset) for u in valid]
+            rho = [contribution.loss_ratio(u.class_losses, medians, cfg.loss_weighted, cfg.loss_offset,
+                                             cfg.loss_reduce) for u in valid]
             if signal == "loss_rel":
                 x_loss = contribution.relative_loss_quality(rho, cfg.rel_full, cfg.rel_zero, cfg.rel_spread_floor)
             else:

@@ -79,6 +79,24 @@ def test_loss_ratio_per_class_median():
     assert tiny == pytest.approx(0.58 / 0.52) and C.loss_ratio({0: (0.08, 10)}, {0: 0.02}) > 1.8
 
 
+def test_median_loss_ratio_ignores_a_minority_of_unlearned_classes_but_not_wrong_labels():
+    medians = {c: 0.01 for c in range(4)}
+    unlearned = {0: (0.01, 9), 1: (0.01, 9), 2: (1.0, 8), 3: (1.2, 5)}  # two classes the model missed
+    mislabelled = {c: (2.3, 8) for c in range(4)}  # every class wrong
+    assert C.loss_ratio(unlearned, medians, weighted=True) > 1.5
+    assert C.loss_ratio(unlearned, medians, weighted=True, reduce="median") == pytest.approx(1.0)
+    assert C.loss_ratio(mislabelled, medians, weighted=True, reduce="median") > 5
+
+
+@given(hnp.arrays(np.float64, st.integers(1, 30), elements=st.floats(0, 1e3)), st.data())
+def test_weighted_median_splits_the_weight(values, data):
+    weights = data.draw(hnp.arrays(np.float64, len(values), elements=st.floats(0.01, 100)))
+    m = C.weighted_median(values, weights)
+    assert m in values
+    assert weights[values < m].sum() < 0.5 * weights.sum() + 1e-9
+    assert weights[values <= m].sum() >= 0.5 * weights.sum() - 1e-9
+
+
 def test_quality_ema_clamp_and_importance_normalised():
     assert C.update_quality(1.0, -1.0, 0.5, 1e-3) == 1e-3
     assert C.update_quality(1.0, 0.0, 0.9, 1e-3) == pytest.approx(0.9)

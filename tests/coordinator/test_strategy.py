@@ -58,6 +58,8 @@ def test_config_errors_name_the_key():
         StrategyConfig.from_dict({"local": {"epochs": 0}})
     with pytest.raises(ValueError, match="feddst"):
         StrategyConfig(method="feddst", sparsity=0.0)
+    with pytest.raises(ValueError, match=r"strategy.loss_reduce = 'max'"):
+        StrategyConfig(loss_reduce="max")
     assert StrategyConfig.from_dict({"local": {"lr": 0.1}, "dense_layers": ["fc.weight"]}).local.lr == 0.1
 
 
