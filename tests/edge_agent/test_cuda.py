@@ -12,24 +12,16 @@ import torch
 
 from coordinator.simulate import SimulationConfig, run_simulation
 from coordinator.strategy import StrategyConfig
-from edge_agent.data import load_dataset
 from edge_agent.models import ModelSpec
 from edge_agent.training import train_local
 from edge_agent.worker import TrainJob, train_in_child
 from protocol.hyperparams import HyperParams
 from protocol.messages import ModelRef
-from tests.edge_agent.test_training import sparse_state
+from tests.edge_agent.test_training import MLP, sparse_state
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
-MLP = ModelSpec("mlp", (1, 8, 8), 10, hidden=(32, 16))
 CNN = ModelSpec("cnn2d", (1, 8, 8), 10)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    ds = load_dataset("digits", 0)
-    return ds.X_train[:200], ds.y_train[:200]
 
 
 def test_random_growth_training_matches_cpu(digits):

@@ -27,12 +27,6 @@ def sparse_state(spec, density, seed):
     return {k: v * masks[k] if k in masks else v for k, v in params.items()}, masks
 
 
-@pytest.fixture(scope="module")
-def digits():
-    ds = load_dataset("digits", 0)
-    return ds.X_train[:200], ds.y_train[:200]
-
-
 # ---- readjust_layer: the generic drop/grow step
 
 
