@@ -49,7 +49,7 @@ class SimulationConfig:
     dataset: str = "digits"
     model: str = "mlp"
     hidden: tuple[int, ...] | None = None
-    channels: tuple[int, int] = (16, 32)
+    channels: tuple[int, int] = (32, 64)
     norm: str = "none"
     n_clients: int = 20
     partition: str = "dirichlet"

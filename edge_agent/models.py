@@ -42,7 +42,10 @@ class ModelSpec:
     """A built-in architecture and its sizes.
 
     ``hidden``: widths of the fully connected hidden layers (None = the model's default: 256-128
-    for the MLP, none for the CNNs). ``channels``: output channels of the CNNs' two conv blocks.
+    for the MLP, none for the CNNs). ``channels``: output channels of the CNNs' two conv blocks;
+    32-64 by default because pruning needs width: at (16, 32) ERK left the 1-D CNN's middle conv
+    6 % dense at 80 % sparsity and sparse trailed dense by 11 points, at (32, 64) by 1 (while
+    sending fewer bytes than the dense (16, 32) model; docs/ALGORITHM_NOTES.md §7).
     ``norm``: normalisation after each conv ("none", "group" or "batch"; the MLP has none).
     GroupNorm is preferred over BatchNorm for small, label-skewed local batches (ALGORITHM.md §9.4).
     """
@@ -51,7 +54,7 @@ class ModelSpec:
     input_shape: tuple[int, ...]
     num_classes: int
     hidden: tuple[int, ...] | None = None
-    channels: tuple[int, int] = (16, 32)
+    channels: tuple[int, int] = (32, 64)
     norm: str = "none"
 
     def __post_init__(self) -> None:

@@ -63,10 +63,14 @@ def expand(grid: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _key(doc: dict[str, Any]) -> str:
     """Cache key of the fully resolved config, defaults included, so that a changed default
-    recomputes a run instead of serving a result the current code would not produce."""
+    recomputes a run instead of serving a result the current code would not produce. Fields the
+    chosen model ignores (the CNNs' channels on an MLP) are left out, so changing their default
+    does not recompute runs it cannot affect."""
     from coordinator.simulate import SimulationConfig
 
     resolved = SimulationConfig.from_dict(doc).to_dict()
+    if resolved["model"] == "mlp":
+        del resolved["channels"]
     return hashlib.sha256(json.dumps(resolved, sort_keys=True, default=list).encode()).hexdigest()[:16]
 
 

@@ -113,10 +113,10 @@ def test_count_macs_counts_only_active_weights():
     masks["fc0.weight"][:3, :5] = True
     assert count_macs(mlp, masks) == 15
     cnn = ModelSpec("cnn2d", (1, 8, 8), 10)
-    # conv0 at 8x8 positions, conv1 at 4x4 (after one 2x pooling), fc on 32*2*2 features.
-    assert count_macs(cnn) == 16 * 9 * 64 + 32 * 16 * 9 * 16 + 10 * 128
+    # conv0 at 8x8 positions, conv1 at 4x4 (after one 2x pooling), fc on 64*2*2 features.
+    assert count_macs(cnn) == 32 * 9 * 64 + 64 * 32 * 9 * 16 + 10 * 256
     cnn1 = ModelSpec("cnn1d", (1, 40), 10)
-    assert count_macs(cnn1) == 16 * 5 * 40 + 32 * 16 * 5 * 20 + 10 * 320
+    assert count_macs(cnn1) == 32 * 5 * 40 + 64 * 32 * 5 * 20 + 10 * 640
 
 
 def test_inputs_accept_canonical_and_flat_shapes():
@@ -152,3 +152,12 @@ def test_models_export_without_data_dependent_control_flow(spec):
     exported = torch.export.export(module, (x,), dynamic_shapes=({0: batch},))
     probe = torch.randn((5, *spec.input_shape))
     assert torch.allclose(exported.module()(probe), module(probe), atol=1e-6)
+
+
+def test_a_changed_cnn_width_changes_the_layout_fingerprint():
+    """Models travel by name, so the fingerprint is what makes a device on the old width reject
+    a task instead of misreading it (docs/PROTOCOL.md, Versioning)."""
+    for name, shape in (("cnn1d", (1, 40)), ("cnn2d", (1, 8, 8))):
+        current = model_layout(ModelSpec(name, shape, 10))
+        before = model_layout(ModelSpec(name, shape, 10, channels=(16, 32)))
+        assert current.fingerprint() != before.fingerprint()
