@@ -53,6 +53,8 @@ def checks(summary: dict) -> list[tuple[str, str, bool | None]]:
             continue
         loss = fa_c - fa_n
         add(f"noise strong enough (FedAvg loses ≥ 3): {s}", f"FedAvg {fa_c:.1f} → {fa_n:.1f} ({-loss:+.1f})", loss >= 3)
+        add(f"noise: ours recovers ≥ half of FedAvg's loss: {s}", f"ours {ours_n:.1f} vs FedAvg {fa_n:.1f} "
+            f"+ half of {loss:.1f} = {fa_n + 0.5 * loss:.1f}", ours_n >= fa_n + 0.5 * loss)
         add(f"noise: ours loses ≤ half of FedAvg's loss: {s}", f"ours {ours_c:.1f} → {ours_n:.1f} ({ours_n - ours_c:+.1f}) "
             f"vs half of {loss:.1f}", ours_c - ours_n <= 0.5 * loss)
         add(f"noise: ours > FedDST-style: {s}", f"{ours_n:.1f} vs {dst_n:.1f}", ours_n > dst_n)
