@@ -30,7 +30,7 @@ from coordinator import attacks
 from coordinator.strategy import ClientUpdate, GlobalState, Masks, Params, RoundPlan, Strategy, StrategyConfig
 from edge_agent import data as data_mod
 from edge_agent.configkit import ConfigError, tomllib
-from edge_agent.models import ModelSpec, count_macs, evaluate, init_params, model_layout
+from edge_agent.models import DEFAULT_CHANNELS, ModelSpec, count_macs, evaluate, init_params, model_layout
 from edge_agent.training import resolve_device, train_local
 from protocol.codec import encode_body
 from protocol.layout import ModelLayout
@@ -49,7 +49,7 @@ class SimulationConfig:
     dataset: str = "digits"
     model: str = "mlp"
     hidden: tuple[int, ...] | None = None
-    channels: tuple[int, int] = (32, 64)
+    channels: tuple[int, int] = DEFAULT_CHANNELS
     norm: str = "none"
     n_clients: int = 20
     partition: str = "dirichlet"

@@ -34,6 +34,7 @@ Masks = dict[str, np.ndarray]
 MODEL_NAMES = ("mlp", "cnn2d", "cnn1d")
 NORMS = ("none", "group", "batch")
 _DEFAULT_HIDDEN = {"mlp": (256, 128), "cnn2d": (), "cnn1d": ()}
+DEFAULT_CHANNELS = (32, 64)
 _MAX_UNITS = 1 << 16
 
 
@@ -44,8 +45,9 @@ class ModelSpec:
     ``hidden``: widths of the fully connected hidden layers (None = the model's default: 256-128
     for the MLP, none for the CNNs). ``channels``: output channels of the CNNs' two conv blocks;
     32-64 by default because pruning needs width: at (16, 32) ERK left the 1-D CNN's middle conv
-    6 % dense at 80 % sparsity and sparse trailed dense by 11 points, at (32, 64) by 1 (while
-    sending fewer bytes than the dense (16, 32) model; docs/ALGORITHM_NOTES.md §7).
+    6 % dense at 80 % sparsity and sparse trailed dense by 11 points, at (32, 64) by 1 on the
+    validation split (while sending fewer bytes than the dense (16, 32) model;
+    docs/ALGORITHM_NOTES.md §7).
     ``norm``: normalisation after each conv ("none", "group" or "batch"; the MLP has none).
     GroupNorm is preferred over BatchNorm for small, label-skewed local batches (ALGORITHM.md §9.4).
     """
@@ -54,7 +56,7 @@ class ModelSpec:
     input_shape: tuple[int, ...]
     num_classes: int
     hidden: tuple[int, ...] | None = None
-    channels: tuple[int, int] = (32, 64)
+    channels: tuple[int, int] = DEFAULT_CHANNELS
     norm: str = "none"
 
     def __post_init__(self) -> None:
