@@ -103,6 +103,16 @@ def class_medians(class_losses: Sequence[Mapping[int, tuple[float, int]]]) -> di
     return {c: float(np.median(v)) for c, v in per_class.items()}
 
 
+def class_totals(class_losses: Sequence[Mapping[int, tuple[float, int]]]) -> dict[int, int]:
+    """Samples per class over every client that reported a usable loss for it."""
+    totals: dict[int, int] = {}
+    for losses in class_losses:
+        for c, (loss, count) in losses.items():
+            if count > 0 and np.isfinite(loss):
+                totals[int(c)] = totals.get(int(c), 0) + int(count)
+    return totals
+
+
 RATIO_CAP = 1e6
 LOSS_REDUCE = ("mean", "median")
 
@@ -113,6 +123,8 @@ def loss_ratio(
     weighted: bool = False,
     offset: float = LOSS_OFFSET,
     reduce: str = "mean",
+    totals: Mapping[int, int] | None = None,
+    max_share: float = 1.0,
 ) -> float | None:
     """rho_n = mean over n's classes of (ℓ_{n,c} + offset)/(m_c + offset); None if no usable class.
 
@@ -121,10 +133,17 @@ def loss_ratio(
     from exploding once the model is confident (§4.6 uses 0.05). ``reduce = "median"`` takes
     the (weighted) median instead: wrong labels raise every class's ratio, while a clean client
     whose few samples of some classes the model has not learned raises only those.
+
+    With ``totals`` (samples per class over the round, ``class_totals``), a class of which n holds
+    more than ``max_share`` is left out: the model's fit of that class follows n's own weight, so
+    its median is no peer reference, and once n is down-weighted n's loss there is a held-out loss
+    against the others' training losses, which would keep n excluded (ALGORITHM_NOTES §6).
     """
     ratios, counts = [], []
     for c, (loss, count) in losses.items():
         if count > 0 and np.isfinite(loss) and int(c) in medians:
+            if totals is not None and count > max_share * totals.get(int(c), 0):
+                continue
             # Past RATIO_CAP a client is simply "far worse"; the cap keeps self-reported extremes
             # (a loss of 1e300, a count of 2**63) from overflowing the mean.
             ratios.append(min((loss + offset) / (medians[int(c)] + offset), RATIO_CAP))

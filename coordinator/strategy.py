@@ -74,6 +74,7 @@ class StrategyConfig:
     loss_weighted: bool = True
     loss_offset: float = 0.5
     loss_reduce: str = "mean"  # "median": a client's ratio is the median over its classes
+    loss_max_share: float = 1.0  # < 1: leave out of a client's ratio the classes it holds more than this share of
     rel_full: float = 3.0
     rel_zero: float = 6.0
     rel_spread_floor: float = 0.1
@@ -155,6 +156,8 @@ class StrategyConfig:
         for key in ("server_lr", "cgsv_step", "adaptive_beta", "rel_spread_floor", "loss_offset"):
             if not (is_num(getattr(self, key)) and getattr(self, key) > 0):
                 raise bad(key, "a number > 0")
+        if not (is_num(self.loss_max_share) and 0.0 < self.loss_max_share <= 1.0):
+            raise bad("loss_max_share", "a number in (0, 1]")
         if not (is_num(self.trim_fraction) and 0.0 <= self.trim_fraction <= 0.5):
             raise bad("trim_fraction", "a number in [0, 0.5]")
         if not (is_num(self.rho_min) and 0.0 < self.rho_min <= 1.0):
@@ -490,9 +493,11 @@ class Strategy:
         x_z = contribution.z_quality(psi)
         x_loss = None
         if signal in ("loss", "loss_z", "loss_rel"):
-            medians = contribution.class_medians([u.class_losses for u in valid])
+            reports = [u.class_losses for u in valid]
+            medians = contribution.class_medians(reports)
+            totals = contribution.class_totals(reports) if cfg.loss_max_share < 1.0 else None
             rho = [contribution.loss_ratio(u.class_losses, medians, cfg.loss_weighted, cfg.loss_offset,
-                                             cfg.loss_reduce) for u in valid]
+                                             cfg.loss_reduce, totals, cfg.loss_max_share) for u in valid]
             if signal == "loss_rel":
                 x_loss = contribution.relative_loss_quality(rho, cfg.rel_full, cfg.rel_zero, cfg.rel_spread_floor)
             else:

@@ -124,3 +124,22 @@ def test_loss_ratio_of_absurd_self_reports_is_finite_and_large_without_overflow(
         warnings.simplefilter("error")
         rho = loss_ratio({0: (1e300, 2**63 - 1), 1: (0.1, 1)}, {0: 0.5, 1: 0.5}, weighted=True)
     assert np.isfinite(rho) and rho > RATIO_CAP / 2
+
+
+def test_loss_ratio_leaves_out_the_classes_a_client_holds_most_of():
+    """A clean client holding most of class 0 is scored on its held-out loss there against the
+    others' training losses once it loses weight; with max_share that class is no evidence."""
+    dominant = {0: (0.9, 60), 1: (0.1, 5)}
+    peers = [{0: (0.1, 10), 1: (0.1, 20)}, {0: (0.1, 10), 1: (0.1, 20)}]
+    reports = [dominant, *peers]
+    medians, totals = C.class_medians(reports), C.class_totals(reports)
+    assert totals == {0: 80, 1: 45}
+    assert C.loss_ratio(dominant, medians, weighted=True) > 2
+    assert C.loss_ratio(dominant, medians, weighted=True, totals=totals, max_share=0.5) == pytest.approx(1.0)
+    # Every class dominated: no evidence at all, which the quality band reads as full weight.
+    assert C.loss_ratio({0: (0.9, 60)}, medians, totals={0: 80}, max_share=0.5) is None
+    # Wrong labels on shared classes are still seen.
+    mislabelled = {0: (3.0, 10), 1: (3.0, 10)}
+    reports = [mislabelled, *peers]
+    assert C.loss_ratio(mislabelled, C.class_medians(reports), weighted=True,
+                        totals=C.class_totals(reports), max_share=0.5) > 5

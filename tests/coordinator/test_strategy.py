@@ -60,6 +60,8 @@ def test_config_errors_name_the_key():
         StrategyConfig(method="feddst", sparsity=0.0)
     with pytest.raises(ValueError, match=r"strategy.loss_reduce = 'max'"):
         StrategyConfig(loss_reduce="max")
+    with pytest.raises(ValueError, match=r"strategy.loss_max_share = 0.0: expected a number in \(0, 1\]"):
+        StrategyConfig(loss_max_share=0.0)
     assert StrategyConfig.from_dict({"local": {"lr": 0.1}, "dense_layers": ["fc.weight"]}).local.lr == 0.1
 
 
