@@ -22,7 +22,7 @@ All functions are pure: arrays and dicts in, arrays and dicts out.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -93,23 +93,27 @@ def z_quality(psi: np.ndarray) -> np.ndarray:
     return np.clip(((psi - med) / mad + 3.0) / 2.0, 0.0, 1.0)
 
 
-def class_medians(class_losses: Sequence[Mapping[int, tuple[float, int]]]) -> dict[int, float]:
-    """m_c: median over clients holding class c of their mean loss on c."""
-    per_class: dict[int, list[float]] = {}
+def _usable_reports(class_losses: Sequence[Mapping[int, tuple[float, int]]]) -> Iterator[tuple[int, float, int]]:
+    """(class, mean loss, samples) of every per-class report that carries evidence."""
     for losses in class_losses:
         for c, (loss, count) in losses.items():
             if count > 0 and np.isfinite(loss):
-                per_class.setdefault(int(c), []).append(float(loss))
+                yield int(c), float(loss), int(count)
+
+
+def class_medians(class_losses: Sequence[Mapping[int, tuple[float, int]]]) -> dict[int, float]:
+    """m_c: median over clients holding class c of their mean loss on c."""
+    per_class: dict[int, list[float]] = {}
+    for c, loss, _ in _usable_reports(class_losses):
+        per_class.setdefault(c, []).append(loss)
     return {c: float(np.median(v)) for c, v in per_class.items()}
 
 
 def class_totals(class_losses: Sequence[Mapping[int, tuple[float, int]]]) -> dict[int, int]:
     """Samples per class over every client that reported a usable loss for it."""
     totals: dict[int, int] = {}
-    for losses in class_losses:
-        for c, (loss, count) in losses.items():
-            if count > 0 and np.isfinite(loss):
-                totals[int(c)] = totals.get(int(c), 0) + int(count)
+    for c, _, count in _usable_reports(class_losses):
+        totals[c] = totals.get(c, 0) + count
     return totals
 
 
