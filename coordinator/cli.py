@@ -9,6 +9,7 @@ from typing import Callable, Sequence
 from coordinator.state import StateError
 from edge_agent.bundle import EnrollmentError
 from edge_agent.cli_common import new_parser, run_main
+from edge_agent.config import TRAINING_DEVICES
 from edge_agent.configkit import ConfigError, parse_assignments
 
 EXIT_CODES = {
@@ -41,7 +42,7 @@ def _add_simulate(commands: argparse._SubParsersAction) -> None:
     sub.add_argument("--config", required=True, help="simulation TOML file (see docs/ and benchmarks/experiments/)")
     sub.add_argument("--out", default=None, help="output directory (default: runs/<config name>)")
     sub.add_argument("--no-progress", action="store_true", help="disable the progress bar")
-    sub.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"),
+    sub.add_argument("--device", default="cpu", choices=TRAINING_DEVICES,
                      help="where the simulated devices train (auto: CUDA when torch sees a GPU)")
     sub.set_defaults(handler=_run_simulate)
 

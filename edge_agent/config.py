@@ -16,6 +16,7 @@ from edge_agent.configkit import in_range, load, one_of, render_example, setting
 from edge_agent.guard import GovernanceConfig
 
 ENV_PREFIX = "FEDPRUNE_AGENT_"
+TRAINING_DEVICES = ("cpu", "cuda", "auto")  # resolved by edge_agent.training.resolve_device
 
 
 @dataclass(frozen=True)
@@ -25,7 +26,7 @@ class AgentSection:
     bundle: Path = setting(Path("/etc/fedprune/bundle.json"), "enrollment bundle made by `fedprune-coordinator enroll`")
     data: Path = setting(Path("/var/lib/fedprune-agent/data"), "local training data: a .npz (X, y) or CSV file, or a directory of them")
     state_dir: Path = setting(Path("/var/lib/fedprune-agent"), "state directory (audit log, models, cached updates)")
-    device: str = setting("cpu", "where to train: cpu, cuda (Jetson) or auto", check=one_of("cpu", "cuda", "auto"))
+    device: str = setting("cpu", "where to train: cpu, cuda (Jetson) or auto", check=one_of(*TRAINING_DEVICES))
     threads: int = setting(0, "deprecated: moved to [governance] max_threads, which wins when set", check=in_range(0, 256))
     train_in_subprocess: bool = setting(True, "train in a short-lived child so the idle agent never holds torch (small RSS)")
     heartbeat_s: float = setting(30.0, "seconds between status heartbeats", check=in_range(1, 3600))

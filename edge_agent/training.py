@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from edge_agent.config import TRAINING_DEVICES
 from edge_agent.models import (
     Masks,
     ModelSpec,
@@ -234,14 +235,11 @@ class MaskedSGD:
         self._mask_float = [new[name].to(torch.float32) for name in self.names]
 
 
-DEVICES = ("cpu", "cuda", "auto")
-
-
 def resolve_device(choice: str) -> str:
     """The torch device for a configured choice: "auto" is CUDA where torch sees a GPU (a Jetson
     with NVIDIA's wheel) and the CPU elsewhere; "cuda" without one is an error, not a fallback."""
-    if choice not in DEVICES:
-        raise ValueError(f"device {choice!r}: expected one of {DEVICES}")
+    if choice not in TRAINING_DEVICES:
+        raise ValueError(f"device {choice!r}: expected one of {TRAINING_DEVICES}")
     if choice == "cpu":
         return "cpu"
     if torch.cuda.is_available():
