@@ -64,13 +64,18 @@ def expand(grid: dict[str, Any]) -> list[dict[str, Any]]:
 def _key(doc: dict[str, Any]) -> str:
     """Cache key of the fully resolved config, defaults included, so that a changed default
     recomputes a run instead of serving a result the current code would not produce. Fields the
-    chosen model ignores (the CNNs' channels on an MLP) are left out, so changing their default
-    does not recompute runs it cannot affect."""
+    chosen model ignores (the CNNs' channels on an MLP, the loss-quality signal's settings on a
+    baseline, which scores no quality) are left out, so changing their default does not
+    recompute runs it cannot affect."""
     from coordinator.simulate import SimulationConfig
 
     resolved = SimulationConfig.from_dict(doc).to_dict()
     if resolved["model"] == "mlp":
         del resolved["channels"]
+    strategy = resolved["strategy"]
+    if strategy["method"] != "fedprune":
+        for name in [n for n in strategy if n == "quality" or n.startswith(("loss_", "rel_"))]:
+            del strategy[name]
     return hashlib.sha256(json.dumps(resolved, sort_keys=True, default=list).encode()).hexdigest()[:16]
 
 
