@@ -74,7 +74,7 @@ class StrategyConfig:
     loss_weighted: bool = True
     loss_offset: float = 0.5
     loss_reduce: str = "mean"  # "median": a client's ratio is the median over its classes
-    loss_max_share: float = 1.0  # < 1: leave out of a client's ratio the classes it holds more than this share of
+    loss_max_share: float = 0.5  # leave out of a client's ratio the classes it holds more than this share of (1: off)
     rel_full: float = 3.0
     rel_zero: float = 6.0
     rel_spread_floor: float = 0.1

@@ -4,8 +4,10 @@ Runs one federation (validation split, the committed defaults) and prints, for t
 client, every ``--every`` rounds: its loss ratio ρ, quality x, q, local train loss, and per
 class (ratio to the class median, samples, mean loss of the received model), beside the round's
 median train loss; then, per class the client holds, every holder's (samples, loss) in the last
-round, and in how many rounds the norm clip shortened the client's update. ``--norm-clip 0``
-turns that clip off; ``--out`` keeps the whole trace as JSON.
+round, in how many rounds the norm clip shortened the client's update, and how holders' sample
+counts rank against their mean losses. ``--norm-clip 0`` turns that clip off,
+``--loss-max-share 1`` counts every class in the loss ratio (the default before §6's fix);
+``--out`` keeps the whole trace as JSON.
 
     .venv/bin/python benchmarks/experiments/client_trace.py --dataset digits --model cnn2d --beta 0.1 --seed 2 --client client016
 """
@@ -26,6 +28,29 @@ import coordinator.simulate as sim  # noqa: E402
 from coordinator.strategy import Strategy, StrategyConfig  # noqa: E402
 
 
+def _holder_bias(trace: list[dict], noisy: set[str], from_round: int = 10) -> str:
+    """Do clients holding more samples of a class report a higher mean loss on it? Per round
+    (from ``from_round``) and class with at least four clean holders, the rank correlation of
+    holders' sample counts with their mean losses (ALGORITHM_NOTES §6)."""
+    correlations = []
+    for rec in trace:
+        if rec["round"] < from_round:
+            continue
+        per_class: dict[int, list[tuple[int, float]]] = {}
+        for cid, classes in rec["classes"].items():
+            if cid not in noisy:
+                for c, (_, n, loss) in classes.items():
+                    per_class.setdefault(c, []).append((n, loss))
+        for holders in per_class.values():
+            counts, losses = np.array(holders).T
+            if len(holders) >= 4 and np.ptp(counts) > 0:
+                ranks = [np.argsort(np.argsort(v)) for v in (counts, losses)]
+                correlations.append(np.corrcoef(*ranks)[0, 1])
+    c = np.array(correlations)
+    return (f"clean holders from round {from_round}: rank correlation of samples with mean loss {c.mean():.2f} "
+            f"on average, positive in {100 * (c > 0).mean():.0f} % of {len(c)} (round, class) pairs")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dataset", default="digits")
@@ -37,9 +62,11 @@ def main() -> None:
     ap.add_argument("--client", required=True)
     ap.add_argument("--every", type=int, default=5)
     ap.add_argument("--norm-clip", type=float, help="override strategy.norm_clip (0 = off)")
+    ap.add_argument("--loss-max-share", type=float, help="override strategy.loss_max_share (1 = count every class)")
     ap.add_argument("--out")
     args = ap.parse_args()
-    strategy = StrategyConfig() if args.norm_clip is None else StrategyConfig(norm_clip=args.norm_clip)
+    overrides = {"norm_clip": args.norm_clip, "loss_max_share": args.loss_max_share}
+    strategy = StrategyConfig(**{k: v for k, v in overrides.items() if v is not None})
     cfg = sim.SimulationConfig(dataset=args.dataset, model=args.model, beta=args.beta, seed=args.seed,
                                noisy_fraction=args.noisy_fraction, noise_kind=args.noise_kind, eval_split="validation",
                                strategy=strategy)
@@ -76,6 +103,7 @@ def main() -> None:
     for c in sorted(last[args.client]):
         holders = sorted(((v[c][1], round(v[c][2], 3), cid) for cid, v in last.items() if c in v), reverse=True)
         print(f"class {c} holders (samples, loss): {holders}")
+    print(_holder_bias(trace, set(result.noisy_clients)))
     if args.out:
         Path(args.out).write_text(json.dumps({"noisy": result.noisy_clients, "sizes": result.client_sizes, "trace": trace}))
 

@@ -114,6 +114,21 @@ def test_loss_signal_down_weights_clients_with_bad_labels(rng):
     assert res.scores["c0"].q < 0.01 and min(res.scores[c].q for c in IDS[1:]) == 1.0
 
 
+@pytest.mark.parametrize("max_share, kept", [(StrategyConfig().loss_max_share, True), (1.0, False)])
+def test_a_clean_client_holding_most_of_a_class_keeps_its_weight_by_default(rng, max_share, kept):
+    """c0 holds 60 of the 70 class-3 samples and the model fits them worse than the others' few
+    (ALGORITHM_NOTES §6): by default that class is no evidence against it; counted, it excludes c0."""
+    base = {s.name: rng.normal(size=s.shape) for s in LAYOUT if s.trainable}
+
+    def make(cid, masks, plan):
+        losses = {0: (1.0, 50), 3: (3.0, 60)} if cid == "c0" else {0: (1.0, 50), 3: (0.3, 2)}
+        return _update(cid, masks, _delta(masks, base), losses=losses)
+
+    _, res = _run(StrategyConfig(method="fedprune", gamma=0.5, loss_max_share=max_share), rng, 10, make)
+    assert res.scores["c0"].q == 1.0 if kept else res.scores["c0"].q < 0.1
+    assert min(res.scores[c].q for c in IDS[1:]) == 1.0
+
+
 def test_zero_and_invalid_updates_are_rejected_without_nan(rng):
     strat = Strategy(StrategyConfig(method="fedprune", quality="cosine"))
     state = strat.initial_state(LAYOUT, _params(rng), rng)
