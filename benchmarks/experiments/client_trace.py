@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from scipy.stats import spearmanr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
@@ -43,9 +44,8 @@ def _holder_bias(trace: list[dict], noisy: set[str], from_round: int = 10) -> st
                     per_class.setdefault(c, []).append((n, loss))
         for holders in per_class.values():
             counts, losses = np.array(holders).T
-            if len(holders) >= 4 and np.ptp(counts) > 0:
-                ranks = [np.argsort(np.argsort(v)) for v in (counts, losses)]
-                correlations.append(np.corrcoef(*ranks)[0, 1])
+            if len(holders) >= 4 and np.ptp(counts) > 0 and np.ptp(losses) > 0:
+                correlations.append(spearmanr(counts, losses).statistic)
     c = np.array(correlations)
     return (f"clean holders from round {from_round}: rank correlation of samples with mean loss {c.mean():.2f} "
             f"on average, positive in {100 * (c > 0).mean():.0f} % of {len(c)} (round, class) pairs")
