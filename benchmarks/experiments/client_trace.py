@@ -63,9 +63,12 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=5)
     ap.add_argument("--norm-clip", type=float, help="override strategy.norm_clip (0 = off)")
     ap.add_argument("--loss-max-share", type=float, help="override strategy.loss_max_share (1 = count every class)")
+    ap.add_argument("--rel-full", type=float, help="override strategy.rel_full (the band's full-weight end)")
+    ap.add_argument("--rel-zero", type=float, help="override strategy.rel_zero (the band's zero-weight end)")
     ap.add_argument("--out")
     args = ap.parse_args()
-    overrides = {"norm_clip": args.norm_clip, "loss_max_share": args.loss_max_share}
+    overrides = {"norm_clip": args.norm_clip, "loss_max_share": args.loss_max_share,
+                 "rel_full": args.rel_full, "rel_zero": args.rel_zero}
     strategy = StrategyConfig(**{k: v for k, v in overrides.items() if v is not None})
     cfg = sim.SimulationConfig(dataset=args.dataset, model=args.model, beta=args.beta, seed=args.seed,
                                noisy_fraction=args.noisy_fraction, noise_kind=args.noise_kind, eval_split="validation",
