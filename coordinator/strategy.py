@@ -66,7 +66,7 @@ class StrategyConfig:
     quality: str = "loss_rel"
     reference: str = "s"
     leave_one_out: bool = True
-    gamma: float = 0.8
+    gamma: float = 0.6  # memory ≈ 2.5 participations (ALGORITHM_NOTES §9)
     q_min: float = 1e-3
     warmup_rounds: int = 0
     loss_full: float = 2.0
@@ -93,6 +93,9 @@ class StrategyConfig:
     norm_clip: float = 2.0  # > 0: scale updates down to norm_clip × the round's median norm
     direction_gate: str = "off"  # "round" or "memory": leave out updates pointing away from the trimmed mean
     trust_threshold: float = 0.5  # "memory": gate while the EMA of "pointed along" is below this
+    # The trust EMA's memory, ≈ 5 rounds: kept apart from γ, which was shortened for the loss
+    # signal (ALGORITHM_NOTES §9), so one unlucky pair of rounds does not gate an honest device.
+    trust_gamma: float = 0.8
     sybil_cos: float = 0.99  # > 0: leave out updates with a twin at cosine >= sybil_cos
     centered_clip: float = 0.0  # > 0: clip deviations from the trimmed mean at this × their median
     chance_gate: float = 4.0  # > 0: leave out updates no other one correlates with beyond this × 1/sqrt(nnz)
@@ -145,8 +148,9 @@ class StrategyConfig:
                 raise bad(key, "an int >= 0")
         if not (is_int(self.krum_select) and self.krum_select >= 1):
             raise bad("krum_select", "an int >= 1")
-        if not (is_num(self.gamma) and 0.0 <= self.gamma < 1.0):
-            raise bad("gamma", "a number in [0, 1)")
+        for key in ("gamma", "trust_gamma"):
+            if not (is_num(getattr(self, key)) and 0.0 <= getattr(self, key) < 1.0):
+                raise bad(key, "a number in [0, 1)")
         if not (is_num(self.q_min) and 0.0 < self.q_min <= 1.0):
             raise bad("q_min", "a number in (0, 1]")
         if not (is_num(self.loss_full) and is_num(self.loss_zero) and 0 < self.loss_full < self.loss_zero):
@@ -572,7 +576,7 @@ class Strategy:
                 along = cos > 0
                 if cfg.direction_gate == "memory":
                     for c, a in zip(ids, along):
-                        trust[c] = cfg.gamma * trust.get(c, 1.0) + (1.0 - cfg.gamma) * float(a)
+                        trust[c] = cfg.trust_gamma * trust.get(c, 1.0) + (1.0 - cfg.trust_gamma) * float(a)
                     along = np.array([trust[c] >= cfg.trust_threshold for c in ids])
                 drop(~along, "direction")
         if all(why):

@@ -64,8 +64,8 @@ def expand(grid: dict[str, Any]) -> list[dict[str, Any]]:
 def _key(doc: dict[str, Any]) -> str:
     """Cache key of the fully resolved config, defaults included, so that a changed default
     recomputes a run instead of serving a result the current code would not produce. Fields the
-    chosen model ignores (the CNNs' channels on an MLP, the loss-quality signal's settings on a
-    baseline, which scores no quality) are left out, so changing their default does not
+    chosen model ignores (the CNNs' channels on an MLP, the loss-quality signal's settings and
+    its memory γ on a baseline, which scores no quality, nor gates) are left out, so changing their default does not
     recompute runs it cannot affect."""
     from coordinator.simulate import SimulationConfig
 
@@ -76,6 +76,9 @@ def _key(doc: dict[str, Any]) -> str:
     if strategy["method"] != "fedprune":
         for name in [n for n in strategy if n == "quality" or n.startswith(("loss_", "rel_"))]:
             del strategy[name]
+        if strategy["contribution"] != "cgsv":
+            del strategy["gamma"]
+        del strategy["trust_gamma"]
     return hashlib.sha256(json.dumps(resolved, sort_keys=True, default=list).encode()).hexdigest()[:16]
 
 

@@ -63,7 +63,7 @@ def test_sybil_twins_are_left_out_but_distinct_clients_are_not(direction):
 
 
 def test_memory_gate_drops_a_persistent_reverser_and_keeps_an_occasional_one(direction):
-    strat, state = _strategy(direction_gate="memory", gamma=0.8, trust_threshold=0.5)
+    strat, state = _strategy(direction_gate="memory", trust_threshold=0.5)
     rng = np.random.default_rng(5)
     for t in range(12):
         deltas = {c: _honest(rng, direction) for c in IDS}
@@ -75,6 +75,18 @@ def test_memory_gate_drops_a_persistent_reverser_and_keeps_an_occasional_one(dir
     assert res.scores["c9"].gated_by == "direction" and res.scores["c9"].w == 0.0
     assert state.trust["c9"] < 0.1
     assert not res.scores["c8"].gated_by and state.trust["c8"] >= 0.5
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.6, 0.9])
+def test_trust_memory_is_trust_gamma_whatever_the_loss_signal_gamma(direction, gamma):
+    """One reversal costs trust (1 - trust_gamma), so an honest device is not gated for it."""
+    strat, state = _strategy(direction_gate="memory", gamma=gamma, trust_gamma=0.8)
+    rng = np.random.default_rng(6)
+    deltas = {c: _honest(rng, direction) for c in IDS}
+    deltas["c8"] = {k: -v for k, v in deltas["c8"].items()}
+    res = _round(strat, state, deltas)
+    assert res.state.trust["c8"] == pytest.approx(0.8)
+    assert not res.scores["c8"].gated_by
 
 
 def test_stored_distrust_still_applies_in_a_round_too_small_to_compare(direction):

@@ -52,6 +52,8 @@ def test_config_errors_name_the_key():
         StrategyConfig(method="fedsgd")
     with pytest.raises(ValueError, match=r"strategy.gamma"):
         StrategyConfig(gamma=1.0)
+    with pytest.raises(ValueError, match=r"strategy.trust_gamma = -0.1: expected a number in \[0, 1\)"):
+        StrategyConfig(trust_gamma=-0.1)
     with pytest.raises(ValueError, match=r"unknown keys \['gama'\]"):
         StrategyConfig.from_dict({"gama": 0.5})
     with pytest.raises(ValueError, match=r"strategy.local: epochs"):
