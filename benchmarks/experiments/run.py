@@ -64,9 +64,9 @@ def expand(grid: dict[str, Any]) -> list[dict[str, Any]]:
 def _key(doc: dict[str, Any]) -> str:
     """Cache key of the fully resolved config, defaults included, so that a changed default
     recomputes a run instead of serving a result the current code would not produce. Fields the
-    chosen model ignores (the CNNs' channels on an MLP, the loss-quality signal's settings and
-    its memory γ on a baseline, which scores no quality, nor gates) are left out, so changing their default does not
-    recompute runs it cannot affect."""
+    chosen model ignores (the CNNs' channels on an MLP; on a baseline, which neither scores
+    quality nor gates, the loss-quality signal's settings, its memory γ and the trust gate's
+    memory) are left out, so changing their default does not recompute runs it cannot affect."""
     from coordinator.simulate import SimulationConfig
 
     resolved = SimulationConfig.from_dict(doc).to_dict()
