@@ -106,7 +106,7 @@ class CoordinatorDaemon:
         self.strategy = Strategy(config.strategy)
         self.metrics = Metrics()
         declare_metrics(self.metrics)
-        self.history: list[dict[str, Any]] = []
+        self.history_bytes = 0  # committed size of history.jsonl
         self.holders: dict[str, int] = {}
         self.release_version = 0
         checkpoint = self.state_dir.load_latest_checkpoint()
@@ -140,13 +140,15 @@ class CoordinatorDaemon:
     def completed(self) -> int:
         return self.state.round - 1
 
-    def _checkpoint(self, completed: int) -> None:
+    def _checkpoint(self, completed: int, last_entry: dict[str, Any] | None = None) -> None:
+        """The round's state and its history entry; the trail before it stays in history.jsonl,
+        of which the checkpoint records the committed size (O(1) per round, not O(rounds))."""
         s = self.state
         self.state_dir.save_checkpoint(completed, {
             "state_round": s.round, "params": s.params, "masks": s.masks, "mask_version": s.mask_version,
             "densities": s.densities, "counts": s.counts, "quality": s.quality, "data_sizes": s.data_sizes,
             "importance": s.importance, "trust": s.trust, "rng": json.dumps(self.rng.bit_generator.state),
-            "history": self.history, "holders": self.holders, "release_version": self.release_version,
+            "history_bytes": self.history_bytes, "last_entry": last_entry, "holders": self.holders, "release_version": self.release_version,
         })
 
     def _restore(self, doc: dict[str, Any]) -> None:
@@ -158,8 +160,11 @@ class CoordinatorDaemon:
             quality=doc["quality"], data_sizes=doc["data_sizes"], importance=doc["importance"],
             trust=doc.get("trust", {}),
         )
-        self.history = list(doc["history"])
-        self.state_dir.sync_history(self.history)
+        if "history" in doc:  # written before the trail moved out of the checkpoint
+            self.state_dir.sync_history(doc["history"])
+            self.history_bytes = self.state_dir.history_path.stat().st_size
+        else:
+            self.history_bytes = self.state_dir.restore_history(int(doc["history_bytes"]), doc["last_entry"])
         self.holders = dict(doc["holders"])
         self.release_version = int(doc.get("release_version", 0))
         log.info("event=resumed completed_rounds=%d mask_version=%d", self.completed, self.state.mask_version)
@@ -353,7 +358,6 @@ class CoordinatorDaemon:
             entry.update(accuracy=ev.accuracy, loss=ev.loss)
             self.metrics.set("global_accuracy", ev.accuracy)
         entry["close_s"] = self.clock() - now
-        self.history.append(entry)
         self._pending_commit = (closed.round, entry, self._maybe_release(closed.round, entry.get("accuracy")))
         self._commit_round()
 
@@ -375,8 +379,8 @@ class CoordinatorDaemon:
         every few seconds; no new round starts meanwhile."""
         completed, entry, release = self._pending_commit
         try:
-            self._checkpoint(completed=completed)
-            self.state_dir.append_history(entry)
+            self._checkpoint(completed=completed, last_entry=entry)
+            self.history_bytes = self.state_dir.append_history(entry, self.history_bytes)
         except OSError as exc:
             self.metrics.inc("checkpoint_failures_total")
             self._retry_commit_at = self.clock() + COMMIT_RETRY_S

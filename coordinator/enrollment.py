@@ -16,7 +16,7 @@ from typing import Any, Mapping
 from coordinator.config import CoordinatorConfig, example_config
 from coordinator.daemon import IDENTITY_FILE, load_identity
 from coordinator.registry import Registry
-from coordinator.state import StateDir
+from coordinator.state import StateDir, latest_accuracy
 from edge_agent.bundle import Bundle, EnrollmentError, save_bundle
 from edge_agent.configkit import ConfigError
 from edge_agent.fsutil import atomic_write
@@ -93,13 +93,12 @@ def status_report(config: CoordinatorConfig, as_json: bool = False) -> str:
     state = StateDir(config.state.dir)
     checkpoint = state.load_latest_checkpoint()
     registry = _registry(config, state)
-    history = checkpoint["history"] if checkpoint else []
     report = {
         "federation": config.federation.id,
         "completed_rounds": checkpoint["round"] if checkpoint else 0,
         "total_rounds": config.rounds.total,
         "mask_version": checkpoint["mask_version"] if checkpoint else None,
-        "last_accuracy": next((h["accuracy"] for h in reversed(history) if "accuracy" in h), None),
+        "last_accuracy": latest_accuracy(checkpoint),
         "devices": [
             {"id": r.device_id, "revoked": r.revoked, "examples": r.n_examples, "last_seen": r.last_seen,
              "quality": (checkpoint or {}).get("quality", {}).get(r.device_id)}

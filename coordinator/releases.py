@@ -53,12 +53,12 @@ def export_checkpoint(config: Any, out: Path, *, variant: str) -> tuple[int, dic
     """``fedprune-coordinator export``: the newest checkpoint's global model to an ONNX file."""
     from coordinator.daemon import model_spec
     from coordinator.export import read_metadata
-    from coordinator.state import StateDir, StateError
+    from coordinator.state import StateDir, StateError, latest_accuracy
 
     checkpoint = StateDir(config.state.dir).load_latest_checkpoint()
     if checkpoint is None:
         raise StateError(f"{config.state.dir} has no checkpoint yet: run the coordinator first")
-    accuracy = next((h["accuracy"] for h in reversed(checkpoint["history"]) if "accuracy" in h), None)
+    accuracy = latest_accuracy(checkpoint)
     metadata: dict[str, str | int | float] = {
         "federation": config.federation.id, "round": int(checkpoint["round"]),
         "mask_version": int(checkpoint["mask_version"]),

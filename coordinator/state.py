@@ -5,7 +5,8 @@ Layout::
     <state>/keys/                 coordinator identity (written by init, 0600)
     <state>/registry.msgpack      enrolled devices, revocations, presence
     <state>/checkpoints/round-000012.ckpt   one file per completed round, newest K kept
-    <state>/history.jsonl         never read back for logic; a human-readable trail
+    <state>/history.jsonl         one line per completed round, append-only; never read back
+                                  for logic (the checkpoint holds its committed size)
 
 A checkpoint is msgpack of plain values with numpy arrays as ``{"__nd__": [dtype, shape, bytes]}``
 and a SHA-256 trailer, so a torn or corrupted file is detected and the previous one is used.
@@ -18,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -76,6 +78,15 @@ def loads(blob: bytes) -> dict[str, Any]:
     return _decode(msgpack.unpackb(body, raw=False, strict_map_key=False))
 
 
+def latest_accuracy(checkpoint: dict[str, Any] | None) -> float | None:
+    """The newest evaluated accuracy a checkpoint records (its round's entry; older checkpoints
+    carried the whole trail)."""
+    if checkpoint is None:
+        return None
+    entries = checkpoint.get("history") or [checkpoint.get("last_entry") or {}]
+    return next((h["accuracy"] for h in reversed(entries) if "accuracy" in h), None)
+
+
 class StateDir:
     def __init__(self, root: Path, keep: int = 3) -> None:
         self.root = Path(root)
@@ -123,13 +134,51 @@ class StateDir:
             raise StateError(f"{self.registry_path} is unreadable ({exc}); restore it from backup "
                              "or re-enroll the devices") from None
 
-    def append_history(self, entry: dict[str, Any]) -> None:
-        with self.history_path.open("a") as handle:
-            handle.write(json.dumps(entry, sort_keys=True) + "\n")
+    def append_history(self, entry: dict[str, Any], committed_bytes: int) -> int:
+        """Append ``entry`` after the first ``committed_bytes`` of history.jsonl; returns its new
+        size. Whatever lies beyond that point (a torn line, or the entry of a round whose commit
+        failed and is being retried) is cut first, so each round is in the file once. O(entry),
+        where rewriting the whole trail every round was O(rounds)."""
+        line = (json.dumps(entry, sort_keys=True) + "\n").encode()
+        fd = os.open(self.history_path, os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            size = os.fstat(fd).st_size
+            if size != committed_bytes:
+                os.ftruncate(fd, min(size, committed_bytes))
+            end = os.lseek(fd, 0, os.SEEK_END)
+            view = memoryview(line)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+            return end + len(line)
+        finally:
+            os.close(fd)
+
+    def restore_history(self, committed_bytes: int, last_entry: dict[str, Any] | None) -> int:
+        """Bring history.jsonl back to what the checkpoint committed: its first ``committed_bytes``
+        plus the checkpoint's own round (a kill between checkpoint and append, or mid-append,
+        left it short or torn). Returns the file's size. A file shorter than the checkpoint says
+        (truncated by hand) cannot be repaired; the entry is appended to what is there."""
+        size = self.history_path.stat().st_size if self.history_path.exists() else 0
+        if size < committed_bytes:
+            log.warning("event=history_short file=%s bytes=%d expected=%d action=appending_latest_round",
+                        self.history_path, size, committed_bytes)
+            committed_bytes = size
+        if last_entry is None:
+            if size > committed_bytes:
+                os.truncate(self.history_path, committed_bytes)
+            return committed_bytes
+        return self.append_history(last_entry, committed_bytes)
 
     def sync_history(self, history: list[dict[str, Any]]) -> None:
-        """Make history.jsonl say what the checkpoint says. A kill between the checkpoint and the
-        append (or during the append) leaves it a round short or torn; the checkpoint wins."""
+        """Make history.jsonl say what an older checkpoint, which carried the whole trail, says."""
         text = "".join(json.dumps(entry, sort_keys=True) + "\n" for entry in history)
         if not self.history_path.exists() or self.history_path.read_text(errors="replace") != text:
             atomic_write(self.history_path, text.encode(), mode=0o644)
+
+    def read_history(self) -> list[dict[str, Any]]:
+        """The entries of history.jsonl; a line still being written (no newline yet) is left out."""
+        if not self.history_path.exists():
+            return []
+        text = self.history_path.read_text(errors="replace")
+        return [json.loads(line) for line in text[: text.rfind("\n") + 1].splitlines() if line.strip()]

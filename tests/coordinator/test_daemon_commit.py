@@ -73,8 +73,25 @@ def test_a_restarted_daemon_resumes_from_the_last_committed_round(tmp_path: Path
     close_empty_round(d, clock)
     again = CoordinatorDaemon(d.config, clock=clock)
     assert again.completed == 2
-    assert [h["round"] for h in again.history] == [1, 2]
+    assert [h["round"] for h in again.state_dir.read_history()] == [1, 2]
     assert again.rng.bit_generator.state == d.rng.bit_generator.state
+
+
+def test_a_checkpoint_that_carries_the_whole_history_still_resumes(tmp_path: Path) -> None:
+    """State directories written before the trail moved out of the checkpoint keep working."""
+    clock = Clock()
+    d = daemon(tmp_path, clock)
+    close_empty_round(d, clock)
+    close_empty_round(d, clock)
+    history = d.state_dir.read_history()
+    doc = d.state_dir.load_latest_checkpoint()
+    del doc["history_bytes"], doc["last_entry"]
+    d.state_dir.save_checkpoint(doc.pop("round"), {**doc, "history": history})
+    d.state_dir.history_path.write_text("")
+    again = CoordinatorDaemon(d.config, clock=clock)
+    assert again.completed == 2 and again.state_dir.read_history() == history
+    close_empty_round(again, clock)
+    assert [h["round"] for h in again.state_dir.read_history()] == [1, 2, 3]
 
 
 def test_gated_updates_are_counted_logged_and_trust_survives_a_restart(tmp_path: Path, caplog) -> None:
@@ -102,7 +119,7 @@ def test_gated_updates_are_counted_logged_and_trust_survives_a_restart(tmp_path:
     assert d.metrics.value("updates_gated_total", device="pi-5", reason="sybil") == 1
     assert d.metrics.value("updates_gated_total", device="pi-0", reason="sybil") == 0
     assert "event=update_gated device=pi-4 round=1 reason=sybil" in caplog.text
-    assert d.history[-1]["scores"]["pi-4"]["gated_by"] == "sybil"
+    assert d.state_dir.read_history()[-1]["scores"]["pi-4"]["gated_by"] == "sybil"
     trust = dict(d.state.trust)
     assert set(trust) == set(devices)
     restarted = daemon(tmp_path, clock)

@@ -69,11 +69,11 @@ def test_unreadable_registry_is_a_state_error_naming_the_file(tmp_path: Path) ->
         state.load_registry()
 
 
-def test_history_file_is_rewritten_from_the_checkpoint_when_they_disagree(tmp_path: Path) -> None:
+def test_history_file_is_rewritten_from_an_older_checkpoint_that_carries_it(tmp_path: Path) -> None:
     state = StateDir(tmp_path)
     state.ensure()
     history = [{"round": 1, "accuracy": 0.5}, {"round": 2, "accuracy": 0.6}]
-    state.append_history(history[0])
+    state.append_history(history[0], 0)
     with state.history_path.open("a") as handle:
         handle.write('{"round": 2, "acc')  # killed mid-append
     state.sync_history(history)
@@ -81,3 +81,42 @@ def test_history_file_is_rewritten_from_the_checkpoint_when_they_disagree(tmp_pa
     before = state.history_path.stat().st_mtime_ns
     state.sync_history(history)
     assert state.history_path.stat().st_mtime_ns == before, "an agreeing file is left alone"
+
+
+def test_history_appends_cut_what_was_never_committed(tmp_path: Path) -> None:
+    """A retried commit (checkpoint written, append failed or torn) must not leave the round in
+    the trail twice or after half a line."""
+    state = StateDir(tmp_path)
+    state.ensure()
+    first = state.append_history({"round": 1}, 0)
+    with state.history_path.open("a") as handle:
+        handle.write('{"round": 2, "acc')  # killed mid-append
+    second = state.append_history({"round": 2}, first)
+    assert state.append_history({"round": 2}, first) == second, "a retry rewrites, not repeats"
+    assert state.read_history() == [{"round": 1}, {"round": 2}]
+    assert second == state.history_path.stat().st_size
+
+
+def test_history_is_restored_to_the_checkpoint(tmp_path: Path, caplog) -> None:
+    state = StateDir(tmp_path)
+    state.ensure()
+    base = state.append_history({"round": 1}, 0)
+    assert state.restore_history(base, {"round": 2}) == state.history_path.stat().st_size
+    assert state.read_history() == [{"round": 1}, {"round": 2}], "the round the kill cut off is back"
+    state.append_history({"round": 3}, state.history_path.stat().st_size)
+    assert state.restore_history(base, {"round": 2}) and state.read_history() == [{"round": 1}, {"round": 2}], \
+        "a round after the checkpoint (an older checkpoint resumed) is dropped"
+    assert state.restore_history(0, None) == 0 and state.read_history() == []
+    state.history_path.unlink()
+    state.restore_history(base, {"round": 2})
+    assert state.read_history() == [{"round": 2}]
+    assert "event=history_short" in caplog.text
+
+
+def test_a_line_being_written_is_not_read(tmp_path: Path) -> None:
+    state = StateDir(tmp_path)
+    state.ensure()
+    state.append_history({"round": 1}, 0)
+    with state.history_path.open("a") as handle:
+        handle.write('{"round": 2, "acc')
+    assert state.read_history() == [{"round": 1}]

@@ -81,7 +81,8 @@ def test_a_full_disk_keeps_the_last_checkpoint_counts_retries_and_recovers(small
         stuck_at = len(fed.history())
         checkpoint = StateDir(small_disk).load_latest_checkpoint()
         assert checkpoint is not None and checkpoint["round"] == stuck_at, "the previous checkpoint is not intact"
-        assert [h["round"] for h in checkpoint["history"]] == list(range(1, stuck_at + 1))
+        assert checkpoint["last_entry"]["round"] == stuck_at
+        assert [h["round"] for h in StateDir(small_disk).read_history()] == list(range(1, stuck_at + 1))
         wait_until(lambda: checkpoint_failures(fed) >= 2, 30, "the daemon to retry the checkpoint")
         assert fed.processes["coordinator"].poll() is None, "the coordinator exited on a full disk"
         assert len(fed.history()) == stuck_at, "a round counted without its checkpoint"
