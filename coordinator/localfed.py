@@ -26,6 +26,7 @@ import numpy as np
 
 from coordinator import enrollment
 from coordinator.config import CoordinatorConfig, load_config
+from coordinator.state import StateDir
 from edge_agent.data import add_label_noise, load_dataset, partition_dirichlet, partition_iid
 
 BIN = Path(sys.executable).parent
@@ -171,10 +172,7 @@ class LocalFederation:
 
     # ---- observation ----------------------------------------------------------------------------
     def history(self) -> list[dict[str, Any]]:
-        path = self.state_dir / "history.jsonl"
-        if not path.exists():
-            return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return StateDir(self.state_dir).read_history()
 
     def wait_for_round(self, round_number: int, timeout: float) -> list[dict[str, Any]]:
         deadline = time.monotonic() + timeout
