@@ -97,7 +97,7 @@ def main() -> None:
         print(f"| {row['format']} | {row['round']} | {row['devices']} | {row['checkpoint_bytes'] / 1e6:.2f} "
               f"| {row['commit_ms']:.1f} |")
     RESULTS.write_text(json.dumps({"machine": platform.platform(), "python": platform.python_version(),
-                                   "command": "benchmarks/bench_checkpoint.py " + " ".join(sys.argv[1:]),
+                                   "command": " ".join(["benchmarks/bench_checkpoint.py", *sys.argv[1:]]),
                                    "rows": rows}, indent=2) + "\n")
     print(f"wrote {RESULTS.relative_to(ROOT)}")
 

@@ -213,11 +213,10 @@ def main(argv: list[str] | None = None) -> int:
         t_registered = wait_for(lambda: text().count("event=registered ") >= args.devices, args.timeout, "registration")
         cpu_registered = cpu_seconds(bpid)
         t_open = wait_for(lambda: "event=round_open round=1 " in text(), 60, "round 1 to open")
-        history = state.history_path
-        t_closed = wait_for(lambda: history.exists() and history.read_text().strip(), args.timeout, "round 1 to close")
+        t_closed = wait_for(lambda: state.read_history(), args.timeout, "round 1 to close")
         cpu_closed = cpu_seconds(bpid)
         hwm_kib, rss_kib = status_kib(coordinator.pid, "VmHWM"), status_kib(coordinator.pid, "VmRSS")
-        entry = json.loads(history.read_text().splitlines()[0])
+        entry = state.read_history()[0]
         reports = [json.loads(w.stdout.readline()) for w in workers]
         open_line = re.search(r"event=round_open round=1 selected=(\d+)", text())
         coordinator.send_signal(signal.SIGTERM)

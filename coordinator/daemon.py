@@ -111,6 +111,9 @@ class CoordinatorDaemon:
         self.release_version = 0
         checkpoint = self.state_dir.load_latest_checkpoint()
         if checkpoint is None:
+            aside = self.state_dir.set_aside_history()
+            if aside is not None:
+                log.warning("event=history_set_aside file=%s reason=no_checkpoint", aside)
             self.rng = np.random.default_rng(config.federation.seed)
             self.state = self.strategy.initial_state(self.layout, init_params(self.spec, config.federation.seed), self.rng)
             self._checkpoint(completed=0)
@@ -148,7 +151,8 @@ class CoordinatorDaemon:
             "state_round": s.round, "params": s.params, "masks": s.masks, "mask_version": s.mask_version,
             "densities": s.densities, "counts": s.counts, "quality": s.quality, "data_sizes": s.data_sizes,
             "importance": s.importance, "trust": s.trust, "rng": json.dumps(self.rng.bit_generator.state),
-            "history_bytes": self.history_bytes, "last_entry": last_entry, "holders": self.holders, "release_version": self.release_version,
+            "history_bytes": self.history_bytes, "last_entry": last_entry,
+            "holders": self.holders, "release_version": self.release_version,
         })
 
     def _restore(self, doc: dict[str, Any]) -> None:

@@ -5,8 +5,8 @@ Layout::
     <state>/keys/                 coordinator identity (written by init, 0600)
     <state>/registry.msgpack      enrolled devices, revocations, presence
     <state>/checkpoints/round-000012.ckpt   one file per completed round, newest K kept
-    <state>/history.jsonl         one line per completed round, append-only; never read back
-                                  for logic (the checkpoint holds its committed size)
+    <state>/history.jsonl         one line per completed round, append-only; the checkpoint
+                                  holds its committed size and newest line (back it up too)
 
 A checkpoint is msgpack of plain values with numpy arrays as ``{"__nd__": [dtype, shape, bytes]}``
 and a SHA-256 trailer, so a torn or corrupted file is detected and the previous one is used.
@@ -157,18 +157,37 @@ class StateDir:
     def restore_history(self, committed_bytes: int, last_entry: dict[str, Any] | None) -> int:
         """Bring history.jsonl back to what the checkpoint committed: its first ``committed_bytes``
         plus the checkpoint's own round (a kill between checkpoint and append, or mid-append,
-        left it short or torn). Returns the file's size. A file shorter than the checkpoint says
-        (truncated by hand) cannot be repaired; the entry is appended to what is there."""
+        left it short or torn). Returns the file's size; a file that already agrees is not
+        written. A file shorter than the checkpoint says (restored from an older backup, cut by
+        hand) cannot be repaired: the entry follows its last whole line."""
         size = self.history_path.stat().st_size if self.history_path.exists() else 0
         if size < committed_bytes:
-            log.warning("event=history_short file=%s bytes=%d expected=%d action=appending_latest_round",
+            log.warning("event=history_short file=%s bytes=%d expected_at_least=%d action=appending_latest_round",
                         self.history_path, size, committed_bytes)
-            committed_bytes = size
+            committed_bytes = self.history_path.read_bytes().rfind(b"\n") + 1 if size else 0
+        line = b"" if last_entry is None else (json.dumps(last_entry, sort_keys=True) + "\n").encode()
+        if size - committed_bytes == len(line):
+            if not line:
+                return size
+            with self.history_path.open("rb") as handle:
+                handle.seek(committed_bytes)
+                if handle.read() == line:
+                    return size
         if last_entry is None:
-            if size > committed_bytes:
-                os.truncate(self.history_path, committed_bytes)
+            os.truncate(self.history_path, committed_bytes)
             return committed_bytes
         return self.append_history(last_entry, committed_bytes)
+
+    def set_aside_history(self) -> Path | None:
+        """A fresh federation over a non-empty history.jsonl (no checkpoint left, or a state
+        directory reused) moves it to history-orphaned-N.jsonl instead of cutting it."""
+        if not self.history_path.exists() or self.history_path.stat().st_size == 0:
+            return None
+        n = 1
+        while (aside := self.root / f"history-orphaned-{n}.jsonl").exists():
+            n += 1
+        os.replace(self.history_path, aside)
+        return aside
 
     def sync_history(self, history: list[dict[str, Any]]) -> None:
         """Make history.jsonl say what an older checkpoint, which carried the whole trail, says."""

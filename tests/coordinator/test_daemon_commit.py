@@ -77,6 +77,36 @@ def test_a_restarted_daemon_resumes_from_the_last_committed_round(tmp_path: Path
     assert again.rng.bit_generator.state == d.rng.bit_generator.state
 
 
+def test_a_history_line_that_fails_after_its_checkpoint_is_written_once(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Checkpoint on disk, history append fails half-way (disk full): the retry, or a restart
+    in between, leaves the round in history.jsonl exactly once."""
+    clock = Clock()
+    d = daemon(tmp_path, clock)
+    close_empty_round(d, clock)
+    real_append = state_module.StateDir.append_history
+
+    def torn_append(self, entry, committed_bytes):
+        with self.history_path.open("a") as handle:
+            handle.write('{"round": 2, "tor')
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(state_module.StateDir, "append_history", torn_append)
+    close_empty_round(d, clock)
+    assert d.state_dir.load_latest_checkpoint()["round"] == 2, "the checkpoint was written first"
+    assert d.metrics.value("rounds_completed_total") == 1
+    monkeypatch.setattr(state_module.StateDir, "append_history", real_append)
+    restarted = CoordinatorDaemon(d.config, clock=clock)  # killed before the retry, then the disk freed
+    assert restarted.completed == 2 and [h["round"] for h in restarted.state_dir.read_history()] == [1, 2]
+    with d.state_dir.history_path.open("a") as handle:
+        handle.write('{"round": 2, "tor')  # or it lived on and retries
+    clock.now += COMMIT_RETRY_S + 1
+    d._tick()
+    assert d._pending_commit is None and d.metrics.value("rounds_completed_total") == 2
+    assert [h["round"] for h in d.state_dir.read_history()] == [1, 2]
+    assert d.history_bytes == d.state_dir.history_path.stat().st_size
+
+
 def test_a_checkpoint_that_carries_the_whole_history_still_resumes(tmp_path: Path) -> None:
     """State directories written before the trail moved out of the checkpoint keep working."""
     clock = Clock()
@@ -92,6 +122,8 @@ def test_a_checkpoint_that_carries_the_whole_history_still_resumes(tmp_path: Pat
     assert again.completed == 2 and again.state_dir.read_history() == history
     close_empty_round(again, clock)
     assert [h["round"] for h in again.state_dir.read_history()] == [1, 2, 3]
+    assert again.state_dir.load_latest_checkpoint()["last_entry"]["round"] == 3, "the next checkpoint is the new format"
+    assert [h["round"] for h in CoordinatorDaemon(d.config, clock=clock).state_dir.read_history()] == [1, 2, 3]
 
 
 def test_gated_updates_are_counted_logged_and_trust_survives_a_restart(tmp_path: Path, caplog) -> None:

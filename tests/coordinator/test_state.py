@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -103,14 +104,31 @@ def test_history_is_restored_to_the_checkpoint(tmp_path: Path, caplog) -> None:
     base = state.append_history({"round": 1}, 0)
     assert state.restore_history(base, {"round": 2}) == state.history_path.stat().st_size
     assert state.read_history() == [{"round": 1}, {"round": 2}], "the round the kill cut off is back"
-    state.append_history({"round": 3}, state.history_path.stat().st_size)
-    assert state.restore_history(base, {"round": 2}) and state.read_history() == [{"round": 1}, {"round": 2}], \
-        "a round after the checkpoint (an older checkpoint resumed) is dropped"
+    agreed = state.history_path.stat()
+    assert state.restore_history(base, {"round": 2}) == agreed.st_size
+    assert state.history_path.stat().st_mtime_ns == agreed.st_mtime_ns, "a file that agrees is not rewritten"
+    state.append_history({"round": 3}, agreed.st_size)
+    assert state.restore_history(base, {"round": 2}) == agreed.st_size
+    assert state.read_history() == [{"round": 1}, {"round": 2}], "a round after the checkpoint (an older one resumed) is dropped"
     assert state.restore_history(0, None) == 0 and state.read_history() == []
+    assert "event=history_short" not in caplog.text
     state.history_path.unlink()
+    assert state.restore_history(0, None) == 0 and not state.history_path.exists()
     state.restore_history(base, {"round": 2})
     assert state.read_history() == [{"round": 2}]
     assert "event=history_short" in caplog.text
+
+
+def test_a_history_shorter_than_the_checkpoint_keeps_its_whole_lines(tmp_path: Path) -> None:
+    """A history.jsonl older than the checkpoint (restored from a backup taken file by file) ends
+    anywhere; the checkpoint's round must follow its last whole line, not the torn one."""
+    state = StateDir(tmp_path)
+    state.ensure()
+    one = state.append_history({"round": 1}, 0)
+    two = state.append_history({"round": 2}, one)
+    os.truncate(state.history_path, one + 5)
+    state.restore_history(two, {"round": 3})
+    assert state.read_history() == [{"round": 1}, {"round": 3}]
 
 
 def test_a_line_being_written_is_not_read(tmp_path: Path) -> None:
@@ -120,3 +138,15 @@ def test_a_line_being_written_is_not_read(tmp_path: Path) -> None:
     with state.history_path.open("a") as handle:
         handle.write('{"round": 2, "acc')
     assert state.read_history() == [{"round": 1}]
+
+
+def test_a_history_without_a_checkpoint_is_set_aside_not_cut(tmp_path: Path) -> None:
+    state = StateDir(tmp_path)
+    state.ensure()
+    assert state.set_aside_history() is None
+    state.append_history({"round": 7}, 0)
+    aside = state.set_aside_history()
+    assert aside is not None and aside.name == "history-orphaned-1.jsonl"
+    assert json.loads(aside.read_text()) == {"round": 7} and not state.history_path.exists()
+    state.append_history({"round": 8}, 0)
+    assert state.set_aside_history().name == "history-orphaned-2.jsonl"
