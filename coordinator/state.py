@@ -78,6 +78,10 @@ def loads(blob: bytes) -> dict[str, Any]:
     return _decode(msgpack.unpackb(body, raw=False, strict_map_key=False))
 
 
+def _history_line(entry: dict[str, Any]) -> bytes:
+    return (json.dumps(entry, sort_keys=True) + "\n").encode()
+
+
 def latest_accuracy(checkpoint: dict[str, Any] | None) -> float | None:
     """The newest evaluated accuracy a checkpoint records (its round's entry; older checkpoints
     carried the whole trail)."""
@@ -139,7 +143,7 @@ class StateDir:
         size. Whatever lies beyond that point (a torn line, or the entry of a round whose commit
         failed and is being retried) is cut first, so each round is in the file once. O(entry),
         where rewriting the whole trail every round was O(rounds)."""
-        line = (json.dumps(entry, sort_keys=True) + "\n").encode()
+        line = _history_line(entry)
         fd = os.open(self.history_path, os.O_WRONLY | os.O_CREAT, 0o644)
         try:
             size = os.fstat(fd).st_size
@@ -165,7 +169,7 @@ class StateDir:
             log.warning("event=history_short file=%s bytes=%d expected_at_least=%d action=appending_latest_round",
                         self.history_path, size, committed_bytes)
             committed_bytes = self.history_path.read_bytes().rfind(b"\n") + 1 if size else 0
-        line = b"" if last_entry is None else (json.dumps(last_entry, sort_keys=True) + "\n").encode()
+        line = b"" if last_entry is None else _history_line(last_entry)
         if size - committed_bytes == len(line):
             if not line:
                 return size
@@ -191,9 +195,9 @@ class StateDir:
 
     def sync_history(self, history: list[dict[str, Any]]) -> None:
         """Make history.jsonl say what an older checkpoint, which carried the whole trail, says."""
-        text = "".join(json.dumps(entry, sort_keys=True) + "\n" for entry in history)
-        if not self.history_path.exists() or self.history_path.read_text(errors="replace") != text:
-            atomic_write(self.history_path, text.encode(), mode=0o644)
+        blob = b"".join(_history_line(entry) for entry in history)
+        if not self.history_path.exists() or self.history_path.read_bytes() != blob:
+            atomic_write(self.history_path, blob, mode=0o644)
 
     def read_history(self) -> list[dict[str, Any]]:
         """The entries of history.jsonl; a line still being written (no newline yet) is left out."""
