@@ -48,6 +48,7 @@ def declare_metrics(metrics: Metrics) -> None:
         ("rounds_completed_total", "counter", "Rounds aggregated and checkpointed."),
         ("updates_accepted_total", "counter", "Updates accepted into a round."),
         ("updates_rejected_total", "counter", "Updates and messages rejected, by reason."),
+        ("updates_held_total", "counter", "Updates that arrived before their round opened (after a restart), held for it."),
         ("bytes_in_total", "counter", "MQTT payload bytes received."),
         ("bytes_out_total", "counter", "MQTT payload bytes published."),
         ("devices_online", "gauge", "Devices heard from within the heartbeat timeout."),
@@ -108,6 +109,9 @@ class CoordinatorDaemon:
         declare_metrics(self.metrics)
         self.history_bytes = 0  # committed size of history.jsonl
         self.holders: dict[str, int] = {}
+        # Updates for the round about to open that arrive before it opens: after a restart the
+        # broker delivers the devices' queued uploads first, and their resends would be duplicates.
+        self.early_updates: dict[str, Update] = {}
         self.release_version = 0
         checkpoint = self.state_dir.load_latest_checkpoint()
         if checkpoint is None:
@@ -123,6 +127,8 @@ class CoordinatorDaemon:
             federation=config.federation.id, identity=self.identity, devices=self._device_key, layout=self.layout,
             max_chunk=config.broker.max_message_kib * 1024,
         )
+        # Updates queued at the broker while this process was down name the current mask version.
+        self.channel.remember_masks(self.state.mask_version, self.state.masks)
         self.rounds: RoundMachine[Update] = RoundMachine(RoundPolicy(
             quorum=config.rounds.quorum, deadline_s=config.rounds.deadline_s,
             on_missed_quorum=config.rounds.on_missed_quorum, max_retries=config.rounds.max_retries,
@@ -135,6 +141,7 @@ class CoordinatorDaemon:
         self.link: MqttLink | None = None
         self._pending_commit: tuple[int, dict[str, Any], ModelRelease | None] | None = None
         self._retry_commit_at = 0.0
+        self._lost_since: float | None = None
         self._registry_dirty = False
         self._next_registry_save = 0.0
 
@@ -189,6 +196,17 @@ class CoordinatorDaemon:
     def stop(self, *_: object) -> None:
         self.stopping = True
 
+    def open_link(self) -> MqttLink:
+        """The coordinator's MQTT session: persistent, so uploads wait at the broker while it restarts."""
+        broker = self.config.broker
+        return MqttLink(LinkConfig(
+            url=broker.url, client_id=f"fedprune-coordinator-{self.config.federation.id}",
+            username=broker.username or None, password=broker.password or None, ca_file=broker.ca_file,
+            cert_file=broker.cert_file, key_file=broker.key_file, clean_start=False, session_expiry_s=86_400,
+            max_message_bytes=broker.max_message_kib * 1024, max_queued_messages=100_000,
+            reconnect_max_s=5.0,  # one client that every device waits on: retry soon (agents back off to 30 s)
+        ), subscriptions=[(f, 1) for f in self.channel.subscriptions])
+
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self.stop)
         signal.signal(signal.SIGINT, self.stop)
@@ -197,15 +215,9 @@ class CoordinatorDaemon:
             server = MetricsServer(self.metrics, self.config.metrics.host, self.config.metrics.port).start()
             log.info("event=metrics_listening url=http://%s:%d/metrics", self.config.metrics.host, server.port)
         self.metrics_port = server.port if server else None
-        broker = self.config.broker
-        self.link = MqttLink(LinkConfig(
-            url=broker.url, client_id=f"fedprune-coordinator-{self.config.federation.id}",
-            username=broker.username or None, password=broker.password or None, ca_file=broker.ca_file,
-            cert_file=broker.cert_file, key_file=broker.key_file, clean_start=False, session_expiry_s=86_400,
-            max_message_bytes=broker.max_message_kib * 1024, max_queued_messages=100_000,
-        ), subscriptions=[(f, 1) for f in self.channel.subscriptions])
+        self.link = self.open_link()
         log.info("event=start federation=%s completed_rounds=%d total_rounds=%d broker=%s",
-                 self.config.federation.id, self.completed, self.config.rounds.total, broker.url)
+                 self.config.federation.id, self.completed, self.config.rounds.total, self.config.broker.url)
         self._republish_latest_release()
         try:
             while not self.stopping and (self.completed < self.config.rounds.total or self._pending_commit):
@@ -229,6 +241,7 @@ class CoordinatorDaemon:
 
     def _on_message(self, topic: str, payload: bytes) -> None:
         now = self.clock()
+        self._broker_lost(now)  # after an outage, move the deadline before the queued uploads are judged
         self.metrics.inc("bytes_in_total", len(payload))
         duplicates = self.channel.reassembler.duplicates
         try:
@@ -247,26 +260,39 @@ class CoordinatorDaemon:
             self.registry.seen(message.device, now, capabilities={
                 "cpu_count": message.cpu_count, "ram_mb": message.ram_mb, "accelerator": message.accelerator,
                 "agent_version": message.agent_version}, n_examples=message.n_examples)
-            if message.cached_mask_version is not None:
+            if message.cached_mask_version is None:  # a restarted agent: its cache is empty
+                self.holders.pop(message.device, None)
+            else:
                 self.holders[message.device] = message.cached_mask_version
             self._registry_dirty = True
             log.info("event=registered device=%s examples=%d", message.device, message.n_examples)
             self._announce_to_late_joiner(message.device)
         elif isinstance(message, Status):
             self.registry.seen(message.device, now, online=message.state is not State.OFFLINE)
+            if message.state is State.OFFLINE:
+                log.info("event=device_offline device=%s reason=%s", message.device, message.reason)
             if message.state is State.DECLINED:
                 self.metrics.inc("rounds_declined_total", reason=message.reason)
                 log.info("event=declined device=%s round=%d reason=%s", message.device, message.round, message.reason)
         elif isinstance(message, Update):
             self.registry.seen(message.device, now)
-            verdict = self.rounds.on_update(message.device, message.round, message, now)
-            if isinstance(verdict, Accepted):
-                self.metrics.inc("updates_accepted_total")
-                log.info("event=update_accepted device=%s round=%d", message.device, message.round)
+            if self.rounds.open_round is None and message.round == self.state.round:
+                self.early_updates[message.device] = message
+                self.metrics.inc("updates_held_total")
+                log.info("event=update_held device=%s round=%d reason=round_not_open_yet", message.device,
+                         message.round)
             else:
-                self.metrics.inc("updates_rejected_total", reason=verdict.reason)
-                log.warning("event=update_rejected device=%s round=%d reason=%s",
-                            message.device, message.round, verdict.reason)
+                self._offer_update(message, now)
+
+    def _offer_update(self, update: Update, now: float) -> None:
+        verdict = self.rounds.on_update(update.device, update.round, update, now)
+        if isinstance(verdict, Accepted):
+            self.metrics.inc("updates_accepted_total")
+            log.info("event=update_accepted device=%s round=%d", update.device, update.round)
+        else:
+            self.metrics.inc("updates_rejected_total", reason=verdict.reason)
+            log.warning("event=update_rejected device=%s round=%d reason=%s", update.device, update.round,
+                        verdict.reason)
 
     def _tick(self) -> None:
         now = self.clock()
@@ -276,6 +302,8 @@ class CoordinatorDaemon:
         if self._pending_commit is not None:
             if now >= self._retry_commit_at:
                 self._commit_round()
+            return
+        if self._broker_lost(now):
             return
         if self.rounds.open_round is None:
             self._maybe_start_round(now)
@@ -291,6 +319,23 @@ class CoordinatorDaemon:
         elif now >= self.next_announce:
             missing = tuple(d for d in self.plan.selected if d not in self.rounds.received)
             self._publish_task(replace(self._task, selected=missing), now)
+
+    def _broker_lost(self, now: float) -> bool:
+        """True while the link that was up is down: no round opens, and the open round's deadline
+        waits, so an outage does not close rounds that no device could hear or answer."""
+        if self.link.connected or self.link.stats().connects == 0:
+            if self._lost_since is not None:
+                paused = now - self._lost_since
+                self._lost_since = None
+                if self.rounds.open_round is not None:
+                    self._task = replace(self._task, deadline=self.rounds.postpone(paused))
+                    self.next_announce = now
+                log.info("event=rounds_resumed paused_s=%.1f", paused)
+            return False
+        if self._lost_since is None:
+            self._lost_since = now
+            log.warning("event=rounds_paused reason=broker_unreachable round=%s", self.rounds.open_round)
+        return True
 
     def _maybe_start_round(self, now: float) -> None:
         online = self.registry.online(now)
@@ -308,6 +353,9 @@ class CoordinatorDaemon:
             hyper=self.plan.hyper, deadline=deadline, selected=self.plan.selected, include_masks=include_masks,
         )
         self.rounds.open(self.plan.round, self.plan.selected, now)
+        held, self.early_updates = self.early_updates, {}
+        for update in held.values():
+            self._offer_update(update, now)
         self.round_started = now
         self.metrics.set("current_round", self.plan.round)
         log.info("event=round_open round=%d selected=%d readjust=%s p_t=%.3f deadline_s=%.1f",

@@ -98,6 +98,16 @@ class RoundMachine(Generic[Update]):
             raise ValueError("a round needs at least one selected device")
         self._open = _OpenRound(number, frozenset(selected), now + self.policy.deadline_s)
 
+    def postpone(self, seconds: float) -> float:
+        """Move the open round's deadline on by ``seconds`` (time nobody could reach the
+        coordinator does not count against the devices); returns the new deadline."""
+        if self._open is None:
+            raise RuntimeError("no round is open")
+        if seconds < 0:
+            raise ValueError("a deadline can only move later")
+        self._open.deadline += seconds
+        return self._open.deadline
+
     def on_update(self, device_id: str, round_number: int, update: Update, now: float) -> Accepted | Rejected:
         current = self._open
         if current is None:

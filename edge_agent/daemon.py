@@ -34,13 +34,18 @@ from edge_agent.ledger import PrivacyLedger, ledger_path
 from edge_agent.mqtt import LastWill, LinkConfig, MqttError, MqttLink
 from edge_agent.privacy import PRIVACY_BUDGET_EXHAUSTED
 from protocol.channel import AgentChannel, Publication
-from protocol.errors import ProtocolError
+from protocol.errors import ProtocolError, UnknownMask
 from protocol.layout import ModelLayout
 from edge_agent.release_store import ReleaseRejected, ReleaseStore
 from protocol.messages import ModelRef, ModelRelease, Register, RoundTask, State, Status, Update
 from protocol.sparse import SparseParams
 
 log = logging.getLogger("fedprune.agent")
+
+# A task whose mask this agent lacks (it restarted, the coordinator thinks it holds the mask) is
+# answered by registering again, which tells the coordinator to resend with the mask; at most
+# this often, since the coordinator re-announces to every selected device that has not answered.
+MASK_REQUEST_INTERVAL_S = 2.0
 
 _PHASE_STATE = {Phase.IDLE: State.IDLE, Phase.TRAINING: State.TRAINING, Phase.UPLOADING: State.UPLOADING}
 
@@ -74,6 +79,8 @@ class AgentDaemon:
         self._connects_seen = 0
         self._tasks_seen = False
         self._next_heartbeat = 0.0
+        self._mask_missing = False
+        self._next_mask_request = 0.0
         self.link: MqttLink | None = None
 
     def _privacy_ledger(self) -> PrivacyLedger:
@@ -103,6 +110,9 @@ class AgentDaemon:
             ca_file=ca_file, will=LastWill(will.topic, will.payload, qos=1),
         )
 
+    def open_link(self) -> MqttLink:
+        return MqttLink(self._link_config(), subscriptions=[(f, 1) for f in self.channel.subscriptions])
+
     def stop(self, *_: object) -> None:
         self.stopping = True
 
@@ -121,7 +131,7 @@ class AgentDaemon:
                 self._serve(*current)
             http = InferenceHTTP(self.server, self.config.inference.http_host, self.config.inference.http_port).start()
             log.info("event=inference_listening url=http://%s:%d/predict", *http.address)
-        self.link = MqttLink(self._link_config(), subscriptions=[(f, 1) for f in self.channel.subscriptions])
+        self.link = self.open_link()
         log.info("event=start device=%s federation=%s examples=%d broker=%s", self.bundle.device_id,
                  self.bundle.federation, self.n_examples, self.link_url)
         if self.config.agent.threads and not self.config.governance.max_threads:
@@ -150,20 +160,27 @@ class AgentDaemon:
         return self.config.broker.url or self.bundle.broker_url
 
     def _maybe_register(self) -> None:
-        """Register on every (re)connect, and with each heartbeat until the first task arrives:
-        a Register sent before the coordinator's session exists is dropped by the broker."""
+        """Register on every (re)connect, with each heartbeat until the first task arrives (a
+        Register sent before the coordinator's session exists is dropped by the broker), and
+        when a task names a mask this agent does not hold (the Register says what it holds)."""
         connects = self.link.stats().connects
+        now = self.clock()
         reconnected = connects != self._connects_seen
-        unanswered = not self._tasks_seen and self.clock() >= self._next_heartbeat
-        if self.link.connected and (reconnected or unanswered):
+        unanswered = not self._tasks_seen and now >= self._next_heartbeat
+        needs_mask = self._mask_missing and now >= self._next_mask_request
+        if self.link.connected and (reconnected or unanswered or needs_mask):
             self._connects_seen = connects
+            if needs_mask:
+                self._mask_missing = False
+                self._next_mask_request = now + MASK_REQUEST_INTERVAL_S
             register = Register(
                 device=self.bundle.device_id, cpu_count=os.cpu_count() or 1, ram_mb=_ram_mb(),
                 accelerator=_accelerator(self.config.agent.device), n_examples=self.n_examples,
                 agent_version=_version(), cached_mask_version=self.channel.masks.latest,
             )
             self._publish(self.channel.send(register, self.clock()), "register", self._round)
-            log.info("event=registered device=%s connects=%d", self.bundle.device_id, connects)
+            why = "connect" if reconnected else "mask_missing" if needs_mask else "unanswered"
+            log.info("event=registered device=%s connects=%d reason=%s", self.bundle.device_id, connects, why)
 
     def _maybe_heartbeat(self) -> None:
         now = self.clock()
@@ -186,6 +203,7 @@ class AgentDaemon:
             message = self.channel.receive(topic, payload, now)
         except ProtocolError as exc:
             log.warning("event=message_rejected topic=%s reason=%s detail=%s", topic, exc.reason, exc)
+            self._mask_missing = self._mask_missing or isinstance(exc, UnknownMask)
             return
         if isinstance(message, RoundTask):
             self._on_task(message)

@@ -72,6 +72,22 @@ def test_quorum_larger_than_the_selection_is_capped_by_the_selection() -> None:
     assert isinstance(m.tick(now=0.5), CloseRound)
 
 
+def test_a_postponed_deadline_accepts_and_waits_for_the_time_it_was_moved() -> None:
+    m = machine()
+    m.open(1, ("a", "b", "c"), now=0.0)
+    m.on_update("a", 1, "x", now=1.0)
+    assert m.postpone(30.0) == 40.0 == m.deadline
+    assert m.tick(now=20.0) is None
+    assert m.on_update("b", 1, "y", now=39.0) == Accepted("b")
+    closed = m.tick(now=40.5)
+    assert isinstance(closed, CloseRound) and set(closed.updates) == {"a", "b"}
+    with pytest.raises(RuntimeError):
+        m.postpone(1.0)
+    m.open(2, ("a",), now=50.0)
+    with pytest.raises(ValueError):
+        m.postpone(-1.0)
+
+
 def test_opening_twice_is_a_bug() -> None:
     m = machine()
     m.open(1, ("a",), now=0.0)

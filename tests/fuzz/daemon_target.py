@@ -19,10 +19,10 @@ overflow into the counted ``QueueFull``). Each input is a program of operations:
 
 Invariants, after every operation: nothing escapes ``_on_message``/``_tick``; ``bytes_in_total``
 counts every byte fed; every input with a complete transfer has exactly one visible outcome
-(one counted rejection with its reason, one accepted update, or a registry/presence change);
-every rejection log line has its counter; the global state stays consistent (finite weights,
-masks with the layout's shapes and nnz equal to the ERK counts, scores only for enrolled
-devices, history contiguous and equal to the checkpoint's).
+(one counted rejection with its reason, one accepted update, one update held for the round about
+to open, or a registry/presence change); every rejection log line has its counter; the global
+state stays consistent (finite weights, masks with the layout's shapes and nnz equal to the ERK
+counts, scores only for enrolled devices, history contiguous and equal to the checkpoint's).
 """
 
 from __future__ import annotations
@@ -276,23 +276,26 @@ class DaemonWorld:
             assert after["bytes_in"] - snapshot["bytes_in"] == len(payload)
             rejected = after["rejected"] - snapshot["rejected"]
             accepted = after["accepted"] - snapshot["accepted"]
+            held = after["held"] - snapshot["held"]
             presence = after["presence"] != snapshot["presence"]
             reasons = self.capture.reasons[logged:]
             assert rejected == len(reasons), ("a rejection without its counter or log line", reasons)
             for reason in reasons:
                 assert reason in REASONS, f"rejection reason {reason!r} unknown to the harness: add it to REASONS"
-            assert rejected + accepted <= 1 + (reasons[:1] == ["duplicate_transfer"]), (rejected, accepted)
+            assert rejected + accepted + held <= 1 + (reasons[:1] == ["duplicate_transfer"]), (rejected, accepted, held)
             if _complete_transfer(payload):
-                assert rejected + accepted + presence >= 1, f"an input on {topic} vanished without a trace"
+                assert rejected + accepted + held + presence >= 1, f"an input on {topic} vanished without a trace"
             if accepted:
                 assert d.rounds.open_round == d.state.round
+            if held:
+                assert d.rounds.open_round is None and set(d.early_updates) <= set(ENROLLED)
             self.delivered = (self.delivered + [Publication(topic, payload)])[-32:]
         check_state(d, full=False)
 
 
 def _observe(d: CoordinatorDaemon) -> dict[str, Any]:
     return {"bytes_in": d.metrics.value("bytes_in_total"), "rejected": rejections(d),
-            "accepted": d.metrics.value("updates_accepted_total"),
+            "accepted": d.metrics.value("updates_accepted_total"), "held": d.metrics.value("updates_held_total"),
             "presence": ([(r.device_id, r.last_seen, r.online, r.capabilities) for r in d.registry.devices()],
                          dict(d.holders), d.metrics.value("rounds_declined_total"))}
 

@@ -1,0 +1,143 @@
+"""The coordinator and an agent as real daemons in this process, over the real Mosquitto,
+driven step by step: an agent handed a task without the mask it lacks asks again and trains in
+that round, and rounds wait while the coordinator has lost the broker (an upload that waited out
+the outage is not late)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+
+from coordinator.config import load_config
+from coordinator.daemon import CoordinatorDaemon
+from coordinator.localfed import BrokerAccess, LocalFederation
+from edge_agent.bundle import load_bundle
+from edge_agent.config import load_config as load_agent_config
+from edge_agent.daemon import AgentDaemon
+from protocol.channel import AgentChannel, Publication
+from protocol.messages import Update
+from protocol.sparse import MaskStore, SparseParams
+from tests.integration.mosquitto import MosquittoBroker, wait_until
+
+pytestmark = pytest.mark.slow
+
+
+def federation(broker: MosquittoBroker, root: Path, **rounds: object) -> LocalFederation:
+    access = BrokerAccess(url=broker.url, ca_file=broker.ca_file, coordinator_password=broker.coordinator.password,
+                          device_passwords={d.username: d.password for d in broker.devices})
+    fed = LocalFederation(root=root, broker=access, devices=tuple(d.username for d in broker.devices),
+                          federation=broker.federation, settings={
+                              "broker": {"username": broker.coordinator.username}, "metrics": {"port": -1},
+                              "rounds": {"total": 5, "min_devices": 1, "quorum": 1, "reannounce_s": 0.5,
+                                         "on_missed_quorum": "close", **rounds}})
+    fed.prepare()
+    return fed
+
+
+def connected_coordinator(fed: LocalFederation, clock: Callable[[], float] = time.time) -> CoordinatorDaemon:
+    daemon = CoordinatorDaemon(load_config(fed.config_path, env={}), clock=clock)
+    daemon.link = daemon.open_link()
+    wait_until(lambda: daemon.link.connected, 10, "the coordinator to connect")
+    return daemon
+
+
+def step(coordinator: CoordinatorDaemon, agent: AgentDaemon) -> None:
+    """One pass of each daemon's loop (their run() minus signals and sleeping)."""
+    agent._maybe_register()
+    while not agent.link.messages.empty():
+        agent._on_message(*agent.link.messages.get_nowait())
+    while not coordinator.link.messages.empty():
+        coordinator._on_message(*coordinator.link.messages.get_nowait())
+    coordinator._tick()
+    time.sleep(0.02)
+
+
+def test_an_agent_given_a_task_without_the_mask_it_lacks_asks_again_and_trains_in_that_round(
+        mosquitto: MosquittoBroker, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    fed = federation(mosquitto, tmp_path)
+    coordinator = connected_coordinator(fed)
+    agent = AgentDaemon(load_agent_config(tmp_path / "devices" / "dev-0" / "agent.toml", env={}))
+    agent.link = agent.open_link()
+    try:
+        deadline = time.monotonic() + 60
+        while coordinator.completed < 1:
+            assert time.monotonic() < deadline, "round 1 did not complete"
+            step(coordinator, agent)
+        assert coordinator.holders == {"dev-0": coordinator.state.mask_version}
+
+        # The agent restarts (its cache and the messages on their way to it are lost) and the
+        # Register that would say so never arrives: the coordinator still records the mask as
+        # held, so round 2 goes out as values only.
+        while coordinator.rounds.open_round != 2:
+            coordinator._tick()
+            time.sleep(0.02)
+        time.sleep(0.2)
+        while not agent.link.messages.empty():
+            agent.link.messages.get_nowait()
+        agent.channel.masks = MaskStore(4)
+        assert not coordinator._task.include_masks
+        with caplog.at_level(logging.INFO, logger="fedprune.agent"):
+            while coordinator.completed < 2:
+                assert time.monotonic() < deadline, "round 2 did not complete"
+                step(coordinator, agent)
+        assert "reason=unknown_mask" in caplog.text and "reason=mask_missing" in caplog.text
+        assert coordinator.state_dir.read_history()[1]["received"] == 1
+    finally:
+        agent.link.close()
+        coordinator.link.close()
+
+
+def zero_update(fed: LocalFederation, coordinator: CoordinatorDaemon, device: str, now: float) -> list[Publication]:
+    """A genuine sealed Update of ``device`` for the open round (a zero delta: content is not the point)."""
+    bundle = load_bundle(fed.root / "devices" / device / "bundle.json")
+    state = coordinator.state
+    channel = AgentChannel(federation=fed.federation, device=device, identity=bundle.identity,
+                           coordinator=bundle.coordinator, layout=coordinator.layout)
+    channel.remember_masks(state.mask_version, state.masks)
+    trainable = coordinator.layout.subset(spec.name for spec in coordinator.layout.trainable)
+    delta = SparseParams.from_dense(trainable, {spec.name: np.zeros(spec.shape, np.float32) for spec in trainable},
+                                    state.masks)
+    update = Update(round=state.round, device=device, mask_version=state.mask_version, n_examples=50,
+                    metrics={"train_loss": 0.5}, class_losses={}, delta=delta, mask_changed=False)
+    return channel.send(update, now)
+
+
+def test_rounds_wait_while_the_coordinator_has_lost_the_broker(mosquitto: MosquittoBroker, tmp_path: Path) -> None:
+    class Clock:
+        now = 1_900_000_000.0
+
+        def __call__(self) -> float:
+            return self.now
+
+    clock = Clock()
+    fed = federation(mosquitto, tmp_path, deadline_s=5.0)
+    coordinator = connected_coordinator(fed, clock)
+    try:
+        coordinator.registry.seen("dev-0", clock.now)
+        coordinator._tick()
+        assert coordinator.rounds.open_round == 1
+        deadline = coordinator.rounds.deadline
+
+        mosquitto.kill()
+        wait_until(lambda: not coordinator.link.connected, 10, "the coordinator to notice the broker is gone")
+        coordinator._tick()
+        clock.now += 60
+        coordinator._tick()
+        assert coordinator.rounds.open_round == 1 and coordinator.completed == 0, "a round closed with nobody reachable"
+
+        mosquitto.start()
+        wait_until(lambda: coordinator.link.connected, 15, "the coordinator to reconnect")
+        for publication in zero_update(fed, coordinator, "dev-0", clock.now):  # queued while it was away
+            coordinator._on_message(publication.topic, publication.payload)
+        assert coordinator.rounds.received == ("dev-0",), "an upload that waited out the outage is not late"
+        assert coordinator.rounds.deadline == pytest.approx(deadline + 60, abs=0.1)
+        assert coordinator._task.deadline == coordinator.rounds.deadline, "devices are told the new deadline"
+        coordinator._tick()
+        assert coordinator.completed == 1, "the one selected device answered: the round closes"
+    finally:
+        coordinator.link.close()
