@@ -4,24 +4,12 @@ reopens are held for it, not dropped (their resends would be duplicates). No bro
 
 from __future__ import annotations
 
-from typing import Iterator
-
 import pytest
 
 from coordinator.daemon import CoordinatorDaemon
 from protocol.messages import Register, RoundTask
 from tests.fuzz.daemon_target import DaemonWorld, offline_link
 from tests.fuzz.targets import Program
-
-
-@pytest.fixture
-def world() -> Iterator[DaemonWorld]:
-    w = DaemonWorld()
-    try:
-        yield w
-    finally:
-        w.daemon.link.close(timeout=0.5)
-        w.close()
 
 
 def register(world: DaemonWorld, device: str, cached_mask_version: int | None) -> None:

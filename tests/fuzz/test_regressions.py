@@ -2,20 +2,8 @@
 
 from __future__ import annotations
 
-import pytest
-
 from tests.fuzz.daemon_target import DaemonWorld
 from tests.fuzz.targets import Program
-
-
-@pytest.fixture
-def world():
-    w = DaemonWorld()
-    try:
-        yield w
-    finally:
-        w.daemon.link.close(timeout=0.5)
-        w.close()
 
 
 def test_a_round_whose_only_update_is_rejected_by_the_strategy_still_counts_once(world: DaemonWorld) -> None:
