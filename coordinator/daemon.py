@@ -439,13 +439,13 @@ class CoordinatorDaemon:
             log.error("event=checkpoint_failed round=%d error=%r action=retry_in_%ds", completed, exc, COMMIT_RETRY_S)
             return
         self._pending_commit = None
-        self._save_registry(self.clock())
-        self.metrics.inc("rounds_completed_total")
+        self.metrics.inc("rounds_completed_total")  # before the registry write, to trail history.jsonl by little
         self.metrics.set("round_duration_seconds", entry["duration_s"])
         self.metrics.set("current_round", self.state.round)
         self.metrics.clear("device_importance")
         for device, score in entry.get("scores", {}).items():
             self.metrics.set("device_importance", score["r"], device=device)
+        self._save_registry(self.clock())
         log.info("event=round_closed round=%d received=%d/%d accuracy=%s duration_s=%.2f",
                  completed, entry["received"], entry["selected"],
                  f"{entry['accuracy']:.4f}" if "accuracy" in entry else "n/a", entry["duration_s"])
