@@ -241,7 +241,8 @@ class CoordinatorDaemon:
 
     def _on_message(self, topic: str, payload: bytes) -> None:
         now = self.clock()
-        self._broker_lost(now)  # after an outage, move the deadline before the queued uploads are judged
+        if self._lost_since is not None:  # back from an outage: move the deadline before queued uploads are judged
+            self._broker_lost(now)
         self.metrics.inc("bytes_in_total", len(payload))
         duplicates = self.channel.reassembler.duplicates
         try:
