@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # Idempotent set-up on a fresh Debian machine: virtualenv, torch CPU wheel first (so pip never
-# resolves a multi-GB CUDA build), then fedprune with the requested extras, then Mosquitto when asked.
-#   scripts/bootstrap.sh [--extras dev,coordinator] [--mosquitto]
+# resolves a multi-GB CUDA build), then fedprune with the requested extras, then the test suite's Debian tools when asked
+# (Mosquitto for the broker tests, shellcheck for the installer).
+#   scripts/bootstrap.sh [--extras dev,coordinator] [--test-tools]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 extras="coordinator"
-want_mosquitto=0
+want_test_tools=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --extras) extras="$2"; shift 2 ;;
-    --mosquitto) want_mosquitto=1; shift ;;
+    --test-tools) want_test_tools=1; shift ;;
     *) echo "bootstrap: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -21,10 +22,18 @@ torch_version="${FEDPRUNE_TORCH:-2.13.0}"
 
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
-if [ "$want_mosquitto" -eq 1 ] && ! command -v mosquitto >/dev/null 2>&1; then
-  echo "bootstrap: installing Mosquitto from Debian's packages"
-  as_root apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq mosquitto mosquitto-clients >/dev/null
+# Another apt-get (unattended upgrades on a fresh machine) may hold the dpkg lock: wait for it.
+apt_get() { as_root env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 "$@"; }
+
+if [ "$want_test_tools" -eq 1 ]; then
+  missing=()
+  command -v mosquitto >/dev/null 2>&1 || missing+=(mosquitto mosquitto-clients)
+  command -v shellcheck >/dev/null 2>&1 || missing+=(shellcheck)
+  if [ "${#missing[@]}" -gt 0 ]; then
+    echo "bootstrap: installing ${missing[*]} from Debian's packages"
+    apt_get update -qq
+    apt_get install -y -qq "${missing[@]}" >/dev/null
+  fi
 fi
 
 if [ ! -x "$venv/bin/python" ]; then

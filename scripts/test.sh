@@ -4,7 +4,7 @@
 # Exits non-zero on any failure, and also when no test ran (pytest's exit code 5).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/bootstrap.sh --extras dev --mosquitto
+scripts/bootstrap.sh --extras dev --test-tools
 if [ "${CI:-}" = "true" ]; then export HYPOTHESIS_PROFILE=ci; fi
 set +e
 .venv/bin/python -m pytest "$@"

@@ -16,7 +16,7 @@ from tests.integration.mosquitto import MosquittoBroker, start_mosquitto
 def mosquitto() -> Iterator[MosquittoBroker]:
     """A fresh Mosquitto for federation 'fed1' with a coordinator user and devices dev-0..dev-2."""
     if shutil.which("mosquitto") is None:
-        message = "mosquitto is not installed (scripts/bootstrap.sh --mosquitto)"
+        message = "mosquitto is not installed (scripts/bootstrap.sh --test-tools)"
         if os.environ.get("CI") == "true":
             pytest.fail(message + ": CI must run the broker tests, not skip them")
         pytest.skip(message)

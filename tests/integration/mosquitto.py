@@ -169,7 +169,7 @@ class MosquittoBroker:
 
 def start_mosquitto(federation: str = "fed1", devices: int = 3) -> MosquittoBroker:
     if shutil.which("mosquitto") is None:
-        raise FileNotFoundError("mosquitto is not installed: run scripts/bootstrap.sh --mosquitto")
+        raise FileNotFoundError("mosquitto is not installed: run scripts/bootstrap.sh --test-tools")
     directory = Path(tempfile.mkdtemp(prefix="fedprune-mosquitto-"))
     try:
         broker = MosquittoBroker(directory, federation, devices)

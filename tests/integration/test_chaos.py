@@ -60,7 +60,7 @@ def federation_on(broker: MosquittoBroker, root: Path, seed: int) -> LocalFedera
 
 def fresh_broker() -> MosquittoBroker:
     if shutil.which("mosquitto") is None:
-        pytest.fail("mosquitto is not installed: run scripts/bootstrap.sh --mosquitto")
+        pytest.fail("mosquitto is not installed: run scripts/bootstrap.sh --test-tools")
     return start_mosquitto(federation="fed1", devices=DEVICES)
 
 

@@ -63,7 +63,7 @@ def checkpoint_failures(fed: LocalFederation) -> float:
 @pytest.mark.timeout(300)
 def test_a_full_disk_keeps_the_last_checkpoint_counts_retries_and_recovers(small_disk: Path) -> None:
     if shutil.which("mosquitto") is None:
-        pytest.fail("mosquitto is not installed: run scripts/bootstrap.sh --mosquitto")
+        pytest.fail("mosquitto is not installed: run scripts/bootstrap.sh --test-tools")
     broker = start_mosquitto(federation="fed1", devices=DEVICES)
     access = BrokerAccess(url=broker.url, ca_file=broker.ca_file, coordinator_password=broker.coordinator.password,
                           device_passwords={d.username: d.password for d in broker.devices})

@@ -23,7 +23,7 @@ DEVICES = 5
 @pytest.fixture
 def broker() -> Iterator[MosquittoBroker]:
     if shutil.which("mosquitto") is None:
-        pytest.fail("mosquitto is not installed: run scripts/bootstrap.sh --mosquitto")
+        pytest.fail("mosquitto is not installed: run scripts/bootstrap.sh --test-tools")
     server = start_mosquitto(federation="fed1", devices=DEVICES)
     try:
         yield server

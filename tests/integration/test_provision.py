@@ -90,7 +90,7 @@ def provisioned_broker(federation: str, devices: Sequence[str],
     cannot traverse /tmp/pytest-of-root.
     """
     if shutil.which("mosquitto") is None:
-        pytest.skip("mosquitto is not installed (scripts/bootstrap.sh --mosquitto)")
+        pytest.skip("mosquitto is not installed (scripts/bootstrap.sh --test-tools)")
     root = Path(tempfile.mkdtemp(prefix="fedprune-provision-"))
     process = None
     try:
