@@ -148,6 +148,9 @@ class Coordinator:
         self.state = self.strategy.initial_state(self.layout, init_params(SPEC, 0), self.rng)
         self.channel = CoordinatorChannel(federation=FEDERATION, identity=self.identity, devices=self._device_key,
                                           layout=self.layout, max_chunk=MAX_CHUNK)
+        # Tasks go out encrypted under a federation key; the recorded devices never read them, so
+        # their grants are not published.
+        self.channel.rekey({d: i.public for d, i in devices.items()}, time.time())
         self.rounds: RoundMachine[Update] = RoundMachine(RoundPolicy(quorum=len(devices), deadline_s=3600.0))
         self.link = link
         self.plan = None

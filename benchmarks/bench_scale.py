@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 from coordinator import enrollment  # noqa: E402
 from coordinator.config import load_config  # noqa: E402
 from coordinator.daemon import model_spec  # noqa: E402
-from coordinator.registry import Registry  # noqa: E402
+from coordinator.registry_store import RegistryStore  # noqa: E402
 from coordinator.state import StateDir  # noqa: E402
 from coordinator.strategy import Strategy  # noqa: E402
 from edge_agent.models import init_params, model_layout  # noqa: E402
@@ -174,11 +174,10 @@ def main(argv: list[str] | None = None) -> int:
                             "metrics": {"port": 0}})
         config = load_config(config_path, env={})
         state = StateDir(config.state.dir)
-        registry = Registry(config.rounds.heartbeat_timeout_s)
         identities = {c.username: Identity.generate() for c in broker.devices}
-        for name, identity in identities.items():
-            registry.enroll(name, identity.public.signing, identity.public.agreement, now=time.time())
-        state.save_registry(registry.to_dict())
+        with RegistryStore(state.root).edit(config.rounds.heartbeat_timeout_s) as registry:
+            for name, identity in identities.items():
+                registry.enroll(name, identity.public.signing, identity.public.agreement, now=time.time())
         # The daemon's own initial state (same seed, same code): the masks every device holds for mask_version 0.
         spec = model_spec(config)
         initial = Strategy(config.strategy).initial_state(model_layout(spec), init_params(spec, config.federation.seed),

@@ -22,6 +22,8 @@ from concurrent.futures import Future
 from amqtt.broker import Broker
 from amqtt.errors import BrokerError
 
+from edge_agent.configkit import ConfigError
+
 log = logging.getLogger("fedprune.broker")
 
 _BIND_ATTEMPTS = 5
@@ -56,6 +58,8 @@ class EmbeddedBroker:
             raise RuntimeError("EmbeddedBroker already started")
         for noisy in ("amqtt", "transitions"):  # per-connection INFO lines would drown the daemon's own
             logging.getLogger(noisy).setLevel(logging.WARNING)
+        if self._requested_port:
+            check_bindable(self.host, self._requested_port)
         loop = asyncio.new_event_loop()
         thread = threading.Thread(target=loop.run_forever, name="fedprune-embedded-broker", daemon=True)
         thread.start()
@@ -129,6 +133,24 @@ class EmbeddedBroker:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(self._start_timeout_s)
         loop.close()
+
+
+def check_bindable(host: str, port: int) -> None:
+    """Refuse a port the broker cannot listen on (taken, privileged, not a local address) with a
+    message naming the key to change: amqtt would log a 60-line traceback and systemd would
+    restart the coordinator into the same failure forever."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio's server does
+            probe.bind(address)
+    except OSError as exc:
+        raise ConfigError(
+            f"[broker] url: the embedded broker cannot listen on {host}:{port} ({exc.strerror or exc}); if "
+            "another broker or coordinator holds the port, stop it, change the port in [broker] url, or set "
+            "[broker] embedded = false to use that broker"
+        ) from None
 
 
 def free_port(host: str = "127.0.0.1") -> int:

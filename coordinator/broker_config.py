@@ -8,16 +8,29 @@ Templates use ``{{name}}`` placeholders. Rendering is strict: a placeholder with
 value without a placeholder, or a value that could smuggle a second directive into the file
 (newline, whitespace, NUL) is a ``ValueError`` naming it, because a config typo here silently
 changes who may publish what.
+
+``remove_password_user`` and ``reload_broker`` take a revoked device off the broker
+(``fedprune-coordinator revoke``). The provisioned ACL has no per-device lines, only ``pattern``
+lines every authenticated user matches, so what shuts a device out is its missing password entry:
+on SIGHUP Mosquitto 2.0 re-reads password_file and acl_file, disconnects every connected client
+whose user is no longer in the file, and refuses its reconnects (CONNACK 135), measured with
+2.0.11 in tests/integration/test_revocation.py.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import shlex
+import stat
+import subprocess
+import tempfile
 from dataclasses import asdict, dataclass
 from importlib.resources import files
 from pathlib import Path
 from typing import Mapping
 
+from edge_agent.fsutil import fsync_directory
 from edge_agent.mqtt import MAX_MESSAGE_BYTES
 from protocol.topics import validate_id
 
@@ -98,3 +111,38 @@ def render_acl(federation: str, coordinator_user: str) -> str:
     validate_id(federation, "federation")
     validate_id(coordinator_user, "coordinator user")
     return render(template_text(ACL_TEMPLATE), {"federation": federation, "coordinator_user": coordinator_user})
+
+
+def remove_password_user(path: Path, user: str) -> bool:
+    """Drop ``user``'s line from a Mosquitto password file; False when it has none. The file is
+    replaced atomically with its owner, group and mode kept: Mosquitto reads it after dropping
+    privileges, and a file it cannot read locks every user out, the coordinator too, at the next
+    reload (measured). Raises OSError (missing file, no permission) for the caller to name its key."""
+    path = Path(path)
+    before = path.stat()
+    lines = path.read_bytes().splitlines(keepends=True)
+    kept = [line for line in lines if line.split(b":", 1)[0] != user.encode()]
+    if len(kept) == len(lines):
+        return False
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), stat.S_IMODE(before.st_mode))
+            if (before.st_uid, before.st_gid) != (os.geteuid(), os.getegid()):
+                os.fchown(handle.fileno(), before.st_uid, before.st_gid)
+            handle.write(b"".join(kept))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_directory(path.parent)
+    return True
+
+
+def reload_broker(command: str, timeout_s: float = 30.0) -> None:
+    """Run the operator's reload command (no shell), e.g. ``systemctl reload mosquitto`` (whose
+    ExecReload sends SIGHUP). Raises OSError, TimeoutExpired or CalledProcessError."""
+    subprocess.run(shlex.split(command), stdin=subprocess.DEVNULL, capture_output=True, text=True, check=True,
+                   timeout=timeout_s)

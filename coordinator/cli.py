@@ -135,7 +135,8 @@ def _run_provision(args: argparse.Namespace) -> int:
 
 
 def _add_revoke(commands: argparse._SubParsersAction) -> None:
-    sub = commands.add_parser("revoke", help="remove a device from the allow-list")
+    sub = commands.add_parser("revoke", help="remove a device from the allow-list and, with [broker] password_file, "
+                                             "from the broker")
     sub.add_argument("device_id")
     _add_config_flags(sub)
     sub.set_defaults(handler=_run_revoke)
@@ -144,8 +145,7 @@ def _add_revoke(commands: argparse._SubParsersAction) -> None:
 def _run_revoke(args: argparse.Namespace) -> int:
     from coordinator import enrollment
 
-    enrollment.revoke(_load(args), args.device_id)
-    print(f"revoked {args.device_id}")
+    print("\n".join(enrollment.revoke(_load(args), args.device_id).lines()))
     return 0
 
 

@@ -8,6 +8,7 @@ example from the same declarations. This module is the only reader of ``os.envir
 from __future__ import annotations
 
 import os
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
@@ -15,6 +16,7 @@ from urllib.parse import urlsplit
 
 from coordinator.strategy import StrategyConfig
 from edge_agent.configkit import ConfigError, in_range, load, one_of, render_example, setting
+from edge_agent.model_rules import MODEL_NAMES, input_shape_problem
 from protocol.topics import is_valid_id
 
 ENV_PREFIX = "FEDPRUNE_COORDINATOR_"
@@ -35,6 +37,14 @@ def _valid_id(value: str) -> str | None:
     return None if is_valid_id(value) else "1-64 characters from A-Z a-z 0-9 . _ -"
 
 
+def _command_line(value: str) -> str | None:
+    try:
+        shlex.split(value)
+    except ValueError:
+        return "a command line with balanced quotes (it runs without a shell)"
+    return None
+
+
 def _positive_dims(value: tuple[int, ...]) -> str | None:
     return None if value and all(d > 0 for d in value) else "a non-empty list of positive ints"
 
@@ -44,10 +54,16 @@ class FederationSection:
     """Which federation this coordinator runs and which model it trains."""
 
     id: str = setting("demo", "federation id; part of every topic", check=_valid_id)
-    model: str = setting("mlp", "built-in model name: mlp, cnn2d or cnn1d", check=one_of("mlp", "cnn2d", "cnn1d"))
+    model: str = setting("mlp", "built-in model name: mlp, cnn2d or cnn1d", check=one_of(*MODEL_NAMES))
     input_shape: tuple[int, ...] = setting((64,), "shape of one input sample (digits: [64] for mlp, [1, 8, 8] for cnn2d)", check=_positive_dims)
     num_classes: int = setting(10, "number of classes", check=in_range(2, 100_000))
     seed: int = setting(0, "seed of the initial model, masks and device selection", check=in_range(0, 2**31 - 1))
+
+    def __post_init__(self) -> None:
+        """Checked at load, so every command refuses a model that cannot be built, not only ``run``."""
+        problem = input_shape_problem(self.model, tuple(self.input_shape))
+        if problem:
+            raise ValueError(f"model {self.model!r} with input_shape {list(self.input_shape)}: {problem}")
 
 
 @dataclass(frozen=True)
@@ -62,6 +78,8 @@ class BrokerSection:
     cert_file: Path | None = setting(None, "client certificate for mutual TLS")
     key_file: Path | None = setting(None, "client private key for mutual TLS")
     max_message_kib: int = setting(128, "largest MQTT message sent; larger payloads are chunked", check=in_range(4, 256 * 1024))
+    password_file: Path | None = setting(None, "Mosquitto password file `revoke` removes the device's user from (provision sets it to its passwd); unset: remove it yourself")
+    reload_command: str = setting("", "command `revoke` runs after changing password_file, so the broker reloads it and closes the device's session, e.g. 'systemctl reload mosquitto'; empty: reload it yourself", check=_command_line)
 
 
 @dataclass(frozen=True)

@@ -24,10 +24,11 @@ import numpy as np
 
 from coordinator.config import CoordinatorConfig
 from coordinator.metrics import Metrics, MetricsServer
-from coordinator.registry import Registry
+from coordinator.registry_store import RegistryStore
 from coordinator.rounds import Accepted, CloseRound, RetryRound, RoundMachine, RoundPolicy
 from coordinator.state import StateDir, StateError
 from coordinator.strategy import ClientUpdate, GlobalState, RoundPlan, Strategy
+from edge_agent.data import DATA_MISMATCH
 from edge_agent.mqtt import LinkConfig, MqttError, MqttLink
 from protocol.channel import CoordinatorChannel, Publication
 from protocol.crypto import Identity, PublicIdentity
@@ -41,6 +42,7 @@ log = logging.getLogger("fedprune.coordinator")
 IDENTITY_FILE = "coordinator.pem"
 COMMIT_RETRY_S = 5
 REGISTRY_SAVE_S = 5
+MEMBERS_CHECK_S = 1.0  # how often the allow-list is compared with the federation key's members
 
 
 def declare_metrics(metrics: Metrics) -> None:
@@ -57,8 +59,12 @@ def declare_metrics(metrics: Metrics) -> None:
         ("round_duration_seconds", "gauge", "Wall time of the last completed round."),
         ("current_round", "gauge", "Round in progress (or next to run)."),
         ("global_accuracy", "gauge", "Accuracy of the global model on the coordinator's evaluation set."),
-        ("rounds_declined_total", "counter", "Rounds devices declined (governance), by reason."),
+        ("rounds_declined_total", "counter", "Rounds devices declined (governance, data_mismatch), by reason; once per device and round."),
+        ("devices_excluded", "gauge", "Devices left out of selection until they register again, by reason (data_mismatch: their data does not fit the model)."),
+        ("revocations_applied_total", "counter", "Devices the running daemon stopped accepting after the allow-list file changed (revoke)."),
         ("checkpoint_failures_total", "counter", "Checkpoint or registry writes that failed (e.g. disk full) and were retried."),
+        ("reassembly_dropped_total", "counter", "Partial multi-chunk transfers dropped unfinished, by reason (source_transfers and source_bytes: a device over its own share; transfers and bytes: the overall bound; age: stale)."),
+        ("reassembly_buffered_bytes", "gauge", "Bytes of partial multi-chunk transfers held for reassembly."),
     ):
         metrics.declare(name, kind, help_text)
 
@@ -97,10 +103,8 @@ class CoordinatorDaemon:
         self.state_dir = StateDir(config.state.dir, keep=config.state.keep_checkpoints)
         self.state_dir.ensure()
         self.identity = load_identity(self.state_dir)
-        registry_doc = self.state_dir.load_registry()
-        self.registry = (Registry.from_dict(registry_doc) if registry_doc
-                         else Registry(config.rounds.heartbeat_timeout_s))
-        self.registry.heartbeat_timeout_s = config.rounds.heartbeat_timeout_s
+        self.registry_store = RegistryStore(self.state_dir.root)
+        self.registry = self.registry_store.load(config.rounds.heartbeat_timeout_s)
         self.spec = model_spec(config)
         self.layout: ModelLayout = model_layout(self.spec)
         self.model_ref = ModelRef(self.spec.name, tuple(self.spec.input_shape), self.spec.num_classes)
@@ -144,6 +148,11 @@ class CoordinatorDaemon:
         self._lost_since: float | None = None
         self._registry_dirty = False
         self._next_registry_save = 0.0
+        self._drops_logged = 0
+        self._next_drop_log = 0.0
+        self._next_members_check = 0.0
+        self.declines: dict[str, tuple[int, str]] = {}  # device -> (round, reason) last counted
+        self.unfit: dict[str, str] = {}  # device -> why its data does not fit the model (not selected)
 
     # ---- state ----------------------------------------------------------------------------------
     @property
@@ -218,6 +227,7 @@ class CoordinatorDaemon:
         self.link = self.open_link()
         log.info("event=start federation=%s completed_rounds=%d total_rounds=%d broker=%s",
                  self.config.federation.id, self.completed, self.config.rounds.total, self.config.broker.url)
+        self._ensure_group_key(self.clock())
         self._republish_latest_release()
         try:
             while not self.stopping and (self.completed < self.config.rounds.total or self._pending_commit):
@@ -252,9 +262,9 @@ class CoordinatorDaemon:
             log.warning("event=rejected topic=%s reason=%s detail=%s", topic, exc.reason, exc)
             return
         if self.channel.reassembler.duplicates > duplicates:
-            self.metrics.inc("updates_rejected_total", reason="duplicate_transfer")
-            log.warning("event=rejected topic=%s reason=duplicate_transfer detail=chunk of a transfer already "
-                        "received (broker redelivery or replay)", topic)
+            self.metrics.inc("updates_rejected_total", reason="duplicate_transfer")  # counted; no line each time
+            log.debug("event=rejected topic=%s reason=duplicate_transfer detail=chunk of a transfer already "
+                      "received (broker redelivery or replay)", topic)
         if message is None:
             return
         if isinstance(message, Register):
@@ -267,14 +277,17 @@ class CoordinatorDaemon:
                 self.holders[message.device] = message.cached_mask_version
             self._registry_dirty = True
             log.info("event=registered device=%s examples=%d", message.device, message.n_examples)
+            self._grant_key(message.device, now)
+            if self.unfit.pop(message.device, None) is not None:  # restarted, perhaps with other data
+                self.metrics.set("devices_excluded", len(self.unfit), reason=DATA_MISMATCH)
+                log.info("event=device_readmitted device=%s reason=registered", message.device)
             self._announce_to_late_joiner(message.device)
         elif isinstance(message, Status):
             self.registry.seen(message.device, now, online=message.state is not State.OFFLINE)
             if message.state is State.OFFLINE:
                 log.info("event=device_offline device=%s reason=%s", message.device, message.reason)
             if message.state is State.DECLINED:
-                self.metrics.inc("rounds_declined_total", reason=message.reason)
-                log.info("event=declined device=%s round=%d reason=%s", message.device, message.round, message.reason)
+                self._on_declined(message, now)
         elif isinstance(message, Update):
             self.registry.seen(message.device, now)
             if self.rounds.open_round is None and message.round == self.state.round:
@@ -285,6 +298,27 @@ class CoordinatorDaemon:
             else:
                 self._offer_update(message, now)
 
+    def _on_declined(self, status: Status, now: float) -> None:
+        """Counted once per device and round: a device answers every re-announcement again. A
+        ``data_mismatch: <detail>`` decline is final for this model: the device leaves the open
+        round (it no longer holds up quorum) and is not selected until it registers again."""
+        reason, _, detail = status.reason.partition(":")
+        if self.declines.get(status.device) != (status.round, reason):
+            self.declines[status.device] = (status.round, reason)
+            self.metrics.inc("rounds_declined_total", reason=reason)
+            self.registry.declined(status.device, status.round, status.reason, now)
+            self._registry_dirty = True
+            log.info("event=declined device=%s round=%d reason=%s%s", status.device, status.round, reason,
+                     f" detail={detail.strip()}" if detail else "")
+        if reason != DATA_MISMATCH or status.device in self.unfit:
+            return
+        self.unfit[status.device] = detail.strip()
+        self.metrics.set("devices_excluded", len(self.unfit), reason=DATA_MISMATCH)
+        self.rounds.withdraw(status.device, status.round)
+        log.error("event=device_excluded device=%s reason=%s detail=%s until=registered_again fix='give the device "
+                  "data that fits [federation] model/input_shape/num_classes, or fix those keys'",
+                  status.device, DATA_MISMATCH, detail.strip())
+
     def _offer_update(self, update: Update, now: float) -> None:
         verdict = self.rounds.on_update(update.device, update.round, update, now)
         if isinstance(verdict, Accepted):
@@ -292,11 +326,14 @@ class CoordinatorDaemon:
             log.info("event=update_accepted device=%s round=%d", update.device, update.round)
         else:
             self.metrics.inc("updates_rejected_total", reason=verdict.reason)
-            log.warning("event=update_rejected device=%s round=%d reason=%s", update.device, update.round,
-                        verdict.reason)
+            level = logging.DEBUG if verdict.reason == "duplicate" else logging.WARNING  # a resend: counted only
+            log.log(level, "event=update_rejected device=%s round=%d reason=%s", update.device, update.round,
+                    verdict.reason)
 
     def _tick(self) -> None:
         now = self.clock()
+        self._watch_reassembly(now)
+        self._follow_allow_list()
         self.metrics.set("devices_online", len(self.registry.online(now)))
         if self._registry_dirty and now >= self._next_registry_save:
             self._save_registry(now)
@@ -306,6 +343,8 @@ class CoordinatorDaemon:
             return
         if self._broker_lost(now):
             return
+        if now >= self._next_members_check and self._ensure_group_key(now):
+            self._republish_latest_release()  # waits for the broker's ack: only while it is reachable
         if self.rounds.open_round is None:
             self._maybe_start_round(now)
             return
@@ -318,8 +357,23 @@ class CoordinatorDaemon:
             self._task = replace(self._task, deadline=action.deadline)
             self._publish_task(replace(self._task, selected=action.missing), now)
         elif now >= self.next_announce:
-            missing = tuple(d for d in self.plan.selected if d not in self.rounds.received)
-            self._publish_task(replace(self._task, selected=missing), now)
+            self._publish_task(replace(self._task, selected=self.rounds.missing), now)
+
+    def _watch_reassembly(self, now: float) -> None:
+        """Expire stale partial transfers on every tick (not only when another chunk arrives),
+        export what the reassembler dropped, and say so in the log at most every 10 s."""
+        reassembler = self.channel.reassembler
+        reassembler.expire(now)
+        self.metrics.set("reassembly_buffered_bytes", reassembler.buffered_bytes)
+        dropped = sum(reassembler.evictions.values())
+        if dropped == self._drops_logged:
+            return
+        for reason, count in reassembler.evictions.items():
+            self.metrics.set("reassembly_dropped_total", count, reason=reason)
+        if now >= self._next_drop_log:
+            log.warning("event=reassembly_dropped new=%d %s", dropped - self._drops_logged,
+                        " ".join(f"{reason}={count}" for reason, count in sorted(reassembler.evictions.items())))
+            self._drops_logged, self._next_drop_log = dropped, now + 10.0
 
     def _broker_lost(self, now: float) -> bool:
         """True while the link that was up is down: no round opens, and the open round's deadline
@@ -339,7 +393,7 @@ class CoordinatorDaemon:
         return True
 
     def _maybe_start_round(self, now: float) -> None:
-        online = self.registry.online(now)
+        online = tuple(d for d in self.registry.online(now) if d not in self.unfit)
         if len(online) < self.config.rounds.min_devices:
             return
         self.plan = self.strategy.plan_round(self.state, online, self.rng)
@@ -365,13 +419,15 @@ class CoordinatorDaemon:
         self._publish_task(self._task, now)
 
     def _announce_to_late_joiner(self, device: str) -> None:
-        if self.rounds.open_round is not None and device in self.plan.selected and device not in self.rounds.received:
+        if self.rounds.open_round is not None and device in self.rounds.missing:
             self._publish_task(replace(self._task, include_masks=True, selected=(device,)), self.clock())
 
     def _publish_task(self, task: RoundTask, now: float) -> None:
         """Re-announcements name only the devices still missing, so devices that already uploaded
         do not resend; the round machine keeps the full selection."""
         self.next_announce = now + self.config.rounds.reannounce_s
+        if self._ensure_group_key(now):
+            self._republish_latest_release()
         try:
             for publication in self.channel.send(task, now):
                 self.link.publish(publication.topic, publication.payload, qos=1)
@@ -414,12 +470,36 @@ class CoordinatorDaemon:
         self._pending_commit = (closed.round, entry, self._maybe_release(closed.round, entry.get("accuracy")))
         self._commit_round()
 
+    def _follow_allow_list(self) -> None:
+        """The operator commands own the allow-list file; the daemon adopts every change within
+        one tick. A device no longer accepted is offline at once, its uplinks fail as
+        ``unknown_sender``, and the open round drops its update and stops waiting for it: the
+        round closes on the others (quorum counts the devices still expected), as it would had
+        the device never been selected."""
+        try:
+            document = self.registry_store.allow_list_if_changed()
+        except StateError as exc:
+            log.error("event=allow_list_unreadable error=%s action=keeping_the_previous_one", exc)
+            return
+        if document is None:
+            return
+        change = self.registry.replace_allow_list(document)
+        for device in change.withdrawn:
+            self.early_updates.pop(device, None)
+            in_round = self.rounds.discard(device)
+            self.metrics.inc("revocations_applied_total")
+            log.warning("event=device_revoked device=%s open_round=%s dropped_from_round=%s", device,
+                        self.rounds.open_round, in_round)
+        for device in change.admitted:
+            log.info("event=device_enrolled device=%s", device)
+
     def _save_registry(self, now: float) -> None:
-        """Presence is batched (one write per REGISTRY_SAVE_S, not one per Register: O(devices)
-        each); a failed write is logged, counted and retried, never fatal."""
+        """Presence only (the allow-list is the operator commands' file, never written back from
+        here), batched: one write per REGISTRY_SAVE_S, not one per Register (O(devices) each); a
+        failed write is logged, counted and retried, never fatal."""
         self._next_registry_save = now + REGISTRY_SAVE_S
         try:
-            self.state_dir.save_registry(self.registry.to_dict())
+            self.registry_store.save_presence(self.registry)
         except OSError as exc:
             self.metrics.inc("checkpoint_failures_total")
             log.error("event=registry_save_failed error=%r action=retry_in_%ds", exc, REGISTRY_SAVE_S)
@@ -452,6 +532,45 @@ class CoordinatorDaemon:
                  f"{entry['accuracy']:.4f}" if "accuracy" in entry else "n/a", entry["duration_s"])
         if release is not None:
             self._publish_release(release)
+
+    # ---- the federation key ----------------------------------------------------------------------
+    def _members(self) -> dict[str, tuple[bytes, bytes]]:
+        """The allow-list's accepted devices and their raw keys (cheap to compare, once a second)."""
+        return {r.device_id: (r.sign_public, r.kx_public) for r in self.registry.devices() if not r.revoked}
+
+    def _ensure_group_key(self, now: float) -> bool:
+        """Rotate the federation key when the allow-list no longer matches its members (a device
+        enrolled, revoked or re-keyed), so a revoked device reads nothing broadcast after its
+        revocation and a new one can read what is broadcast from now on. Each process starts with
+        a fresh key. True if it rotated: the caller re-publishes the retained release under it."""
+        self._next_members_check = now + MEMBERS_CHECK_S
+        members = self._members()
+        granted = {d: (p.signing, p.agreement) for d, p in self.channel.group_members.items()}
+        if self.channel.group_key is not None and members == granted:
+            return False
+        revoked = [r.device_id for r in self.registry.devices() if r.revoked]
+        publics = {d: PublicIdentity(*keys) for d, keys in members.items()}
+        self._publish_grants(self.channel.rekey(publics, now, dropped=revoked))
+        log.info("event=group_key_rotated key_id=%s members=%d", self.channel.group_key.key_id.hex(), len(members))
+        return True
+
+    def _grant_key(self, device: str, now: float) -> None:
+        """A registering device may lack the key (it says so by registering after an unknown key id):
+        send its grant again, or rotate first if it joined the allow-list since the last key."""
+        if device not in self.channel.group_members:
+            if self._ensure_group_key(now):
+                self._republish_latest_release()
+            return
+        self._publish_grants([self.channel.grant(device, now)])
+
+    def _publish_grants(self, publications: list[Publication]) -> None:
+        """Retained on each member's inbox; one lost in an outage is sent again when its device registers."""
+        try:
+            for publication in publications:
+                self.link.publish(publication.topic, publication.payload, qos=1, retain=publication.retain)
+                self.metrics.inc("bytes_out_total", len(publication.payload))
+        except MqttError as exc:
+            log.warning("event=key_grant_not_published error=%s", exc)
 
     # ---- releases -------------------------------------------------------------------------------
     def _maybe_release(self, round_number: int, accuracy: float | None) -> ModelRelease | None:
@@ -492,6 +611,7 @@ class CoordinatorDaemon:
 
     def _publish_release(self, release: ModelRelease, timeout_s: float = 30.0) -> None:
         """Retained and acknowledged before returning: the final release must outlive this process."""
+        self._ensure_group_key(self.clock())
         try:
             handles = []
             for publication in self.channel.send(release, self.clock()):

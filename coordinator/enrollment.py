@@ -2,20 +2,25 @@
 
 ``init`` writes the commented config and the coordinator's keys; ``enroll`` adds a device's
 fresh public keys to the allow-list and writes the bundle the device loads; ``revoke`` takes a
-device off the list (its updates are then rejected as ``unknown_sender``); ``status`` reads the
-state without touching the broker. Each changes state through atomic writes only.
+device off the list (a running daemon follows the file within one tick and rejects its updates
+as ``unknown_sender``) and, when ``[broker] password_file`` is set, off the broker; ``status``
+reads the state without touching the broker. Each changes state through atomic writes only, and
+the allow-list under its lock (``coordinator.registry_store``).
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from coordinator.config import CoordinatorConfig, example_config
+from coordinator.broker_config import reload_broker, remove_password_user
+from coordinator.config import BrokerSection, CoordinatorConfig, example_config
 from coordinator.daemon import IDENTITY_FILE, load_identity
-from coordinator.registry import Registry
+from coordinator.registry_store import RegistryStore
 from coordinator.state import StateDir, latest_accuracy
 from edge_agent.bundle import Bundle, EnrollmentError, save_bundle
 from edge_agent.configkit import ConfigError
@@ -52,47 +57,94 @@ def init(*, config_path: Path, state_dir: Path, federation: str, broker_url: str
     atomic_write(Path(config_path), text.encode(), mode=0o600)
 
 
-def _registry(config: CoordinatorConfig, state: StateDir) -> Registry:
-    doc = state.load_registry()
-    return Registry.from_dict(doc) if doc else Registry(config.rounds.heartbeat_timeout_s)
-
-
 def enroll(config: CoordinatorConfig, device_id: str, out: Path, *, broker_password: str = "",
            broker_url: str | None = None) -> Bundle:
     state = StateDir(config.state.dir)
     state.ensure()
     coordinator = load_identity(state)
-    registry = _registry(config, state)
     device = Identity.generate()
-    try:
-        registry.enroll(device_id, device.public.signing, device.public.agreement, now=time.time())
-    except ValueError as exc:
-        raise EnrollmentError(str(exc)) from None
-    ca = config.broker.ca_file.read_bytes() if config.broker.ca_file else None
-    bundle = Bundle(
-        federation=config.federation.id, device_id=device_id, identity=device, coordinator=coordinator.public,
-        broker_url=broker_url or config.broker.url, broker_username=device_id, broker_password=broker_password,
-        ca_pem=ca,
-    )
-    save_bundle(out, bundle)
-    state.save_registry(registry.to_dict())
+    with RegistryStore(state.root).edit(config.rounds.heartbeat_timeout_s) as registry:
+        try:
+            registry.enroll(device_id, device.public.signing, device.public.agreement, now=time.time())
+        except ValueError as exc:
+            raise EnrollmentError(str(exc)) from None
+        ca = config.broker.ca_file.read_bytes() if config.broker.ca_file else None
+        bundle = Bundle(
+            federation=config.federation.id, device_id=device_id, identity=device, coordinator=coordinator.public,
+            broker_url=broker_url or config.broker.url, broker_username=device_id, broker_password=broker_password,
+            ca_pem=ca,
+        )
+        save_bundle(out, bundle)
     return bundle
 
 
-def revoke(config: CoordinatorConfig, device_id: str) -> None:
-    state = StateDir(config.state.dir)
-    registry = _registry(config, state)
-    try:
+@dataclass(frozen=True)
+class Revocation:
+    """What ``revoke`` did, for the operator: the allow-list always, the broker when configured."""
+
+    device: str
+    password_file: Path | None
+    user_removed: bool
+    reload_command: str
+
+    def lines(self) -> list[str]:
+        out = [f"revoked {self.device}: a running coordinator rejects its updates within one tick"]
+        if self.password_file is None:
+            return out + [f"broker: [broker] password_file is not set: remove user {self.device} from the broker's "
+                          "password file and reload the broker yourself (deploy/README.md)"]
+        out.append(f"broker: user {self.device} {'removed from' if self.user_removed else 'was not in'} "
+                   f"{self.password_file}")
+        out.append(f"broker: reloaded ({self.reload_command}): the device can no longer connect or read"
+                   if self.reload_command else
+                   "broker: reload it now (SIGHUP, or set [broker] reload_command): until then the device can "
+                   "still connect and read tasks")
+        return out
+
+
+def revoke(config: CoordinatorConfig, device_id: str) -> Revocation:
+    """Revoke on the coordinator first (that alone stops its updates counting), then on the broker.
+    Running it again for a revoked device retries the broker step."""
+    store = RegistryStore(config.state.dir)
+    if device_id not in {r.device_id for r in store.read(config.rounds.heartbeat_timeout_s).devices()}:
+        raise ConfigError(f"device {device_id!r} is not enrolled in {config.state.dir}: nothing to revoke "
+                          "(`fedprune-coordinator status` lists the devices)")
+    with store.edit(config.rounds.heartbeat_timeout_s) as registry:
         registry.revoke(device_id)
-    except KeyError as exc:
-        raise ConfigError(str(exc.args[0])) from None
-    state.save_registry(registry.to_dict())
+    return _revoke_on_broker(config.broker, device_id)
+
+
+def _revoke_on_broker(broker: BrokerSection, device_id: str) -> Revocation:
+    if broker.password_file is None:
+        return Revocation(device_id, None, False, "")
+    failed = f"{device_id} is revoked on the coordinator, but the broker still lets it in: "
+    again = f"; fix it, then run `fedprune-coordinator revoke {device_id}` again"
+    try:
+        removed = remove_password_user(broker.password_file, device_id)
+    except FileNotFoundError:
+        raise ConfigError(f"{failed}[broker] password_file {broker.password_file} does not exist{again}") from None
+    except OSError as exc:
+        raise ConfigError(f"{failed}[broker] password_file {broker.password_file} cannot be rewritten "
+                          f"({exc.strerror or exc}){again}") from None
+    if broker.reload_command:
+        try:
+            reload_broker(broker.reload_command)
+        except subprocess.CalledProcessError as exc:
+            why = f"exited with {exc.returncode}: {exc.stderr.strip()[:300]}"
+        except subprocess.TimeoutExpired:
+            why = "did not finish within 30 s"
+        except OSError as exc:
+            why = f"could not run ({exc.strerror or exc})"
+        else:
+            why = ""
+        if why:
+            raise ConfigError(f"{failed}[broker] reload_command {broker.reload_command!r} {why}{again}")
+    return Revocation(device_id, broker.password_file, removed, broker.reload_command)
 
 
 def status_report(config: CoordinatorConfig, as_json: bool = False) -> str:
     state = StateDir(config.state.dir)
     checkpoint = state.load_latest_checkpoint()
-    registry = _registry(config, state)
+    registry = RegistryStore(state.root).read(config.rounds.heartbeat_timeout_s)
     report = {
         "federation": config.federation.id,
         "completed_rounds": checkpoint["round"] if checkpoint else 0,
@@ -101,7 +153,7 @@ def status_report(config: CoordinatorConfig, as_json: bool = False) -> str:
         "last_accuracy": latest_accuracy(checkpoint),
         "devices": [
             {"id": r.device_id, "revoked": r.revoked, "examples": r.n_examples, "last_seen": r.last_seen,
-             "quality": (checkpoint or {}).get("quality", {}).get(r.device_id)}
+             "quality": (checkpoint or {}).get("quality", {}).get(r.device_id), "last_decline": r.last_decline}
             for r in registry.devices()
         ],
     }
@@ -111,9 +163,12 @@ def status_report(config: CoordinatorConfig, as_json: bool = False) -> str:
         f"federation {report['federation']}: {report['completed_rounds']}/{report['total_rounds']} rounds, "
         f"mask version {report['mask_version']}, last accuracy "
         + (f"{report['last_accuracy']:.4f}" if report["last_accuracy"] is not None else "n/a"),
-        f"{'device':<20} {'examples':>8} {'quality':>8}  state",
+        f"{'device':<20} {'examples':>8} {'quality':>8}  {'state':<8}  last decline",
     ]
     for d in report["devices"]:
         quality = f"{d['quality']:.3f}" if d["quality"] is not None else "-"
-        lines.append(f"{d['id']:<20} {d['examples']:>8} {quality:>8}  {'revoked' if d['revoked'] else 'enrolled'}")
+        declined = d["last_decline"]
+        last = f"round {declined['round']}: {declined['reason']}" if declined else "-"
+        lines.append(f"{d['id']:<20} {d['examples']:>8} {quality:>8}  "
+                     f"{'revoked' if d['revoked'] else 'enrolled':<8}  {last}")
     return "\n".join(lines)

@@ -11,6 +11,8 @@ import threading
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from edge_agent.configkit import ConfigError
+
 Labels = tuple[tuple[str, str], ...]
 
 
@@ -91,7 +93,8 @@ def _format_value(value: float) -> str:
 
 
 class MetricsServer:
-    """Serves ``GET /metrics`` on host:port in a daemon thread; port 0 picks a free port."""
+    """Serves ``GET /metrics`` on host:port in a daemon thread; port 0 picks a free port. A port it
+    cannot bind is a ConfigError naming ``[metrics] port`` (exit 78, so systemd stops retrying)."""
 
     def __init__(self, metrics: Metrics, host: str = "127.0.0.1", port: int = 0) -> None:
         registry = metrics
@@ -111,7 +114,13 @@ class MetricsServer:
             def log_message(self, format: str, *args: object) -> None:
                 return
 
-        self._server = ThreadingHTTPServer((host, port), Handler)
+        try:
+            self._server = ThreadingHTTPServer((host, port), Handler)
+        except OSError as exc:
+            raise ConfigError(
+                f"[metrics] port {port}: cannot listen on {host}:{port} ({exc.strerror or exc}); another process "
+                "may hold it: set [metrics] port to a free port, 0 for any free one, or -1 to turn /metrics off"
+            ) from None
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, name="metrics-http", daemon=True)
 

@@ -16,9 +16,10 @@ password and bundle alone.
   case is an error that says to revoke it first.
 - ``acl`` and ``mosquitto.conf`` are re-rendered every time from the packaged templates
   (``coordinator.broker_config``), with absolute paths under ``install_dir``.
-- The coordinator config's ``[broker]`` keys (url, ca_file, password, embedded) are rewritten in
-  place, line by line, so the operator's comments and other settings survive; the result is
-  loaded and validated before it replaces the file.
+- The coordinator config's ``[broker]`` keys (url, ca_file, password, embedded, and
+  password_file, so that ``revoke`` takes a device off the broker too) are rewritten in place,
+  line by line, so the operator's comments and other settings survive; the result is loaded and
+  validated before it replaces the file.
 
 Secrets (keys, ``passwd``, bundles, the config holding the coordinator's password) are 0600.
 """
@@ -43,6 +44,7 @@ from coordinator.pki import (
     password_file_users, write_password_file,
 )
 from coordinator.registry import Registry
+from coordinator.registry_store import RegistryStore
 from coordinator.state import StateDir
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -159,6 +161,7 @@ def provision(
     atomic_write(out / CONF_FILE, render_mosquitto_conf(settings).encode(), mode=0o644)
     keys = update_broker_section(config_path, {
         "url": url, "ca_file": str(out / CA_CERT), "password": coordinator_password, "embedded": False,
+        "password_file": str(out / PASSWORD_FILE),
     })
     return ProvisionReport(out, url, tuple(added), tuple(kept), ca_created, server_issued,
                            user in new_passwords, keys)
@@ -215,8 +218,7 @@ def _device_ids(devices: Sequence[str], coordinator_user: str) -> list[str]:
 
 
 def _registry(config: CoordinatorConfig) -> Registry:
-    doc = StateDir(config.state.dir).load_registry()
-    return Registry.from_dict(doc) if doc else Registry(config.rounds.heartbeat_timeout_s)
+    return RegistryStore(config.state.dir).read(config.rounds.heartbeat_timeout_s)
 
 
 def _ca(out: Path, federation: str) -> tuple[KeyPair, bool]:

@@ -2,16 +2,22 @@
 
 Presence comes from the devices themselves (Register, Status heartbeats, the broker-delivered
 last will "offline"); a device is online while its last sign of life is younger than
-``heartbeat_timeout_s``. Pure: times arrive as ``now``; ``to_dict``/``from_dict`` let the state
-shell persist it.
+``heartbeat_timeout_s``. Pure: times arrive as ``now``. The two halves persist apart because
+they have different writers: the operator commands own the allow-list (``allow_list``), the
+daemon owns presence (``presence``) and follows allow-list changes with ``replace_allow_list``
+(``coordinator.registry_store``).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from protocol.topics import validate_id
+
+ALLOW_LIST_FIELDS = ("device_id", "sign_public", "kx_public", "enrolled_at", "revoked")
+_PRESENCE_DEFAULTS: dict[str, Any] = {"capabilities": {}, "n_examples": 0, "last_seen": None, "online": False,
+                                      "last_decline": None}
 
 
 @dataclass(frozen=True)
@@ -25,6 +31,20 @@ class DeviceRecord:
     n_examples: int = 0
     last_seen: float | None = None
     online: bool = False
+    last_decline: dict[str, Any] | None = None  # {"round", "reason", "time"}: for the operator's status
+
+    @property
+    def keys(self) -> tuple[bytes, bytes]:
+        return self.sign_public, self.kx_public
+
+
+@dataclass(frozen=True)
+class AllowListChange:
+    """What a new allow-list changed: devices no longer accepted (revoked, removed or re-keyed)
+    and devices newly accepted (enrolled, or re-keyed)."""
+
+    withdrawn: tuple[str, ...]
+    admitted: tuple[str, ...]
 
 
 class Registry:
@@ -68,6 +88,11 @@ class Registry:
             changes["n_examples"] = int(n_examples)
         self._devices[device_id] = replace(record, **changes)
 
+    def declined(self, device_id: str, round_number: int, reason: str, now: float) -> None:
+        """Remember the device's last declined round and its reason (with any detail after ':')."""
+        record = self._require(device_id)
+        self._devices[device_id] = replace(record, last_decline={"round": round_number, "reason": reason, "time": now})
+
     def online(self, now: float) -> tuple[str, ...]:
         """Enrolled, not revoked, not gone offline, heard from within the heartbeat timeout; sorted."""
         return tuple(sorted(
@@ -84,15 +109,49 @@ class Registry:
             raise KeyError(f"device {device_id!r} is not enrolled")
         return self._devices[device_id]
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"heartbeat_timeout_s": self.heartbeat_timeout_s,
-                "devices": [asdict(r) for r in self.devices()]}
+    def allow_list(self) -> dict[str, Any]:
+        """The half the operator commands own: keys, enrollment time, revocation."""
+        return {"devices": [{name: getattr(r, name) for name in ALLOW_LIST_FIELDS} for r in self.devices()]}
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Registry":
-        registry = cls(float(data["heartbeat_timeout_s"]))
-        for raw in data["devices"]:
-            record = DeviceRecord(**{**raw, "sign_public": bytes(raw["sign_public"]),
-                                     "kx_public": bytes(raw["kx_public"])})
-            registry._devices[record.device_id] = record
-        return registry
+    def presence(self) -> dict[str, Any]:
+        """The half the daemon owns: what the devices said about themselves, and when."""
+        return {"devices": {r.device_id: {name: getattr(r, name) for name in _PRESENCE_DEFAULTS}
+                            for r in self.devices()}}
+
+    def replace_allow_list(self, document: dict[str, Any]) -> AllowListChange:
+        """Adopt ``document`` (from ``allow_list``) as the allow-list. A device keeps its presence
+        while its keys stay the same; a revoked one goes offline at once."""
+        accepted = {r.device_id: r.keys for r in self._devices.values() if not r.revoked}
+        devices: dict[str, DeviceRecord] = {}
+        for raw in document["devices"]:
+            record = DeviceRecord(raw["device_id"], bytes(raw["sign_public"]), bytes(raw["kx_public"]),
+                                  float(raw["enrolled_at"]), bool(raw["revoked"]))
+            previous = self._devices.get(record.device_id)
+            if previous is not None and previous.keys == record.keys:
+                record = replace(previous, enrolled_at=record.enrolled_at, revoked=record.revoked,
+                                 online=previous.online and not record.revoked)
+            devices[record.device_id] = record
+        self._devices = devices
+        now_accepted = {r.device_id: r.keys for r in devices.values() if not r.revoked}
+        return AllowListChange(
+            withdrawn=tuple(sorted(d for d, keys in accepted.items() if now_accepted.get(d) != keys)),
+            admitted=tuple(sorted(d for d, keys in now_accepted.items() if accepted.get(d) != keys)),
+        )
+
+    def restore_presence(self, document: dict[str, Any]) -> None:
+        """Apply ``document`` (from ``presence``) to the devices on the allow-list; others are
+        ignored, and a field an older file lacks keeps its default."""
+        for device_id, raw in document["devices"].items():
+            if device_id in self._devices:
+                self._devices[device_id] = replace(self._devices[device_id], **{
+                    name: raw.get(name, default) for name, default in _PRESENCE_DEFAULTS.items()})
+
+
+def split_legacy(document: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The allow-list and presence documents of a registry.msgpack written before the two halves
+    were split (one list of whole records)."""
+    records = document["devices"]
+    allow_list = [{name: raw[name] for name in ALLOW_LIST_FIELDS} for raw in records]
+    presence = {raw["device_id"]: {name: raw.get(name, default) for name, default in _PRESENCE_DEFAULTS.items()}
+                for raw in records}
+    return {"devices": allow_list}, {"devices": presence}

@@ -7,8 +7,10 @@ daemon counts. ``tick(now)`` decides the close: as soon as every selected device
 reported, or at the deadline. At the deadline a round with at least ``quorum`` updates closes;
 one short of quorum is re-announced (``retry``, up to ``max_retries`` times, keeping the updates
 already accepted) or closed with what it has (``close``). A closed round with no updates keeps
-the global model. Nothing here reads a clock or does I/O: ``now`` is passed in, so the daemon,
-the simulation and the tests drive the same machine.
+the global model. A selected device that withdraws (its data cannot train this model) is no
+longer waited for, and quorum counts only the devices still expected. Nothing here reads a
+clock or does I/O: ``now`` is passed in, so the daemon, the simulation and the tests drive the
+same machine.
 """
 
 from __future__ import annotations
@@ -72,6 +74,11 @@ class _OpenRound(Generic[Update]):
     deadline: float
     attempt: int = 0
     updates: dict[str, Update] = field(default_factory=dict)
+    withdrawn: set[str] = field(default_factory=set)
+
+    @property
+    def missing(self) -> frozenset[str]:
+        return self.selected - self.withdrawn - self.updates.keys()
 
 
 class RoundMachine(Generic[Update]):
@@ -90,6 +97,31 @@ class RoundMachine(Generic[Update]):
     @property
     def received(self) -> tuple[str, ...]:
         return tuple(self._open.updates) if self._open else ()
+
+    @property
+    def missing(self) -> tuple[str, ...]:
+        """Selected devices still expected to report: neither received nor withdrawn; sorted."""
+        return tuple(sorted(self._open.missing)) if self._open else ()
+
+    def withdraw(self, device_id: str, round_number: int) -> bool:
+        """Stop waiting for a selected device of the open round that cannot take part; False
+        when there is nothing to withdraw (another round, not selected, already reported)."""
+        current = self._open
+        if current is None or current.number != round_number or device_id not in current.missing:
+            return False
+        current.withdrawn.add(device_id)
+        return True
+
+    def discard(self, device_id: str) -> bool:
+        """Take a revoked device out of the open round: its update, if one came, is dropped (a
+        revoked key's update is never aggregated) and the round no longer waits for it. False
+        when no open round selected it."""
+        current = self._open
+        if current is None or device_id not in current.selected:
+            return False
+        current.updates.pop(device_id, None)
+        current.withdrawn.add(device_id)
+        return True
 
     def open(self, number: int, selected: tuple[str, ...], now: float) -> None:
         if self._open is not None:
@@ -127,14 +159,15 @@ class RoundMachine(Generic[Update]):
         current = self._open
         if current is None:
             return None
-        everyone = len(current.updates) == len(current.selected)
-        if not everyone and now <= current.deadline:
+        missing = current.missing
+        if missing and now <= current.deadline:
             return None
-        quorum = len(current.updates) >= min(self.policy.quorum, len(current.selected))
-        if quorum or self.policy.on_missed_quorum == "close" or current.attempt >= self.policy.max_retries:
+        expected = len(current.selected) - len(current.withdrawn)
+        quorum = len(current.updates) >= max(1, min(self.policy.quorum, expected))
+        if (quorum or not missing or self.policy.on_missed_quorum == "close"
+                or current.attempt >= self.policy.max_retries):
             self._open = None
             return CloseRound(current.number, dict(current.updates), quorum)
         current.attempt += 1
         current.deadline = now + self.policy.deadline_s
-        missing = tuple(sorted(current.selected - set(current.updates)))
-        return RetryRound(current.number, current.attempt, current.deadline, missing)
+        return RetryRound(current.number, current.attempt, current.deadline, tuple(sorted(missing)))

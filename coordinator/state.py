@@ -3,7 +3,9 @@
 Layout::
 
     <state>/keys/                 coordinator identity (written by init, 0600)
-    <state>/registry.msgpack      enrolled devices, revocations, presence
+    <state>/allowlist.msgpack     enrolled devices and revocations (operator commands only)
+    <state>/presence.msgpack      what devices said and when (the daemon only);
+                                  both in coordinator/registry_store.py
     <state>/checkpoints/round-000012.ckpt   one file per completed round, newest K kept
     <state>/history.jsonl         one line per completed round, append-only; the checkpoint
                                   holds its committed size and newest line (back it up too)
@@ -27,7 +29,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from edge_agent.fsutil import atomic_write
+from edge_agent.fsutil import atomic_write, ensure_writable_dir
 
 log = logging.getLogger(__name__)
 
@@ -97,12 +99,18 @@ class StateDir:
         self.keep = keep
         self.checkpoints = self.root / "checkpoints"
         self.keys = self.root / "keys"
-        self.registry_path = self.root / "registry.msgpack"
         self.history_path = self.root / "history.jsonl"
 
     def ensure(self) -> None:
+        """Create the directories, proven writable: a coordinator that cannot write its state
+        must stop at start with the fix (exit 78), not at its first checkpoint with a traceback."""
         for directory in (self.root, self.checkpoints, self.keys):
-            directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            try:
+                ensure_writable_dir(directory)
+            except OSError as exc:
+                raise StateError(f"[state] dir {self.root}: cannot write {directory} ({exc.strerror or exc}); give "
+                                 "the coordinator's user ownership of it, or set [state] dir to a writable "
+                                 "directory") from None
 
     def save_checkpoint(self, round_number: int, document: dict[str, Any]) -> Path:
         path = self.checkpoints / f"round-{round_number:06d}.ckpt"
@@ -125,18 +133,6 @@ class StateDir:
             return []
         found = [(int(m.group(1)), p) for p in self.checkpoints.iterdir() if (m := _CHECKPOINT.match(p.name))]
         return [p for _, p in sorted(found)]
-
-    def save_registry(self, document: dict[str, Any]) -> None:
-        atomic_write(self.registry_path, dumps(document))
-
-    def load_registry(self) -> dict[str, Any] | None:
-        if not self.registry_path.exists():
-            return None
-        try:
-            return loads(self.registry_path.read_bytes())
-        except (ValueError, TypeError, msgpack.UnpackException) as exc:
-            raise StateError(f"{self.registry_path} is unreadable ({exc}); restore it from backup "
-                             "or re-enroll the devices") from None
 
     def append_history(self, entry: dict[str, Any], committed_bytes: int) -> int:
         """Append ``entry`` after the first ``committed_bytes`` of history.jsonl; returns its new

@@ -10,7 +10,7 @@ from typing import Sequence
 from edge_agent.bundle import EnrollmentError
 from edge_agent.cli_common import new_parser, run_main
 from edge_agent.configkit import ConfigError, parse_assignments
-from edge_agent.data import LocalDataError
+from edge_agent.data import LocalDataError, load_inputs
 
 EXIT_CODES = {
     0: "success, or stopped by SIGTERM/SIGINT",
@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(handler=_run_agent)
     infer = commands.add_parser("infer", help="predict with the newest verified model release")
     infer.add_argument("--config", type=Path, required=True, help="agent TOML file (finds the model store)")
-    infer.add_argument("--input", type=Path, required=True, help=".npz (X[, y]) or CSV (features[, label]) file")
+    infer.add_argument("--input", type=Path, required=True,
+                       help=".npz (X[, y]) or CSV (optional header row; features[, label]) file")
     infer.add_argument("--output", type=Path, help="write predictions here (CSV: row,prediction); default stdout")
     infer.add_argument("--labels", action="store_true", help="the CSV's last column is a label: report accuracy")
     infer.set_defaults(handler=_run_infer)
@@ -71,8 +72,14 @@ def _run_infer(args: argparse.Namespace) -> int:
               "publishes one", file=sys.stderr)
         return 3
     version, path = current
-    X, y = _read_inputs(args.input, args.labels)
-    predictions = Predictor.from_file(path, accelerator=config.inference.accelerator).predict_classes(X)
+    X, y = load_inputs(args.input, labelled=args.labels)
+    predictor = Predictor.from_file(path, accelerator=config.inference.accelerator)
+    try:
+        X = predictor.check_input(X)
+    except ValueError as exc:
+        hint = "" if args.labels else " (if its last column is a label, pass --labels)"
+        raise LocalDataError(f"{args.input}: {exc}{hint}") from None
+    predictions = predictor.predict_classes(X)
     lines = [f"{i},{int(p)}" for i, p in enumerate(predictions)]
     if args.output:
         args.output.write_text("row,prediction\n" + "\n".join(lines) + "\n")
@@ -83,22 +90,6 @@ def _run_infer(args: argparse.Namespace) -> int:
         summary += f", accuracy {float(np.mean(predictions == y)):.4f}"
     print(summary, file=sys.stderr)
     return 0
-
-
-def _read_inputs(path: Path, labelled_csv: bool):
-    import numpy as np
-
-    from edge_agent.data import LocalDataError, load_local_data
-
-    if path.suffix == ".npz":
-        with np.load(path, allow_pickle=False) as archive:
-            if "X" not in archive:
-                raise LocalDataError(f"{path}: no array 'X'")
-            return archive["X"].astype(np.float32), (archive["y"] if "y" in archive else None)
-    if labelled_csv:
-        return load_local_data(path)
-    rows = np.loadtxt(path, delimiter=",", dtype=np.float32, ndmin=2)
-    return rows, None
 
 
 def _run_status(args: argparse.Namespace) -> int:

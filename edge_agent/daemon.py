@@ -25,19 +25,20 @@ import numpy as np
 from edge_agent import sysfs, worker
 from edge_agent.agent import AgentCore, Decline, Ignore, Phase, ReportStatus, Resend, Train
 from edge_agent.audit import AuditLog
-from edge_agent.bundle import Bundle, load_bundle
+from edge_agent.bundle import Bundle, EnrollmentError, load_bundle
 from edge_agent.config import AgentConfig
-from edge_agent.data import load_local_data
-from edge_agent.fsutil import atomic_write
+from edge_agent.configkit import ConfigError
+from edge_agent.data import DATA_MISMATCH, DataSummary, data_mismatch, load_local_data
+from edge_agent.fsutil import atomic_write, ensure_writable_dir
 from edge_agent.guard import Governor
 from edge_agent.ledger import PrivacyLedger, ledger_path
 from edge_agent.mqtt import LastWill, LinkConfig, MqttError, MqttLink
 from edge_agent.privacy import PRIVACY_BUDGET_EXHAUSTED
 from protocol.channel import AgentChannel, Publication
-from protocol.errors import ProtocolError, UnknownMask
+from protocol.errors import BadSignature, ProtocolError, UnknownKey, UnknownMask
 from protocol.layout import ModelLayout
 from edge_agent.release_store import ReleaseRejected, ReleaseStore
-from protocol.messages import ModelRef, ModelRelease, Register, RoundTask, State, Status, Update
+from protocol.messages import KeyGrant, ModelRef, ModelRelease, Register, RoundTask, State, Status, Update
 from protocol.sparse import SparseParams
 
 log = logging.getLogger("fedprune.agent")
@@ -45,7 +46,13 @@ log = logging.getLogger("fedprune.agent")
 # A task whose mask this agent lacks (it restarted, the coordinator thinks it holds the mask) is
 # answered by registering again, which tells the coordinator to resend with the mask; at most
 # this often, since the coordinator re-announces to every selected device that has not answered.
+# A broadcast under a federation key it lacks is answered the same way: a Register makes the
+# coordinator send this device's key grant again (or rotate the key, if it is newly enrolled).
 MASK_REQUEST_INTERVAL_S = 2.0
+# Before any task has verified: this many broadcasts failing the pinned coordinator key, or this
+# long without a task (doubling after each warning), and the agent says its bundle may be foreign.
+FOREIGN_BROADCASTS = 3
+SILENCE_WARNING_S = 300.0
 
 _PHASE_STATE = {Phase.IDLE: State.IDLE, Phase.TRAINING: State.TRAINING, Phase.UPLOADING: State.UPLOADING}
 
@@ -58,10 +65,17 @@ class AgentDaemon:
         section = config.agent
         self.bundle: Bundle = load_bundle(section.bundle)
         self.state_dir = Path(section.state_dir)
-        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            ensure_writable_dir(self.state_dir)
+        except OSError as exc:
+            raise ConfigError(f"[agent] state_dir {self.state_dir}: not writable ({exc.strerror or exc}); give "
+                              "the agent's user ownership of it, or set [agent] state_dir to a writable "
+                              "directory") from None
         self.audit = AuditLog(self.state_dir / "audit.jsonl")
-        _, labels = load_local_data(section.data)
-        self.n_examples = int(len(labels))
+        self.data = DataSummary.of(*load_local_data(section.data))
+        self.n_examples = self.data.n_examples
+        self._mismatch: dict[ModelRef, str | None] = {}  # per model spec: why the data does not fit it
+        self._last_model: ModelRef | None = None
         self.core = AgentCore(self.bundle.device_id)
         self.governor = Governor(config.governance.limits())
         self.ledger = self._privacy_ledger() if config.privacy.enabled else None
@@ -80,8 +94,17 @@ class AgentDaemon:
         self._tasks_seen = False
         self._next_heartbeat = 0.0
         self._mask_missing = False
+        self._key_missing = False
+        self._key_id: bytes | None = None  # the newest federation key granted to this device
         self._next_mask_request = 0.0
+        self._foreign_broadcasts = 0
+        self._started_at = clock()
+        self._silence_warning_s = SILENCE_WARNING_S
+        self._next_silence_warning = self._started_at + SILENCE_WARNING_S
         self.link: MqttLink | None = None
+        # (topic, payload, arrival time): a task that waited here while this agent trained is
+        # not a fresh request for its update (AgentCore.on_task).
+        self.inbox: queue.Queue[tuple[str, bytes, float]] = queue.Queue()
 
     def _privacy_ledger(self) -> PrivacyLedger:
         """The ledger on disk; the noise comes from a generator seeded by the OS's entropy, never a fixed seed."""
@@ -111,7 +134,8 @@ class AgentDaemon:
         )
 
     def open_link(self) -> MqttLink:
-        return MqttLink(self._link_config(), subscriptions=[(f, 1) for f in self.channel.subscriptions])
+        return MqttLink(self._link_config(), subscriptions=[(f, 1) for f in self.channel.subscriptions],
+                        on_message=lambda topic, payload: self.inbox.put((topic, payload, self.clock())))
 
     def stop(self, *_: object) -> None:
         self.stopping = True
@@ -138,14 +162,16 @@ class AgentDaemon:
             log.warning("event=config_deprecated key=agent.threads replacement=governance.max_threads")
         try:
             while not self.stopping:
+                self._check_bundle_accepted()
                 self._maybe_register()
                 try:
-                    topic, payload = self.link.messages.get(timeout=0.2)
+                    topic, payload, received_at = self.inbox.get(timeout=0.2)
                 except queue.Empty:
                     pass
                 else:
-                    self._on_message(topic, payload)
+                    self._on_message(topic, payload, received_at)
                 self._maybe_heartbeat()
+                self.channel.reassembler.expire(self.clock())
         finally:
             if self.link.connected:
                 self._publish_status(State.OFFLINE, "stopped")
@@ -159,19 +185,52 @@ class AgentDaemon:
     def link_url(self) -> str:
         return self.config.broker.url or self.bundle.broker_url
 
+    def _check_bundle_accepted(self) -> None:
+        """A login the broker refuses before this agent ever connected is final: the bundle is not
+        for this broker, and retrying cannot help (exit 78 with the fix). Silence is not final (the
+        coordinator may be down, or waiting for enough devices), so it is only said, less and less often."""
+        refusal = self.link.refusal
+        if refusal is not None and self.link.stats().connects == 0:
+            raise EnrollmentError(
+                f"{self.link_url} refused the login of device {self.bundle.device_id!r} ({refusal.reason}, CONNACK "
+                f"code {refusal.reason_code}): the bundle {self.config.agent.bundle} (federation "
+                f"{self.bundle.federation!r}) is not accepted by this broker; it may be from another federation, "
+                "the device may be revoked or its password changed: install a fresh bundle from this federation's "
+                "coordinator (`fedprune-coordinator provision` or `enroll`), or fix [broker] url")
+        now = self.clock()
+        if not self._tasks_seen and now >= self._next_silence_warning:
+            log.warning("event=no_task_yet waited_s=%.0f connected=%s federation=%s bundle=%s note='is the "
+                        "coordinator running, and is this bundle from its federation and broker?'",
+                        now - self._started_at, self.link.connected, self.bundle.federation, self.config.agent.bundle)
+            self._silence_warning_s *= 2
+            self._next_silence_warning = now + self._silence_warning_s
+
+    def _foreign_broadcast(self) -> None:
+        """Not final: on a broker without ACLs anyone can publish a badly signed task, and exiting
+        on it would let them stop every device. Said once, as an error with the fix."""
+        self._foreign_broadcasts += 1
+        if not self._tasks_seen and self._foreign_broadcasts == FOREIGN_BROADCASTS:
+            log.error("event=foreign_broadcasts count=%d federation=%s coordinator_fingerprint=%s bundle=%s "
+                      "note='broadcasts on this federation do not verify against the coordinator key the bundle "
+                      "pins: the bundle is probably from another coordinator; install a fresh one from this "
+                      "federation's coordinator'", self._foreign_broadcasts, self.bundle.federation,
+                      self.bundle.coordinator.fingerprint(), self.config.agent.bundle)
+
     def _maybe_register(self) -> None:
         """Register on every (re)connect, with each heartbeat until the first task arrives (a
         Register sent before the coordinator's session exists is dropped by the broker), and
-        when a task names a mask this agent does not hold (the Register says what it holds)."""
+        when a task names a mask this agent does not hold (the Register says what it holds) or a
+        broadcast is under a federation key it does not hold."""
         connects = self.link.stats().connects
         now = self.clock()
         reconnected = connects != self._connects_seen
         unanswered = not self._tasks_seen and now >= self._next_heartbeat
         needs_mask = self._mask_missing and now >= self._next_mask_request
-        if self.link.connected and (reconnected or unanswered or needs_mask):
+        needs_key = self._key_missing and now >= self._next_mask_request
+        if self.link.connected and (reconnected or unanswered or needs_mask or needs_key):
             self._connects_seen = connects
-            if needs_mask:
-                self._mask_missing = False
+            if needs_mask or needs_key:
+                self._mask_missing = self._key_missing = False
                 self._next_mask_request = now + MASK_REQUEST_INTERVAL_S
             register = Register(
                 device=self.bundle.device_id, cpu_count=os.cpu_count() or 1, ram_mb=_ram_mb(),
@@ -179,7 +238,8 @@ class AgentDaemon:
                 agent_version=_version(), cached_mask_version=self.channel.masks.latest,
             )
             self._publish(self.channel.send(register, self.clock()), "register", self._round)
-            why = "connect" if reconnected else "mask_missing" if needs_mask else "unanswered"
+            why = ("connect" if reconnected else "mask_missing" if needs_mask else "key_missing" if needs_key
+                   else "unanswered")
             log.info("event=registered device=%s connects=%d reason=%s", self.bundle.device_id, connects, why)
 
     def _maybe_heartbeat(self) -> None:
@@ -197,18 +257,38 @@ class AgentDaemon:
         except MqttError as exc:
             log.warning("event=status_not_sent reason=%s", exc)
 
-    def _on_message(self, topic: str, payload: bytes) -> None:
+    def _on_message(self, topic: str, payload: bytes, received_at: float | None = None) -> None:
         now = self.clock()
         try:
             message = self.channel.receive(topic, payload, now)
         except ProtocolError as exc:
             log.warning("event=message_rejected topic=%s reason=%s detail=%s", topic, exc.reason, exc)
-            self._mask_missing = self._mask_missing or isinstance(exc, UnknownMask)
+            self._mask_missing = self._mask_missing or (isinstance(exc, UnknownMask) and self._fits_last_model())
+            self._key_missing = self._key_missing or isinstance(exc, UnknownKey)
+            if isinstance(exc, BadSignature):
+                self._foreign_broadcast()
             return
         if isinstance(message, RoundTask):
-            self._on_task(message)
+            self._on_task(message, now if received_at is None else received_at)
         elif isinstance(message, ModelRelease):
             self._on_release(message)
+        elif isinstance(message, KeyGrant):
+            self._on_key(message, now)
+
+    def _on_key(self, grant: KeyGrant, now: float) -> None:
+        """A federation key arrived: the task and release that waited for it decode now."""
+        self._key_missing = False
+        level = logging.DEBUG if grant.key_id == self._key_id else logging.INFO  # re-sent on every Register
+        self._key_id = grant.key_id
+        log.log(level, "event=key_installed key_id=%s", grant.key_id.hex())
+        for outcome in self.channel.unlocked(now):
+            if isinstance(outcome, RoundTask):
+                self._on_task(outcome, now)
+            elif isinstance(outcome, ModelRelease):
+                self._on_release(outcome)
+            elif isinstance(outcome, ProtocolError):
+                log.warning("event=message_rejected reason=%s detail=%s", outcome.reason, outcome)
+                self._mask_missing = self._mask_missing or (isinstance(outcome, UnknownMask) and self._fits_last_model())
 
     def _on_release(self, release: ModelRelease) -> None:
         try:
@@ -228,11 +308,34 @@ class AgentDaemon:
         predictor = Predictor.from_file(path, accelerator=self.config.inference.accelerator)
         self.server.swap(Served(version, predictor))
 
-    def _on_task(self, task: RoundTask) -> None:
+    def _on_task(self, task: RoundTask, received_at: float) -> None:
         self._tasks_seen = True
-        reason = self._decline_reason() if self.bundle.device_id in task.selected else None
-        for action in self.core.on_task(task, self.clock(), decline_reason=reason):
+        self._last_model = task.model
+        mismatch = self._data_mismatch(task.model)
+        reason = None
+        if self.bundle.device_id in task.selected:
+            reason = f"{DATA_MISMATCH}: {mismatch}"[:256] if mismatch else self._decline_reason()
+        for action in self.core.on_task(task, self.clock(), decline_reason=reason, received_at=received_at):
             self._carry_out(action, task)
+
+    def _data_mismatch(self, model: ModelRef) -> str | None:
+        """Checked once per model spec, on the first task naming it (whether or not it selects this
+        device): a shape and label-range check on the loaded data, no torch, no training run that
+        can only fail. The data is fixed while the agent runs, so a mismatch is final for that
+        spec: every round is declined with it, and one error line says why."""
+        if model not in self._mismatch:
+            detail = self._mismatch[model] = data_mismatch(self.data, model.input_shape, model.num_classes)
+            if detail:
+                log.error("event=data_mismatch model=%s input_shape=%s num_classes=%d data=%s detail=%s "
+                          "action=decline_every_round fix='give this device data that fits the model, or fix "
+                          "[federation] input_shape/num_classes on the coordinator'", model.name,
+                          list(model.input_shape), model.num_classes, self.config.agent.data, detail)
+        return self._mismatch[model]
+
+    def _fits_last_model(self) -> bool:
+        """A device whose data does not fit the model has no use for its mask: asking for it would
+        register again, and the coordinator selects a device again once it registers."""
+        return self._last_model is None or not self._mismatch.get(self._last_model)
 
     def _decline_reason(self) -> str | None:
         """Governance first (transient: heat, power, windows, memory), then the privacy budget (final)."""
@@ -254,7 +357,7 @@ class AgentDaemon:
         elif isinstance(action, Train):
             self._train_and_upload(task)
         elif isinstance(action, Resend):
-            log.info("event=resend round=%d reason=task_repeated", action.round)
+            log.info("event=resend round=%d reason=coordinator_still_waiting", action.round)
             self._publish(self._sent.get(action.round, []), "update", action.round)
         elif isinstance(action, Ignore):
             log.debug("event=task_ignored round=%d reason=%s", action.round, action.reason)
@@ -304,10 +407,10 @@ class AgentDaemon:
             self._publish(publications, "update", task.round, wait=True)
         except MqttError as exc:
             log.error("event=upload_failed round=%d error=%s", task.round, exc)
-            for action in self.core.on_failed(task.round, "upload_failed"):
+            for action in self.core.on_failed(task.round, "upload_failed", retry=True):
                 self._carry_out(action, task)
             return
-        for action in self.core.on_uploaded(task.round, task.mask_version):
+        for action in self.core.on_uploaded(task.round, task.mask_version, self.clock()):
             self._carry_out(action, task)
 
     @staticmethod

@@ -13,7 +13,10 @@ needs ``load_local_data``.
 from __future__ import annotations
 
 import functools
+import math
 import random
+import zipfile
+import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -24,6 +27,8 @@ NOISE_KINDS = ("symmetric", "pairwise")
 DIGITS_TEST_FRACTION = 0.2
 MAX_FILE_BYTES = 512 << 20
 MAX_FEATURES = 1 << 20
+# The decline reason of a device whose data does not fit the model: final for that model spec.
+DATA_MISMATCH = "data_mismatch"
 
 
 @dataclass(frozen=True)
@@ -228,6 +233,7 @@ def load_local_data(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         files = sorted(p for p in path.iterdir() if p.suffix.lower() in (".npz", ".csv") and p.is_file())
         if not files:
             raise LocalDataError(f"{path}: no .npz or .csv files in this directory")
+        _refuse_same_stem(path, files)
     elif path.is_file():
         files = [path]
     else:
@@ -240,6 +246,19 @@ def load_local_data(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate([X for X, _ in parts]), np.concatenate([y for _, y in parts])
 
 
+def _refuse_same_stem(directory: Path, files: list[Path]) -> None:
+    """Distinct files are shards and are concatenated; ``data.npz`` next to ``data.csv`` is almost
+    always one data set in two formats, which would silently count every sample twice."""
+    stems: dict[str, list[str]] = {}
+    for f in files:
+        stems.setdefault(f.stem.lower(), []).append(f.name)
+    twins = [names for names in stems.values() if len(names) > 1]
+    if twins:
+        raise LocalDataError(f"{directory}: {' and '.join(twins[0])} look like one data set in two formats and "
+                             "would be loaded twice; keep one of them (files with different names are "
+                             "concatenated as shards)")
+
+
 def _read_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
     suffix = path.suffix.lower()
     if suffix not in (".npz", ".csv"):
@@ -247,34 +266,72 @@ def _read_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
     size = path.stat().st_size
     if size > MAX_FILE_BYTES:
         raise LocalDataError(f"{path}: {size} bytes exceeds the {MAX_FILE_BYTES}-byte limit")
-    X, y = _read_npz(path) if suffix == ".npz" else _read_csv(path)
+    if suffix == ".npz":
+        arrays = _read_npz(path)
+        X, y = arrays["X"], arrays["y"]
+    else:
+        X, y = _read_csv(path)
     return _validated(path, X, y)
 
 
-def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def load_inputs(path: str | Path, labelled: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """Inputs to predict on: a .npz with X (and y, if there), or a CSV file (an optional header
+    row, then numbers) whose last column is a label when ``labelled``. Returns X as float32 and
+    y as int64 or None; raises LocalDataError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise LocalDataError(f"{path}: no such file")
+    if path.suffix.lower() == ".npz":
+        arrays = _read_npz(path, required=("X",))
+        X, y = arrays["X"], arrays.get("y")
+    else:
+        table = _read_table(path)
+        X, y = (table[:, :-1], table[:, -1]) if labelled else (table, None)
+    if y is None:  # the same checks on X alone, against placeholder labels
+        X, _ = _validated(path, X, np.zeros(len(X), dtype=np.int64))
+        return X, None
+    return _validated(path, X, y)
+
+
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+def _read_npz(path: Path, required: tuple[str, ...] = ("X", "y")) -> dict[str, np.ndarray]:
+    """Checks the zip signature first: numpy takes any other file for a pickle and would blame
+    ``allow_pickle``, a misleading hint for a file that is simply not a .npz."""
     try:
+        with path.open("rb") as handle:
+            magic = handle.read(len(_ZIP_MAGIC))
+        if magic != _ZIP_MAGIC:
+            raise LocalDataError(f"{path}: not a .npz archive (a .npz is a zip of .npy arrays, as numpy.savez "
+                                 f"writes it; this file starts with {magic!r}); re-export it with numpy.savez")
         with np.load(path, allow_pickle=False) as archive:
-            missing = {"X", "y"} - set(archive.files)
+            missing = set(required) - set(archive.files)
             if missing:
                 raise LocalDataError(f"{path}: missing array(s) {sorted(missing)}; found {archive.files}")
-            return archive["X"], archive["y"]
+            return {name: archive[name] for name in ("X", "y") if name in archive.files}
     except LocalDataError:
         raise
-    except (OSError, ValueError, EOFError) as exc:
-        raise LocalDataError(f"{path}: not a readable .npz archive ({exc})") from exc
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        raise LocalDataError(f"{path}: damaged or truncated .npz archive ({exc}); copy or export it again") from exc
 
 
 def _read_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    table = _read_table(path)
+    if table.shape[1] < 2:
+        raise LocalDataError(f"{path}: need at least one feature column and a label column")
+    return table[:, :-1], table[:, -1]
+
+
+def _read_table(path: Path) -> np.ndarray:
+    """A numeric CSV table (float64, 2-D); a first row that is not numeric is a header."""
     try:
         with path.open("r", encoding="utf-8") as handle:
             first = handle.readline()
         skip = 0 if _is_numeric_row(first) else 1
-        table = np.loadtxt(path, delimiter=",", skiprows=skip, dtype=np.float64, ndmin=2)
+        return np.loadtxt(path, delimiter=",", skiprows=skip, dtype=np.float64, ndmin=2)
     except (OSError, ValueError, UnicodeDecodeError) as exc:
         raise LocalDataError(f"{path}: not a numeric CSV table ({exc})") from exc
-    if table.shape[1] < 2:
-        raise LocalDataError(f"{path}: need at least one feature column and a label column")
-    return table[:, :-1], table[:, -1]
 
 
 def _is_numeric_row(line: str) -> bool:
@@ -302,3 +359,38 @@ def _validated(path: Path, X: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np
     if y.min() < 0:
         raise LocalDataError(f"{path}: labels must be non-negative, found {y.min()}")
     return X, y.astype(np.int64)
+
+
+# ---- does a device's data fit a model
+
+
+@dataclass(frozen=True)
+class DataSummary:
+    """What the fit check needs from local data, kept instead of the arrays (the idle agent stays small)."""
+
+    sample_shape: tuple[int, ...]
+    n_examples: int
+    labels: tuple[int, ...]  # distinct, ascending
+
+    @classmethod
+    def of(cls, X: np.ndarray, y: np.ndarray) -> "DataSummary":
+        return cls(tuple(int(d) for d in X.shape[1:]), int(len(y)), tuple(int(c) for c in np.unique(y)))
+
+
+def data_mismatch(summary: DataSummary, input_shape: tuple[int, ...], num_classes: int) -> str | None:
+    """Why this data cannot train a model with ``input_shape`` and ``num_classes``, in a few
+    words (e.g. "13 features, model expects 64"), or None. The shape rule is the trainer's
+    (``edge_agent.models.as_model_input``): samples of exactly ``input_shape``, or flat rows of
+    its size. Checking it here, without torch, saves a training run that can only fail."""
+    problems = []
+    shape, expected = summary.sample_shape, tuple(input_shape)
+    if shape != expected and not (len(shape) == 1 and shape[0] == math.prod(expected)):
+        if math.prod(shape) != math.prod(expected):
+            problems.append(f"{math.prod(shape)} features, model expects {math.prod(expected)}")
+        else:
+            problems.append(f"samples of shape {shape}, model expects {expected} or flat rows")
+    outside = [c for c in summary.labels if c >= num_classes]
+    if outside:
+        shown = ", ".join(map(str, outside[:4])) + (f" and {len(outside) - 4} more" if len(outside) > 4 else "")
+        problems.append(f"labels {shown} outside 0..{num_classes - 1}")
+    return "; ".join(problems) or None

@@ -44,3 +44,14 @@ def fsync_directory(directory: Path) -> None:
 def private_file_is_exposed(path: Path) -> bool:
     """True when a private key file can be read or written by group or others."""
     return bool(os.stat(path).st_mode & (stat.S_IRWXG | stat.S_IRWXO))
+
+
+def ensure_writable_dir(directory: Path, mode: int = 0o700) -> None:
+    """Create ``directory`` and prove it writable by creating and removing a file in it (an
+    access() check says yes to root on a read-only mount); raises OSError. A daemon calls this
+    at start so an unusable state directory is a clear error then, not a traceback at its first write."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True, mode=mode)
+    fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=directory)
+    os.close(fd)
+    os.unlink(probe)

@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from edge_agent.configkit import ConfigError
+
 ACCELERATORS = ("cpu", "cuda", "auto")
 _CUDA = "CUDAExecutionProvider"
 _CPU = "CPUExecutionProvider"
@@ -172,7 +174,8 @@ class InferenceHTTP:
     GET  /model    ->  {"model_version": N, "input_shape": [...], "num_classes": C, "metadata": {...}}
     Errors are JSON {"error": "..."}: 400 bad JSON or shape, 404, 411, 413 body or batch too
     large, 503 no model yet. Bound to 127.0.0.1 by default; it has no authentication, so expose
-    it beyond the device only behind something that has. ``port=0`` picks a free port.
+    it beyond the device only behind something that has. ``port=0`` picks a free port; one it
+    cannot bind is a ConfigError naming ``[inference] http_port`` (exit 78: systemd stops retrying).
     """
 
     def __init__(
@@ -187,7 +190,14 @@ class InferenceHTTP:
         self.model_server = server
         self.max_body_bytes = max_body_bytes
         self.max_rows = max_rows
-        self._httpd = ThreadingHTTPServer((host, port), _handler_for(self))
+        try:
+            self._httpd = ThreadingHTTPServer((host, port), _handler_for(self))
+        except OSError as exc:
+            raise ConfigError(
+                f"[inference] http_port {port}: cannot listen on {host}:{port} ({exc.strerror or exc}); another "
+                "process may hold it: set [inference] http_port to a free port, 0 for any free one, or -1 to "
+                "turn the endpoint off"
+            ) from None
         self._httpd.daemon_threads = True
         self._thread: threading.Thread | None = None
 

@@ -26,12 +26,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from edge_agent.model_rules import MODEL_NAMES, input_shape_problem
 from protocol.layout import ModelLayout, TensorSpec
 
 Params = dict[str, np.ndarray]
 Masks = dict[str, np.ndarray]
 
-MODEL_NAMES = ("mlp", "cnn2d", "cnn1d")
 NORMS = ("none", "group", "batch")
 _DEFAULT_HIDDEN = {"mlp": (256, 128), "cnn2d": (), "cnn1d": ()}
 DEFAULT_CHANNELS = (32, 64)
@@ -80,12 +80,9 @@ class ModelSpec:
             raise ValueError(f"norm={self.norm!r}: expected one of {NORMS}")
         if self.name == "mlp" and self.norm != "none":
             raise ValueError("the mlp has no normalisation layers: use norm='none'")
-        if self.name == "cnn2d" and len(shape) != 3:
-            raise ValueError(f"cnn2d needs input_shape (C, H, W), got {shape}")
-        if self.name == "cnn1d" and len(shape) != 2:
-            raise ValueError(f"cnn1d needs input_shape (C, L), got {shape}")
-        if self.name != "mlp" and min(shape[1:]) < 4:
-            raise ValueError(f"{self.name} needs spatial sizes >= 4 (two 2x poolings), got {shape}")
+        problem = input_shape_problem(self.name, shape)
+        if problem:
+            raise ValueError(problem)
 
     @property
     def hidden_sizes(self) -> tuple[int, ...]:

@@ -194,6 +194,12 @@ class MqttLink:
         with self._lock:
             return LinkStats(**self._stats)
 
+    @property
+    def refusal(self) -> BrokerRefused | None:
+        """The broker's last CONNACK refusal (bad credentials, not authorized), until a connect succeeds."""
+        with self._lock:
+            return self._refusal
+
     def wait_connected(self, timeout: float, min_connects: int = 1) -> None:
         """Block until connected with subscriptions acknowledged, after at least ``min_connects`` CONNACKs.
 

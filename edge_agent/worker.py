@@ -54,6 +54,13 @@ class WorkerError(RuntimeError):
     """Training failed in the worker; the message is the worker's own last words."""
 
 
+def _last_words(stderr: bytes, limit: int = 300) -> str:
+    """The child's last stderr line: for a traceback, the exception and its message; the whole
+    traceback, cut anywhere, would bury that in a log line."""
+    lines = [line.strip() for line in stderr.decode(errors="replace").splitlines() if line.strip()]
+    return (lines[-1] if lines else "the worker died without a message")[:limit]
+
+
 def _arrays_out(arrays: Params) -> dict[str, Any]:
     return {k: [v.dtype.str, list(v.shape), np.ascontiguousarray(v).tobytes()] for k, v in arrays.items()}
 
@@ -80,7 +87,7 @@ def layout_in_child(model: ModelRef, python: str = sys.executable) -> ModelLayou
     job = msgpack.packb({"op": "layout", "model": [model.name, list(model.input_shape), model.num_classes]})
     done = subprocess.run([python, "-m", "edge_agent.worker"], input=job, capture_output=True, check=False)
     if done.returncode != 0:
-        raise WorkerError(done.stderr.decode(errors="replace").strip()[-500:])
+        raise WorkerError(_last_words(done.stderr))
     specs = msgpack.unpackb(done.stdout)
     return ModelLayout(tuple(TensorSpec(n, tuple(s), m, t) for n, s, m, t in specs))
 
@@ -131,7 +138,7 @@ def train_in_child(job: TrainJob, python: str = sys.executable, timeout_s: float
     except subprocess.TimeoutExpired:
         raise WorkerError(f"training did not finish within {timeout_s} s") from None
     if done.returncode != 0:
-        raise WorkerError(done.stderr.decode(errors="replace").strip()[-500:])
+        raise WorkerError(_last_words(done.stderr))
     out = msgpack.unpackb(done.stdout, raw=False, strict_map_key=False)
     return TrainOutcome(
         delta=_arrays_in(out["delta"]), buffers=_arrays_in(out["buffers"]),
@@ -147,7 +154,7 @@ def model_problem_in_child(onnx: bytes, python: str = sys.executable) -> str | N
     request = msgpack.packb({"op": "check_model", "onnx": onnx}, use_bin_type=True)
     done = subprocess.run([python, "-m", "edge_agent.worker"], input=request, capture_output=True, check=False)
     if done.returncode != 0:
-        return f"model check failed: {done.stderr.decode(errors='replace').strip()[-300:]}"
+        return f"model check failed: {_last_words(done.stderr)}"
     return msgpack.unpackb(done.stdout)
 
 

@@ -16,8 +16,9 @@ shorter) and prefixes each with a fixed 60-byte header:
 ``Reassembler.feed`` keys a transfer by (source, transfer id, digest, count, length), so a
 forged chunk cannot join a genuine transfer without knowing its digest, and a conflicting
 duplicate is refused rather than merged. Chunks may come in any order and any number of times;
-completion is checked against length and digest. Memory is bounded three ways, each counted in
-``evictions``: concurrent transfers, total buffered bytes, and age. Recently completed transfers
+completion is checked against length and digest. Memory is bounded per sender (its own share of
+transfers and bytes, so one device cannot crowd out another's update), overall (transfers and
+bytes), and by age; every drop is counted in ``evictions`` by reason. Recently completed transfers
 are remembered so a late duplicate chunk is ignored instead of starting a transfer that never ends.
 Integrity only: authenticity comes from the envelope inside.
 """
@@ -99,6 +100,7 @@ def parse_chunk(chunk: bytes | memoryview, max_payload: int) -> tuple[ChunkHeade
 
 @dataclass
 class _Transfer:
+    source: str
     started: float
     count: int
     total: int
@@ -107,8 +109,25 @@ class _Transfer:
     size: int = 0
 
 
+@dataclass
+class _Share:
+    """What one sender holds in the buffer: its partial transfers, oldest first, and their bytes."""
+
+    transfers: OrderedDict[tuple, None] = field(default_factory=OrderedDict)
+    size: int = 0
+
+
 class Reassembler:
-    """Collects chunks into payloads. ``feed`` returns the payload once it is complete, else None."""
+    """Collects chunks into payloads. ``feed`` returns the payload once it is complete, else None.
+
+    Each sender (``source``: the device, for uplinks) has its own share of the buffer, at most
+    ``max_source_transfers`` partial transfers and ``max_source_bytes`` bytes: a sender that
+    exceeds its share loses its own oldest transfer, never another sender's. The global bounds
+    are the backstop for many senders at once; there the sender holding the most gives way.
+    Partial transfers older than ``max_age`` are dropped by ``expire``, which the daemons call
+    on every tick (not only when another chunk arrives). Every drop is counted in ``evictions``
+    by reason: ``source_transfers``, ``source_bytes``, ``transfers``, ``bytes``, ``age``.
+    """
 
     def __init__(
         self,
@@ -118,14 +137,21 @@ class Reassembler:
         max_buffered: int = 256 << 20,
         max_age: float = 300.0,
         remember_completed: int = 4096,
+        max_source_transfers: int = 4,
+        max_source_bytes: int | None = None,
     ) -> None:
-        if min(max_payload, max_transfers, max_buffered, remember_completed) < 1 or max_age <= 0:
+        source_bytes = max_buffered if max_source_bytes is None else max_source_bytes
+        if min(max_payload, max_transfers, max_buffered, remember_completed, max_source_transfers, source_bytes) < 1 \
+                or max_age <= 0:
             raise ValueError("Reassembler bounds must be positive")
         self.max_payload = max_payload
         self.max_transfers = max_transfers
         self.max_buffered = max_buffered
         self.max_age = float(max_age)
+        self.max_source_transfers = max_source_transfers
+        self.max_source_bytes = min(source_bytes, max_buffered)
         self._transfers: OrderedDict[tuple, _Transfer] = OrderedDict()
+        self._shares: dict[str, _Share] = {}
         self._completed: OrderedDict[tuple, None] = OrderedDict()
         self._remember = remember_completed
         self._buffered = 0
@@ -139,6 +165,11 @@ class Reassembler:
     def __len__(self) -> int:
         return len(self._transfers)
 
+    def held_by(self, source: str) -> tuple[int, int]:
+        """(partial transfers, bytes) that ``source`` holds now."""
+        share = self._shares.get(source)
+        return (0, 0) if share is None else (len(share.transfers), share.size)
+
     def feed(self, chunk: bytes | memoryview, now: float, source: str = "") -> bytes | None:
         head, piece = parse_chunk(chunk, self.max_payload)
         key = (source, head.transfer_id, head.digest, head.count, head.total)
@@ -147,19 +178,20 @@ class Reassembler:
             return None
         if head.count == 1:
             return self._finish(key, bytes(piece), head.digest)
-        self._expire(now)
+        self.expire(now)
         transfer = self._transfers.get(key)
         if transfer is None:
-            transfer = self._start(key, head, now)
+            transfer = self._start(key, source, head, now)
         held = transfer.pieces.get(head.index)
         if held is not None:
             if held != piece:
                 raise DecodeError(f"chunk {head.index} of transfer {head.transfer_id} conflicts with an earlier copy")
             return None
         cost = len(piece) + _PIECE_OVERHEAD
-        self._make_room(cost, keep=key)
+        self._make_room(cost, key)
         transfer.pieces[head.index] = bytes(piece)
         transfer.size += cost
+        self._shares[source].size += cost
         self._buffered += cost
         if len(transfer.pieces) < transfer.count:
             return None
@@ -169,6 +201,14 @@ class Reassembler:
             raise DecodeError(f"transfer {head.transfer_id} reassembled to {len(payload)} bytes, header says {transfer.total}")
         return self._finish(key, payload, transfer.digest)
 
+    def expire(self, now: float) -> int:
+        """Drop partial transfers older than ``max_age``; how many were dropped."""
+        stale = [k for k, t in self._transfers.items() if now - t.started > self.max_age]
+        for key in stale:
+            self._drop(key)
+            self.evictions["age"] += 1
+        return len(stale)
+
     def _finish(self, key: tuple, payload: bytes, digest: bytes) -> bytes:
         if hashlib.sha256(payload).digest() != digest:
             raise DecodeError("reassembled payload does not match its SHA-256 digest")
@@ -177,37 +217,46 @@ class Reassembler:
             self._completed.popitem(last=False)
         return payload
 
-    def _start(self, key: tuple, head: ChunkHeader, now: float) -> _Transfer:
+    def _start(self, key: tuple, source: str, head: ChunkHeader, now: float) -> _Transfer:
+        if head.total + head.count * _PIECE_OVERHEAD > self.max_source_bytes:
+            raise TooLarge(f"transfer of {head.total} bytes exceeds one sender's reassembly share of "
+                           f"{self.max_source_bytes} bytes")
+        share = self._shares.setdefault(source, _Share())
+        while len(share.transfers) >= self.max_source_transfers:
+            self._evict(next(iter(share.transfers)), "source_transfers")
         while len(self._transfers) >= self.max_transfers:
-            self._evict_oldest("transfers")
-        transfer = _Transfer(now, head.count, head.total, head.digest)
+            self._evict(next(iter(self._shares[self._largest(by_bytes=False)].transfers)), "transfers")
+        transfer = _Transfer(source, now, head.count, head.total, head.digest)
         self._transfers[key] = transfer
+        share.transfers[key] = None
         return transfer
 
     def _make_room(self, cost: int, keep: tuple) -> None:
-        if cost > self.max_buffered:
-            raise TooLarge(f"chunk of {cost} bytes exceeds the reassembly buffer of {self.max_buffered}")
+        while self._shares[keep[0]].size + cost > self.max_source_bytes:
+            self._evict_or_refuse(keep[0], keep, "source_bytes")
         while self._buffered + cost > self.max_buffered:
-            oldest = next(iter(self._transfers))
-            if oldest == keep and len(self._transfers) == 1:
-                self._drop(keep)
-                self.evictions["bytes"] += 1
-                raise TooLarge(f"transfer exceeds the reassembly buffer of {self.max_buffered} bytes")
-            self._evict_oldest("bytes", spare=keep)
+            self._evict_or_refuse(self._largest(by_bytes=True), keep, "bytes")
 
-    def _expire(self, now: float) -> None:
-        stale = [k for k, t in self._transfers.items() if now - t.started > self.max_age]
-        for key in stale:
-            self._drop(key)
-            self.evictions["age"] += 1
+    def _evict_or_refuse(self, source: str, keep: tuple, why: str) -> None:
+        """Drop ``source``'s oldest transfer other than the growing one; if none is left, refuse that."""
+        victim = next((k for k in self._shares[source].transfers if k != keep), keep)
+        self._evict(victim, why)
+        if victim == keep:
+            raise TooLarge(f"transfer exceeds the reassembly buffer ({why})")
 
-    def _evict_oldest(self, why: str, spare: tuple | None = None) -> None:
-        for key in self._transfers:
-            if key != spare:
-                self._drop(key)
-                self.evictions[why] += 1
-                return
+    def _largest(self, by_bytes: bool) -> str:
+        """The sender holding the most bytes (or partial transfers): it gives way first."""
+        return max(self._shares, key=lambda s: self._shares[s].size if by_bytes else len(self._shares[s].transfers))
+
+    def _evict(self, key: tuple, why: str) -> None:
+        self._drop(key)
+        self.evictions[why] += 1
 
     def _drop(self, key: tuple) -> None:
         transfer = self._transfers.pop(key)
         self._buffered -= transfer.size
+        share = self._shares[transfer.source]
+        del share.transfers[key]
+        share.size -= transfer.size
+        if not share.transfers:
+            del self._shares[transfer.source]

@@ -22,7 +22,10 @@ from protocol.envelope import MINOR, Header
 from protocol.errors import DecodeError, ProtocolError, TooLarge
 from protocol.hyperparams import HyperParams
 from protocol.layout import ModelLayout
-from protocol.messages import Kind, Message, ModelRef, ModelRelease, Register, Reject, RoundTask, State, Status, Update
+from protocol.crypto import KEY_ID_LEN
+from protocol.messages import (
+    WRAPPED_KEY_LEN, KeyGrant, Kind, Message, ModelRef, ModelRelease, Register, Reject, RoundTask, State, Status, Update,
+)
 from protocol.sparse import MaskStore, SparseParams, ValueDtype, masks_from_wire, masks_to_wire, values_from_wire
 from protocol.wire import (
     DEFAULT_LIMITS,
@@ -86,6 +89,8 @@ def encode_body(msg: Message, *, value_dtype: ValueDtype = ValueDtype.FLOAT32, b
         obj = {"dev": msg.device, "state": msg.state.value, "round": msg.round, "reason": msg.reason, "time": msg.time}
     elif isinstance(msg, Reject):
         obj = {"round": msg.round, "dev": msg.device, "reason": msg.reason, "detail": msg.detail}
+    elif isinstance(msg, KeyGrant):
+        obj = {"dev": msg.device, "kid": msg.key_id, "wk": msg.wrapped}
     else:
         raise TypeError(f"not a protocol message: {type(msg).__name__}")
     return frame(obj, tail)
@@ -273,6 +278,14 @@ def _reject(obj: Any, minor: int, limits: Limits, *_: Any) -> Reject:
     ))
 
 
+def _key(obj: Any, minor: int, limits: Limits, *_: Any) -> KeyGrant:
+    m = as_map(obj, "key grant", frozenset({"dev", "kid", "wk"}), lenient=minor > MINOR)
+    return construct("key grant", lambda: KeyGrant(
+        device=as_str(m["dev"], "device", 64), key_id=as_bytes(m["kid"], "key id", KEY_ID_LEN),
+        wrapped=as_bytes(m["wk"], "wrapped key", WRAPPED_KEY_LEN),
+    ))
+
+
 _DECODERS: dict[Kind, Callable[..., Message]] = {
     Kind.REGISTER: _register,
     Kind.TASK: _task,
@@ -280,4 +293,5 @@ _DECODERS: dict[Kind, Callable[..., Message]] = {
     Kind.RELEASE: _release,
     Kind.STATUS: _status,
     Kind.REJECT: _reject,
+    Kind.KEY: _key,
 }

@@ -17,12 +17,22 @@ caller binds the envelope header into both ``context`` (HKDF info) and ``aad``.
 Sign (coordinator -> all): Ed25519 over ``label || message``; receivers verify against the
 coordinator key pinned at enrollment. Failures raise ``BadSignature`` / ``OpenFailed``, the
 latter saying nothing about which step failed.
+
+Group (coordinator -> members): tasks and releases are encrypted under the federation's
+``GroupKey`` K, a random 256-bit key with a random 8-byte id, which reaches each member sealed
+to it (the seal above, coordinator -> device). Every message derives its own AEAD key:
+
+    key, nonce = HKDF-SHA256(ikm = K, salt = key id, info = label || context, length = 44)
+
+The context is the envelope header, whose seq never repeats within one coordinator process, and
+a coordinator makes a fresh K at every start, so a (key, nonce) pair is never reused.
 """
 
 from __future__ import annotations
 
 import enum
 import hashlib
+import os
 import re
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -42,6 +52,8 @@ TAG_LEN = 16
 SEAL_OVERHEAD = KEY_LEN + TAG_LEN
 SEAL_LABEL = b"fedprune/v1 seal\x00"
 SIGN_LABEL = b"fedprune/v1 sign\x00"
+GROUP_LABEL = b"fedprune/v1 group\x00"
+KEY_ID_LEN = 8
 _RAW = serialization.Encoding.Raw
 _PEM = serialization.Encoding.PEM
 
@@ -186,8 +198,8 @@ def verify(signer: PublicIdentity, message: bytes, signature: bytes) -> None:
         ) from None
 
 
-def _derive(ikm: bytes, salt: bytes, context: bytes) -> tuple[bytes, bytes]:
-    okm = HKDF(algorithm=hashes.SHA256(), length=44, salt=salt, info=SEAL_LABEL + context).derive(ikm)
+def _derive(ikm: bytes, salt: bytes, context: bytes, label: bytes = SEAL_LABEL) -> tuple[bytes, bytes]:
+    okm = HKDF(algorithm=hashes.SHA256(), length=44, salt=salt, info=label + context).derive(ikm)
     return okm[:32], okm[32:]
 
 
@@ -229,6 +241,62 @@ def open_sealed(
         ikm = recipient._exchange(eph_pub) + recipient._static_secret(sender.agreement)
         key, nonce = _derive(ikm, eph_pub + sender.agreement + recipient.public.agreement, context)
         return Aead(aead).cipher(key).decrypt(nonce, sealed[KEY_LEN:], aad)
+    except (InvalidTag, ValueError, TypeError):
+        raise OpenFailed() from None
+
+
+@dataclass(frozen=True, repr=False)
+class GroupKey:
+    """The federation key that tasks and releases are encrypted under; ``key_id`` names it on the wire."""
+
+    key_id: bytes
+    secret: bytes
+
+    def __post_init__(self) -> None:
+        if type(self.key_id) is not bytes or len(self.key_id) != KEY_ID_LEN:
+            raise ValueError(f"a group key id is {KEY_ID_LEN} bytes")
+        if type(self.secret) is not bytes or len(self.secret) != KEY_LEN:
+            raise ValueError(f"a group key is {KEY_LEN} bytes")
+
+    def __repr__(self) -> str:  # never the secret
+        return f"GroupKey({self.key_id.hex()})"
+
+    @classmethod
+    def generate(cls) -> "GroupKey":
+        return cls(os.urandom(KEY_ID_LEN), os.urandom(KEY_LEN))
+
+
+class KeyRing:
+    """The newest few group keys a member holds, by id: a broadcast in flight during a rotation still opens."""
+
+    def __init__(self, capacity: int = 4) -> None:
+        self.capacity = capacity
+        self._keys: OrderedDict[bytes, GroupKey] = OrderedDict()
+
+    def put(self, key: GroupKey) -> None:
+        self._keys[key.key_id] = key
+        self._keys.move_to_end(key.key_id)
+        while len(self._keys) > self.capacity:
+            self._keys.popitem(last=False)
+
+    def get(self, key_id: bytes) -> GroupKey | None:
+        return self._keys.get(key_id)
+
+    def __contains__(self, key_id: object) -> bool:
+        return key_id in self._keys
+
+
+def group_encrypt(key: GroupKey, plaintext: bytes, *, context: bytes, aad: bytes) -> bytes:
+    """AES-256-GCM under a key derived from ``key`` and ``context`` (unique per message)."""
+    sub, nonce = _derive(key.secret, key.key_id, context, GROUP_LABEL)
+    return AESGCM(sub).encrypt(nonce, plaintext, aad)
+
+
+def group_decrypt(key: GroupKey, ciphertext: bytes | memoryview, *, context: bytes, aad: bytes) -> bytes:
+    """Inverse of ``group_encrypt``; OpenFailed (uninformative) for any tampering or wrong key."""
+    sub, nonce = _derive(key.secret, key.key_id, context, GROUP_LABEL)
+    try:
+        return AESGCM(sub).decrypt(nonce, ciphertext, aad)
     except (InvalidTag, ValueError, TypeError):
         raise OpenFailed() from None
 

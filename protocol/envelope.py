@@ -3,9 +3,10 @@
     offset size  field
     0      2     magic  b"FP"
     2      1     schema major (1)  -- an unknown major is refused with UnsupportedVersion
-    3      1     schema minor (0)  -- a newer minor may add optional body fields
+    3      1     schema minor (2)  -- a newer minor may add optional body fields
     4      1     kind   (messages.Kind)
-    5      1     suite  (1 Ed25519-signed, 2 sealed AES-256-GCM, 3 sealed ChaCha20-Poly1305)
+    5      1     suite  (1 Ed25519-signed, 2 sealed AES-256-GCM, 3 sealed ChaCha20-Poly1305,
+                         4 Ed25519-signed AES-256-GCM under the federation key)
     6      1     flags  (bit 0: last will)
     7      1     zero
     8      4     round  u32
@@ -16,6 +17,8 @@
 
 Signed:  header || body || Ed25519(label || header || body)
 Sealed:  header || E_pub || AEAD(body), header bound as HKDF context and as AAD.
+Group:   header || key id || AEAD_K(body) || Ed25519(label || header || key id || ciphertext),
+         header as HKDF context, header || key id as AAD: only members holding key K read it.
 All integers big-endian. The header is parsed before authentication only to find the key.
 """
 
@@ -24,17 +27,18 @@ from __future__ import annotations
 import enum
 import math
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from protocol import crypto
-from protocol.crypto import Aead, Identity, PublicIdentity
-from protocol.errors import BadSignature, DecodeError, UnsupportedVersion
+from protocol.crypto import KEY_ID_LEN, TAG_LEN, Aead, GroupKey, Identity, PublicIdentity
+from protocol.errors import BadSignature, DecodeError, UnknownKey, UnsupportedVersion
 from protocol.messages import Kind
 from protocol.topics import is_valid_id
 
 MAGIC = b"FP"
 MAJOR = 1
-MINOR = 1  # 1: RoundTask hyper-parameters gained max_sparse_lr_factor
+MINOR = 2  # 1: RoundTask hyper-parameters gained max_sparse_lr_factor; 2: suite 4 and KeyGrant
 _FIXED = struct.Struct(">2sBBBBBxIQd")
 FLAG_LAST_WILL = 0x01
 _KNOWN_FLAGS = FLAG_LAST_WILL
@@ -45,10 +49,12 @@ class Suite(enum.IntEnum):
     SIGNED_ED25519 = 1
     SEALED_AES256_GCM = Aead.AES256_GCM.value
     SEALED_CHACHA20_POLY1305 = Aead.CHACHA20_POLY1305.value
+    GROUP_AES256_GCM = 4
 
     @property
     def sealed(self) -> bool:
-        return self is not Suite.SIGNED_ED25519
+        """Sealed device -> coordinator (the uplink suites)."""
+        return self in (Suite.SEALED_AES256_GCM, Suite.SEALED_CHACHA20_POLY1305)
 
 
 @dataclass(frozen=True)
@@ -119,6 +125,9 @@ def parse_header(data: bytes | memoryview) -> tuple[Header, int]:
     try:
         return Header(Kind(kind), Suite(suite), ids[0], ids[1], rnd, seq, sent_at, flags, minor), pos
     except ValueError as exc:
+        if minor > MINOR:  # a newer minor may add kinds and suites
+            raise UnsupportedVersion(f"envelope {major}.{minor} ({exc}); this build reads {MAJOR}.{MINOR}: "
+                                     "upgrade the older side") from None
         raise DecodeError(f"envelope header: {exc}") from None
 
 
@@ -130,7 +139,7 @@ def _signed_part(data: bytes | memoryview) -> tuple[memoryview, bytes]:
 
 
 def sign_envelope(header: Header, body: bytes, signer: Identity) -> bytes:
-    if header.suite.sealed:
+    if header.suite is not Suite.SIGNED_ED25519:
         raise ValueError("sign_envelope needs a header with suite SIGNED_ED25519")
     head = header.pack()
     signed = head + body
@@ -159,3 +168,39 @@ def open_envelope(data: bytes, header: Header, header_len: int, recipient: Ident
     return crypto.open_sealed(
         recipient, sender, memoryview(data)[header_len:], context=head, aad=head, aead=Aead(header.suite.value)
     )
+
+
+def encrypt_broadcast(header: Header, body: bytes, key: GroupKey, signer: Identity) -> bytes:
+    """A broadcast only members read: encrypted under ``key``, then signed, key id included."""
+    if header.suite is not Suite.GROUP_AES256_GCM:
+        raise ValueError("encrypt_broadcast needs a header with suite GROUP_AES256_GCM")
+    head = header.pack()
+    bound = head + key.key_id
+    signed = bound + crypto.group_encrypt(key, body, context=head, aad=bound)
+    return signed + signer.sign(signed)
+
+
+def decrypt_broadcast(
+    data: bytes, header_len: int, signer: PublicIdentity, key_for: Callable[[bytes], GroupKey | None]
+) -> bytes:
+    """Verify the signature first (BadSignature), then find the key (UnknownKey), then decrypt (OpenFailed)."""
+    signed = verify_envelope(data, header_len, signer)
+    if len(signed) < KEY_ID_LEN + TAG_LEN:
+        raise DecodeError("encrypted broadcast too short to hold a key id and a tag")
+    key_id = bytes(signed[:KEY_ID_LEN])
+    key = key_for(key_id)
+    if key is None:
+        raise UnknownKey(f"broadcast under federation key {key_id.hex()}, which this device does not hold: "
+                         "waiting for its key grant")
+    head = bytes(data[:header_len])
+    return crypto.group_decrypt(key, signed[KEY_ID_LEN:], context=head, aad=head + key_id)
+
+
+def wrap_group_key(head: bytes, key: GroupKey, sender: Identity, recipient: PublicIdentity) -> bytes:
+    """``key`` sealed to one member (the uplink seal, coordinator -> device), bound to the grant's header."""
+    return crypto.seal(sender, recipient, key.secret, context=head, aad=head + key.key_id)
+
+
+def unwrap_group_key(head: bytes, key_id: bytes, wrapped: bytes, recipient: Identity, sender: PublicIdentity) -> GroupKey:
+    """Inverse of ``wrap_group_key``; OpenFailed for another member's grant or any tampering."""
+    return GroupKey(key_id, crypto.open_sealed(recipient, sender, wrapped, context=head, aad=head + key_id))

@@ -44,6 +44,12 @@ class UnknownMask(DecodeError):
     reason = "unknown_mask"
 
 
+class UnknownKey(DecodeError):
+    """A broadcast encrypted under a federation key this device does not hold (yet, or any more)."""
+
+    reason = "unknown_key"
+
+
 class BadSignature(ProtocolError):
     """A broadcast whose Ed25519 signature does not verify against the pinned coordinator key."""
 
@@ -84,6 +90,7 @@ ALL_REASONS: tuple[str, ...] = tuple(
         TooLarge,
         UnsupportedVersion,
         UnknownMask,
+        UnknownKey,
         BadSignature,
         OpenFailed,
         UnknownSender,

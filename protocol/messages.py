@@ -1,4 +1,4 @@
-"""The six messages of the protocol, as frozen dataclasses validated on construction.
+"""The seven messages of the protocol, as frozen dataclasses validated on construction.
 
 Building an invalid message in our own code is a bug and raises ValueError/TypeError at the
 line that did it; the codec runs the same checks on decoded data and turns their failure into
@@ -20,6 +20,7 @@ from typing import ClassVar, Union
 
 import numpy as np
 
+from protocol.crypto import KEY_ID_LEN, KEY_LEN, SEAL_OVERHEAD
 from protocol.hyperparams import HyperParams
 from protocol.layout import ModelLayout
 from protocol.sparse import Masks, Params, SparseParams
@@ -31,6 +32,7 @@ LABEL = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 MAX_TEXT = 256
 MAX_METRICS = 64
 MAX_METADATA = 256
+WRAPPED_KEY_LEN = KEY_LEN + SEAL_OVERHEAD
 
 
 class Kind(enum.IntEnum):
@@ -42,6 +44,7 @@ class Kind(enum.IntEnum):
     RELEASE = 4
     STATUS = 5
     REJECT = 6
+    KEY = 7
 
 
 class State(str, enum.Enum):
@@ -323,12 +326,35 @@ class Reject:
         _text(self.detail, "detail")
 
 
-Message = Union[Register, RoundTask, Update, ModelRelease, Status, Reject]
-MESSAGE_TYPES: dict[Kind, type] = {cls.KIND: cls for cls in (Register, RoundTask, Update, ModelRelease, Status, Reject)}
+@dataclass(frozen=True)
+class KeyGrant:
+    """The federation key ``key_id``, sealed to one member (coordinator -> its inbox, signed, retained).
+
+    ``wrapped`` opens only with the member's X25519 key (``envelope.unwrap_group_key``); the
+    message itself carries no secret a broker or another device could use.
+    """
+
+    KIND: ClassVar[Kind] = Kind.KEY
+    device: str
+    key_id: bytes
+    wrapped: bytes
+
+    def __post_init__(self) -> None:
+        validate_id(self.device, "device")
+        if type(self.key_id) is not bytes or len(self.key_id) != KEY_ID_LEN:
+            raise ValueError(f"key_id must be {KEY_ID_LEN} bytes")
+        if type(self.wrapped) is not bytes or len(self.wrapped) != WRAPPED_KEY_LEN:
+            raise ValueError(f"wrapped must be {WRAPPED_KEY_LEN} bytes (ephemeral key, sealed key, tag)")
+
+
+Message = Union[Register, RoundTask, Update, ModelRelease, Status, Reject, KeyGrant]
+MESSAGE_TYPES: dict[Kind, type] = {
+    cls.KIND: cls for cls in (Register, RoundTask, Update, ModelRelease, Status, Reject, KeyGrant)
+}
 UPLINK_KINDS = frozenset({Kind.REGISTER, Kind.UPDATE, Kind.STATUS})
-DOWNLINK_KINDS = frozenset({Kind.TASK, Kind.RELEASE, Kind.REJECT})
+DOWNLINK_KINDS = frozenset({Kind.TASK, Kind.RELEASE, Kind.REJECT, Kind.KEY})
 
 __all__ = [
-    "Kind", "State", "ModelRef", "Register", "RoundTask", "Update", "ModelRelease", "Status", "Reject",
+    "Kind", "State", "ModelRef", "Register", "RoundTask", "Update", "ModelRelease", "Status", "Reject", "KeyGrant",
     "Message", "MESSAGE_TYPES", "UPLINK_KINDS", "DOWNLINK_KINDS",
 ]

@@ -128,3 +128,34 @@ def test_any_event_sequence_ends_in_exactly_one_close_with_only_selected_accepte
     (closed,) = closes
     assert set(closed.updates) <= {"a", "b", "c", "d"}
     assert all(update == (device, 1) for device, update in closed.updates.items())
+
+
+def test_a_withdrawn_device_is_not_waited_for_and_does_not_count_towards_quorum() -> None:
+    m = machine(quorum=3, on_missed_quorum="retry")
+    m.open(1, ("a", "b", "c"), now=0.0)
+    assert m.withdraw("c", 1) and not m.withdraw("c", 1) and not m.withdraw("c", 2) and not m.withdraw("z", 1)
+    assert m.missing == ("a", "b")
+    m.on_update("a", 1, "x", now=1.0)
+    assert not m.withdraw("a", 1)  # already reported
+    assert m.tick(now=1.0) is None
+    m.on_update("b", 1, "y", now=2.0)
+    closed = m.tick(now=2.0)  # everyone still expected reported: no wait for the deadline
+    assert isinstance(closed, CloseRound) and closed.reached_quorum and set(closed.updates) == {"a", "b"}
+
+
+def test_a_round_everyone_withdrew_from_closes_at_once_without_quorum_or_retry() -> None:
+    m = machine(on_missed_quorum="retry")
+    m.open(1, ("a", "b"), now=0.0)
+    m.withdraw("a", 1)
+    m.withdraw("b", 1)
+    closed = m.tick(now=0.5)
+    assert isinstance(closed, CloseRound) and closed.updates == {} and not closed.reached_quorum
+
+
+def test_a_retry_names_only_the_devices_still_expected() -> None:
+    m = machine(quorum=2, on_missed_quorum="retry")
+    m.open(1, ("a", "b", "c"), now=0.0)
+    m.on_update("a", 1, "x", now=1.0)
+    m.withdraw("b", 1)
+    retry = m.tick(now=10.5)
+    assert isinstance(retry, RetryRound) and retry.missing == ("c",)

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from coordinator.registry_store import RegistryStore
 from coordinator.state import StateDir, StateError, dumps, loads
 
 
@@ -62,12 +63,11 @@ def test_truncated_blob_is_rejected() -> None:
         loads(b"")
 
 
-def test_unreadable_registry_is_a_state_error_naming_the_file(tmp_path: Path) -> None:
-    state = StateDir(tmp_path)
-    state.ensure()
-    state.registry_path.write_bytes(b"garbage" * 10)
-    with pytest.raises(StateError, match="registry.msgpack"):
-        state.load_registry()
+@pytest.mark.parametrize("name", ["registry.msgpack", "allowlist.msgpack"])
+def test_unreadable_registry_is_a_state_error_naming_the_file(tmp_path: Path, name: str) -> None:
+    (tmp_path / name).write_bytes(b"garbage" * 10)
+    with pytest.raises(StateError, match=name):
+        RegistryStore(tmp_path).load(90.0)
 
 
 def test_history_file_is_rewritten_from_an_older_checkpoint_that_carries_it(tmp_path: Path) -> None:

@@ -29,18 +29,39 @@ def test_a_selected_task_is_trained_uploaded_and_reported() -> None:
     t = task()
     assert agent.on_task(t, now=1.0) == [ReportStatus(Phase.TRAINING, 1), Train(t)]
     assert agent.on_trained(1) == [Upload(1)]
-    assert agent.on_uploaded(1, mask_version=0) == [ReportStatus(Phase.IDLE, 1)]
+    assert agent.on_uploaded(1, mask_version=0, now=2.0) == [ReportStatus(Phase.IDLE, 1)]
     assert agent.phase is Phase.IDLE
 
 
-def test_the_same_task_twice_trains_once_and_resends_the_cached_update() -> None:
-    agent = AgentCore("pi-1")
+def test_the_same_task_twice_trains_once_and_resends_only_when_the_coordinator_still_waits() -> None:
+    agent = AgentCore("pi-1", resend_holdoff_s=5.0)
     agent.on_task(task(), now=1.0)
     assert agent.on_task(task(), now=1.5) == [Ignore(1, "in_progress")]
     agent.on_trained(1)
-    agent.on_uploaded(1, mask_version=0)
-    assert agent.on_task(task(deadline=200.0), now=2.0) == [Resend(1)]
-    assert agent.on_task(task(mask_version=1), now=2.0) == [Ignore(1, "already_uploaded")]
+    agent.on_uploaded(1, mask_version=0, now=2.0)
+    assert agent.on_task(task(deadline=200.0), now=3.0) == [Ignore(1, "answered_recently")]
+    assert agent.on_task(task(deadline=200.0), now=7.5) == [Resend(1)]
+    assert agent.on_task(task(mask_version=1), now=30.0) == [Ignore(1, "already_uploaded")]
+
+
+def test_re_announcements_queued_while_training_send_nothing() -> None:
+    """The field defect: every re-announcement that waited in the queue while the device
+    trained was answered with another copy of the update (up to 6.8x the uplink)."""
+    agent = AgentCore("pi-1", resend_holdoff_s=5.0)
+    agent.on_task(task(deadline=500.0), now=0.0)
+    agent.on_trained(1)
+    agent.on_uploaded(1, mask_version=0, now=40.0)
+    queued = [agent.on_task(task(deadline=500.0), now=40.1, received_at=t) for t in (10.0, 20.0, 30.0, 39.9)]
+    assert queued == [[Ignore(1, "answered_recently")]] * 4
+
+
+def test_each_resend_doubles_the_hold_off() -> None:
+    agent = AgentCore("pi-1", resend_holdoff_s=5.0)
+    agent.on_task(task(deadline=500.0), now=0.0)
+    agent.on_trained(1)
+    agent.on_uploaded(1, mask_version=0, now=10.0)
+    answers = {t: agent.on_task(task(deadline=500.0), now=t) for t in (15.0, 20.0, 24.0, 25.0, 44.0, 45.0)}
+    assert [t for t, a in answers.items() if a == [Resend(1)]] == [15.0, 25.0, 45.0]
 
 
 @pytest.mark.parametrize(
@@ -58,7 +79,7 @@ def test_an_older_round_after_an_upload_is_stale() -> None:
     agent = AgentCore("pi-1")
     agent.on_task(task(3), now=1.0)
     agent.on_trained(3)
-    agent.on_uploaded(3, 0)
+    agent.on_uploaded(3, 0, now=1.0)
     assert agent.on_task(task(2), now=1.0) == [Ignore(2, "stale_round")]
 
 
@@ -68,11 +89,20 @@ def test_a_governance_decision_becomes_a_decline_not_a_silent_timeout() -> None:
     assert agent.phase is Phase.IDLE
 
 
-def test_a_failed_training_reports_and_returns_to_idle() -> None:
+def test_a_failed_training_reports_returns_to_idle_and_is_not_repeated_for_that_round() -> None:
     agent = AgentCore("pi-1")
     agent.on_task(task(), now=1.0)
     assert agent.on_failed(1, "out_of_memory") == [Decline(1, "out_of_memory"), ReportStatus(Phase.IDLE, 1)]
     assert agent.phase is Phase.IDLE
+    assert agent.on_task(task(), now=2.0) == [Ignore(1, "failed_this_round")]
+    assert isinstance(agent.on_task(task(2), now=3.0)[-1], Train)
+
+
+def test_a_failed_upload_is_tried_again_at_the_next_announcement() -> None:
+    agent = AgentCore("pi-1")
+    agent.on_task(task(), now=1.0)
+    agent.on_trained(1)
+    agent.on_failed(1, "upload_failed", retry=True)
     assert isinstance(agent.on_task(task(), now=2.0)[-1], Train)
 
 
@@ -82,7 +112,7 @@ def test_out_of_order_outcomes_are_bugs() -> None:
         agent.on_trained(1)
     agent.on_task(task(), now=1.0)
     with pytest.raises(RuntimeError):
-        agent.on_uploaded(1, 0)
+        agent.on_uploaded(1, 0, now=1.0)
 
 
 @given(st.lists(st.tuples(st.integers(1, 4), st.booleans(), st.sampled_from(["task", "trained", "uploaded", "failed"])), max_size=40))
@@ -95,13 +125,13 @@ def test_no_round_is_trained_twice_once_its_update_was_uploaded(events) -> None:
             for action in actions:
                 if isinstance(action, Train):
                     assert action.task.round not in uploaded
-                    assert agent.uploaded is None or action.task.round > agent.uploaded[0]
+                    assert agent.uploaded is None or action.task.round > agent.uploaded.round
         elif agent.active_round is not None:
             r = agent.active_round
             if kind == "trained" and agent.phase is Phase.TRAINING:
                 assert agent.on_trained(r) == [Upload(r)]
             elif kind == "uploaded" and agent.phase is Phase.UPLOADING:
-                agent.on_uploaded(r, 0)
+                agent.on_uploaded(r, 0, now=0.0)
                 uploaded.add(r)
             elif kind == "failed":
                 agent.on_failed(r, "error")

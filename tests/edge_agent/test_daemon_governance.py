@@ -193,8 +193,8 @@ def test_hot_and_out_of_budget_devices_decline_and_the_coordinator_counts_why(tm
         fed.stop_all()
 
     assert [h["received"] for h in history[:3]] == [2, 1, 1]
-    # a device re-evaluates a re-announced task (it may have cooled down), so the counters count
-    # declines, at least one per round; the log names the round of each
+    # a device re-evaluates a re-announced task (it may have cooled down) and declines again; the
+    # coordinator counts one decline per device, round and reason; the log names the round of each
     assert declined(metrics, "too_hot") >= 3 and declined(metrics, "privacy_budget_exhausted") >= 2
     coordinator_log = fed.log("coordinator")
     assert {1, 2, 3} <= rounds_declined(coordinator_log, "pi-hot", "too_hot")

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from edge_agent.data import (
+    DataSummary,
     LocalDataError,
     add_label_noise,
+    data_mismatch,
     load_dataset,
+    load_inputs,
     load_local_data,
     partition_dirichlet,
     partition_iid,
@@ -160,7 +166,7 @@ def test_local_data_reads_npz_and_csv_files_and_directories(tmp_path, rng):
 @pytest.mark.parametrize(
     "name, write, message",
     [
-        ("bad.npz", lambda p: p.write_bytes(b"not a zip"), "not a readable"),
+        ("bad.npz", lambda p: p.write_bytes(b"not a zip"), "not a .npz archive"),
         ("nox.npz", lambda p: np.savez(p, y=np.arange(3)), "missing"),
         ("len.npz", lambda p: np.savez(p, X=np.zeros((3, 2)), y=np.arange(4)), "expected X of shape"),
         ("nan.npz", lambda p: np.savez(p, X=np.full((2, 2), np.nan), y=np.arange(2)), "NaN"),
@@ -190,3 +196,75 @@ def test_local_directories_must_hold_data_of_one_shape(tmp_path):
     np.savez(tmp_path / "b.npz", X=np.zeros((2, 4)), y=np.arange(2))
     with pytest.raises(LocalDataError, match="disagree"):
         load_local_data(tmp_path)
+
+
+def _savez_bytes(tmp_path: Path, n: int = 116) -> bytes:
+    np.savez(tmp_path / "whole.npz", X=np.zeros((n, 13), np.float32), y=np.arange(n) % 3)
+    return (tmp_path / "whole.npz").read_bytes()
+
+
+@pytest.mark.parametrize("cut", [0.5, 0.98])
+def test_a_truncated_npz_is_a_local_data_error_saying_so(tmp_path, cut):
+    """Cut anywhere, np.load raised zipfile.BadZipFile (or zlib.error), which escaped as a traceback."""
+    whole = _savez_bytes(tmp_path)
+    path = tmp_path / "data" / "part.npz"
+    path.parent.mkdir()
+    path.write_bytes(whole[: int(len(whole) * cut)])
+    with pytest.raises(LocalDataError, match=r"part\.npz: damaged or truncated \.npz archive"):
+        load_local_data(path.parent)
+
+
+def test_random_bytes_in_an_npz_are_not_blamed_on_pickling(tmp_path):
+    path = tmp_path / "noise.npz"
+    path.write_bytes(np.random.default_rng(0).bytes(500))
+    with pytest.raises(LocalDataError, match=r"noise\.npz: not a \.npz archive") as info:
+        load_local_data(path)
+    assert "pickle" not in str(info.value)
+
+
+def test_one_data_set_in_two_formats_is_refused_and_distinct_shards_are_concatenated(tmp_path):
+    X, y = np.ones((116, 13), np.float32), np.arange(116) % 3
+    np.savez(tmp_path / "data.npz", X=X, y=y)
+    np.savetxt(tmp_path / "data.csv", np.column_stack([X, y]), delimiter=",")
+    with pytest.raises(LocalDataError, match=r"data\.csv and data\.npz .*loaded twice; keep one"):
+        load_local_data(tmp_path)
+    (tmp_path / "data.csv").rename(tmp_path / "more.csv")
+    X2, _ = load_local_data(tmp_path)
+    assert len(X2) == 232
+
+
+def test_inputs_to_predict_on_accept_a_header_and_name_the_file_when_wrong(tmp_path):
+    csv = tmp_path / "samples.csv"
+    csv.write_text("f0,f1,f2\n0.5,1,2\n1.5,2,3\n")
+    X, y = load_inputs(csv)
+    assert X.shape == (2, 3) and X.dtype == np.float32 and y is None
+    X, y = load_inputs(csv, labelled=True)
+    assert X.shape == (2, 2) and list(y) == [2, 3]
+    with pytest.raises(LocalDataError, match="missing.csv: no such file"):
+        load_inputs(tmp_path / "missing.csv")
+    np.savez(tmp_path / "x.npz", X=np.zeros((4, 3)))
+    X, y = load_inputs(tmp_path / "x.npz")
+    assert X.shape == (4, 3) and y is None
+
+
+@pytest.mark.parametrize("shape, labels, input_shape, expected", [
+    ((13,), (0, 1, 2), (64,), "13 features, model expects 64"),
+    ((64,), (0, 9), (1, 8, 8), None),  # flat rows of the right size
+    ((1, 8, 8), (0, 9), (1, 8, 8), None),
+    ((8, 8), (0,), (64,), r"samples of shape \(8, 8\), model expects \(64,\) or flat rows"),
+    ((13,), (0, 3, 10, 99), (13,), r"labels 10, 99 outside 0\.\.9"),
+    ((13,), (0, 10, 11, 12, 13, 14), (13,), "labels 10, 11, 12, 13 and 1 more outside"),
+    ((13,), (3, 10), (64,), "13 features, model expects 64; labels 10 outside 0..9"),
+])
+def test_data_mismatch_names_features_and_labels_that_do_not_fit(shape, labels, input_shape, expected):
+    summary = DataSummary(shape, 100, labels)
+    problem = data_mismatch(summary, input_shape, num_classes=10)
+    if expected is None:
+        assert problem is None
+    else:
+        assert re.search(expected, problem), problem
+
+
+def test_data_summary_keeps_shape_count_and_distinct_labels():
+    summary = DataSummary.of(np.zeros((5, 13), np.float32), np.array([3, 1, 3, 99, 1]))
+    assert summary == DataSummary((13,), 5, (1, 3, 99))

@@ -15,6 +15,7 @@ from protocol.channel import AgentChannel, CoordinatorChannel
 from protocol.crypto import Identity
 from protocol.errors import BadSignature, ProtocolError
 from protocol.messages import ModelRelease
+from tests.protocol.factories import GROUP
 
 SPEC = ModelSpec("mlp", (1, 8, 8), 10, hidden=(16,))
 FED = "fed-1"
@@ -96,6 +97,7 @@ class Device:
             federation=FED, device="dev-a", identity=Identity.generate(),
             coordinator=coordinator.public, layout=model_layout(SPEC),
         )
+        self.channel.group_keys.put(GROUP)  # as if its key grant had arrived
         self.store = ReleaseStore(directory)
         self.server = ModelServer()
 
@@ -109,7 +111,9 @@ class Device:
 
 
 def coordinator_channel(identity: Identity) -> CoordinatorChannel:
-    return CoordinatorChannel(federation=FED, identity=identity, devices={}, layout=model_layout(SPEC), max_chunk=4096)
+    channel = CoordinatorChannel(federation=FED, identity=identity, devices={}, layout=model_layout(SPEC), max_chunk=4096)
+    channel.rekey({}, T0, key=GROUP)
+    return channel
 
 
 def test_signed_release_path_rejects_tampering_other_keys_and_replays(tmp_path, onnx_models, rng):

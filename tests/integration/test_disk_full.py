@@ -105,7 +105,7 @@ def test_a_device_registering_while_the_disk_is_full_does_not_stop_the_coordinat
 
     world = DaemonWorld()
     try:
-        world.daemon.state_dir.registry_path = small_disk / "registry.msgpack"
+        world.daemon.registry_store.presence_path = small_disk / "presence.msgpack"
         fill(small_disk)
         register = world.genuine(Program(bytes([0, 0, 1, 0, 0, 0, 0, 0])))  # dev-0's Register
         for topic, payload in register:

@@ -28,8 +28,7 @@ from coordinator.cli import main as coordinator_main
 from coordinator.config import CoordinatorConfig, load_config
 from coordinator.localfed import BrokerAccess, LocalFederation
 from coordinator.provision import ProvisionReport, provision
-from coordinator.registry import Registry
-from coordinator.state import StateDir
+from coordinator.registry_store import RegistryStore
 from edge_agent.bundle import load_bundle
 from edge_agent.configkit import ConfigError
 from edge_agent.mqtt import LinkConfig, MqttLink, PublishFailed
@@ -57,6 +56,7 @@ class ProvisionedBroker:
 
     report: ProvisionReport
     config: CoordinatorConfig
+    pid: int  # Mosquitto's, for SIGHUP
 
     @property
     def ca_file(self) -> Path:
@@ -114,7 +114,7 @@ def provisioned_broker(federation: str, devices: Sequence[str],
                                        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
         port = int(report.broker_url.rsplit(":", 1)[1])
         wait_until(lambda: _serving(port, report.out / "ca.crt", process), 10.0, "mosquitto to serve TLS")
-        yield ProvisionedBroker(report, load_config(config_path, env={}))
+        yield ProvisionedBroker(report, load_config(config_path, env={}), process.pid)
     finally:
         if process is not None:
             process.terminate()
@@ -181,7 +181,7 @@ def test_provision_is_idempotent_and_adds_devices_without_rekeying(tmp_path: Pat
     assert (bundle.broker_url, bundle.broker_username, bundle.ca_pem) == (
         "mqtts://broker.example:18883", "dev-3", second["ca.crt"])
     assert bundle.broker_password not in second["passwd"].decode()
-    registry = Registry.from_dict(StateDir(config.state.dir).load_registry())
+    registry = RegistryStore(config.state.dir).read(config.rounds.heartbeat_timeout_s)
     assert {r.device_id for r in registry.devices()} == {"dev-1", "dev-2", "dev-3"}
     assert all(mode(out / name) == 0o600 for name in ("ca.key", "server.key", "passwd", "bundles/dev-3.json"))
     assert mode(config_path) == 0o600

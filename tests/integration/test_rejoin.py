@@ -8,53 +8,16 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Callable
 
-import numpy as np
 import pytest
 
-from coordinator.config import load_config
-from coordinator.daemon import CoordinatorDaemon
-from coordinator.localfed import BrokerAccess, LocalFederation
-from edge_agent.bundle import load_bundle
 from edge_agent.config import load_config as load_agent_config
 from edge_agent.daemon import AgentDaemon
-from protocol.channel import AgentChannel, Publication
-from protocol.messages import Update
-from protocol.sparse import MaskStore, SparseParams
+from protocol.sparse import MaskStore
+from tests.integration.daemons import connected_coordinator, federation, step, zero_update
 from tests.integration.mosquitto import MosquittoBroker, wait_until
 
 pytestmark = pytest.mark.slow
-
-
-def federation(broker: MosquittoBroker, root: Path, **rounds: object) -> LocalFederation:
-    access = BrokerAccess(url=broker.url, ca_file=broker.ca_file, coordinator_password=broker.coordinator.password,
-                          device_passwords={d.username: d.password for d in broker.devices})
-    fed = LocalFederation(root=root, broker=access, devices=tuple(d.username for d in broker.devices),
-                          federation=broker.federation, settings={
-                              "broker": {"username": broker.coordinator.username}, "metrics": {"port": -1},
-                              "rounds": {"total": 5, "min_devices": 1, "quorum": 1, "reannounce_s": 0.5,
-                                         "on_missed_quorum": "close", **rounds}})
-    fed.prepare()
-    return fed
-
-
-def connected_coordinator(fed: LocalFederation, clock: Callable[[], float] = time.time) -> CoordinatorDaemon:
-    daemon = CoordinatorDaemon(load_config(fed.config_path, env={}), clock=clock)
-    daemon.link = daemon.open_link()
-    wait_until(lambda: daemon.link.connected, 10, "the coordinator to connect")
-    return daemon
-
-
-def step(coordinator: CoordinatorDaemon, agent: AgentDaemon) -> None:
-    """One pass of each daemon's loop (their run() minus signals and sleeping)."""
-    agent._maybe_register()
-    while not agent.link.messages.empty():
-        agent._on_message(*agent.link.messages.get_nowait())
-    while not coordinator.link.messages.empty():
-        coordinator._on_message(*coordinator.link.messages.get_nowait())
-    coordinator._tick()
-    time.sleep(0.02)
 
 
 def test_an_agent_given_a_task_without_the_mask_it_lacks_asks_again_and_trains_in_that_round(
@@ -77,8 +40,8 @@ def test_an_agent_given_a_task_without_the_mask_it_lacks_asks_again_and_trains_i
             coordinator._tick()
             time.sleep(0.02)
         time.sleep(0.2)
-        while not agent.link.messages.empty():
-            agent.link.messages.get_nowait()
+        while not agent.inbox.empty():
+            agent.inbox.get_nowait()
         agent.channel.masks = MaskStore(4)
         assert not coordinator._task.include_masks
         with caplog.at_level(logging.INFO, logger="fedprune.agent"):
@@ -90,21 +53,6 @@ def test_an_agent_given_a_task_without_the_mask_it_lacks_asks_again_and_trains_i
     finally:
         agent.link.close()
         coordinator.link.close()
-
-
-def zero_update(fed: LocalFederation, coordinator: CoordinatorDaemon, device: str, now: float) -> list[Publication]:
-    """A genuine sealed Update of ``device`` for the open round (a zero delta: content is not the point)."""
-    bundle = load_bundle(fed.root / "devices" / device / "bundle.json")
-    state = coordinator.state
-    channel = AgentChannel(federation=fed.federation, device=device, identity=bundle.identity,
-                           coordinator=bundle.coordinator, layout=coordinator.layout)
-    channel.remember_masks(state.mask_version, state.masks)
-    trainable = coordinator.layout.subset(spec.name for spec in coordinator.layout.trainable)
-    delta = SparseParams.from_dense(trainable, {spec.name: np.zeros(spec.shape, np.float32) for spec in trainable},
-                                    state.masks)
-    update = Update(round=state.round, device=device, mask_version=state.mask_version, n_examples=50,
-                    metrics={"train_loss": 0.5}, class_losses={}, delta=delta, mask_changed=False)
-    return channel.send(update, now)
 
 
 def test_rounds_wait_while_the_coordinator_has_lost_the_broker(mosquitto: MosquittoBroker, tmp_path: Path) -> None:

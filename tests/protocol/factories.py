@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from protocol.channel import AgentChannel, CoordinatorChannel
-from protocol.crypto import Identity
+from protocol.crypto import GroupKey, Identity
 from protocol.hyperparams import HyperParams
 from protocol.layout import ModelLayout, TensorSpec
 from protocol.messages import ModelRef, ModelRelease, Register, Reject, RoundTask, State, Status, Update
@@ -34,6 +34,7 @@ def identity(seed: int) -> Identity:
 
 COORD = identity(1)
 DEVICES = {"dev-a": identity(2), "dev-b": identity(3)}
+GROUP = GroupKey(bytes(range(8)), bytes(range(100, 132)))  # the federation key both devices were granted
 
 
 def masks(rng: np.random.Generator, density: float = 0.3, layout: ModelLayout = LAYOUT) -> Masks:
@@ -98,15 +99,21 @@ def reject(device: str = "dev-a") -> Reject:
 
 
 def coordinator_channel(**kw) -> CoordinatorChannel:
-    return CoordinatorChannel(
+    """A coordinator whose federation key is ``GROUP``, already granted to both devices."""
+    channel = CoordinatorChannel(
         federation=FED, identity=COORD, devices={d: i.public for d, i in DEVICES.items()}, layout=LAYOUT, **kw
     )
+    channel.rekey({d: i.public for d, i in DEVICES.items()}, T0, key=GROUP)
+    return channel
 
 
 def agent_channel(device: str = "dev-a", **kw) -> AgentChannel:
-    return AgentChannel(
+    """A device that holds ``GROUP`` (as if its grant had arrived)."""
+    channel = AgentChannel(
         federation=FED, device=device, identity=DEVICES[device], coordinator=COORD.public, layout=LAYOUT, **kw
     )
+    channel.group_keys.put(GROUP)
+    return channel
 
 
 def deliver(channel, publications, now: float):

@@ -11,7 +11,7 @@ from protocol.messages import ModelRelease, State
 from protocol.sparse import ValueDtype
 from protocol.topics import update_topic
 from tests.protocol.factories import (
-    COORD, DEVICES, FED, LAYOUT, T0, agent_channel, assert_sparse_equal, coordinator_channel, deliver,
+    COORD, DEVICES, FED, GROUP, LAYOUT, T0, agent_channel, assert_sparse_equal, coordinator_channel, deliver,
     identity, register, reject, release, status, task, update,
 )
 
@@ -210,6 +210,7 @@ def test_layout_resolver_errors_become_decode_errors(rng):
         raise KeyError(model.name)
 
     agent = AgentChannel(federation=FED, device="dev-a", identity=DEVICES["dev-a"], coordinator=COORD.public, layout=zoo)
+    agent.group_keys.put(GROUP)
     with pytest.raises(DecodeError, match="not known here"):
         deliver(agent, coordinator_channel().send(task(rng), T0), T0)
 

@@ -118,3 +118,54 @@ def test_chunks_of_a_completed_transfer_are_dropped_and_counted():
     assert r.duplicates == 0
     assert [r.feed(c, 1.0) for c in chunks] == [None] * len(chunks)
     assert r.duplicates == len(chunks)
+
+
+def _flood(r: Reassembler, source: str, transfers: int, now: float = 0.0) -> None:
+    """First chunks of ``transfers`` multi-chunk transfers that never finish."""
+    for tid in range(transfers):
+        r.feed(split(bytes([tid % 256]) * 6000, transfer_id=1000 + tid, max_size=2048)[0], now, source)
+
+
+def test_one_senders_flood_does_not_evict_another_senders_update():
+    """The field attack: 64 partial transfers from one device evicted another's in-flight update."""
+    honest = b"h" * 9000
+    chunks = split(honest, transfer_id=1, max_size=2048)
+    assert len(chunks) == 5
+    r = Reassembler(max_transfers=64, max_source_transfers=4)
+    out = [r.feed(chunks[0], 0.0, "update/dev-1")]
+    for chunk in chunks[1:]:
+        _flood(r, "update/dev-4", 100)
+        out.append(r.feed(chunk, 0.0, "update/dev-1"))
+    assert out[-1] == honest
+    assert r.held_by("update/dev-4")[0] <= 4 and r.evictions["source_transfers"] == 4 * 100 - 4
+
+
+def test_a_senders_bytes_are_bounded_by_its_share_and_it_loses_its_own_oldest():
+    r = Reassembler(max_source_bytes=5 * (2048 + 200), max_source_transfers=100)
+    r.feed(split(b"o" * 6000, transfer_id=1, max_size=2048)[0], 0.0, "dev-1")
+    _flood(r, "dev-4", 50)
+    assert r.held_by("dev-4")[1] <= r.max_source_bytes
+    assert r.held_by("dev-1")[0] == 1 and r.evictions["source_bytes"] >= 45
+
+
+def test_a_transfer_larger_than_a_senders_share_is_refused_before_it_is_buffered():
+    r = Reassembler(max_source_bytes=8000)
+    with pytest.raises(TooLarge, match="share"):
+        r.feed(split(b"q" * 20_000, transfer_id=1, max_size=2048)[0], 0.0, "dev-4")
+    assert r.buffered_bytes == 0 and len(r) == 0
+
+
+def test_the_global_bound_takes_from_the_sender_holding_the_most():
+    r = Reassembler(max_transfers=6, max_source_transfers=5)
+    _flood(r, "dev-1", 1)
+    _flood(r, "dev-4", 5)
+    _flood(r, "dev-5", 2)
+    assert r.held_by("dev-1")[0] == 1 and len(r) <= 6 and r.evictions["transfers"] == 2
+
+
+def test_expire_drops_stale_partial_transfers_without_another_chunk():
+    r = Reassembler(max_age=10.0)
+    _flood(r, "dev-4", 3, now=0.0)
+    assert r.expire(5.0) == 0 and len(r) == 3
+    assert r.expire(10.5) == 3 and len(r) == 0 and r.buffered_bytes == 0 and r.evictions["age"] == 3
+    assert r.held_by("dev-4") == (0, 0)

@@ -1,6 +1,10 @@
 """Golden wire vectors: stored bytes must still decode to the stored summary and re-encode byte
 for byte. A failure here means the wire format changed: bump the schema version, then
 regenerate with ``.venv/bin/python -m tests.protocol.test_vectors``.
+
+``valid.json`` pins schema 1.1 (tasks and releases signed only), which a 1.2 reader still
+decodes; ``group.json`` pins 1.2: tasks and releases encrypted under the federation key, and
+the key grant that carries it to a member.
 """
 
 from __future__ import annotations
@@ -18,18 +22,21 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from protocol import codec, crypto
 from protocol.channel import AgentChannel, CoordinatorChannel
 from protocol.chunks import split
-from protocol.crypto import Identity
+from protocol.crypto import GroupKey, Identity
 from protocol.envelope import (
-    COORDINATOR, FLAG_LAST_WILL, Header, Suite, open_envelope, parse_header, sign_envelope, verify_envelope,
+    COORDINATOR, FLAG_LAST_WILL, Header, Suite, decrypt_broadcast, encrypt_broadcast, open_envelope, parse_header,
+    sign_envelope, unwrap_group_key, verify_envelope,
 )
 from protocol.errors import ProtocolError
 from protocol.hyperparams import HyperParams
+from protocol.messages import KeyGrant, Kind
 from protocol.layout import ModelLayout, TensorSpec
 from protocol.sparse import MaskStore, SparseParams, ValueDtype
 
 VECTORS = Path(__file__).parent / "vectors"
 VALID = VECTORS / "valid.json"
 INVALID = VECTORS / "invalid.json"
+GROUP = VECTORS / "group.json"
 
 
 def summarize(value):
@@ -124,6 +131,107 @@ def test_invalid_vectors_fail_with_their_documented_reason():
         assert err.value.reason == case["reason"], case["name"]
 
 
+def _group_key(pair) -> GroupKey:
+    return GroupKey(bytes.fromhex(pair[0]), bytes.fromhex(pair[1]))
+
+
+def test_group_vectors_decrypt_to_their_summary_and_re_encrypt_byte_for_byte(valid):
+    doc = _load(GROUP)
+    ids = identities(valid["keys"])
+    coordinator = ids["coordinator"]
+    layout = layout_of(valid["layout"])
+    key = _group_key(doc["group_key"])
+    store = MaskStore()
+    for name, entry in doc["messages"].items():
+        envelope = bytes.fromhex(entry["envelope"])
+        h, n = parse_header(envelope)
+        assert (h.minor, h.sender) == (2, COORDINATOR), name
+        if h.suite is Suite.GROUP_AES256_GCM:
+            body = decrypt_broadcast(envelope, n, coordinator.public, {key.key_id: key}.get)
+            assert encrypt_broadcast(h, body, key, coordinator) == envelope, name
+            assert envelope[n : n + crypto.KEY_ID_LEN] == key.key_id, name
+        else:
+            body = bytes(verify_envelope(envelope, n, coordinator.public))
+        msg = codec.decode_body(h, body, layout_for=lambda _m: layout, masks=store)
+        assert summarize(msg) == entry["summary"], name
+        assert codec.encode_body(msg) == body, name
+        if h.kind is Kind.KEY:  # the wrap: the uplink seal, coordinator -> device, bound to the grant's header
+            device = ids[msg.device]
+            assert unwrap_group_key(h.pack(), msg.key_id, msg.wrapped, device, coordinator.public) == key
+            eph = X25519PrivateKey.from_private_bytes(bytes.fromhex(entry["ephemeral"]))
+            assert crypto.seal(coordinator, device.public, key.secret, context=h.pack(), aad=h.pack() + key.key_id,
+                               ephemeral=eph) == msg.wrapped
+
+
+def test_invalid_group_vectors_fail_with_their_documented_reason(valid):
+    doc = _load(GROUP)
+    ids = identities(valid["keys"])
+    for case in doc["cases"]:
+        agent = AgentChannel(federation=valid["federation"], device="dev-a", identity=ids["dev-a"],
+                             coordinator=ids["coordinator"].public, layout=layout_of(valid["layout"]))
+        agent.group_keys.put(_group_key(doc["group_key"]))
+        with pytest.raises(ProtocolError) as err:
+            agent.receive(case["topic"], bytes.fromhex(case["payload"]), case["now"])
+        assert err.value.reason == case["reason"], case["name"]
+
+
+def generate_group() -> None:  # pragma: no cover - run by hand after a deliberate version bump
+    from tests.protocol import factories as f
+
+    rng = np.random.default_rng(2027)
+    key = GroupKey(bytes.fromhex("a1a2a3a4a5a6a7a8"), bytes(range(64, 96)))
+    other = GroupKey(bytes.fromhex("b1b2b3b4b5b6b7b8"), bytes(range(96, 128)))
+    eph_hex = bytes(range(1, 33)).hex()
+    t = f.task(rng)
+    messages, envelopes = {}, {}
+    for i, (name, msg) in enumerate((("task", t), ("release", f.release()), ("key_grant", None))):
+        seq, sent_at = 1_900_000_000_000_000 + i, f.T0 + i
+        if msg is None:
+            h = Header(Kind.KEY, Suite.SIGNED_ED25519, f.FED, COORDINATOR, 5, seq, sent_at)
+            eph = X25519PrivateKey.from_private_bytes(bytes.fromhex(eph_hex))
+            wrapped = crypto.seal(f.COORD, f.DEVICES["dev-a"].public, key.secret, context=h.pack(),
+                                  aad=h.pack() + key.key_id, ephemeral=eph)
+            msg = KeyGrant("dev-a", key.key_id, wrapped)
+            env = sign_envelope(h, codec.encode_body(msg), f.COORD)
+        else:
+            h = Header(msg.KIND, Suite.GROUP_AES256_GCM, f.FED, COORDINATOR, 5, seq, sent_at)
+            env = encrypt_broadcast(h, codec.encode_body(msg), key, f.COORD)
+        store = MaskStore()
+        decoded = codec.decode_body(h, codec.encode_body(msg), layout_for=lambda _m: f.LAYOUT, masks=store)
+        messages[name] = {"envelope": env.hex(), "summary": summarize(decoded)}
+        if name == "key_grant":
+            messages[name]["ephemeral"] = eph_hex
+        envelopes[name] = env
+
+    def chunk(env: bytes) -> str:
+        return split(env, transfer_id=1)[0].hex()
+
+    task_env = envelopes["task"]
+    n = parse_header(task_env)[1]
+    swapped = task_env[:n] + other.key_id + task_env[n + crypto.KEY_ID_LEN :]
+    h = parse_header(task_env)[0]
+    under_other = encrypt_broadcast(h, codec.encode_body(t), other, f.COORD)
+    legacy = sign_envelope(Header(h.kind, Suite.SIGNED_ED25519, h.federation, h.sender, h.round, h.seq, h.sent_at),
+                           codec.encode_body(t), f.COORD)
+    task_topic, inbox_a, inbox_b = f"fedprune/v1/{f.FED}/task", f"fedprune/v1/{f.FED}/inbox/dev-a", f"fedprune/v1/{f.FED}/inbox/dev-b"
+    cases = [
+        ("swapped_key_id", task_topic, chunk(swapped), "bad_signature"),
+        ("truncated_ciphertext", task_topic, chunk(task_env[:-100]), "bad_signature"),
+        ("key_not_held", task_topic, chunk(under_other), "unknown_key"),
+        ("signed_only_task_at_minor_2", task_topic, chunk(legacy), "decode"),
+        ("grant_on_another_devices_inbox", inbox_b, chunk(envelopes["key_grant"]), "decode"),
+        ("grant_as_a_task", task_topic, chunk(envelopes["key_grant"]), "decode"),
+        ("task_on_an_inbox", inbox_a, chunk(task_env), "decode"),
+    ]
+    doc = {
+        "comment": "fedprune wire vectors, schema 1.2 (encrypted broadcasts); keys in valid.json; test keys only",
+        "group_key": [key.key_id.hex(), key.secret.hex()],
+        "messages": messages,
+        "cases": [{"name": c, "topic": tp, "payload": p, "reason": r, "now": f.T0 + 3} for c, tp, p, r in cases],
+    }
+    GROUP.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+
+
 def generate() -> None:  # pragma: no cover - run by hand after a deliberate version bump
     from tests.protocol import factories as f
 
@@ -147,7 +255,7 @@ def generate() -> None:  # pragma: no cover - run by hand after a deliberate ver
     for i, (name, (msg, rnd, dtype, masks_from, flags)) in enumerate(plan.items()):
         sender = getattr(msg, "device", "") if msg.KIND in (1, 3, 5) else ""
         suite = Suite.SIGNED_ED25519 if not sender else Suite.SEALED_AES256_GCM
-        h = Header(msg.KIND, suite, f.FED, sender, rnd, 1_800_000_000_000_000 + i, f.T0 + i, flags)
+        h = Header(msg.KIND, suite, f.FED, sender, rnd, 1_800_000_000_000_000 + i, f.T0 + i, flags, 1)
         base = t.masks if masks_from else None
         body = codec.encode_body(msg, value_dtype=dtype, base_masks=base)
         env = _envelope(h, body, keys, bytes(range(32)).hex())
@@ -199,3 +307,4 @@ def generate() -> None:  # pragma: no cover - run by hand after a deliberate ver
 
 if __name__ == "__main__":  # pragma: no cover
     generate()
+    generate_group()
