@@ -32,7 +32,6 @@ import platform
 import re
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,6 +41,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.baseline import describe, run_at_commit  # noqa: E402
 from coordinator.localfed import BrokerAccess, LocalFederation  # noqa: E402
 from tests.integration.mosquitto import start_mosquitto  # noqa: E402
 
@@ -103,11 +103,6 @@ def duplicates_seen(metrics: str) -> dict[str, float]:
     return {reason: float(value) for reason, value in found}
 
 
-def git_head(tree: Path) -> str:
-    done = subprocess.run(["git", "-C", str(tree), "describe", "--always", "--dirty"], capture_output=True, text=True)
-    return done.stdout.strip() or "unknown"
-
-
 def measure(args: argparse.Namespace) -> dict:
     """Run one federation with this source tree; the summary and per-round traffic."""
     out = Path(tempfile.mkdtemp(prefix="fedprune-bench-resends-"))
@@ -128,28 +123,13 @@ def measure(args: argparse.Namespace) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     sent, distinct = sum(t["sent"] for t in traffic.values()), sum(t["distinct"] for t in traffic.values())
     return {
-        "commit": git_head(ROOT), "median_train_s": statistics.median(seconds),
+        "commit": describe(), "median_train_s": statistics.median(seconds),
         "train_over_reannounce": statistics.median(seconds) / args.reannounce,
         "update_bytes_sent": sent, "update_bytes_distinct": distinct, "amplification": sent / distinct,
         "resends": resends, "duplicates_at_coordinator": duplicates, "wall_s": time.monotonic() - started,
         "rounds": [{"round": h["round"], "received": h["received"], "duration_s": h["duration_s"],
                     **traffic.get(h["round"], {"sent": 0, "distinct": 0})} for h in history],
     }
-
-
-def measure_baseline(ref: str, argv: list[str]) -> dict:
-    """The same measurement on an older commit: this script run in a worktree of ``ref``."""
-    tree = Path(tempfile.mkdtemp(prefix="fedprune-baseline-"))
-    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), ref], check=True,
-                   capture_output=True)
-    try:
-        shutil.copy(Path(__file__), tree / "benchmarks" / "bench_resends.py")
-        result = tree / "baseline.json"
-        subprocess.run([sys.executable, str(tree / "benchmarks" / "bench_resends.py"), *argv,
-                        "--json-out", str(result)], check=True, env={**os.environ, "PYTHONPATH": str(tree)})
-        return json.loads(result.read_text())
-    finally:
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], capture_output=True)
 
 
 def print_rounds(name: str, run: dict) -> None:
@@ -178,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         args.json_out.write_text(json.dumps(measure(args)))
         return 0
     own = [a for a in argv if not a.startswith("--baseline") and a != args.baseline]
-    runs = {"baseline": measure_baseline(args.baseline, own)} if args.baseline else {}
+    runs = {"baseline": run_at_commit(args.baseline, Path(__file__), own)} if args.baseline else {}
     runs["this tree"] = measure(args)
     for name, run in runs.items():
         print_rounds(name, run)
