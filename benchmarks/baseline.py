@@ -17,9 +17,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def describe(tree: Path = ROOT) -> str:
-    """The commit a measurement ran on, with -dirty for uncommitted changes."""
-    done = subprocess.run(["git", "-C", str(tree), "describe", "--always", "--dirty"], capture_output=True, text=True)
-    return done.stdout.strip() or "unknown"
+    """The commit a measurement ran on, with -dirty for uncommitted changes (results files aside)."""
+    head = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    changed = subprocess.run(["git", "-C", str(tree), "status", "--porcelain", "--", ".", ":!benchmarks/results"],
+                             capture_output=True, text=True)
+    return (head.stdout.strip() or "unknown") + ("-dirty" if changed.stdout.strip() else "")
 
 
 def run_at_commit(ref: str, script: Path, argv: list[str]) -> dict:

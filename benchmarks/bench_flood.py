@@ -139,10 +139,10 @@ def main(argv: list[str] | None = None) -> int:
     own = [a for a in argv if not a.startswith("--baseline") and a != args.baseline]
     runs = {"baseline": run_at_commit(args.baseline, Path(__file__), own)} if args.baseline else {}
     runs["this tree"] = measure(args)
-    print(f"\n{'':>10}{'commit':>12}{'RSS before':>12}{'peak':>8}{'after 10 s':>12}{'flood s':>9}{'rounds':>8}"
+    print(f"\n{'':>10}{'commit':>14}{'RSS before':>12}{'peak':>8}{'after 10 s':>12}{'flood s':>9}{'rounds':>8}"
           f"{'honest':>8}  dropped / rejected")
     for name, r in runs.items():
-        print(f"{name:>10}{r['commit']:>12}{r['rss_before_mb']:>10.1f}MB{r['rss_peak_mb']:>6.1f}MB"
+        print(f"{name:>10}{r['commit']:>14}{r['rss_before_mb']:>10.1f}MB{r['rss_peak_mb']:>6.1f}MB"
               f"{r['rss_after_10s_mb']:>10.1f}MB{r['flood_seconds']:>9.1f}{r['rounds_during_flood']:>8}"
               f"{r['rounds_with_honest_update']:>8}  {r['reassembly_dropped'] or '-'} / {r['rejected'] or '-'}")
     doc = {"command": "benchmarks/bench_flood.py " + " ".join(argv),

@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--reannounce", type=float, default=0.5, help="coordinator rounds.reannounce_s")
     parser.add_argument("--ratio", type=float, default=3.0, help="local training at least this x reannounce_s")
-    parser.add_argument("--epochs", type=int, default=30, help="local epochs (raise if training is too fast)")
+    parser.add_argument("--epochs", type=int, default=15, help="local epochs (raise if training is too fast)")
     parser.add_argument("--inprocess", action="store_true", help="train_in_subprocess = false")
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument("--baseline", metavar="REF", help="also measure this commit, side by side (e.g. 83ce574)")
@@ -162,11 +162,11 @@ def main(argv: list[str] | None = None) -> int:
     runs["this tree"] = measure(args)
     for name, run in runs.items():
         print_rounds(name, run)
-    print(f"\n{'':>12}{'commit':>10}{'train/reannounce':>18}{'sent B':>11}{'distinct B':>12}{'amplification':>15}"
+    print(f"\n{'':>12}{'commit':>14}{'train/reannounce':>18}{'sent B':>11}{'distinct B':>12}{'amplification':>15}"
           f"{'resends':>9}{'duplicates':>12}")
     for name, run in runs.items():
         duplicates = int(sum(run["duplicates_at_coordinator"].values()))
-        print(f"{name:>12}{run['commit']:>10}{run['train_over_reannounce']:>18.1f}{run['update_bytes_sent']:>11}"
+        print(f"{name:>12}{run['commit']:>14}{run['train_over_reannounce']:>18.1f}{run['update_bytes_sent']:>11}"
               f"{run['update_bytes_distinct']:>12}{run['amplification']:>15.3f}{run['resends']:>9}{duplicates:>12}")
     ours = runs["this tree"]
     doc = {
