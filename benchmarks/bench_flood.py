@@ -14,7 +14,8 @@ the flood ran; what ``/metrics`` counted (``reassembly_dropped_total``, ``update
 
 Run (about 1 min per tree on 2 cores):
   .venv/bin/python benchmarks/bench_flood.py --baseline 83ce574
-Writes a table to stdout and benchmarks/results/flood.json.
+  .venv/bin/python benchmarks/bench_flood.py --baseline 83ce574 --per-transfer 4
+Writes a table to stdout and benchmarks/results/flood_<chunks>x<per-transfer>.json.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from protocol.chunks import DEFAULT_MAX_CHUNK, HEADER_SIZE, split  # noqa: E402
 from protocol.topics import update_topic  # noqa: E402
 from tests.integration.mosquitto import start_mosquitto  # noqa: E402
 
-RESULTS = ROOT / "benchmarks" / "results" / "flood.json"
+RESULTS = ROOT / "benchmarks" / "results"
 FEDERATION = "bench"
 PIECE = DEFAULT_MAX_CHUNK - HEADER_SIZE
 
@@ -149,9 +150,10 @@ def main(argv: list[str] | None = None) -> int:
            "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
            "config": {"chunks": args.chunks, "per_transfer": args.per_transfer, "chunk_bytes": DEFAULT_MAX_CHUNK,
                       "model": "mlp (digits)"}, **runs}
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(doc, indent=2) + "\n")
-    print(f"wrote {RESULTS}")
+    out = RESULTS / f"flood_{args.chunks}x{args.per_transfer}.json"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"wrote {out}")
     return 0
 
 
