@@ -17,9 +17,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def describe(tree: Path = ROOT) -> str:
-    """The commit a measurement ran on, with -dirty for uncommitted changes (results files aside)."""
+    """The commit a measurement ran on, with -dirty for uncommitted changes to the code it measures
+    (benchmarks/ aside: a baseline's worktree holds this tree's scripts)."""
     head = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    changed = subprocess.run(["git", "-C", str(tree), "status", "--porcelain", "--", ".", ":!benchmarks/results"],
+    changed = subprocess.run(["git", "-C", str(tree), "status", "--porcelain", "--", ".", ":!benchmarks"],
                              capture_output=True, text=True)
     return (head.stdout.strip() or "unknown") + ("-dirty" if changed.stdout.strip() else "")
 
