@@ -49,6 +49,8 @@ log = logging.getLogger("fedprune.agent")
 # A broadcast under a federation key it lacks is answered the same way: a Register makes the
 # coordinator send this device's key grant again (or rotate the key, if it is newly enrolled).
 MASK_REQUEST_INTERVAL_S = 2.0
+# Asking for a key that does not come (this device was revoked) backs off from there to this.
+KEY_REQUEST_MAX_S = 300.0
 # Before any task has verified: this many broadcasts failing the pinned coordinator key, or this
 # long without a task (doubling after each warning), and the agent says its bundle may be foreign.
 FOREIGN_BROADCASTS = 3
@@ -97,6 +99,9 @@ class AgentDaemon:
         self._key_missing = False
         self._key_id: bytes | None = None  # the newest federation key granted to this device
         self._next_mask_request = 0.0
+        self._key_request_s = MASK_REQUEST_INTERVAL_S
+        self._next_key_request = 0.0
+        self._unknown_key_said: str | None = None  # the last unknown-key rejection logged as a warning
         self._foreign_broadcasts = 0
         self._started_at = clock()
         self._silence_warning_s = SILENCE_WARNING_S
@@ -226,12 +231,16 @@ class AgentDaemon:
         reconnected = connects != self._connects_seen
         unanswered = not self._tasks_seen and now >= self._next_heartbeat
         needs_mask = self._mask_missing and now >= self._next_mask_request
-        needs_key = self._key_missing and now >= self._next_mask_request
+        needs_key = self._key_missing and now >= self._next_key_request
         if self.link.connected and (reconnected or unanswered or needs_mask or needs_key):
             self._connects_seen = connects
-            if needs_mask or needs_key:
-                self._mask_missing = self._key_missing = False
+            if needs_mask:
+                self._mask_missing = False
                 self._next_mask_request = now + MASK_REQUEST_INTERVAL_S
+            if needs_key:
+                self._key_missing = False
+                self._next_key_request = now + self._key_request_s
+                self._key_request_s = min(2 * self._key_request_s, KEY_REQUEST_MAX_S)
             register = Register(
                 device=self.bundle.device_id, cpu_count=os.cpu_count() or 1, ram_mb=_ram_mb(),
                 accelerator=_accelerator(self.config.agent.device), n_examples=self.n_examples,
@@ -262,7 +271,11 @@ class AgentDaemon:
         try:
             message = self.channel.receive(topic, payload, now)
         except ProtocolError as exc:
-            log.warning("event=message_rejected topic=%s reason=%s detail=%s", topic, exc.reason, exc)
+            repeated = isinstance(exc, UnknownKey) and str(exc) == self._unknown_key_said  # every task, until a grant
+            log.log(logging.DEBUG if repeated else logging.WARNING, "event=message_rejected topic=%s reason=%s "
+                    "detail=%s", topic, exc.reason, exc)
+            if isinstance(exc, UnknownKey):
+                self._unknown_key_said = str(exc)
             self._mask_missing = self._mask_missing or (isinstance(exc, UnknownMask) and self._fits_last_model())
             self._key_missing = self._key_missing or isinstance(exc, UnknownKey)
             if isinstance(exc, BadSignature):
@@ -278,6 +291,7 @@ class AgentDaemon:
     def _on_key(self, grant: KeyGrant, now: float) -> None:
         """A federation key arrived: the task and release that waited for it decode now."""
         self._key_missing = False
+        self._key_request_s = MASK_REQUEST_INTERVAL_S
         level = logging.DEBUG if grant.key_id == self._key_id else logging.INFO  # re-sent on every Register
         self._key_id = grant.key_id
         log.log(level, "event=key_installed key_id=%s", grant.key_id.hex())

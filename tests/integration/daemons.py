@@ -68,10 +68,10 @@ def zero_update(fed: LocalFederation, coordinator: CoordinatorDaemon, device: st
     return channel.send(update, now)
 
 
-def connected_agent(fed: LocalFederation, device: str) -> AgentDaemon:
+def connected_agent(fed: LocalFederation, device: str, clock: Callable[[], float] = time.time) -> AgentDaemon:
     from edge_agent.config import load_config as load_agent_config
 
-    agent = AgentDaemon(load_agent_config(fed.root / "devices" / device / "agent.toml", env={}))
+    agent = AgentDaemon(load_agent_config(fed.root / "devices" / device / "agent.toml", env={}), clock=clock)
     agent.link = agent.open_link()
     wait_until(lambda: agent.link.connected, 10, f"{device} to connect")
     return agent
