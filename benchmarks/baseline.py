@@ -5,6 +5,7 @@ PYTHONPATH puts the worktree ahead of this checkout's editable install."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,3 +42,21 @@ def run_at_commit(ref: str, script: Path, argv: list[str]) -> dict:
         return json.loads(result.read_text())
     finally:
         subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], capture_output=True)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--baseline", metavar="REF", help="also measure this commit, side by side (e.g. 83ce574)")
+    parser.add_argument("--json-out", type=Path, help=argparse.SUPPRESS)  # the baseline's run writes here
+
+
+def side_by_side(script: Path, argv: list[str], args: argparse.Namespace,
+                 measure: Callable[[argparse.Namespace], dict]) -> dict[str, dict] | None:
+    """``{"baseline": ..., "this tree": ...}`` (the baseline only with ``--baseline``); None in
+    the baseline's own run, which writes its measurement to ``--json-out`` for the caller."""
+    if args.json_out is not None:
+        args.json_out.write_text(json.dumps(measure(args)))
+        return None
+    own = [a for a in argv if not a.startswith("--baseline") and a != args.baseline]
+    runs = {"baseline": run_at_commit(args.baseline, script, own)} if args.baseline else {}
+    runs["this tree"] = measure(args)
+    return runs

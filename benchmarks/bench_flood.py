@@ -35,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.baseline import describe, run_at_commit  # noqa: E402
+from benchmarks.baseline import add_arguments, describe, side_by_side  # noqa: E402
 from coordinator.localfed import BrokerAccess, LocalFederation  # noqa: E402
 from edge_agent.mqtt import MqttLink  # noqa: E402
 from protocol.chunks import DEFAULT_MAX_CHUNK, HEADER_SIZE, split  # noqa: E402
@@ -131,15 +131,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--chunks", type=int, default=3200)
     parser.add_argument("--per-transfer", type=int, default=65, help="chunks a flood transfer claims")
-    parser.add_argument("--baseline", metavar="REF", help="also measure this commit, side by side (e.g. 83ce574)")
-    parser.add_argument("--json-out", type=Path, help=argparse.SUPPRESS)  # the baseline's run writes here
+    add_arguments(parser)
     args = parser.parse_args(argv)
-    if args.json_out is not None:
-        args.json_out.write_text(json.dumps(measure(args)))
+    runs = side_by_side(Path(__file__), argv, args, measure)
+    if runs is None:
         return 0
-    own = [a for a in argv if not a.startswith("--baseline") and a != args.baseline]
-    runs = {"baseline": run_at_commit(args.baseline, Path(__file__), own)} if args.baseline else {}
-    runs["this tree"] = measure(args)
     print(f"\n{'':>10}{'commit':>14}{'RSS before':>12}{'peak':>8}{'after 10 s':>12}{'flood s':>9}{'rounds':>8}"
           f"{'honest':>8}  dropped / rejected")
     for name, r in runs.items():

@@ -41,7 +41,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.baseline import describe, run_at_commit  # noqa: E402
+from benchmarks.baseline import add_arguments, describe, side_by_side  # noqa: E402
 from coordinator.localfed import BrokerAccess, LocalFederation  # noqa: E402
 from tests.integration.mosquitto import start_mosquitto  # noqa: E402
 
@@ -151,15 +151,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=15, help="local epochs (raise if training is too fast)")
     parser.add_argument("--inprocess", action="store_true", help="train_in_subprocess = false")
     parser.add_argument("--timeout", type=float, default=600.0)
-    parser.add_argument("--baseline", metavar="REF", help="also measure this commit, side by side (e.g. 83ce574)")
-    parser.add_argument("--json-out", type=Path, help=argparse.SUPPRESS)  # the baseline's run writes here
+    add_arguments(parser)
     args = parser.parse_args(argv)
-    if args.json_out is not None:
-        args.json_out.write_text(json.dumps(measure(args)))
+    runs = side_by_side(Path(__file__), argv, args, measure)
+    if runs is None:
         return 0
-    own = [a for a in argv if not a.startswith("--baseline") and a != args.baseline]
-    runs = {"baseline": run_at_commit(args.baseline, Path(__file__), own)} if args.baseline else {}
-    runs["this tree"] = measure(args)
     for name, run in runs.items():
         print_rounds(name, run)
     print(f"\n{'':>12}{'commit':>14}{'train/reannounce':>18}{'sent B':>11}{'distinct B':>12}{'amplification':>15}"
