@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 from coordinator import enrollment  # noqa: E402
 from coordinator.config import load_config  # noqa: E402
-from coordinator.daemon import model_spec  # noqa: E402
+from coordinator.config import model_spec  # noqa: E402
 from coordinator.registry_store import RegistryStore  # noqa: E402
 from coordinator.state import StateDir  # noqa: E402
 from coordinator.strategy import Strategy  # noqa: E402

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Mapping
 
 from edge_agent.fsutil import fsync_directory
-from edge_agent.mqtt import MAX_MESSAGE_BYTES
+from edge_agent.mqtt_config import MAX_MESSAGE_BYTES
 from protocol.topics import validate_id
 
 CONF_TEMPLATE = "mosquitto.conf.template"

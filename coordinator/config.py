@@ -163,3 +163,11 @@ def load_config(path: Path | None, overrides: Mapping[str, str] | None = None,
 
 def example_config(values: Mapping[str, Mapping[str, object]] | None = None) -> str:
     return render_example(CoordinatorConfig, "fedprune coordinator configuration", values)
+
+
+def model_spec(config: CoordinatorConfig):
+    """The federation's model as ``edge_agent.models.ModelSpec`` (imported on use: it loads torch)."""
+    from edge_agent.models import ModelSpec
+
+    f = config.federation
+    return ModelSpec(f.model, tuple(f.input_shape), f.num_classes)

@@ -12,7 +12,6 @@ raises past ``_on_message``: a ProtocolError becomes a counted, logged rejection
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import signal
@@ -22,16 +21,16 @@ from typing import Any, Callable
 
 import numpy as np
 
-from coordinator.config import CoordinatorConfig
+from coordinator.config import CoordinatorConfig, model_spec
 from coordinator.metrics import Metrics, MetricsServer
 from coordinator.registry_store import RegistryStore
 from coordinator.rounds import Accepted, CloseRound, RetryRound, RoundMachine, RoundPolicy
-from coordinator.state import StateDir, StateError
-from coordinator.strategy import ClientUpdate, GlobalState, RoundPlan, Strategy
+from coordinator.state import Checkpoint, StateDir, StateError, load_identity
+from coordinator.strategy import ClientUpdate, RoundPlan, Strategy
 from edge_agent.data import DATA_MISMATCH
 from edge_agent.mqtt import LinkConfig, MqttError, MqttLink
 from protocol.channel import CoordinatorChannel, Publication
-from protocol.crypto import Identity, PublicIdentity
+from protocol.crypto import PublicIdentity
 from protocol.errors import ProtocolError
 from protocol.layout import ModelLayout
 from protocol.messages import ModelRef, ModelRelease, Register, RoundTask, State, Status, Update
@@ -39,7 +38,6 @@ from protocol.sparse import SparseParams
 
 log = logging.getLogger("fedprune.coordinator")
 
-IDENTITY_FILE = "coordinator.pem"
 COMMIT_RETRY_S = 5
 REGISTRY_SAVE_S = 5
 MEMBERS_CHECK_S = 1.0  # how often the allow-list is compared with the federation key's members
@@ -76,21 +74,6 @@ def client_update(update: Update) -> ClientUpdate:
         buffers=dict(update.buffers), train_loss=update.metrics.get("train_loss", float("nan")),
         class_losses=dict(update.class_losses),
     )
-
-
-def load_identity(state: StateDir) -> Identity:
-    path = state.keys / IDENTITY_FILE
-    try:
-        return Identity.from_pem(path.read_bytes())
-    except FileNotFoundError:
-        raise StateError(f"{path} is missing: run `fedprune-coordinator init` first") from None
-
-
-def model_spec(config: CoordinatorConfig):
-    from edge_agent.models import ModelSpec
-
-    f = config.federation
-    return ModelSpec(f.model, tuple(f.input_shape), f.num_classes)
 
 
 class CoordinatorDaemon:
@@ -162,31 +145,16 @@ class CoordinatorDaemon:
     def _checkpoint(self, completed: int, last_entry: dict[str, Any] | None = None) -> None:
         """The round's state and its history entry; the trail before it stays in history.jsonl,
         of which the checkpoint records the committed size (O(1) per round, not O(rounds))."""
-        s = self.state
-        self.state_dir.save_checkpoint(completed, {
-            "state_round": s.round, "params": s.params, "masks": s.masks, "mask_version": s.mask_version,
-            "densities": s.densities, "counts": s.counts, "quality": s.quality, "data_sizes": s.data_sizes,
-            "importance": s.importance, "trust": s.trust, "rng": json.dumps(self.rng.bit_generator.state),
-            "history_bytes": self.history_bytes, "last_entry": last_entry,
-            "holders": self.holders, "release_version": self.release_version,
-        })
+        self.state_dir.save_checkpoint(completed, Checkpoint(
+            self.state, self.rng.bit_generator.state, self.history_bytes, last_entry, self.holders,
+            self.release_version).to_document())
 
     def _restore(self, doc: dict[str, Any]) -> None:
+        checkpoint = Checkpoint.from_document(doc, self.layout, self.state_dir.resume_history(doc))
         self.rng = np.random.default_rng()
-        self.rng.bit_generator.state = json.loads(doc["rng"])
-        self.state = GlobalState(
-            layout=self.layout, round=int(doc["state_round"]), params=doc["params"], masks=doc["masks"],
-            mask_version=int(doc["mask_version"]), densities=doc["densities"], counts=doc["counts"],
-            quality=doc["quality"], data_sizes=doc["data_sizes"], importance=doc["importance"],
-            trust=doc.get("trust", {}),
-        )
-        if "history" in doc:  # written before the trail moved out of the checkpoint
-            self.state_dir.sync_history(doc["history"])
-            self.history_bytes = self.state_dir.history_path.stat().st_size
-        else:
-            self.history_bytes = self.state_dir.restore_history(int(doc["history_bytes"]), doc["last_entry"])
-        self.holders = dict(doc["holders"])
-        self.release_version = int(doc.get("release_version", 0))
+        self.rng.bit_generator.state = checkpoint.rng_state
+        self.state, self.history_bytes = checkpoint.state, checkpoint.history_bytes
+        self.holders, self.release_version = checkpoint.holders, checkpoint.release_version
         log.info("event=resumed completed_rounds=%d mask_version=%d", self.completed, self.state.mask_version)
 
     def _device_key(self, device_id: str) -> PublicIdentity | None:

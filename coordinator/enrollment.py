@@ -19,9 +19,8 @@ from typing import Any, Mapping
 
 from coordinator.broker_config import reload_broker, remove_password_user
 from coordinator.config import BrokerSection, CoordinatorConfig, example_config
-from coordinator.daemon import IDENTITY_FILE, load_identity
 from coordinator.registry_store import RegistryStore
-from coordinator.state import StateDir, latest_accuracy
+from coordinator.state import IDENTITY_FILE, StateDir, latest_accuracy, load_identity
 from edge_agent.bundle import Bundle, EnrollmentError, save_bundle
 from edge_agent.configkit import ConfigError
 from edge_agent.fsutil import atomic_write

@@ -38,14 +38,13 @@ from typing import Sequence
 from coordinator import enrollment
 from coordinator.broker_config import MosquittoSettings, render_acl, render_mosquitto_conf
 from coordinator.config import CoordinatorConfig, load_config
-from coordinator.daemon import IDENTITY_FILE
 from coordinator.pki import (
     DEFAULT_SERVER_NAMES, KeyPair, PkiError, create_ca, issue_server_certificate, load_key_pair,
     password_file_users, write_password_file,
 )
 from coordinator.registry import Registry
 from coordinator.registry_store import RegistryStore
-from coordinator.state import StateDir
+from coordinator.state import IDENTITY_FILE, StateDir
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from edge_agent.bundle import load_bundle

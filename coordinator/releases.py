@@ -51,7 +51,7 @@ def latest_release(state_root: Path) -> tuple[int, Path] | None:
 
 def export_checkpoint(config: Any, out: Path, *, variant: str) -> tuple[int, dict[str, str | int | float]]:
     """``fedprune-coordinator export``: the newest checkpoint's global model to an ONNX file."""
-    from coordinator.daemon import model_spec
+    from coordinator.config import model_spec
     from coordinator.export import read_metadata
     from coordinator.state import StateDir, StateError, latest_accuracy
 

@@ -1,4 +1,4 @@
-"""The coordinator's state directory: checkpoints and the device registry, written atomically.
+"""The coordinator's state directory: keys, checkpoints and their schema, history, written atomically.
 
 Layout::
 
@@ -23,16 +23,21 @@ import json
 import logging
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import msgpack
 import numpy as np
 
+from coordinator.strategy import GlobalState
 from edge_agent.fsutil import atomic_write, ensure_writable_dir
+from protocol.crypto import Identity
+from protocol.layout import ModelLayout
 
 log = logging.getLogger(__name__)
 
+IDENTITY_FILE = "coordinator.pem"  # in <state>/keys/
 _CHECKPOINT = re.compile(r"^round-(\d{6,})\.ckpt$")
 _ALLOWED_DTYPES = {"float32", "float16", "float64", "int8", "int32", "int64", "uint8", "bool"}
 
@@ -91,6 +96,42 @@ def latest_accuracy(checkpoint: dict[str, Any] | None) -> float | None:
         return None
     entries = checkpoint.get("history") or [checkpoint.get("last_entry") or {}]
     return next((h["accuracy"] for h in reversed(entries) if "accuracy" in h), None)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """What a completed round leaves beside history.jsonl, enough to resume it exactly: the
+    global state, the random generator, the trail's committed size and newest line, which mask
+    version each device holds, and the last release's version."""
+
+    state: GlobalState
+    rng_state: dict[str, Any]
+    history_bytes: int
+    last_entry: dict[str, Any] | None
+    holders: dict[str, int]
+    release_version: int
+
+    def to_document(self) -> dict[str, Any]:
+        s = self.state
+        return {
+            "state_round": s.round, "params": s.params, "masks": s.masks, "mask_version": s.mask_version,
+            "densities": s.densities, "counts": s.counts, "quality": s.quality, "data_sizes": s.data_sizes,
+            "importance": s.importance, "trust": s.trust, "rng": json.dumps(self.rng_state),
+            "history_bytes": self.history_bytes, "last_entry": self.last_entry,
+            "holders": self.holders, "release_version": self.release_version,
+        }
+
+    @classmethod
+    def from_document(cls, doc: dict[str, Any], layout: ModelLayout, history_bytes: int) -> "Checkpoint":
+        """``history_bytes``: the trail's size once ``StateDir.resume_history`` has matched it to ``doc``."""
+        state = GlobalState(
+            layout=layout, round=int(doc["state_round"]), params=doc["params"], masks=doc["masks"],
+            mask_version=int(doc["mask_version"]), densities=doc["densities"], counts=doc["counts"],
+            quality=doc["quality"], data_sizes=doc["data_sizes"], importance=doc["importance"],
+            trust=doc.get("trust", {}),
+        )
+        return cls(state, json.loads(doc["rng"]), history_bytes, doc.get("last_entry"), dict(doc["holders"]),
+                   int(doc.get("release_version", 0)))
 
 
 class StateDir:
@@ -178,6 +219,14 @@ class StateDir:
             return committed_bytes
         return self.append_history(last_entry, committed_bytes)
 
+    def resume_history(self, doc: dict[str, Any]) -> int:
+        """Match history.jsonl to checkpoint ``doc``; its size. An older checkpoint carried the
+        whole trail; a newer one its committed size and newest line."""
+        if "history" in doc:
+            self.sync_history(doc["history"])
+            return self.history_path.stat().st_size
+        return self.restore_history(int(doc["history_bytes"]), doc["last_entry"])
+
     def set_aside_history(self) -> Path | None:
         """A fresh federation over a non-empty history.jsonl (no checkpoint left, or a state
         directory reused) moves it to history-orphaned-N.jsonl instead of cutting it."""
@@ -201,3 +250,12 @@ class StateDir:
             return []
         text = self.history_path.read_text(errors="replace")
         return [json.loads(line) for line in text[: text.rfind("\n") + 1].splitlines() if line.strip()]
+
+
+def load_identity(state: StateDir) -> Identity:
+    """The coordinator's keys, written by ``init``."""
+    path = state.keys / IDENTITY_FILE
+    try:
+        return Identity.from_pem(path.read_bytes())
+    except FileNotFoundError:
+        raise StateError(f"{path} is missing: run `fedprune-coordinator init` first") from None

@@ -81,3 +81,15 @@ def _stdlib(name: str) -> bool:
 def test_the_walk_finds_the_packages() -> None:
     names = {m for m, _ in modules()}
     assert {"protocol", "edge_agent", "coordinator", "protocol.layout"} <= names
+
+
+def test_operator_commands_load_neither_the_daemon_nor_paho() -> None:
+    """enroll, revoke, provision, status and export work on the state directory alone; the MQTT
+    client and the daemon (with its import of releases) stay out of them."""
+    import subprocess
+    import sys
+
+    probe = ("import sys; import coordinator.enrollment, coordinator.provision, coordinator.releases; "
+             "print(sorted(m for m in sys.modules if m.startswith(('paho', 'coordinator.daemon', 'torch'))))")
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert loaded.stdout.strip() == "[]", loaded.stdout

@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 
 from coordinator.config import load_config
-from coordinator.daemon import model_spec
+from coordinator.config import model_spec
 from coordinator.localfed import BrokerAccess, LocalFederation
 from coordinator.state import StateDir
 from edge_agent.models import model_layout

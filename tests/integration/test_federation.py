@@ -233,7 +233,7 @@ def _coordinator_public(fed: LocalFederation):
 
 def _federation_layout(fed: LocalFederation):
     from coordinator.config import load_config
-    from coordinator.daemon import model_spec
+    from coordinator.config import model_spec
     from edge_agent.models import model_layout
 
     return model_layout(model_spec(load_config(fed.config_path, env={})))

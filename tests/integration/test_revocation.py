@@ -26,7 +26,7 @@ import pytest
 
 from coordinator import enrollment
 from coordinator.config import CoordinatorConfig
-from coordinator.daemon import model_spec
+from coordinator.config import model_spec
 from coordinator.localfed import BrokerAccess, LocalFederation
 from coordinator.strategy import Strategy
 from edge_agent.bundle import load_bundle
