@@ -267,15 +267,6 @@ def quantize_int8(model_bytes: bytes, *, per_channel: bool = False) -> bytes:
     return _finish(quantized)
 
 
-def next_release_version(previous: int | None) -> int:
-    """The version after ``previous`` (1 for the first release): versions only ever increase."""
-    if previous is None:
-        return 1
-    if type(previous) is not int or previous < 0:
-        raise ValueError(f"previous={previous!r}: expected a non-negative int or None")
-    return previous + 1
-
-
 def build_release(
     version: int, onnx_bytes: bytes, metadata: Mapping[str, str | int | float] | None = None
 ) -> ModelRelease:

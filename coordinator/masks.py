@@ -184,15 +184,6 @@ def nested_submask(
     return out
 
 
-def density_report(layout: ModelLayout, masks: Mapping[str, np.ndarray]) -> tuple[float, float]:
-    """(density of prunable weights, density of all trainable parameters)."""
-    prunable = sum(s.size for s in layout.masked)
-    active = sum(int(np.count_nonzero(masks[s.name])) for s in layout.masked)
-    dense_count = sum(s.size for s in layout.dense if s.trainable)
-    whole = layout.num_parameters
-    return (active / prunable if prunable else 1.0), ((active + dense_count) / whole if whole else 1.0)
-
-
 def votes_from(masks_list: Sequence[Mapping[str, np.ndarray]], names: Iterable[str]) -> dict[str, np.ndarray]:
     """Per masked tensor, how many of the given client masks hold each position."""
     out: dict[str, np.ndarray] = {}

@@ -27,7 +27,6 @@ class AgentSection:
     data: Path = setting(Path("/var/lib/fedprune-agent/data"), "local training data: a .npz (X, y) or CSV file, or a directory of them")
     state_dir: Path = setting(Path("/var/lib/fedprune-agent"), "state directory (audit log, models, cached updates)")
     device: str = setting("cpu", "where to train: cpu, cuda (Jetson) or auto", check=one_of(*TRAINING_DEVICES))
-    threads: int = setting(0, "deprecated: moved to [governance] max_threads, which wins when set", check=in_range(0, 256))
     train_in_subprocess: bool = setting(True, "train in a short-lived child so the idle agent never holds torch (small RSS)")
     heartbeat_s: float = setting(30.0, "seconds between status heartbeats", check=in_range(1, 3600))
     upload_timeout_s: float = setting(60.0, "seconds to wait for the broker to acknowledge an update", check=in_range(1, 3600))
@@ -106,9 +105,8 @@ class AgentConfig:
     privacy: PrivacySection = field(default_factory=PrivacySection)
 
     def training_threads(self, cpu_count: int) -> int:
-        """[governance] max_threads, else the deprecated [agent] threads, else all cores but one."""
-        threads = self.governance.max_threads or self.agent.threads
-        return GovernanceConfig(max_threads=threads or None).training_threads(cpu_count)
+        """[governance] max_threads, else all cores but one."""
+        return GovernanceConfig(max_threads=self.governance.max_threads or None).training_threads(cpu_count)
 
 
 def load_config(path: Path | None, overrides: Mapping[str, str] | None = None,

@@ -163,8 +163,6 @@ class AgentDaemon:
         self.link = self.open_link()
         log.info("event=start device=%s federation=%s examples=%d broker=%s", self.bundle.device_id,
                  self.bundle.federation, self.n_examples, self.link_url)
-        if self.config.agent.threads and not self.config.governance.max_threads:
-            log.warning("event=config_deprecated key=agent.threads replacement=governance.max_threads")
         try:
             while not self.stopping:
                 self._check_bundle_accepted()

@@ -71,11 +71,9 @@ def test_inconsistent_governance_is_a_config_error_naming_the_key(key: str, valu
         load_config(None, overrides={f"governance.{key}": value}, env={})
 
 
-def test_training_threads_default_to_all_cores_but_one_and_honour_the_deprecated_key() -> None:
+def test_training_threads_default_to_all_cores_but_one() -> None:
     assert load_config(None, env={}).training_threads(cpu_count=4) == 3
-    assert load_config(None, overrides={"agent.threads": "2"}, env={}).training_threads(cpu_count=4) == 2
-    both = load_config(None, overrides={"agent.threads": "2", "governance.max_threads": "1"}, env={})
-    assert both.training_threads(cpu_count=4) == 1
+    assert load_config(None, overrides={"governance.max_threads": "1"}, env={}).training_threads(cpu_count=4) == 1
 
 
 @pytest.mark.parametrize("key,value", [("delta", "0.0"), ("delta", "1.0"), ("clip_norm", "0"), ("noise_multiplier", "-1")])
