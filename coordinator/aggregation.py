@@ -1,4 +1,4 @@
-"""Combiners over sparse supports (ALGORITHM.md §4.3 and §5), in numpy.
+"""Combiners over sparse supports (docs/ALGORITHM.md §4.3 and §5), in numpy.
 
 Each combiner takes, for one tensor, the stacked client contributions ``x`` (shape (n, *shape))
 and the stacked holdings ``holds`` (bool, same shape; None for dense tensors, which every valid

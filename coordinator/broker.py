@@ -3,7 +3,7 @@
 It is never a security boundary. It accepts anonymous clients, speaks MQTT 3.1.1 only (MqttLink's
 ``protocol="auto"`` falls back to it), keeps nothing across restarts, and has no ``%u`` ACL
 patterns. Worse, amqtt 0.12 sends every new client the retained messages matching *any* client's
-subscription, whatever its ACL says (INFRA.md): never retain in it anything that not every client
+subscription, whatever its ACL says (docs/INFRA.md): never retain in it anything that not every client
 may read, and do not rely on ACLs there. fedprune stays confidential over it only because updates
 are sealed and broadcasts signed. Production uses Mosquitto (deploy/mosquitto/).
 

@@ -1,4 +1,4 @@
-"""Contribution scores (ALGORITHM.md §4): u_n, U^t, psi_n^t, the quality q_n and importance r_n^t.
+"""Contribution scores (docs/ALGORITHM.md §4): u_n, U^t, psi_n^t, the quality q_n and importance r_n^t.
 
 Theory of operation. Everything the cosine rules need is in the Gram matrix G = X Xᵀ of the
 clients' flat updates Δθ_n (float64, zeros where a client holds no position): ‖Δθ_n‖ = sqrt(G_nn)

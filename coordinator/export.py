@@ -14,7 +14,7 @@ This is where torch and onnx enter the coordinator. Three artefacts come from on
   it costs 12 B per non-zero (0.3x of dense at best at 90 % sparsity, before biases), and
   ``onnx.checker``'s full check rejects a sparse tensor feeding Gemm.
 - ``quantize_int8``: dynamic int8 quantization of MatMul/Gemm only (quantizing Conv made CPU
-  latency 2-7x worse, INFRA.md); Conv layers stay float32.
+  latency 2-7x worse, docs/INFRA.md); Conv layers stay float32.
 
 Exporter: TorchScript (``dynamo=False``). It is ~100x faster than the dynamo exporter on our
 small models (10 ms vs 1-3 s), needs no onnxscript optimizer pass, gives the plain graph

@@ -1,4 +1,4 @@
-"""Sparsity budgets, masks and the mask schedule (ALGORITHM.md §3), in numpy.
+"""Sparsity budgets, masks and the mask schedule (docs/ALGORITHM.md §3), in numpy.
 
 Theory of operation. The coordinator fixes, once per run, how many weights each prunable layer
 may keep (k_l, from the Erdős–Rényi–Kernel densities d_l of §3.2). Every mask it ever produces

@@ -5,7 +5,7 @@ The coordinator's ``Strategy`` plans and finishes every round; each selected cli
 re-implements algorithm math: this module only partitions data, injects label noise, counts
 bytes and compute, evaluates the global model and writes results (JSON and PNG plots).
 
-Byte accounting (ALGORITHM.md §9.11): real encoded message bodies. Every client's update is
+Byte accounting (docs/ALGORITHM.md §9.11): real encoded message bodies. Every client's update is
 encoded as the ``protocol.messages.Update`` a device would send (``protocol.codec.encode_body``:
 float32 values in mask order, the mask only when it changed, XOR-coded against the mask it
 trained from) and every download as the ``RoundTask`` it would receive (the mask included only

@@ -1,6 +1,6 @@
 """The policy seam: one Strategy runs FedAvg, FedDST-style, fedprune and robust baselines.
 
-Theory of operation (ALGORITHM.md §2). ``initial_state`` fixes the ERK budgets k_l, draws m^0 and
+Theory of operation (docs/ALGORITHM.md §2). ``initial_state`` fixes the ERK budgets k_l, draws m^0 and
 scales the sparse initial weights. ``plan_round`` picks S^t and the hyper-parameters of round t
 (readjust^t, p^t). ``finish_round`` takes the clients' updates and, in order: keeps the valid set V
 (finite, non-zero updates of selected clients), scores every client with the leave-one-out cosine
@@ -48,7 +48,7 @@ GATES = ("off", "round", "memory")
 
 @dataclass(frozen=True)
 class StrategyConfig:
-    """Knobs of ALGORITHM.md §7. Validated on construction; errors name the key and what is expected."""
+    """Knobs of docs/ALGORITHM.md §7. Validated on construction; errors name the key and what is expected."""
 
     method: str = "fedprune"
     rounds: int = 60

@@ -1,7 +1,7 @@
 """On-device inference: a released ONNX model in onnxruntime, a hot-swappable server, a local HTTP API.
 
 No torch here: an agent that only serves predictions stays small (onnxruntime + a model is tens
-of MB; ``import torch`` alone is ~200 MB, INFRA.md).
+of MB; ``import torch`` alone is ~200 MB, docs/INFRA.md).
 
 ``ModelServer`` holds the current ``Served`` (version, predictor) pair. A reader takes a
 reference to the pair under a lock held only for that read, then predicts outside the lock; a

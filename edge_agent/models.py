@@ -4,7 +4,7 @@ A ``ModelSpec`` names a built-in architecture and its input/output sizes; both t
 every device derive the same ``ModelLayout`` from it. The layout order is the contract for masks,
 sparse values and updates: ``named_parameters()`` in module order, then ``named_buffers()``.
 Weights of Linear/Conv layers (dim >= 2) are masked (prunable); biases and normalisation
-parameters are dense; BatchNorm running statistics are non-trainable buffers (ALGORITHM.md §3.1).
+parameters are dense; BatchNorm running statistics are non-trainable buffers (docs/ALGORITHM.md §3.1).
 
 Inputs are float32 arrays of shape ``(N, *input_shape)``. Datasets give a canonical shape with a
 channel axis (digits: (1, 8, 8); mnist1d: (1, 40)); the MLP flattens whatever it gets, the CNNs
@@ -49,7 +49,7 @@ class ModelSpec:
     validation split (while sending fewer bytes than the dense (16, 32) model;
     docs/ALGORITHM_NOTES.md §7).
     ``norm``: normalisation after each conv ("none", "group" or "batch"; the MLP has none).
-    GroupNorm is preferred over BatchNorm for small, label-skewed local batches (ALGORITHM.md §9.4).
+    GroupNorm is preferred over BatchNorm for small, label-skewed local batches (docs/ALGORITHM.md §9.4).
     """
 
     name: str

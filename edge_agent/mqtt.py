@@ -6,7 +6,7 @@ callbacks there. Those callbacks never do work: an inbound message goes straight
 ``PublishHandle`` objects; connection events update a condition variable that ``wait_connected``
 waits on. Everything else (decoding, round logic) happens in the caller's own thread.
 
-paho leaves four traps that this module closes (measured, see INFRA.md):
+paho leaves four traps that this module closes (measured, see docs/INFRA.md):
 - it does not resubscribe after a reconnect, so the declared subscriptions are sent again in every
   ``on_connect`` and the link only counts as *ready* once the broker has acknowledged them;
 - it ignores the broker's maximum packet size and resends an oversized QoS 1 publish forever, so

@@ -1,4 +1,4 @@
-"""Masked local training and the client readjust step (ALGORITHM.md §3.4, §3.6, §4.6).
+"""Masked local training and the client readjust step (docs/ALGORITHM.md §3.4, §3.6, §4.6).
 
 Theory of operation. The client receives theta^t (exact zeros outside the global mask m^t) and
 trains it for K = E * ceil(|D_n| / B) SGD steps. The mask is not part of the autograd graph

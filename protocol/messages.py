@@ -134,7 +134,7 @@ class RoundTask:
 
     ``weights`` covers every tensor of the model layout. ``include_masks=False`` omits the mask
     on the wire when every selected device already holds ``mask_version``; a receiver fills it
-    in from its cache. ``class_loss_medians`` feeds the loss-quality signal (ALGORITHM.md 4.6).
+    in from its cache. ``class_loss_medians`` feeds the loss-quality signal (docs/ALGORITHM.md 4.6).
     """
 
     KIND: ClassVar[Kind] = Kind.TASK

@@ -1,4 +1,4 @@
-"""The import table of ARCHITECTURE.md, checked by walking each module's AST.
+"""The layering of docs/DESIGN.md, checked by walking each module's AST.
 
 protocol <- edge_agent <- coordinator; pure cores never touch torch, paho, files or the clock.
 """

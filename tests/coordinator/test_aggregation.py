@@ -1,4 +1,4 @@
-"""Combiners over sparse supports (ALGORITHM.md §5): holders only, abstention, empty -> 0."""
+"""Combiners over sparse supports (docs/ALGORITHM.md §5): holders only, abstention, empty -> 0."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Cosine scores, quality signals and importance (ALGORITHM.md §4)."""
+"""Cosine scores, quality signals and importance (docs/ALGORITHM.md §4)."""
 
 from __future__ import annotations
 

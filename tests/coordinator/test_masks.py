@@ -1,4 +1,4 @@
-"""ERK budgets, exact mask sizes, schedule and the server re-prune (ALGORITHM.md §3)."""
+"""ERK budgets, exact mask sizes, schedule and the server re-prune (docs/ALGORITHM.md §3)."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 random agents are SIGKILLed and restarted at random points.
 
 The schedule comes from one seed, printed at the start (set FEDPRUNE_CHAOS_SEED to replay it).
-A SIGKILLed Mosquitto comes back at its last autosave (INFRA.md): queued and retained messages
+A SIGKILLed Mosquitto comes back at its last autosave (docs/INFRA.md): queued and retained messages
 newer than that are lost and some delivered ones come again, so the coordinator's checkpoint is
 the source of truth and duplicates must be harmless. Afterwards every round 1..30 completed
 exactly once (history.jsonl and the checkpoint agree), the checkpoint is consistent, every
