@@ -21,7 +21,7 @@ def tracked_sources() -> list[Path]:
 
 
 def resolves(reference: str, cited_in: Path) -> bool:
-    """Relative to the citing file, the repository root, or docs/ (comments say `docs/X.md` or `X.md`)."""
+    """Relative to the citing file, the repository root, or docs/ (comments cite `docs/<NAME>.md` or `<NAME>.md`)."""
     for base in (cited_in.parent, ROOT, ROOT / "docs"):
         target = (base / reference).resolve()
         if target.is_relative_to(ROOT) and target.exists():
