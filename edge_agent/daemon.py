@@ -269,22 +269,30 @@ class AgentDaemon:
         try:
             message = self.channel.receive(topic, payload, now)
         except ProtocolError as exc:
-            repeated = isinstance(exc, UnknownKey) and str(exc) == self._unknown_key_said  # every task, until a grant
-            log.log(logging.DEBUG if repeated else logging.WARNING, "event=message_rejected topic=%s reason=%s "
-                    "detail=%s", topic, exc.reason, exc)
-            if isinstance(exc, UnknownKey):
-                self._unknown_key_said = str(exc)
-            self._mask_missing = self._mask_missing or (isinstance(exc, UnknownMask) and self._fits_last_model())
-            self._key_missing = self._key_missing or isinstance(exc, UnknownKey)
-            if isinstance(exc, BadSignature):
-                self._foreign_broadcast()
+            self._rejected(exc, topic)
             return
+        self._dispatch(message, now if received_at is None else received_at, now)
+
+    def _dispatch(self, message: object, received_at: float, now: float) -> None:
         if isinstance(message, RoundTask):
-            self._on_task(message, now if received_at is None else received_at)
+            self._on_task(message, received_at)
         elif isinstance(message, ModelRelease):
             self._on_release(message)
         elif isinstance(message, KeyGrant):
             self._on_key(message, now)
+
+    def _rejected(self, exc: ProtocolError, topic: str) -> None:
+        """Logged (an unknown key once per key: it is met by every task until a grant) and turned
+        into what to ask the coordinator for: a mask, a key; or a sign of a foreign bundle."""
+        repeated = isinstance(exc, UnknownKey) and str(exc) == self._unknown_key_said
+        log.log(logging.DEBUG if repeated else logging.WARNING, "event=message_rejected topic=%s reason=%s "
+                "detail=%s", topic, exc.reason, exc)
+        if isinstance(exc, UnknownKey):
+            self._unknown_key_said = str(exc)
+        self._mask_missing = self._mask_missing or (isinstance(exc, UnknownMask) and self._fits_last_model())
+        self._key_missing = self._key_missing or isinstance(exc, UnknownKey)
+        if isinstance(exc, BadSignature):
+            self._foreign_broadcast()
 
     def _on_key(self, grant: KeyGrant, now: float) -> None:
         """A federation key arrived: the task and release that waited for it decode now."""
@@ -294,13 +302,10 @@ class AgentDaemon:
         self._key_id = grant.key_id
         log.log(level, "event=key_installed key_id=%s", grant.key_id.hex())
         for outcome in self.channel.unlocked(now):
-            if isinstance(outcome, RoundTask):
-                self._on_task(outcome, now)
-            elif isinstance(outcome, ModelRelease):
-                self._on_release(outcome)
-            elif isinstance(outcome, ProtocolError):
-                log.warning("event=message_rejected reason=%s detail=%s", outcome.reason, outcome)
-                self._mask_missing = self._mask_missing or (isinstance(outcome, UnknownMask) and self._fits_last_model())
+            if isinstance(outcome, ProtocolError):
+                self._rejected(outcome, "held_for_key")
+            else:
+                self._dispatch(outcome, now, now)
 
     def _on_release(self, release: ModelRelease) -> None:
         try:
