@@ -195,8 +195,7 @@ class CoordinatorDaemon:
         self.link = self.open_link()
         log.info("event=start federation=%s completed_rounds=%d total_rounds=%d broker=%s",
                  self.config.federation.id, self.completed, self.config.rounds.total, self.config.broker.url)
-        self._ensure_group_key(self.clock())
-        self._republish_latest_release()
+        self._follow_members(self.clock())  # a fresh key every start: the retained release goes out under it
         try:
             while not self.stopping and (self.completed < self.config.rounds.total or self._pending_commit):
                 try:
@@ -311,8 +310,8 @@ class CoordinatorDaemon:
             return
         if self._broker_lost(now):
             return
-        if now >= self._next_members_check and self._ensure_group_key(now):
-            self._republish_latest_release()  # waits for the broker's ack: only while it is reachable
+        if now >= self._next_members_check:
+            self._follow_members(now)
         if self.rounds.open_round is None:
             self._maybe_start_round(now)
             return
@@ -394,8 +393,7 @@ class CoordinatorDaemon:
         """Re-announcements name only the devices still missing, so devices that already uploaded
         do not resend; the round machine keeps the full selection."""
         self.next_announce = now + self.config.rounds.reannounce_s
-        if self._ensure_group_key(now):
-            self._republish_latest_release()
+        self._follow_members(now)
         try:
             for publication in self.channel.send(task, now):
                 self.link.publish(publication.topic, publication.payload, qos=1)
@@ -522,12 +520,17 @@ class CoordinatorDaemon:
         log.info("event=group_key_rotated key_id=%s members=%d", self.channel.group_key.key_id.hex(), len(members))
         return True
 
+    def _follow_members(self, now: float) -> None:
+        """Rotate the key if the members changed, and put the retained release under the new key
+        (that waits for the broker's ack: the callers run only while the broker is reachable)."""
+        if self._ensure_group_key(now):
+            self._republish_latest_release()
+
     def _grant_key(self, device: str, now: float) -> None:
         """A registering device may lack the key (it says so by registering after an unknown key id):
         send its grant again, or rotate first if it joined the allow-list since the last key."""
         if device not in self.channel.group_members:
-            if self._ensure_group_key(now):
-                self._republish_latest_release()
+            self._follow_members(now)
             return
         self._publish_grants([self.channel.grant(device, now)])
 
