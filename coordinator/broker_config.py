@@ -19,18 +19,16 @@ whose user is no longer in the file, and refuses its reconnects (CONNACK 135), m
 
 from __future__ import annotations
 
-import os
 import re
 import shlex
 import stat
 import subprocess
-import tempfile
 from dataclasses import asdict, dataclass
 from importlib.resources import files
 from pathlib import Path
 from typing import Mapping
 
-from edge_agent.fsutil import fsync_directory
+from edge_agent.fsutil import atomic_write
 from edge_agent.mqtt_config import MAX_MESSAGE_BYTES
 from protocol.topics import validate_id
 
@@ -124,20 +122,7 @@ def remove_password_user(path: Path, user: str) -> bool:
     kept = [line for line in lines if line.split(b":", 1)[0] != user.encode()]
     if len(kept) == len(lines):
         return False
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            os.fchmod(handle.fileno(), stat.S_IMODE(before.st_mode))
-            if (before.st_uid, before.st_gid) != (os.geteuid(), os.getegid()):
-                os.fchown(handle.fileno(), before.st_uid, before.st_gid)
-            handle.write(b"".join(kept))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_directory(path.parent)
+    atomic_write(path, b"".join(kept), mode=stat.S_IMODE(before.st_mode), owner=(before.st_uid, before.st_gid))
     return True
 
 

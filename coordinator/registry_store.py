@@ -29,7 +29,7 @@ import msgpack
 
 from coordinator.registry import Registry, split_legacy
 from coordinator.state import StateError, dumps, loads
-from edge_agent.fsutil import atomic_write, fsync_directory
+from edge_agent.fsutil import atomic_write
 
 log = logging.getLogger("fedprune.coordinator")
 
@@ -113,13 +113,9 @@ class RegistryStore:
     def _replace(self, path: Path, document: dict[str, Any]) -> None:
         """Atomically, and owned like the state directory: an operator command run as root must not
         leave a 0600 file the daemon's user cannot read (it would keep following the old list)."""
-        tmp = path.with_name(f".{path.name}.new")  # ours alone: callers hold the lock
-        atomic_write(tmp, dumps(document))
         directory = os.stat(path.parent)
-        if os.geteuid() == 0 and directory.st_uid != 0:
-            os.chown(tmp, directory.st_uid, directory.st_gid)
-        os.replace(tmp, path)
-        fsync_directory(path.parent)
+        owner = (directory.st_uid, directory.st_gid) if os.geteuid() == 0 and directory.st_uid != 0 else None
+        atomic_write(path, dumps(document), owner=owner)
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
