@@ -29,15 +29,15 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_wire import mlp_layout  # noqa: E402
-from protocol import codec  # noqa: E402
-from protocol.channel import AgentChannel, CoordinatorChannel  # noqa: E402
-from protocol.crypto import GroupKey, Identity, group_decrypt, group_encrypt  # noqa: E402
-from protocol.envelope import (  # noqa: E402
+from fedprune.protocol import codec  # noqa: E402
+from fedprune.protocol.channel import AgentChannel, CoordinatorChannel  # noqa: E402
+from fedprune.protocol.crypto import GroupKey, Identity, group_decrypt, group_encrypt  # noqa: E402
+from fedprune.protocol.envelope import (  # noqa: E402
     COORDINATOR, Header, Suite, decrypt_broadcast, encrypt_broadcast, sign_envelope, verify_envelope,
 )
-from protocol.hyperparams import HyperParams  # noqa: E402
-from protocol.messages import Kind, ModelRef, ModelRelease, RoundTask  # noqa: E402
-from protocol.sparse import SparseParams  # noqa: E402
+from fedprune.protocol.hyperparams import HyperParams  # noqa: E402
+from fedprune.protocol.messages import Kind, ModelRef, ModelRelease, RoundTask  # noqa: E402
+from fedprune.protocol.sparse import SparseParams  # noqa: E402
 from timing import median_seconds  # noqa: E402
 
 REPEATS = int(os.environ.get("BENCH_REPEATS", "15"))

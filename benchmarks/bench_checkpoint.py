@@ -31,11 +31,11 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
 from benchmarks.timing import median_seconds  # noqa: E402
-from coordinator.config import load_config  # noqa: E402
-from coordinator.config import model_spec  # noqa: E402
-from coordinator.state import StateDir  # noqa: E402
-from coordinator.strategy import ClientScore, Strategy  # noqa: E402
-from edge_agent.models import init_params, model_layout  # noqa: E402
+from fedprune.coordinator.config import load_config  # noqa: E402
+from fedprune.coordinator.config import model_spec  # noqa: E402
+from fedprune.coordinator.state import StateDir  # noqa: E402
+from fedprune.coordinator.core.strategy import ClientScore, Strategy  # noqa: E402
+from fedprune.common.models import init_params, model_layout  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "checkpoint.json"
 

@@ -36,10 +36,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.baseline import add_arguments, describe, side_by_side  # noqa: E402
-from coordinator.localfed import BrokerAccess, LocalFederation  # noqa: E402
-from edge_agent.mqtt import MqttLink  # noqa: E402
-from protocol.chunks import DEFAULT_MAX_CHUNK, HEADER_SIZE, split  # noqa: E402
-from protocol.topics import update_topic  # noqa: E402
+from fedprune.coordinator.lab.localfed import BrokerAccess, LocalFederation  # noqa: E402
+from fedprune.common.mqtt import MqttLink  # noqa: E402
+from fedprune.protocol.chunks import DEFAULT_MAX_CHUNK, HEADER_SIZE, split  # noqa: E402
+from fedprune.protocol.topics import update_topic  # noqa: E402
 from tests.integration.mosquitto import start_mosquitto  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"

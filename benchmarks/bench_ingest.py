@@ -3,7 +3,7 @@
 What is measured (the daemon's ingest path minus its main loop, with the daemon's own objects):
 a 1.08M-parameter model (``mlp``, input_shape [4096], hidden 256-128, 10 classes: a layout the
 coordinator config can name), ERK masks at 90 % sparsity, ``--devices`` enrolled devices (real
-identities in a ``coordinator.registry.Registry``) and ``--rounds`` rounds, so rounds x devices
+identities in a ``fedprune.coordinator.core.registry.Registry``) and ``--rounds`` rounds, so rounds x devices
 sealed updates (default 50 x 20 = 1,000). Masks do not change (no readjust round), so each
 update carries values only, as between readjust rounds.
 
@@ -53,16 +53,16 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from coordinator.registry import Registry  # noqa: E402
-from coordinator.rounds import Accepted, CloseRound, RoundMachine, RoundPolicy  # noqa: E402
-from coordinator.daemon import client_update  # noqa: E402
-from coordinator.strategy import Strategy, StrategyConfig  # noqa: E402
-from edge_agent.models import ModelSpec, init_params, model_layout  # noqa: E402
-from edge_agent.mqtt import LinkConfig, MqttLink  # noqa: E402
-from protocol.channel import AgentChannel, CoordinatorChannel  # noqa: E402
-from protocol.crypto import Identity, PublicIdentity  # noqa: E402
-from protocol.messages import ModelRef, RoundTask, Update  # noqa: E402
-from protocol.sparse import SparseParams  # noqa: E402
+from fedprune.coordinator.core.registry import Registry  # noqa: E402
+from fedprune.coordinator.core.rounds import Accepted, CloseRound, RoundMachine, RoundPolicy  # noqa: E402
+from fedprune.coordinator.daemon import client_update  # noqa: E402
+from fedprune.coordinator.core.strategy import Strategy, StrategyConfig  # noqa: E402
+from fedprune.common.models import ModelSpec, init_params, model_layout  # noqa: E402
+from fedprune.common.mqtt import LinkConfig, MqttLink  # noqa: E402
+from fedprune.protocol.channel import AgentChannel, CoordinatorChannel  # noqa: E402
+from fedprune.protocol.crypto import Identity, PublicIdentity  # noqa: E402
+from fedprune.protocol.messages import ModelRef, RoundTask, Update  # noqa: E402
+from fedprune.protocol.sparse import SparseParams  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "ingest.json"
 FEDERATION = "bench"

@@ -62,11 +62,11 @@ def session_memory(model: bytes) -> tuple[int, int]:
 def train(dataset: str, model: str, sparsity: float):
     import numpy as np
 
-    from coordinator.masks import apply_masks, erk_densities, random_masks, scale_sparse_init
-    from edge_agent.data import load_dataset
-    from edge_agent.models import ModelSpec, init_params, model_layout
-    from edge_agent.training import train_local
-    from protocol.hyperparams import HyperParams
+    from fedprune.coordinator.core.masks import apply_masks, erk_densities, random_masks, scale_sparse_init
+    from fedprune.common.data import load_dataset
+    from fedprune.common.models import ModelSpec, init_params, model_layout
+    from fedprune.edge_agent.training import train_local
+    from fedprune.protocol.hyperparams import HyperParams
 
     ds = load_dataset(dataset, 0)
     spec = ModelSpec(model, ds.input_shape, ds.num_classes)
@@ -89,8 +89,8 @@ def measure(dataset: str, model: str, sparsity: float, repeats: int) -> dict:
     import onnxruntime as ort
     import torch
 
-    from coordinator.export import compact_onnx, export_onnx, quantize_int8
-    from edge_agent.models import module_from_params
+    from fedprune.coordinator.export import compact_onnx, export_onnx, quantize_int8
+    from fedprune.common.models import module_from_params
 
     spec, params, ds = train(dataset, model, sparsity)
     dense = export_onnx(spec, params, metadata=META)

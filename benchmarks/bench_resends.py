@@ -1,7 +1,7 @@
 """Uplink amplification: bytes of updates on the wire against the bytes of distinct updates,
 when local training outlasts the coordinator's re-announcement interval.
 
-A real federation on loopback (``coordinator.localfed.LocalFederation``): Mosquitto with TLS,
+A real federation on loopback (``fedprune.coordinator.lab.localfed.LocalFederation``): Mosquitto with TLS,
 passwords and per-device ACLs (``tests/integration/mosquitto.start_mosquitto``), one
 ``fedprune-coordinator run`` and N ``fedprune-agent run`` processes on IID digits. The
 coordinator re-announces every ``--reannounce`` seconds to the devices it still waits for, and
@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.baseline import add_arguments, describe, side_by_side  # noqa: E402
-from coordinator.localfed import BrokerAccess, LocalFederation  # noqa: E402
+from fedprune.coordinator.lab.localfed import BrokerAccess, LocalFederation  # noqa: E402
 from tests.integration.mosquitto import start_mosquitto  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "resends.json"

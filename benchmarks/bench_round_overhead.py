@@ -1,6 +1,6 @@
 """Round overhead of the real daemons: what a round costs beyond its slowest local training.
 
-A whole federation on loopback, built by ``coordinator.localfed.LocalFederation`` like the demo
+A whole federation on loopback, built by ``fedprune.coordinator.lab.localfed.LocalFederation`` like the demo
 and the integration tests: digits split IID over N devices (.npz each), a coordinator config,
 one enrollment bundle and ``agent.toml`` per device, then one ``fedprune-coordinator run`` and N
 ``fedprune-agent run`` processes. The broker is either the real Mosquitto (TLS, passwords, ACL,
@@ -49,8 +49,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from coordinator.broker import free_port  # noqa: E402
-from coordinator.localfed import BrokerAccess, LocalFederation  # noqa: E402
+from fedprune.coordinator.fleet.broker import free_port  # noqa: E402
+from fedprune.coordinator.lab.localfed import BrokerAccess, LocalFederation  # noqa: E402
 from tests.integration.mosquitto import MosquittoBroker, start_mosquitto  # noqa: E402
 
 BIN = Path(sys.executable).parent

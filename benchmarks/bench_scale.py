@@ -39,18 +39,18 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from coordinator import enrollment  # noqa: E402
-from coordinator.config import load_config  # noqa: E402
-from coordinator.config import model_spec  # noqa: E402
-from coordinator.registry_store import RegistryStore  # noqa: E402
-from coordinator.state import StateDir  # noqa: E402
-from coordinator.strategy import Strategy  # noqa: E402
-from edge_agent.models import init_params, model_layout  # noqa: E402
-from edge_agent.mqtt import LinkConfig, MqttLink  # noqa: E402
-from protocol.channel import AgentChannel  # noqa: E402
-from protocol.crypto import Identity, PublicIdentity  # noqa: E402
-from protocol.messages import Register, RoundTask, Update  # noqa: E402
-from protocol.sparse import SparseParams  # noqa: E402
+from fedprune.coordinator.fleet import enrollment  # noqa: E402
+from fedprune.coordinator.config import load_config  # noqa: E402
+from fedprune.coordinator.config import model_spec  # noqa: E402
+from fedprune.coordinator.fleet.registry_store import RegistryStore  # noqa: E402
+from fedprune.coordinator.state import StateDir  # noqa: E402
+from fedprune.coordinator.core.strategy import Strategy  # noqa: E402
+from fedprune.common.models import init_params, model_layout  # noqa: E402
+from fedprune.common.mqtt import LinkConfig, MqttLink  # noqa: E402
+from fedprune.protocol.channel import AgentChannel  # noqa: E402
+from fedprune.protocol.crypto import Identity, PublicIdentity  # noqa: E402
+from fedprune.protocol.messages import Register, RoundTask, Update  # noqa: E402
+from fedprune.protocol.sparse import SparseParams  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "scale.json"
 FEDERATION = "scale"

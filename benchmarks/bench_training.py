@@ -41,11 +41,11 @@ def measure(dataset: str, model: str, sparsity: float, repeats: int, threads: in
     import numpy as np
     import torch
 
-    from coordinator.masks import apply_masks, erk_densities, random_masks, scale_sparse_init
-    from edge_agent.data import load_dataset
-    from edge_agent.models import ModelSpec, count_macs, init_params, model_layout
-    from edge_agent.training import train_local
-    from protocol.hyperparams import HyperParams
+    from fedprune.coordinator.core.masks import apply_masks, erk_densities, random_masks, scale_sparse_init
+    from fedprune.common.data import load_dataset
+    from fedprune.common.models import ModelSpec, count_macs, init_params, model_layout
+    from fedprune.edge_agent.training import train_local
+    from fedprune.protocol.hyperparams import HyperParams
 
     torch.set_num_threads(threads)
     ds = load_dataset(dataset, 0)

@@ -27,14 +27,14 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from protocol import codec  # noqa: E402
-from protocol.channel import AgentChannel, CoordinatorChannel  # noqa: E402
-from protocol.crypto import Identity  # noqa: E402
-from protocol.envelope import Header, Suite, open_envelope, parse_header, seal_envelope  # noqa: E402
-from protocol.layout import ModelLayout, TensorSpec  # noqa: E402
-from protocol.messages import Kind, Update  # noqa: E402
-from protocol.replay import ReplayGuard  # noqa: E402
-from protocol.sparse import MaskStore, SparseParams, ValueDtype  # noqa: E402
+from fedprune.protocol import codec  # noqa: E402
+from fedprune.protocol.channel import AgentChannel, CoordinatorChannel  # noqa: E402
+from fedprune.protocol.crypto import Identity  # noqa: E402
+from fedprune.protocol.envelope import Header, Suite, open_envelope, parse_header, seal_envelope  # noqa: E402
+from fedprune.protocol.layout import ModelLayout, TensorSpec  # noqa: E402
+from fedprune.protocol.messages import Kind, Update  # noqa: E402
+from fedprune.protocol.replay import ReplayGuard  # noqa: E402
+from fedprune.protocol.sparse import MaskStore, SparseParams, ValueDtype  # noqa: E402
 from timing import median_seconds  # noqa: E402
 
 DENSITIES = (1.0, 0.5, 0.2, 0.1, 0.05)

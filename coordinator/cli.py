@@ -6,11 +6,11 @@ import argparse
 from pathlib import Path
 from typing import Callable, Sequence
 
-from coordinator.state import StateError
-from edge_agent.bundle import EnrollmentError
-from edge_agent.cli_common import new_parser, run_main
-from edge_agent.config import TRAINING_DEVICES
-from edge_agent.configkit import ConfigError, parse_assignments
+from fedprune.coordinator.state import StateError
+from fedprune.common.bundle import EnrollmentError
+from fedprune.common.cli import new_parser, run_main
+from fedprune.common.models import TRAINING_DEVICES
+from fedprune.common.configkit import ConfigError, parse_assignments
 
 EXIT_CODES = {
     0: "success, or stopped by SIGTERM/SIGINT after finishing the current write",
@@ -48,7 +48,7 @@ def _add_simulate(commands: argparse._SubParsersAction) -> None:
 
 
 def _run_simulate(args: argparse.Namespace) -> int:
-    from coordinator import simulate
+    from fedprune.coordinator.lab import simulate
 
     return simulate.main(args.config, out_dir=args.out, progress=not args.no_progress, device=args.device)
 
@@ -60,7 +60,7 @@ def _add_config_flags(sub: argparse.ArgumentParser, required: bool = True) -> No
 
 
 def _load(args: argparse.Namespace):
-    from coordinator.config import load_config
+    from fedprune.coordinator.config import load_config
 
     return load_config(args.config, parse_assignments(args.set))
 
@@ -77,7 +77,7 @@ def _add_init(commands: argparse._SubParsersAction) -> None:
 
 
 def _run_init(args: argparse.Namespace) -> int:
-    from coordinator import enrollment
+    from fedprune.coordinator.fleet import enrollment
 
     enrollment.init(config_path=args.config, state_dir=args.state, federation=args.federation,
                     broker_url=args.broker_url, embedded_broker=args.embedded_broker, force=args.force)
@@ -96,7 +96,7 @@ def _add_enroll(commands: argparse._SubParsersAction) -> None:
 
 
 def _run_enroll(args: argparse.Namespace) -> int:
-    from coordinator import enrollment
+    from fedprune.coordinator.fleet import enrollment
 
     bundle = enrollment.enroll(_load(args), args.device_id, args.out, broker_password=args.broker_password,
                                broker_url=args.broker_url or None)
@@ -125,7 +125,7 @@ def _add_provision(commands: argparse._SubParsersAction) -> None:
 
 
 def _run_provision(args: argparse.Namespace) -> int:
-    from coordinator.provision import provision
+    from fedprune.coordinator.fleet.provision import provision
 
     report = provision(args.config, args.devices.split(","), args.out, broker_hosts=args.broker_host,
                        broker_port=args.broker_port, install_dir=args.install_dir,
@@ -143,7 +143,7 @@ def _add_revoke(commands: argparse._SubParsersAction) -> None:
 
 
 def _run_revoke(args: argparse.Namespace) -> int:
-    from coordinator import enrollment
+    from fedprune.coordinator.fleet import enrollment
 
     print("\n".join(enrollment.revoke(_load(args), args.device_id).lines()))
     return 0
@@ -156,7 +156,7 @@ def _add_run(commands: argparse._SubParsersAction) -> None:
 
 
 def _run_daemon(args: argparse.Namespace) -> int:
-    from coordinator.daemon import run_with_broker
+    from fedprune.coordinator.daemon import run_with_broker
 
     return run_with_broker(_load(args))
 
@@ -169,7 +169,7 @@ def _add_status(commands: argparse._SubParsersAction) -> None:
 
 
 def _run_status(args: argparse.Namespace) -> int:
-    from coordinator import enrollment
+    from fedprune.coordinator.fleet import enrollment
 
     print(enrollment.status_report(_load(args), as_json=args.json))
     return 0
@@ -185,7 +185,7 @@ def _add_export(commands: argparse._SubParsersAction) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from coordinator.releases import export_checkpoint
+    from fedprune.coordinator.releases import export_checkpoint
 
     config = _load(args)
     size, metadata = export_checkpoint(config, args.out, variant=args.variant or config.export.variant)

@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Mapping
 from urllib.parse import urlsplit
 
-from coordinator.strategy import StrategyConfig
-from edge_agent.configkit import ConfigError, in_range, load, one_of, render_example, setting
-from edge_agent.model_rules import MODEL_NAMES, input_shape_problem
-from protocol.topics import is_valid_id
+from fedprune.coordinator.core.strategy import StrategyConfig
+from fedprune.common.configkit import ConfigError, in_range, load, one_of, render_example, setting
+from fedprune.common.model_rules import MODEL_NAMES, input_shape_problem
+from fedprune.protocol.topics import is_valid_id
 
 ENV_PREFIX = "FEDPRUNE_COORDINATOR_"
 
@@ -166,8 +166,8 @@ def example_config(values: Mapping[str, Mapping[str, object]] | None = None) -> 
 
 
 def model_spec(config: CoordinatorConfig):
-    """The federation's model as ``edge_agent.models.ModelSpec`` (imported on use: it loads torch)."""
-    from edge_agent.models import ModelSpec
+    """The federation's model as ``fedprune.common.models.ModelSpec`` (imported on use: it loads torch)."""
+    from fedprune.common.models import ModelSpec
 
     f = config.federation
     return ModelSpec(f.model, tuple(f.input_shape), f.num_classes)

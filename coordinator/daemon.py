@@ -21,20 +21,20 @@ from typing import Any, Callable
 
 import numpy as np
 
-from coordinator.config import CoordinatorConfig, model_spec
-from coordinator.metrics import Metrics, MetricsServer
-from coordinator.registry_store import RegistryStore
-from coordinator.rounds import Accepted, CloseRound, RetryRound, RoundMachine, RoundPolicy
-from coordinator.state import Checkpoint, StateDir, StateError, load_identity
-from coordinator.strategy import ClientUpdate, RoundPlan, Strategy
-from edge_agent.data import DATA_MISMATCH
-from edge_agent.mqtt import LinkConfig, MqttError, MqttLink
-from protocol.channel import CoordinatorChannel, Publication
-from protocol.crypto import PublicIdentity
-from protocol.errors import ProtocolError
-from protocol.layout import ModelLayout
-from protocol.messages import ModelRef, ModelRelease, Register, RoundTask, State, Status, Update
-from protocol.sparse import SparseParams
+from fedprune.coordinator.config import CoordinatorConfig, model_spec
+from fedprune.coordinator.metrics import Metrics, MetricsServer
+from fedprune.coordinator.fleet.registry_store import RegistryStore
+from fedprune.coordinator.core.rounds import Accepted, CloseRound, RetryRound, RoundMachine, RoundPolicy
+from fedprune.coordinator.state import Checkpoint, StateDir, StateError, load_identity
+from fedprune.coordinator.core.strategy import ClientUpdate, RoundPlan, Strategy
+from fedprune.common.data import DATA_MISMATCH
+from fedprune.common.mqtt import LinkConfig, MqttError, MqttLink
+from fedprune.protocol.channel import CoordinatorChannel, Publication
+from fedprune.protocol.crypto import PublicIdentity
+from fedprune.protocol.errors import ProtocolError
+from fedprune.protocol.layout import ModelLayout
+from fedprune.protocol.messages import ModelRef, ModelRelease, Register, RoundTask, State, Status, Update
+from fedprune.protocol.sparse import SparseParams
 
 log = logging.getLogger("fedprune.coordinator")
 
@@ -78,7 +78,7 @@ def client_update(update: Update) -> ClientUpdate:
 
 class CoordinatorDaemon:
     def __init__(self, config: CoordinatorConfig, clock: Callable[[], float] = time.time) -> None:
-        from edge_agent.models import init_params, model_layout
+        from fedprune.common.models import init_params, model_layout
 
         self.config = config
         self.clock = clock
@@ -165,7 +165,7 @@ class CoordinatorDaemon:
         path = self.config.evaluation.data
         if path is None:
             return None
-        from edge_agent.data import load_local_data
+        from fedprune.common.data import load_local_data
 
         return load_local_data(path)
 
@@ -427,7 +427,7 @@ class CoordinatorDaemon:
             entry["scores"] = {d: asdict(s) for d, s in result.scores.items()}
             entry["mask_churn"] = result.mask_churn
         if self.evaluation is not None:
-            from edge_agent.models import evaluate
+            from fedprune.common.models import evaluate
 
             ev = evaluate(self.spec, self.state.params, *self.evaluation)
             entry.update(accuracy=ev.accuracy, loss=ev.loss)
@@ -549,7 +549,7 @@ class CoordinatorDaemon:
         every = self.config.export.every_rounds
         if round_number != self.config.rounds.total and not (every and round_number % every == 0):
             return None
-        from coordinator.releases import make_release
+        from fedprune.coordinator.releases import make_release
 
         metadata: dict[str, str | int | float] = {
             "federation": self.config.federation.id, "round": round_number, "mask_version": self.state.mask_version,
@@ -571,12 +571,12 @@ class CoordinatorDaemon:
 
     def _republish_latest_release(self) -> None:
         """After a restart the broker may have lost the retained release; publishing it again is harmless."""
-        from coordinator.releases import latest_release
+        from fedprune.coordinator.releases import latest_release
 
         latest = latest_release(self.state_dir.root)
         if latest is None or latest[0] != self.release_version:
             return
-        from coordinator.export import build_release
+        from fedprune.coordinator.export import build_release
 
         self._publish_release(build_release(latest[0], latest[1].read_bytes()))
 
@@ -605,7 +605,7 @@ def run_with_broker(config: CoordinatorConfig) -> int:
         return CoordinatorDaemon(config).run()
     from urllib.parse import urlsplit
 
-    from coordinator.broker import EmbeddedBroker
+    from fedprune.coordinator.fleet.broker import EmbeddedBroker
 
     parts = urlsplit(config.broker.url)
     with EmbeddedBroker(host=parts.hostname or "127.0.0.1", port=parts.port or 1883):

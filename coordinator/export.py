@@ -38,8 +38,8 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from edge_agent.models import Masks, ModelSpec, Params, model_layout, module_from_params
-from protocol.messages import ModelRelease
+from fedprune.common.models import Masks, ModelSpec, Params, model_layout, module_from_params
+from fedprune.protocol.messages import ModelRelease
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"

@@ -11,7 +11,7 @@ import threading
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from edge_agent.configkit import ConfigError
+from fedprune.common.configkit import ConfigError
 
 Labels = tuple[tuple[str, str], ...]
 

@@ -12,8 +12,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from edge_agent.fsutil import atomic_write
-from protocol.messages import ModelRelease
+from fedprune.common.fsutil import atomic_write
+from fedprune.protocol.messages import ModelRelease
 
 _RELEASE_FILE = re.compile(r"^model-v(\d+)\.onnx$")
 
@@ -24,7 +24,7 @@ def release_dir(state_root: Path) -> Path:
 
 def export_variant(spec: Any, params: dict, *, variant: str, opset: int,
                    metadata: dict[str, str | int | float]) -> bytes:
-    from coordinator.export import compact_onnx, export_onnx, quantize_int8
+    from fedprune.coordinator.export import compact_onnx, export_onnx, quantize_int8
 
     dense = export_onnx(spec, params, opset=opset, metadata=metadata)
     return {"dense": lambda: dense, "compact": lambda: compact_onnx(dense), "int8": lambda: quantize_int8(dense)}[variant]()
@@ -32,7 +32,7 @@ def export_variant(spec: Any, params: dict, *, variant: str, opset: int,
 
 def make_release(spec: Any, params: dict, *, version: int, variant: str, opset: int,
                  metadata: dict[str, str | int | float], state_root: Path) -> tuple[ModelRelease, Path]:
-    from coordinator.export import build_release
+    from fedprune.coordinator.export import build_release
 
     blob = export_variant(spec, params, variant=variant, opset=opset, metadata=metadata)
     release = build_release(version, blob)
@@ -51,9 +51,9 @@ def latest_release(state_root: Path) -> tuple[int, Path] | None:
 
 def export_checkpoint(config: Any, out: Path, *, variant: str) -> tuple[int, dict[str, str | int | float]]:
     """``fedprune-coordinator export``: the newest checkpoint's global model to an ONNX file."""
-    from coordinator.config import model_spec
-    from coordinator.export import read_metadata
-    from coordinator.state import StateDir, StateError, latest_accuracy
+    from fedprune.coordinator.config import model_spec
+    from fedprune.coordinator.export import read_metadata
+    from fedprune.coordinator.state import StateDir, StateError, latest_accuracy
 
     checkpoint = StateDir(config.state.dir).load_latest_checkpoint()
     if checkpoint is None:

@@ -5,14 +5,14 @@ Layout::
     <state>/keys/                 coordinator identity (written by init, 0600)
     <state>/allowlist.msgpack     enrolled devices and revocations (operator commands only)
     <state>/presence.msgpack      what devices said and when (the daemon only);
-                                  both in coordinator/registry_store.py
+                                  both in coordinator/fleet/registry_store.py
     <state>/checkpoints/round-000012.ckpt   one file per completed round, newest K kept
     <state>/history.jsonl         one line per completed round, append-only; the checkpoint
                                   holds its committed size and newest line (back it up too)
 
 A checkpoint is msgpack of plain values with numpy arrays as ``{"__nd__": [dtype, shape, bytes]}``
 and a SHA-256 trailer, so a torn or corrupted file is detected and the previous one is used.
-Writes go through :func:`edge_agent.fsutil.atomic_write`: after ``kill -9`` at any instant the
+Writes go through :func:`fedprune.common.fsutil.atomic_write`: after ``kill -9`` at any instant the
 directory holds the last completed round, never half of one.
 """
 
@@ -30,10 +30,10 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from coordinator.strategy import GlobalState
-from edge_agent.fsutil import atomic_write, ensure_writable_dir
-from protocol.crypto import Identity
-from protocol.layout import ModelLayout
+from fedprune.coordinator.core.strategy import GlobalState
+from fedprune.common.fsutil import atomic_write, ensure_writable_dir
+from fedprune.protocol.crypto import Identity
+from fedprune.protocol.layout import ModelLayout
 
 log = logging.getLogger(__name__)
 

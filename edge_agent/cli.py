@@ -7,10 +7,10 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from edge_agent.bundle import EnrollmentError
-from edge_agent.cli_common import new_parser, run_main
-from edge_agent.configkit import ConfigError, parse_assignments
-from edge_agent.data import LocalDataError, load_inputs
+from fedprune.common.bundle import EnrollmentError
+from fedprune.common.cli import new_parser, run_main
+from fedprune.common.configkit import ConfigError, parse_assignments
+from fedprune.common.data import LocalDataError, load_inputs
 
 EXIT_CODES = {
     0: "success, or stopped by SIGTERM/SIGINT",
@@ -51,8 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_agent(args: argparse.Namespace) -> int:
-    from edge_agent.config import load_config
-    from edge_agent.daemon import AgentDaemon
+    from fedprune.edge_agent.config import load_config
+    from fedprune.edge_agent.daemon import AgentDaemon
 
     overrides = parse_assignments(args.set)
     return AgentDaemon(load_config(args.config, overrides)).run()
@@ -61,9 +61,9 @@ def _run_agent(args: argparse.Namespace) -> int:
 def _run_infer(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from edge_agent.config import load_config
-    from edge_agent.inference import Predictor
-    from edge_agent.release_store import ReleaseStore
+    from fedprune.edge_agent.config import load_config
+    from fedprune.edge_agent.inference import Predictor
+    from fedprune.edge_agent.release_store import ReleaseStore
 
     config = load_config(args.config)
     current = ReleaseStore(config.agent.state_dir / "models", keep=config.inference.keep_releases).current()
@@ -93,8 +93,8 @@ def _run_infer(args: argparse.Namespace) -> int:
 
 
 def _run_status(args: argparse.Namespace) -> int:
-    from edge_agent.config import load_config
-    from edge_agent.status import device_status, render
+    from fedprune.edge_agent.config import load_config
+    from fedprune.edge_agent.status import device_status, render
 
     config = load_config(args.config)
     report = device_status(config.agent.state_dir, config.inference.keep_releases, args.rounds)
@@ -103,7 +103,7 @@ def _run_status(args: argparse.Namespace) -> int:
 
 
 def _run_audit(args: argparse.Namespace) -> int:
-    from edge_agent.audit import AuditLog
+    from fedprune.edge_agent.audit import AuditLog
 
     print(f"{'time':>17}  {'federation':<16} {'round':>5}  {'type':<10} {'bytes':>10}  sha256")
     for entry in AuditLog(args.log).records():

@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
-from edge_agent.configkit import in_range, load, one_of, render_example, setting
-from edge_agent.guard import GovernanceConfig
+from fedprune.common.configkit import in_range, load, one_of, render_example, setting
+from fedprune.common.models import TRAINING_DEVICES
+from fedprune.edge_agent.core.guard import GovernanceConfig
 
 ENV_PREFIX = "FEDPRUNE_AGENT_"
-TRAINING_DEVICES = ("cpu", "cuda", "auto")  # resolved by edge_agent.training.resolve_device
 
 
 @dataclass(frozen=True)

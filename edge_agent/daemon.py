@@ -1,9 +1,9 @@
 """The agent's shell: one loop that feeds MQTT messages and clock ticks to AgentCore and
 carries out its actions (train, seal and publish, report status, audit).
 
-Everything that decides lives in ``edge_agent.agent`` (what to do with a task),
-``edge_agent.guard`` (may this device train now), ``edge_agent.privacy`` (clip, noise, budget)
-and ``protocol.channel`` (verify, decode, seal, chunk). When a task arrives the daemon samples
+Everything that decides lives in ``fedprune.edge_agent.core.agent`` (what to do with a task),
+``fedprune.edge_agent.core.guard`` (may this device train now), ``fedprune.edge_agent.core.privacy`` (clip, noise, budget)
+and ``fedprune.protocol.channel`` (verify, decode, seal, chunk). When a task arrives the daemon samples
 sysfs, asks its one ``Governor`` (which remembers the thermal latch) and the privacy ledger, and
 hands the first reason to the core, which turns it into a DECLINED status. paho's callbacks
 only enqueue; signal handlers only set a flag; the loop below is the only thread that touches
@@ -22,24 +22,24 @@ from typing import Callable
 
 import numpy as np
 
-from edge_agent import sysfs, worker
-from edge_agent.agent import AgentCore, Decline, Ignore, Phase, ReportStatus, Resend, Train
-from edge_agent.audit import AuditLog
-from edge_agent.bundle import Bundle, EnrollmentError, load_bundle
-from edge_agent.config import AgentConfig
-from edge_agent.configkit import ConfigError
-from edge_agent.data import DATA_MISMATCH, DataSummary, data_mismatch, load_local_data
-from edge_agent.fsutil import atomic_write, ensure_writable_dir
-from edge_agent.guard import Governor
-from edge_agent.ledger import PrivacyLedger, ledger_path
-from edge_agent.mqtt import LastWill, LinkConfig, MqttError, MqttLink
-from edge_agent.privacy import PRIVACY_BUDGET_EXHAUSTED
-from protocol.channel import AgentChannel, Publication
-from protocol.errors import BadSignature, ProtocolError, UnknownKey, UnknownMask
-from protocol.layout import ModelLayout
-from edge_agent.release_store import ReleaseRejected, ReleaseStore
-from protocol.messages import KeyGrant, ModelRef, ModelRelease, Register, RoundTask, State, Status, Update
-from protocol.sparse import SparseParams
+from fedprune.edge_agent import sysfs, worker
+from fedprune.edge_agent.core.agent import AgentCore, Decline, Ignore, Phase, ReportStatus, Resend, Train
+from fedprune.edge_agent.audit import AuditLog
+from fedprune.common.bundle import Bundle, EnrollmentError, load_bundle
+from fedprune.edge_agent.config import AgentConfig
+from fedprune.common.configkit import ConfigError
+from fedprune.common.data import DATA_MISMATCH, DataSummary, data_mismatch, load_local_data
+from fedprune.common.fsutil import atomic_write, ensure_writable_dir
+from fedprune.edge_agent.core.guard import Governor
+from fedprune.edge_agent.ledger import PrivacyLedger, ledger_path
+from fedprune.common.mqtt import LastWill, LinkConfig, MqttError, MqttLink
+from fedprune.edge_agent.core.privacy import PRIVACY_BUDGET_EXHAUSTED
+from fedprune.protocol.channel import AgentChannel, Publication
+from fedprune.protocol.errors import BadSignature, ProtocolError, UnknownKey, UnknownMask
+from fedprune.protocol.layout import ModelLayout
+from fedprune.edge_agent.release_store import ReleaseRejected, ReleaseStore
+from fedprune.protocol.messages import KeyGrant, ModelRef, ModelRelease, Register, RoundTask, State, Status, Update
+from fedprune.protocol.sparse import SparseParams
 
 log = logging.getLogger("fedprune.agent")
 
@@ -152,7 +152,7 @@ class AgentDaemon:
             worker.warm_up()
         http = None
         if self.config.inference.http_port >= 0:
-            from edge_agent.inference import InferenceHTTP, ModelServer
+            from fedprune.edge_agent.inference import InferenceHTTP, ModelServer
 
             self.server = ModelServer()
             current = self.releases.current()
@@ -320,7 +320,7 @@ class AgentDaemon:
 
     def _serve(self, version: int, path: Path) -> None:
         """Only with the HTTP endpoint on: ``fedprune-agent infer`` loads the model itself."""
-        from edge_agent.inference import Predictor, Served
+        from fedprune.edge_agent.inference import Predictor, Served
 
         predictor = Predictor.from_file(path, accelerator=self.config.inference.accelerator)
         self.server.swap(Served(version, predictor))

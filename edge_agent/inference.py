@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from edge_agent.configkit import ConfigError
+from fedprune.common.configkit import ConfigError
 
 ACCELERATORS = ("cpu", "cuda", "auto")
 _CUDA = "CUDAExecutionProvider"

@@ -1,6 +1,6 @@
 """The device's privacy ledger on disk, and the one place an update is privatised before it leaves.
 
-``edge_agent.privacy`` is the math (clip, noise, accountant, ``PrivacyBudget``); this shell keeps
+``fedprune.edge_agent.core.privacy`` is the math (clip, noise, accountant, ``PrivacyBudget``); this shell keeps
 one budget per federation in the state directory (``privacy-<federation>.json``, 0600, replaced
 atomically) and applies it. ``release`` records the round's cost and persists the ledger
 *before* it returns the noised update, so a crash after sending can only over-count, never
@@ -18,9 +18,9 @@ from typing import Mapping
 
 import numpy as np
 
-from edge_agent.configkit import ConfigError
-from edge_agent.fsutil import atomic_write
-from edge_agent.privacy import PrivacyBudget, RoundCost, privatize
+from fedprune.common.configkit import ConfigError
+from fedprune.common.fsutil import atomic_write
+from fedprune.edge_agent.core.privacy import PrivacyBudget, RoundCost, privatize
 
 LEDGER_GLOB = "privacy-*.json"
 

@@ -22,8 +22,8 @@ from typing import Callable
 
 import numpy as np
 
-from edge_agent.fsutil import atomic_write
-from protocol.messages import ModelRelease
+from fedprune.common.fsutil import atomic_write
+from fedprune.protocol.messages import ModelRelease
 
 POINTER = "current.json"
 MAX_MODEL_BYTES = 256 << 20
@@ -134,7 +134,7 @@ class ReleaseStore:
 
 def model_problem(onnx: bytes) -> str | None:
     """Why ``onnx`` is not a servable model (does not load, or non-finite logits on a zero input)."""
-    from edge_agent.inference import Predictor
+    from fedprune.edge_agent.inference import Predictor
 
     try:
         predictor = Predictor(onnx)

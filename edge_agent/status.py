@@ -11,9 +11,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from edge_agent.audit import AuditLog
-from edge_agent.ledger import LEDGER_GLOB, read_budget
-from edge_agent.release_store import ReleaseStore
+from fedprune.edge_agent.audit import AuditLog
+from fedprune.edge_agent.ledger import LEDGER_GLOB, read_budget
+from fedprune.edge_agent.release_store import ReleaseStore
 
 
 def device_status(state_dir: Path, keep_releases: int = 3, last_rounds: int = 5) -> dict[str, Any]:

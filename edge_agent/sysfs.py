@@ -1,6 +1,6 @@
 """Read the device's temperature, power and free memory from Linux's sysfs and procfs.
 
-The shell beside ``edge_agent.guard``: it only reads files and returns numbers; every decision is
+The shell beside ``fedprune.edge_agent.core.guard``: it only reads files and returns numbers; every decision is
 in the guard. ``root`` lets tests point it at a fake tree. Any file that is missing, unreadable
 or malformed counts as "not measured" (None), because sensors differ per board and some drivers
 fail reads (Jetson zones can return EINVAL); the guard never blocks on a missing reading.
@@ -23,7 +23,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from edge_agent.guard import Readings
+from fedprune.edge_agent.core.guard import Readings
 
 _PREFERRED_ZONE = re.compile(r"cpu|gpu|soc|x86_pkg|tj", re.IGNORECASE)
 _MAX_READ = 4096

@@ -29,8 +29,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from edge_agent.config import TRAINING_DEVICES
-from edge_agent.models import (
+from fedprune.common.models import TRAINING_DEVICES
+from fedprune.common.models import (
     Masks,
     ModelSpec,
     Params,
@@ -40,8 +40,8 @@ from edge_agent.models import (
     model_layout,
     module_from_params,
 )
-from protocol.hyperparams import HyperParams
-from protocol.layout import ModelLayout
+from fedprune.protocol.hyperparams import HyperParams
+from fedprune.protocol.layout import ModelLayout
 
 _EVAL_BATCH = 1024
 

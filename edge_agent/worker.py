@@ -19,9 +19,9 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from protocol.hyperparams import HyperParams
-from protocol.layout import ModelLayout, TensorSpec
-from protocol.messages import ModelRef
+from fedprune.protocol.hyperparams import HyperParams
+from fedprune.protocol.layout import ModelLayout, TensorSpec
+from fedprune.protocol.messages import ModelRef
 
 Params = dict[str, np.ndarray]
 
@@ -70,14 +70,14 @@ def _arrays_in(packed: dict[str, Any]) -> Params:
 
 
 def _model_spec(model: ModelRef):
-    from edge_agent.models import ModelSpec
+    from fedprune.common.models import ModelSpec
 
     return ModelSpec(model.name, tuple(model.input_shape), model.num_classes)
 
 
 def layout_for(model: ModelRef) -> ModelLayout:
     """The layout of a built-in model; imports torch (cached per model by the caller)."""
-    from edge_agent.models import model_layout
+    from fedprune.common.models import model_layout
 
     return model_layout(_model_spec(model))
 
@@ -85,7 +85,7 @@ def layout_for(model: ModelRef) -> ModelLayout:
 def layout_in_child(model: ModelRef, python: str = sys.executable) -> ModelLayout:
     """Same as :func:`layout_for` without loading torch into this process."""
     job = msgpack.packb({"op": "layout", "model": [model.name, list(model.input_shape), model.num_classes]})
-    done = subprocess.run([python, "-m", "edge_agent.worker"], input=job, capture_output=True, check=False)
+    done = subprocess.run([python, "-m", "fedprune.edge_agent.worker"], input=job, capture_output=True, check=False)
     if done.returncode != 0:
         raise WorkerError(_last_words(done.stderr))
     specs = msgpack.unpackb(done.stdout)
@@ -100,7 +100,7 @@ def warm_up() -> None:
     """
     import torch
 
-    import edge_agent.training  # noqa: F401
+    import fedprune.edge_agent.training  # noqa: F401
 
     torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1, momentum=0.9)
 
@@ -110,8 +110,8 @@ def train(job: TrainJob) -> TrainOutcome:
 
     import torch
 
-    from edge_agent.data import load_local_data
-    from edge_agent.training import resolve_device, train_local
+    from fedprune.common.data import load_local_data
+    from fedprune.edge_agent.training import resolve_device, train_local
 
     if job.threads > 0:
         torch.set_num_threads(job.threads)
@@ -133,7 +133,7 @@ def train_in_child(job: TrainJob, python: str = sys.executable, timeout_s: float
         "data": str(job.data_path), "device": job.device, "threads": job.threads,
     }, use_bin_type=True)
     try:
-        done = subprocess.run([python, "-m", "edge_agent.worker"], input=packed, capture_output=True,
+        done = subprocess.run([python, "-m", "fedprune.edge_agent.worker"], input=packed, capture_output=True,
                               check=False, timeout=timeout_s)
     except subprocess.TimeoutExpired:
         raise WorkerError(f"training did not finish within {timeout_s} s") from None
@@ -152,7 +152,7 @@ def train_in_child(job: TrainJob, python: str = sys.executable, timeout_s: float
 def model_problem_in_child(onnx: bytes, python: str = sys.executable) -> str | None:
     """``release_store.model_problem`` in a child, so onnxruntime never stays in the daemon."""
     request = msgpack.packb({"op": "check_model", "onnx": onnx}, use_bin_type=True)
-    done = subprocess.run([python, "-m", "edge_agent.worker"], input=request, capture_output=True, check=False)
+    done = subprocess.run([python, "-m", "fedprune.edge_agent.worker"], input=request, capture_output=True, check=False)
     if done.returncode != 0:
         return f"model check failed: {_last_words(done.stderr)}"
     return msgpack.unpackb(done.stdout)
@@ -161,7 +161,7 @@ def model_problem_in_child(onnx: bytes, python: str = sys.executable) -> str | N
 def _main() -> int:
     request = msgpack.unpackb(sys.stdin.buffer.read(), raw=False, strict_map_key=False)
     if request["op"] == "check_model":
-        from edge_agent.release_store import model_problem
+        from fedprune.edge_agent.release_store import model_problem
 
         sys.stdout.buffer.write(msgpack.packb(model_problem(request["onnx"])))
         return 0

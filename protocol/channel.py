@@ -22,10 +22,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from typing import NamedTuple
 
-from protocol import codec, topics
-from protocol.chunks import DEFAULT_MAX_CHUNK, Reassembler, split
-from protocol.crypto import KEY_ID_LEN, Aead, GroupKey, Identity, KeyRing, PublicIdentity
-from protocol.envelope import (
+from fedprune.protocol import codec, topics
+from fedprune.protocol.chunks import DEFAULT_MAX_CHUNK, Reassembler, split
+from fedprune.protocol.crypto import KEY_ID_LEN, Aead, GroupKey, Identity, KeyRing, PublicIdentity
+from fedprune.protocol.envelope import (
     COORDINATOR,
     FLAG_LAST_WILL,
     Header,
@@ -40,15 +40,15 @@ from protocol.envelope import (
     verify_envelope,
     wrap_group_key,
 )
-from protocol.errors import DecodeError, ProtocolError, TooLarge, UnknownKey, UnknownSender
-from protocol.layout import ModelLayout
-from protocol.messages import (
+from fedprune.protocol.errors import DecodeError, ProtocolError, TooLarge, UnknownKey, UnknownSender
+from fedprune.protocol.layout import ModelLayout
+from fedprune.protocol.messages import (
     KeyGrant, Kind, Message, ModelRef, ModelRelease, Register, Reject, RoundTask, State, Status, Update,
 )
-from protocol.replay import ReplayGuard
-from protocol.sparse import Masks, MaskStore, ValueDtype, check_masks
-from protocol.topics import Topic, TopicKind
-from protocol.wire import DEFAULT_LIMITS, Limits
+from fedprune.protocol.replay import ReplayGuard
+from fedprune.protocol.sparse import Masks, MaskStore, ValueDtype, check_masks
+from fedprune.protocol.topics import Topic, TopicKind
+from fedprune.protocol.wire import DEFAULT_LIMITS, Limits
 
 _TOPIC_OF = {
     Kind.TASK: TopicKind.TASK,

@@ -30,7 +30,7 @@ import struct
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 
-from protocol.errors import DecodeError, TooLarge, UnsupportedVersion
+from fedprune.protocol.errors import DecodeError, TooLarge, UnsupportedVersion
 
 MAGIC = b"FC"
 VERSION = 1

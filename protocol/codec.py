@@ -18,16 +18,16 @@ from typing import Any, Callable
 
 import numpy as np
 
-from protocol.envelope import MINOR, Header
-from protocol.errors import DecodeError, ProtocolError, TooLarge
-from protocol.hyperparams import HyperParams
-from protocol.layout import ModelLayout
-from protocol.crypto import KEY_ID_LEN
-from protocol.messages import (
+from fedprune.protocol.envelope import MINOR, Header
+from fedprune.protocol.errors import DecodeError, ProtocolError, TooLarge
+from fedprune.protocol.hyperparams import HyperParams
+from fedprune.protocol.layout import ModelLayout
+from fedprune.protocol.crypto import KEY_ID_LEN
+from fedprune.protocol.messages import (
     WRAPPED_KEY_LEN, KeyGrant, Kind, Message, ModelRef, ModelRelease, Register, Reject, RoundTask, State, Status, Update,
 )
-from protocol.sparse import MaskStore, SparseParams, ValueDtype, masks_from_wire, masks_to_wire, values_from_wire
-from protocol.wire import (
+from fedprune.protocol.sparse import MaskStore, SparseParams, ValueDtype, masks_from_wire, masks_to_wire, values_from_wire
+from fedprune.protocol.wire import (
     DEFAULT_LIMITS,
     Limits,
     as_bytes,

@@ -44,7 +44,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from protocol.errors import BadSignature, OpenFailed
+from fedprune.protocol.errors import BadSignature, OpenFailed
 
 KEY_LEN = 32
 SIGNATURE_LEN = 64

@@ -30,11 +30,11 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from protocol import crypto
-from protocol.crypto import KEY_ID_LEN, TAG_LEN, Aead, GroupKey, Identity, PublicIdentity
-from protocol.errors import BadSignature, DecodeError, UnknownKey, UnsupportedVersion
-from protocol.messages import Kind
-from protocol.topics import is_valid_id
+from fedprune.protocol import crypto
+from fedprune.protocol.crypto import KEY_ID_LEN, TAG_LEN, Aead, GroupKey, Identity, PublicIdentity
+from fedprune.protocol.errors import BadSignature, DecodeError, UnknownKey, UnsupportedVersion
+from fedprune.protocol.messages import Kind
+from fedprune.protocol.topics import is_valid_id
 
 MAGIC = b"FP"
 MAJOR = 1

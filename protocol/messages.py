@@ -20,11 +20,11 @@ from typing import ClassVar, Union
 
 import numpy as np
 
-from protocol.crypto import KEY_ID_LEN, KEY_LEN, SEAL_OVERHEAD
-from protocol.hyperparams import HyperParams
-from protocol.layout import ModelLayout
-from protocol.sparse import Masks, Params, SparseParams
-from protocol.topics import validate_id
+from fedprune.protocol.crypto import KEY_ID_LEN, KEY_LEN, SEAL_OVERHEAD
+from fedprune.protocol.hyperparams import HyperParams
+from fedprune.protocol.layout import ModelLayout
+from fedprune.protocol.sparse import Masks, Params, SparseParams
+from fedprune.protocol.topics import validate_id
 
 U32 = 2**32 - 1
 U63 = 2**63 - 1

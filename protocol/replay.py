@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 
-from protocol.errors import Replayed, Stale
+from fedprune.protocol.errors import Replayed, Stale
 
 
 class ReplayGuard:

@@ -27,9 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from protocol.errors import DecodeError, UnknownMask
-from protocol.layout import ModelLayout, TensorSpec
-from protocol.wire import (
+from fedprune.protocol.errors import DecodeError, UnknownMask
+from fedprune.protocol.layout import ModelLayout, TensorSpec
+from fedprune.protocol.wire import (
     DEFAULT_LIMITS, Limits, TailReader, TailWriter, as_bytes, as_float, as_int, as_list, fail, frame, pack, unframe, unpack,
 )
 

@@ -15,7 +15,7 @@ import enum
 import re
 from dataclasses import dataclass
 
-from protocol.errors import DecodeError
+from fedprune.protocol.errors import DecodeError
 
 PREFIX = "fedprune/v1"
 ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")

@@ -14,7 +14,7 @@ from typing import Any, Callable, TypeVar
 
 import msgpack
 
-from protocol.errors import DecodeError, ProtocolError, TooLarge
+from fedprune.protocol.errors import DecodeError, ProtocolError, TooLarge
 
 T = TypeVar("T")
 MiB = 1 << 20

@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/bootstrap.sh --extras coordinator
-exec .venv/bin/python -m coordinator.demo "$@"
+exec .venv/bin/python -m fedprune.coordinator.lab.demo "$@"

@@ -40,7 +40,7 @@ step training_cuda "$py" benchmarks/bench_training.py --device cuda --repeats 3 
 step training_cpu "$py" benchmarks/bench_training.py --device cpu --repeats 3 --out "$out/training_cpu.json"
 sim_config
 for device in cuda cpu; do
-    step "simulate_$device" bash -c "time '$py' -m coordinator.cli simulate --config '$out/sim.toml' --out '$out/sim_$device' --no-progress --device $device"
+    step "simulate_$device" bash -c "time '$py' -m fedprune.coordinator.cli simulate --config '$out/sim.toml' --out '$out/sim_$device' --no-progress --device $device"
 done
 cat "$out/status.txt"
 exit $failed

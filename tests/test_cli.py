@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from coordinator import cli as coordinator_cli
-from edge_agent import cli as agent_cli
+from fedprune.coordinator import cli as coordinator_cli
+from fedprune.edge_agent import cli as agent_cli
 
 BIN = Path(sys.executable).parent
 
@@ -43,7 +43,7 @@ def test_stop_request_during_teardown_keeps_a_clean_exit() -> None:
     an atexit hook, and must not turn exit 0 into death by signal."""
     script = (
         "import atexit, os, signal, time\n"
-        "from edge_agent.cli_common import new_parser, run_main\n"
+        "from fedprune.common.cli import new_parser, run_main\n"
         "parser, commands = new_parser('probe', 'probe', {0: 'ok'})\n"
         "commands.add_parser('done').set_defaults(handler=lambda args: 0)\n"
         "atexit.register(lambda: (os.kill(os.getpid(), signal.SIGTERM), time.sleep(0.2)))\n"

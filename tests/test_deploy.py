@@ -69,8 +69,8 @@ def test_unit_is_hardened_and_runs_the_cli(name: str) -> None:
     assert "DynamicUser" not in service
 
 
-@pytest.mark.parametrize("name,cli", [("fedprune-agent.service", "edge_agent.cli"),
-                                      ("fedprune-coordinator.service", "coordinator.cli")])
+@pytest.mark.parametrize("name,cli", [("fedprune-agent.service", "fedprune.edge_agent.cli"),
+                                      ("fedprune-coordinator.service", "fedprune.coordinator.cli")])
 def test_restart_is_suppressed_only_for_documented_permanent_failures(name: str, cli: str) -> None:
     exit_codes = pytest.importorskip(cli).EXIT_CODES
     codes = {int(c) for c in last(unit(DEPLOY / "systemd" / name)["Service"], "RestartPreventExitStatus").split()}

@@ -1,33 +1,43 @@
-"""The layering of docs/DESIGN.md, checked by walking each module's AST.
+"""The layering of docs/DESIGN.md, read from the folders and checked by walking each module's AST.
 
-protocol <- edge_agent <- coordinator; pure cores never touch torch, paho, files or the clock.
+protocol <- common <- edge_agent, coordinator; ``core/`` folders are pure (no torch, paho, files
+or clock); only the coordinator's ``lab/`` (simulation, attacks) runs the agent's code.
 """
 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+FOLDERS = {"protocol": "fedprune.protocol", "common": "fedprune.common", "edge_agent": "fedprune.edge_agent",
+           "coordinator": "fedprune.coordinator"}
 
 PROTOCOL_ALLOWED = {"numpy", "msgpack", "cryptography"}
-CORE_MODULES = {
-    "edge_agent.agent", "edge_agent.guard", "edge_agent.privacy",
-    "coordinator.masks", "coordinator.contribution", "coordinator.aggregation",
-    "coordinator.strategy", "coordinator.rounds", "coordinator.registry",
-}
 IO_MODULES = {"torch", "onnx", "onnxruntime", "onnxscript", "paho", "amqtt", "socket", "subprocess", "requests"}
 IO_CALLS = {"open"}
 IO_ATTRIBUTES = {("os", "environ"), ("time", "time"), ("time", "monotonic"), ("datetime", "now")}
+# Who may import whom, by folder: a module may import from its own folder's prefix and these.
+MAY_IMPORT = {
+    "fedprune.protocol": ("fedprune.protocol",),
+    "fedprune.common": ("fedprune.protocol", "fedprune.common"),
+    "fedprune.edge_agent": ("fedprune.protocol", "fedprune.common", "fedprune.edge_agent"),
+    "fedprune.coordinator": ("fedprune.protocol", "fedprune.common", "fedprune.coordinator"),
+    "fedprune.coordinator.lab": ("fedprune.protocol", "fedprune.common", "fedprune.coordinator",
+                                 "fedprune.edge_agent"),
+}
+PURE_FOLDERS = ("fedprune.coordinator.core", "fedprune.edge_agent.core")
 
 
 def modules() -> list[tuple[str, Path]]:
     found = []
-    for package in ("protocol", "edge_agent", "coordinator"):
-        for path in sorted((ROOT / package).rglob("*.py")):
-            dotted = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+    for folder, package in FOLDERS.items():
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            dotted = ".".join((package, *path.relative_to(ROOT / folder).with_suffix("").parts))
             found.append((dotted.removesuffix(".__init__"), path))
     return found
 
@@ -53,43 +63,56 @@ def top(name: str) -> str:
     return name.split(".")[0]
 
 
+def role(dotted: str) -> str:
+    """The most specific MAY_IMPORT row the module's folder falls under."""
+    return max((r for r in MAY_IMPORT if dotted == r or dotted.startswith(r + ".")), key=len)
+
+
 @pytest.mark.parametrize("dotted,path", modules(), ids=[m for m, _ in modules()])
 def test_module_respects_the_layer_table(dotted: str, path: Path) -> None:
     imported, io_uses = imports_and_io(path)
-    package = top(dotted)
-    if package == "protocol":
-        bad = {m for m in imported if top(m) in IO_MODULES | {"edge_agent", "coordinator"}}
-        bad |= {m for m in imported if top(m) not in PROTOCOL_ALLOWED | {"protocol"} and not _stdlib(m)}
-        assert not bad, f"{dotted} imports {sorted(bad)}: protocol is pure (stdlib, numpy, msgpack, cryptography)"
+    ours = {m for m in imported if top(m) == "fedprune"}
+    allowed = MAY_IMPORT[role(dotted)]
+    bad = {m for m in ours if not (m.startswith(allowed) or m in allowed)}
+    assert not bad, f"{dotted} imports {sorted(bad)}: its folder ({role(dotted)}) may import only {allowed}"
+    legacy = {m for m in imported if top(m) in FOLDERS}
+    assert not legacy, f"{dotted} imports {sorted(legacy)}: import through the fedprune namespace"
+    if role(dotted) == "fedprune.protocol":
+        foreign = {m for m in imported - ours if top(m) not in PROTOCOL_ALLOWED and not _stdlib(m)}
+        assert not foreign, f"{dotted} imports {sorted(foreign)}: protocol is pure (stdlib, numpy, msgpack, cryptography)"
         assert not io_uses, f"{dotted} uses {sorted(io_uses)}: protocol takes `now` and bytes from its caller"
-    if package == "edge_agent":
-        assert not {m for m in imported if top(m) == "coordinator"}, f"{dotted} imports the coordinator"
-    if dotted in CORE_MODULES:
-        bad = {m for m in imported if top(m) in IO_MODULES}
-        shells = {m for m in imported if top(m) in {"edge_agent", "coordinator"} and m not in CORE_MODULES}
-        assert not bad, f"core {dotted} imports {sorted(bad)}"
+    if dotted.startswith(PURE_FOLDERS):
+        io = {m for m in imported if top(m) in IO_MODULES}
+        shells = {m for m in ours if not m.startswith(("fedprune.protocol", *PURE_FOLDERS))}
+        assert not io, f"core {dotted} imports {sorted(io)}"
         assert not shells, f"core {dotted} imports shells {sorted(shells)}"
         assert not io_uses, f"core {dotted} uses {sorted(io_uses)}: time and randomness arrive as arguments"
 
 
 def _stdlib(name: str) -> bool:
-    import sys
-
     return top(name) in sys.stdlib_module_names or top(name) == "__future__"
 
 
-def test_the_walk_finds_the_packages() -> None:
+def test_every_package_folder_is_installed() -> None:
+    """pyproject lists the packages by hand (the namespace maps folders); a new folder must be listed."""
+    from fedprune.common.configkit import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {m for m, p in modules() if p.name == "__init__.py"}
+    assert found == listed
+
+
+def test_the_walk_finds_the_folders() -> None:
     names = {m for m, _ in modules()}
-    assert {"protocol", "edge_agent", "coordinator", "protocol.layout"} <= names
+    assert {"fedprune.protocol", "fedprune.coordinator.core", "fedprune.coordinator.fleet",
+            "fedprune.coordinator.lab", "fedprune.edge_agent.core", "fedprune.common.mqtt"} <= names
 
 
 def test_operator_commands_load_neither_the_daemon_nor_paho() -> None:
     """enroll, revoke, provision, status and export work on the state directory alone; the MQTT
     client and the daemon (with its import of releases) stay out of them."""
-    import subprocess
-    import sys
-
-    probe = ("import sys; import coordinator.enrollment, coordinator.provision, coordinator.releases; "
-             "print(sorted(m for m in sys.modules if m.startswith(('paho', 'coordinator.daemon', 'torch'))))")
+    probe = ("import sys; import fedprune.coordinator.fleet.enrollment, fedprune.coordinator.fleet.provision, "
+             "fedprune.coordinator.releases; "
+             "print(sorted(m for m in sys.modules if m.startswith(('paho', 'fedprune.coordinator.daemon', 'torch'))))")
     loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=ROOT)
     assert loaded.stdout.strip() == "[]", loaded.stdout

@@ -24,9 +24,9 @@ from scipy.stats import spearmanr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import coordinator.contribution as contribution  # noqa: E402
-import coordinator.simulate as sim  # noqa: E402
-from coordinator.strategy import Strategy, StrategyConfig  # noqa: E402
+import fedprune.coordinator.core.contribution as contribution  # noqa: E402
+import fedprune.coordinator.lab.simulate as sim  # noqa: E402
+from fedprune.coordinator.core.strategy import Strategy, StrategyConfig  # noqa: E402
 
 
 def _holder_bias(trace: list[dict], noisy: set[str], from_round: int = 10) -> str:

@@ -19,10 +19,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import coordinator.simulate as sim  # noqa: E402
-from coordinator.strategy import StrategyConfig  # noqa: E402
-from edge_agent import data as data_mod  # noqa: E402
-from edge_agent.models import as_model_input, module_from_params  # noqa: E402
+import fedprune.coordinator.lab.simulate as sim  # noqa: E402
+from fedprune.coordinator.core.strategy import StrategyConfig  # noqa: E402
+from fedprune.common import data as data_mod  # noqa: E402
+from fedprune.common.models import as_model_input, module_from_params  # noqa: E402
 
 
 def main(kind: str, rounds: int, seed: int) -> None:

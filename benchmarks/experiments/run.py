@@ -2,7 +2,7 @@
 
 A grid TOML has a [base] document (the [simulation] and [strategy] tables of a simulation config),
 a list of [[setting]] (data/model variations), a list of [[method]] (strategy variations) and
-``seeds``; every setting × method × seed is one ``coordinator.simulate.run_simulation`` call.
+``seeds``; every setting × method × seed is one ``fedprune.coordinator.lab.simulate.run_simulation`` call.
 Runs go to a pool of at most 2 processes with one torch thread each (the machine is shared), and
 each run's JSON is cached under <out>/runs/, so re-running a grid only computes what is missing.
 
@@ -67,7 +67,7 @@ def _key(doc: dict[str, Any]) -> str:
     chosen model ignores (the CNNs' channels on an MLP; on a baseline, which neither scores
     quality nor gates, the loss-quality signal's settings, its memory γ and the trust gate's
     memory) are left out, so changing their default does not recompute runs it cannot affect."""
-    from coordinator.simulate import SimulationConfig
+    from fedprune.coordinator.lab.simulate import SimulationConfig
 
     resolved = SimulationConfig.from_dict(doc).to_dict()
     if resolved["model"] == "mlp":
@@ -90,7 +90,7 @@ def run_one(job: tuple[dict[str, Any], str]) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(1)
-    from coordinator.simulate import SimulationConfig, noise_summary, run_simulation
+    from fedprune.coordinator.lab.simulate import SimulationConfig, noise_summary, run_simulation
 
     start = time.perf_counter()
     result = run_simulation(SimulationConfig.from_dict(run["doc"]))

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, strategies as st
 from hypothesis.extra import numpy as hnp
 
-from coordinator import aggregation as A
+from fedprune.coordinator.core import aggregation as A
 
 
 def test_weighted_mean_dense_is_plain_weighted_average():

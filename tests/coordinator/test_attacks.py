@@ -1,4 +1,4 @@
-"""The simulator's Byzantine clients: each attack sends what coordinator/attacks.py promises."""
+"""The simulator's Byzantine clients: each attack sends what coordinator/lab/attacks.py promises."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from coordinator import attacks
-from coordinator.simulate import SimulationConfig, run_simulation
-from coordinator.strategy import StrategyConfig
-from edge_agent.configkit import ConfigError
+from fedprune.coordinator.lab import attacks
+from fedprune.coordinator.lab.simulate import SimulationConfig, run_simulation
+from fedprune.coordinator.core.strategy import StrategyConfig
+from fedprune.common.configkit import ConfigError
 
 
 @pytest.fixture

@@ -12,9 +12,9 @@ from typing import Iterator
 
 import pytest
 
-from coordinator import enrollment
-from coordinator.broker import EmbeddedBroker
-from edge_agent.configkit import ConfigError
+from fedprune.coordinator.fleet import enrollment
+from fedprune.coordinator.fleet.broker import EmbeddedBroker
+from fedprune.common.configkit import ConfigError
 
 BIN = Path(sys.executable).parent
 CNN1D_13 = ("[federation] model 'cnn1d' with input_shape [13]: cnn1d needs input_shape (C, L), got (13,): "

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, strategies as st
 from hypothesis.extra import numpy as hnp
 
-from coordinator import contribution as C
+from fedprune.coordinator.core import contribution as C
 
 
 def _loo_bruteforce(x: np.ndarray, sigma: np.ndarray) -> np.ndarray:
@@ -118,7 +118,7 @@ def test_relative_loss_quality_flags_outliers_only():
 def test_loss_ratio_of_absurd_self_reports_is_finite_and_large_without_overflow():
     import warnings
 
-    from coordinator.contribution import RATIO_CAP, loss_ratio
+    from fedprune.coordinator.core.contribution import RATIO_CAP, loss_ratio
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import coordinator.state as state_module
-from coordinator import enrollment
-from coordinator.config import load_config
-from coordinator.daemon import COMMIT_RETRY_S, CoordinatorDaemon
-from coordinator.rounds import CloseRound
-from protocol.messages import Update
-from protocol.sparse import SparseParams
+import fedprune.coordinator.state as state_module
+from fedprune.coordinator.fleet import enrollment
+from fedprune.coordinator.config import load_config
+from fedprune.coordinator.daemon import COMMIT_RETRY_S, CoordinatorDaemon
+from fedprune.coordinator.core.rounds import CloseRound
+from fedprune.protocol.messages import Update
+from fedprune.protocol.sparse import SparseParams
 
 
 class Clock:

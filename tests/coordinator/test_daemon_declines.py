@@ -4,8 +4,8 @@ selection until it registers again, and shows the reason in ``status`` and ``/me
 
 from __future__ import annotations
 
-from coordinator.enrollment import status_report
-from protocol.messages import Register, State, Status
+from fedprune.coordinator.fleet.enrollment import status_report
+from fedprune.protocol.messages import Register, State, Status
 from tests.fuzz.daemon_target import DEADLINE_S, DaemonWorld
 
 MISMATCH = "data_mismatch: 13 features, model expects 64"

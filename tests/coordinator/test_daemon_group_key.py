@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import pytest
 
-from protocol.channel import AgentChannel
-from protocol.crypto import Identity
-from protocol.errors import UnknownKey
-from protocol.messages import KeyGrant, Register, RoundTask
+from fedprune.protocol.channel import AgentChannel
+from fedprune.protocol.crypto import Identity
+from fedprune.protocol.errors import UnknownKey
+from fedprune.protocol.messages import KeyGrant, Register, RoundTask
 from tests.fuzz.daemon_target import ENROLLED, REVOKED, DaemonWorld
 
 

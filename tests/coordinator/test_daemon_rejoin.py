@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from coordinator.daemon import CoordinatorDaemon
-from protocol.messages import Register, RoundTask
+from fedprune.coordinator.daemon import CoordinatorDaemon
+from fedprune.protocol.messages import Register, RoundTask
 from tests.fuzz.daemon_target import DaemonWorld, offline_link
 from tests.fuzz.targets import Program
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from coordinator.strategy import ClientUpdate, Strategy, StrategyConfig
-from protocol.layout import ModelLayout, TensorSpec
+from fedprune.coordinator.core.strategy import ClientUpdate, Strategy, StrategyConfig
+from fedprune.protocol.layout import ModelLayout, TensorSpec
 
 LAYOUT = ModelLayout((TensorSpec("fc.weight", (16, 8), True), TensorSpec("fc.bias", (16,), False)))
 IDS = [f"c{i}" for i in range(10)]

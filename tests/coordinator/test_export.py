@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from coordinator.export import (
+from fedprune.coordinator.export import (
     build_release,
     compact_onnx,
     export_onnx,
@@ -20,11 +20,11 @@ from coordinator.export import (
     read_metadata,
     weights_sha256,
 )
-from coordinator.masks import apply_masks, erk_densities, random_masks
-from edge_agent.data import load_dataset
-from edge_agent.models import ModelSpec, evaluate, init_params, model_layout, module_from_params
-from edge_agent.training import train_local
-from protocol.hyperparams import HyperParams
+from fedprune.coordinator.core.masks import apply_masks, erk_densities, random_masks
+from fedprune.common.data import load_dataset
+from fedprune.common.models import ModelSpec, evaluate, init_params, model_layout, module_from_params
+from fedprune.edge_agent.training import train_local
+from fedprune.protocol.hyperparams import HyperParams
 
 SPECS = {
     "mlp": ModelSpec("mlp", (1, 8, 8), 10, hidden=(64, 32)),

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
-from coordinator import masks as M
-from protocol.layout import ModelLayout, TensorSpec
+from fedprune.coordinator.core import masks as M
+from fedprune.protocol.layout import ModelLayout, TensorSpec
 
 
 def _layout(*shapes: tuple[int, ...]) -> ModelLayout:

@@ -4,7 +4,7 @@ import urllib.request
 
 import pytest
 
-from coordinator.metrics import Metrics, MetricsServer
+from fedprune.coordinator.metrics import Metrics, MetricsServer
 
 
 def registry() -> Metrics:

@@ -14,9 +14,9 @@ import onnx
 import onnxruntime as ort
 import numpy as np
 
-from coordinator.config import load_config
-from coordinator.daemon import CoordinatorDaemon
-from edge_agent.bundle import load_bundle
+from fedprune.coordinator.config import load_config
+from fedprune.coordinator.daemon import CoordinatorDaemon
+from fedprune.common.bundle import load_bundle
 
 BIN = Path(sys.executable).parent
 

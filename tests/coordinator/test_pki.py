@@ -11,8 +11,8 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from coordinator.broker_config import MosquittoSettings, render, render_acl, render_mosquitto_conf
-from coordinator.pki import (
+from fedprune.coordinator.fleet.broker_config import MosquittoSettings, render, render_acl, render_mosquitto_conf
+from fedprune.coordinator.fleet.pki import (
     KeyPair, PkiError, create_ca, issue_client_certificate, issue_server_certificate, load_key_pair, write_password_file,
 )
 

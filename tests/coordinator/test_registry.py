@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from coordinator.registry import Registry
+from fedprune.coordinator.core.registry import Registry
 
 KEY_A, KEY_B = b"\x01" * 32, b"\x02" * 32
 

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from coordinator import enrollment
-from coordinator.cli import main as coordinator_main
-from coordinator.registry import Registry
-from coordinator.registry_store import RegistryStore
-from coordinator.rounds import CloseRound, RoundMachine, RoundPolicy
-from coordinator.state import dumps
+from fedprune.coordinator.fleet import enrollment
+from fedprune.coordinator.cli import main as coordinator_main
+from fedprune.coordinator.core.registry import Registry
+from fedprune.coordinator.fleet.registry_store import RegistryStore
+from fedprune.coordinator.core.rounds import CloseRound, RoundMachine, RoundPolicy
+from fedprune.coordinator.state import dumps
 
 KEY_A, KEY_B, KEY_C = b"\x01" * 32, b"\x02" * 32, b"\x03" * 32
 HASH = "$7$101$c2FsdA==$aGFzaA=="  # the shape of a Mosquitto PBKDF2 line; never checked here

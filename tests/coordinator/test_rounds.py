@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from coordinator.rounds import (
+from fedprune.coordinator.core.rounds import (
     REJECT_REASONS, Accepted, CloseRound, Rejected, RetryRound, RoundMachine, RoundPolicy,
 )
 

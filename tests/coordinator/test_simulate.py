@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from coordinator.simulate import SimulationConfig, main, noise_summary, run_simulation
-from coordinator.strategy import StrategyConfig
-from edge_agent.configkit import ConfigError
+from fedprune.coordinator.lab.simulate import SimulationConfig, main, noise_summary, run_simulation
+from fedprune.coordinator.core.strategy import StrategyConfig
+from fedprune.common.configkit import ConfigError
 
 SMALL = """
 [simulation]

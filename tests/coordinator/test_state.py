@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from coordinator.registry_store import RegistryStore
-from coordinator.state import StateDir, StateError, dumps, loads
+from fedprune.coordinator.fleet.registry_store import RegistryStore
+from fedprune.coordinator.state import StateDir, StateError, dumps, loads
 
 
 def document(round_number: int) -> dict:

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from coordinator.strategy import ClientUpdate, Strategy, StrategyConfig
-from protocol.hyperparams import HyperParams
-from protocol.layout import ModelLayout, TensorSpec
+from fedprune.coordinator.core.strategy import ClientUpdate, Strategy, StrategyConfig
+from fedprune.protocol.hyperparams import HyperParams
+from fedprune.protocol.layout import ModelLayout, TensorSpec
 
 LAYOUT = ModelLayout((
     TensorSpec("fc.weight", (32, 16), True),

@@ -5,11 +5,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from edge_agent.agent import AgentCore, Decline, Ignore, Phase, ReportStatus, Resend, Train, Upload
-from protocol.hyperparams import HyperParams
-from protocol.layout import ModelLayout, TensorSpec
-from protocol.messages import ModelRef, RoundTask
-from protocol.sparse import SparseParams
+from fedprune.edge_agent.core.agent import AgentCore, Decline, Ignore, Phase, ReportStatus, Resend, Train, Upload
+from fedprune.protocol.hyperparams import HyperParams
+from fedprune.protocol.layout import ModelLayout, TensorSpec
+from fedprune.protocol.messages import ModelRef, RoundTask
+from fedprune.protocol.sparse import SparseParams
 
 LAYOUT = ModelLayout((TensorSpec("fc.weight", (2, 3), True), TensorSpec("fc.bias", (2,), False)))
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.audit import AuditLog
-from edge_agent.fsutil import atomic_write, private_file_is_exposed
+from fedprune.edge_agent.audit import AuditLog
+from fedprune.common.fsutil import atomic_write, private_file_is_exposed
 
 
 def test_atomic_write_replaces_whole_file_with_private_mode(tmp_path: Path) -> None:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.bundle import Bundle, EnrollmentError, load_bundle, save_bundle
-from protocol.crypto import Identity
+from fedprune.common.bundle import Bundle, EnrollmentError, load_bundle, save_bundle
+from fedprune.protocol.crypto import Identity
 
 
 def bundle() -> Bundle:

@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from coordinator import enrollment
-from coordinator.config import load_config
-from coordinator.export import build_release, export_onnx
-from edge_agent.models import ModelSpec, init_params
-from edge_agent.release_store import ReleaseStore
+from fedprune.coordinator.fleet import enrollment
+from fedprune.coordinator.config import load_config
+from fedprune.coordinator.export import build_release, export_onnx
+from fedprune.common.models import ModelSpec, init_params
+from fedprune.edge_agent.release_store import ReleaseStore
 
 BIN = Path(sys.executable).parent
 SPEC = ModelSpec("mlp", (1, 8, 8), 10, hidden=(16,))
@@ -135,7 +135,7 @@ class _SilentLink:
     connected = True
 
     def stats(self):
-        from edge_agent.mqtt import LinkStats
+        from fedprune.common.mqtt import LinkStats
 
         return LinkStats(connects=1)
 
@@ -143,8 +143,8 @@ class _SilentLink:
 def test_an_agent_that_never_hears_a_task_says_what_to_check_less_and_less_often(tmp_path: Path, caplog) -> None:
     """Over a broker that accepts any login, a bundle of another federation hears nothing at all:
     not final (the coordinator may be down), but said, with the bundle to check."""
-    from edge_agent.config import load_config as load_agent_config
-    from edge_agent.daemon import SILENCE_WARNING_S, AgentDaemon
+    from fedprune.edge_agent.config import load_config as load_agent_config
+    from fedprune.edge_agent.daemon import SILENCE_WARNING_S, AgentDaemon
 
     now = [1000.0]
     daemon = AgentDaemon(load_agent_config(write_agent(tmp_path), env={}), clock=lambda: now[0])

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.configkit import ConfigError, in_range, load, one_of, render_example, setting
+from fedprune.common.configkit import ConfigError, in_range, load, one_of, render_example, setting
 
 
 @dataclass(frozen=True)

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from coordinator.simulate import SimulationConfig, run_simulation
-from coordinator.strategy import StrategyConfig
-from edge_agent.models import ModelSpec
-from edge_agent.training import train_local
-from edge_agent.worker import TrainJob, train_in_child
-from protocol.hyperparams import HyperParams
-from protocol.messages import ModelRef
+from fedprune.coordinator.lab.simulate import SimulationConfig, run_simulation
+from fedprune.coordinator.core.strategy import StrategyConfig
+from fedprune.common.models import ModelSpec
+from fedprune.edge_agent.training import train_local
+from fedprune.edge_agent.worker import TrainJob, train_in_child
+from fedprune.protocol.hyperparams import HyperParams
+from fedprune.protocol.messages import ModelRef
 from tests.edge_agent.test_training import MLP, sparse_state
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

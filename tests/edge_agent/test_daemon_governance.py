@@ -13,14 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_agent.audit import AuditLog
-from edge_agent.cli import main as agent_main
-from edge_agent.config import load_config
-from edge_agent.configkit import ConfigError
-from edge_agent.guard import GovernanceConfig
-from edge_agent.ledger import LedgerError, PrivacyLedger, ledger_path
-from edge_agent.privacy import compute_epsilon, update_norm
-from edge_agent.status import device_status
+from fedprune.edge_agent.audit import AuditLog
+from fedprune.edge_agent.cli import main as agent_main
+from fedprune.edge_agent.config import load_config
+from fedprune.common.configkit import ConfigError
+from fedprune.edge_agent.core.guard import GovernanceConfig
+from fedprune.edge_agent.ledger import LedgerError, PrivacyLedger, ledger_path
+from fedprune.edge_agent.core.privacy import compute_epsilon, update_norm
+from fedprune.edge_agent.status import device_status
 
 FED = "fed1"
 
@@ -164,8 +164,8 @@ def test_status_shows_release_budget_and_recent_rounds(tmp_path: Path, capsys) -
 
 @pytest.mark.slow
 def test_hot_and_out_of_budget_devices_decline_and_the_coordinator_counts_why(tmp_path: Path) -> None:
-    from coordinator.broker import free_port
-    from coordinator.localfed import BrokerAccess, LocalFederation
+    from fedprune.coordinator.fleet.broker import free_port
+    from fedprune.coordinator.lab.localfed import BrokerAccess, LocalFederation
 
     sigma = 1.0
     one_round = (compute_epsilon(sigma, 1, 1e-5) + compute_epsilon(sigma, 2, 1e-5)) / 2

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from edge_agent.data import (
+from fedprune.common.data import (
     DataSummary,
     LocalDataError,
     add_label_noise,

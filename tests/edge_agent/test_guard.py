@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from edge_agent.guard import (
+from fedprune.edge_agent.core.guard import (
     BATTERY_LOW,
     DECLINE_REASONS,
     MEMORY_LOW,

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from coordinator.export import compact_onnx, export_onnx
-from edge_agent.inference import InferenceHTTP, ModelServer, NoModel, Predictor, Served, providers_for
-from edge_agent.models import ModelSpec, init_params, module_from_params
+from fedprune.coordinator.export import compact_onnx, export_onnx
+from fedprune.edge_agent.inference import InferenceHTTP, ModelServer, NoModel, Predictor, Served, providers_for
+from fedprune.common.models import ModelSpec, init_params, module_from_params
 
 SPEC = ModelSpec("mlp", (1, 8, 8), 10, hidden=(32,))
 META = {"federation": "fed-1", "round": 1, "mask_version": 0}

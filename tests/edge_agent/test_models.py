@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from edge_agent.models import (
+from fedprune.common.models import (
     ModelSpec,
     as_model_input,
     build_model,

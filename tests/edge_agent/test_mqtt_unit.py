@@ -9,10 +9,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from edge_agent.mqtt import (
+from fedprune.common.mqtt import (
     BrokerAddress, LastWill, LinkConfig, PayloadTooLarge, parse_broker_url,
 )
-from edge_agent.mqtt_config import check_filter
+from fedprune.common.mqtt_config import check_filter
 
 BASE = LinkConfig(url="mqtts://broker.example:8883", client_id="dev-0", username="dev-0", password="s3cret")
 

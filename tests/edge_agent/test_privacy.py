@@ -1,4 +1,4 @@
-"""edge_agent.privacy: clipping over held positions, noise only where the device holds weights,
+"""fedprune.edge_agent.core.privacy: clipping over held positions, noise only where the device holds weights,
 the RDP accountant against independent numeric integration, and the budget ledger."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from edge_agent.privacy import (
+from fedprune.edge_agent.core.privacy import (
     DEFAULT_ORDERS,
     PrivacyBudget,
     RoundCost,

@@ -7,14 +7,14 @@ import json
 import numpy as np
 import pytest
 
-from coordinator.export import build_release, export_onnx
-from edge_agent.inference import ModelServer, Predictor, Served
-from edge_agent.models import ModelSpec, init_params, model_layout
-from edge_agent.release_store import POINTER, ReleaseRejected, ReleaseStore, ReleaseStoreError
-from protocol.channel import AgentChannel, CoordinatorChannel
-from protocol.crypto import Identity
-from protocol.errors import BadSignature, ProtocolError
-from protocol.messages import ModelRelease
+from fedprune.coordinator.export import build_release, export_onnx
+from fedprune.edge_agent.inference import ModelServer, Predictor, Served
+from fedprune.common.models import ModelSpec, init_params, model_layout
+from fedprune.edge_agent.release_store import POINTER, ReleaseRejected, ReleaseStore, ReleaseStoreError
+from fedprune.protocol.channel import AgentChannel, CoordinatorChannel
+from fedprune.protocol.crypto import Identity
+from fedprune.protocol.errors import BadSignature, ProtocolError
+from fedprune.protocol.messages import ModelRelease
 from tests.protocol.factories import GROUP
 
 SPEC = ModelSpec("mlp", (1, 8, 8), 10, hidden=(16,))
@@ -152,7 +152,7 @@ def test_signed_release_path_rejects_tampering_other_keys_and_replays(tmp_path, 
 
 
 def test_the_model_check_can_run_in_a_child_so_onnxruntime_never_stays_loaded(tmp_path, onnx_models):
-    from edge_agent.worker import model_problem_in_child
+    from fedprune.edge_agent.worker import model_problem_in_child
 
     store = ReleaseStore(tmp_path, check_model=model_problem_in_child)
     assert store.accept(release(onnx_models, 1)).exists()

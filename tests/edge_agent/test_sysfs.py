@@ -1,4 +1,4 @@
-"""edge_agent.sysfs on fake sysfs/procfs trees shaped like a Raspberry Pi, a Jetson and a laptop."""
+"""fedprune.edge_agent.sysfs on fake sysfs/procfs trees shaped like a Raspberry Pi, a Jetson and a laptop."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.guard import GovernanceConfig, Governor
-from edge_agent.sysfs import read_available_memory_mb, read_power, read_readings, read_temperature_c
+from fedprune.edge_agent.core.guard import GovernanceConfig, Governor
+from fedprune.edge_agent.sysfs import read_available_memory_mb, read_power, read_readings, read_temperature_c
 
 MEMINFO = "MemTotal:        3884360 kB\nMemFree:          211140 kB\nMemAvailable:    1048576 kB\nBuffers: 1 kB\n"
 

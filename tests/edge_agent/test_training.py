@@ -11,10 +11,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from edge_agent.data import load_dataset
-from edge_agent.models import ModelSpec, evaluate, init_params, model_layout, module_from_params
-from edge_agent.training import MaskedSGD, first_smallest, readjust_layer, readjust_masks, resolve_device, train_local
-from protocol.hyperparams import HyperParams
+from fedprune.common.data import load_dataset
+from fedprune.common.models import ModelSpec, evaluate, init_params, model_layout, module_from_params
+from fedprune.edge_agent.training import MaskedSGD, first_smallest, readjust_layer, readjust_masks, resolve_device, train_local
+from fedprune.protocol.hyperparams import HyperParams
 
 MLP = ModelSpec("mlp", (1, 8, 8), 10, hidden=(32, 16))
 
@@ -321,7 +321,7 @@ def test_class_losses_leave_out_classes_whose_loss_overflowed():
     """A diverged global model must not make an honest device send NaN (the protocol refuses it)."""
     from torch import nn
 
-    from edge_agent.training import class_losses
+    from fedprune.edge_agent.training import class_losses
 
     model = nn.Linear(4, 3)
     with torch.no_grad():

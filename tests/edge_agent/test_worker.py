@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.worker import TrainJob, WorkerError, train_in_child
-from protocol.hyperparams import HyperParams
-from protocol.messages import ModelRef
+from fedprune.edge_agent.worker import TrainJob, WorkerError, train_in_child
+from fedprune.protocol.hyperparams import HyperParams
+from fedprune.protocol.messages import ModelRef
 
 
 def test_a_failing_training_child_reports_its_exception_in_one_line(tmp_path: Path) -> None:
@@ -18,4 +18,4 @@ def test_a_failing_training_child_reports_its_exception_in_one_line(tmp_path: Pa
         train_in_child(job)
     message = str(info.value)
     assert "\n" not in message and "Traceback" not in message
-    assert message == f"edge_agent.data.LocalDataError: {tmp_path / 'missing'}: no such file or directory"
+    assert message == f"fedprune.common.data.LocalDataError: {tmp_path / 'missing'}: no such file or directory"

@@ -38,19 +38,19 @@ from typing import Any
 
 import numpy as np
 
-from coordinator import enrollment
-from coordinator.config import load_config
-from coordinator.daemon import CoordinatorDaemon
-from coordinator.rounds import REJECT_REASONS
-from edge_agent.mqtt import LinkConfig, MqttLink
-from protocol.channel import AgentChannel, Publication
-from protocol.chunks import parse_chunk
-from protocol.crypto import Identity
-from protocol import errors
-from protocol.errors import ProtocolError
-from protocol.messages import Register, State, Status, Update
-from protocol.sparse import SparseParams, ValueDtype
-from protocol.topics import TopicKind
+from fedprune.coordinator.fleet import enrollment
+from fedprune.coordinator.config import load_config
+from fedprune.coordinator.daemon import CoordinatorDaemon
+from fedprune.coordinator.core.rounds import REJECT_REASONS
+from fedprune.common.mqtt import LinkConfig, MqttLink
+from fedprune.protocol.channel import AgentChannel, Publication
+from fedprune.protocol.chunks import parse_chunk
+from fedprune.protocol.crypto import Identity
+from fedprune.protocol import errors
+from fedprune.protocol.errors import ProtocolError
+from fedprune.protocol.messages import Register, State, Status, Update
+from fedprune.protocol.sparse import SparseParams, ValueDtype
+from fedprune.protocol.topics import TopicKind
 from tests.fuzz.targets import Program, Target
 
 FEDERATION = "fuzz"

@@ -23,7 +23,7 @@ import tracemalloc
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from protocol.errors import ProtocolError
+from fedprune.protocol.errors import ProtocolError
 
 CORPUS = Path(__file__).parent / "corpus"
 # msgpack's awkward bytes: reserved 0xc1, huge str/bin/array/map/ext length prefixes, deep nesting, NaN.

@@ -22,14 +22,14 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from protocol import codec
-from protocol.chunks import HEADER_SIZE, Reassembler, parse_chunk, split
-from protocol.envelope import Header, Suite, open_envelope, parse_header, verify_envelope
-from protocol.errors import ProtocolError, Replayed, Stale
-from protocol.messages import Kind
-from protocol.replay import ReplayGuard
-from protocol.sparse import SparseParams, ValueDtype, decode_masks, decode_values, encode_masks, encode_values
-from protocol.wire import Limits
+from fedprune.protocol import codec
+from fedprune.protocol.chunks import HEADER_SIZE, Reassembler, parse_chunk, split
+from fedprune.protocol.envelope import Header, Suite, open_envelope, parse_header, verify_envelope
+from fedprune.protocol.errors import ProtocolError, Replayed, Stale
+from fedprune.protocol.messages import Kind
+from fedprune.protocol.replay import ReplayGuard
+from fedprune.protocol.sparse import SparseParams, ValueDtype, decode_masks, decode_values, encode_masks, encode_values
+from fedprune.protocol.wire import Limits
 from tests.protocol.factories import (
     COORD, DEVICES, FED, LAYOUT, T0, TRAINABLE, agent_channel, coordinator_channel, masks, params, register, reject,
     release, status, task_world, update,

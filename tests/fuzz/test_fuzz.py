@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from protocol.errors import ProtocolError
+from fedprune.protocol.errors import ProtocolError
 from tests.fuzz.engine import corpus_inputs, drive
 from tests.fuzz.targets import all_targets
 

@@ -8,7 +8,7 @@ from typing import Iterator
 
 import pytest
 
-from coordinator.broker import EmbeddedBroker
+from fedprune.coordinator.fleet.broker import EmbeddedBroker
 from tests.integration.mosquitto import MosquittoBroker, start_mosquitto
 
 

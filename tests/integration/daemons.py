@@ -10,15 +10,15 @@ from typing import Callable
 
 import numpy as np
 
-from coordinator.config import load_config
-from coordinator.daemon import CoordinatorDaemon
-from coordinator.localfed import BrokerAccess, LocalFederation
-from edge_agent.bundle import load_bundle
-from edge_agent.daemon import AgentDaemon
-from protocol.channel import AgentChannel, Publication
-from protocol.chunks import DEFAULT_MAX_CHUNK
-from protocol.messages import Update
-from protocol.sparse import SparseParams
+from fedprune.coordinator.config import load_config
+from fedprune.coordinator.daemon import CoordinatorDaemon
+from fedprune.coordinator.lab.localfed import BrokerAccess, LocalFederation
+from fedprune.common.bundle import load_bundle
+from fedprune.edge_agent.daemon import AgentDaemon
+from fedprune.protocol.channel import AgentChannel, Publication
+from fedprune.protocol.chunks import DEFAULT_MAX_CHUNK
+from fedprune.protocol.messages import Update
+from fedprune.protocol.sparse import SparseParams
 from tests.integration.mosquitto import MosquittoBroker, wait_until
 
 
@@ -69,7 +69,7 @@ def zero_update(fed: LocalFederation, coordinator: CoordinatorDaemon, device: st
 
 
 def connected_agent(fed: LocalFederation, device: str, clock: Callable[[], float] = time.time) -> AgentDaemon:
-    from edge_agent.config import load_config as load_agent_config
+    from fedprune.edge_agent.config import load_config as load_agent_config
 
     agent = AgentDaemon(load_agent_config(fed.root / "devices" / device / "agent.toml", env={}), clock=clock)
     agent.link = agent.open_link()

@@ -25,10 +25,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from coordinator.broker_config import MosquittoSettings, render_acl, render_mosquitto_conf
-from coordinator.pki import create_ca, issue_server_certificate, write_password_file
-from edge_agent.fsutil import atomic_write
-from edge_agent.mqtt import LinkConfig
+from fedprune.coordinator.fleet.broker_config import MosquittoSettings, render_acl, render_mosquitto_conf
+from fedprune.coordinator.fleet.pki import create_ca, issue_server_certificate, write_password_file
+from fedprune.common.fsutil import atomic_write
+from fedprune.common.mqtt import LinkConfig
 
 START_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 10.0

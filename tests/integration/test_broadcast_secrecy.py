@@ -21,18 +21,18 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from coordinator import enrollment
-from coordinator.config import load_config
-from coordinator.localfed import LocalFederation
-from edge_agent.bundle import load_bundle
-from edge_agent.worker import layout_for
-from protocol.channel import AgentChannel
-from protocol.chunks import Reassembler
-from protocol.crypto import KEY_ID_LEN, Identity, KeyRing
-from protocol.envelope import Suite, decrypt_broadcast, parse_header
-from protocol.errors import OpenFailed, ProtocolError, Replayed, UnknownKey
-from protocol.messages import Kind, ModelRef
-from protocol.topics import TopicKind, inbox_topic, parse_topic
+from fedprune.coordinator.fleet import enrollment
+from fedprune.coordinator.config import load_config
+from fedprune.coordinator.lab.localfed import LocalFederation
+from fedprune.common.bundle import load_bundle
+from fedprune.edge_agent.worker import layout_for
+from fedprune.protocol.channel import AgentChannel
+from fedprune.protocol.chunks import Reassembler
+from fedprune.protocol.crypto import KEY_ID_LEN, Identity, KeyRing
+from fedprune.protocol.envelope import Suite, decrypt_broadcast, parse_header
+from fedprune.protocol.errors import OpenFailed, ProtocolError, Replayed, UnknownKey
+from fedprune.protocol.messages import Kind, ModelRef
+from fedprune.protocol.topics import TopicKind, inbox_topic, parse_topic
 from tests.integration.mosquitto import wait_until
 from tests.integration.test_provision import FED, provisioned_broker
 

@@ -12,8 +12,8 @@ from typing import Iterator
 
 import pytest
 
-from edge_agent.mqtt import MqttLink, PublishFailed
-from protocol.topics import (
+from fedprune.common.mqtt import MqttLink, PublishFailed
+from fedprune.protocol.topics import (
     PREFIX, agent_filters, coordinator_filters, inbox_topic, register_topic, release_topic, status_topic, task_topic,
     update_topic,
 )

@@ -27,11 +27,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from coordinator.config import load_config
-from coordinator.config import model_spec
-from coordinator.localfed import BrokerAccess, LocalFederation
-from coordinator.state import StateDir
-from edge_agent.models import model_layout
+from fedprune.coordinator.config import load_config
+from fedprune.coordinator.config import model_spec
+from fedprune.coordinator.lab.localfed import BrokerAccess, LocalFederation
+from fedprune.coordinator.state import StateDir
+from fedprune.common.models import model_layout
 from tests.integration.mosquitto import MosquittoBroker, start_mosquitto
 
 pytestmark = pytest.mark.slow

@@ -17,8 +17,8 @@ from typing import Iterator
 
 import pytest
 
-from coordinator.localfed import BrokerAccess, LocalFederation
-from coordinator.state import StateDir
+from fedprune.coordinator.lab.localfed import BrokerAccess, LocalFederation
+from fedprune.coordinator.state import StateDir
 from tests.integration.mosquitto import start_mosquitto, wait_until
 
 DEVICES = 3

@@ -11,8 +11,8 @@ from typing import Iterator
 
 import pytest
 
-from coordinator.broker import free_port
-from coordinator.localfed import BrokerAccess, LocalFederation
+from fedprune.coordinator.fleet.broker import free_port
+from fedprune.coordinator.lab.localfed import BrokerAccess, LocalFederation
 from tests.integration.mosquitto import MosquittoBroker, start_mosquitto
 
 pytestmark = pytest.mark.slow
@@ -169,12 +169,12 @@ def test_forged_and_replayed_updates_are_rejected_and_counted(broker: MosquittoB
     both are rejected with a reason, counted in /metrics, and the federation carries on."""
     import numpy as np
 
-    from edge_agent.mqtt import MqttLink
-    from protocol.channel import AgentChannel
-    from protocol.crypto import Identity
-    from protocol.messages import Update
-    from protocol.sparse import SparseParams
-    from protocol.topics import update_topic
+    from fedprune.common.mqtt import MqttLink
+    from fedprune.protocol.channel import AgentChannel
+    from fedprune.protocol.crypto import Identity
+    from fedprune.protocol.messages import Update
+    from fedprune.protocol.sparse import SparseParams
+    from fedprune.protocol.topics import update_topic
 
     fed = federation_on(broker, tmp_path, rounds=10_000)
     forger_id, replay_id = broker.devices[1], broker.devices[2]
@@ -226,14 +226,14 @@ def test_forged_and_replayed_updates_are_rejected_and_counted(broker: MosquittoB
 
 
 def _coordinator_public(fed: LocalFederation):
-    from edge_agent.bundle import load_bundle
+    from fedprune.common.bundle import load_bundle
 
     return load_bundle(fed.root / "devices" / fed.devices[0] / "bundle.json").coordinator
 
 
 def _federation_layout(fed: LocalFederation):
-    from coordinator.config import load_config
-    from coordinator.config import model_spec
-    from edge_agent.models import model_layout
+    from fedprune.coordinator.config import load_config
+    from fedprune.coordinator.config import model_spec
+    from fedprune.common.models import model_layout
 
     return model_layout(model_spec(load_config(fed.config_path, env={})))

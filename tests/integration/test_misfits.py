@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from coordinator.broker import free_port
-from coordinator.localfed import BIN, BrokerAccess, LocalFederation
+from fedprune.coordinator.fleet.broker import free_port
+from fedprune.coordinator.lab.localfed import BIN, BrokerAccess, LocalFederation
 from tests.edge_agent.test_clear_errors import agent, assert_user_error, write_agent
 
 pytestmark = pytest.mark.slow

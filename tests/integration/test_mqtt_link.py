@@ -16,13 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.broker import EmbeddedBroker
-from edge_agent.mqtt import (
+from fedprune.coordinator.fleet.broker import EmbeddedBroker
+from fedprune.common.mqtt import (
     MAX_MESSAGE_BYTES, BrokerRefused, ConnectTimeout, LastWill, LinkConfig, MqttError, MqttLink, PayloadTooLarge,
     PublishFailed,
 )
-from protocol.topics import PREFIX, status_topic, task_topic, update_topic
-from coordinator.pki import create_ca
+from fedprune.protocol.topics import PREFIX, status_topic, task_topic, update_topic
+from fedprune.coordinator.fleet.pki import create_ca
 from tests.integration.mosquitto import MosquittoBroker, wait_until
 
 pytestmark = pytest.mark.slow
@@ -174,7 +174,7 @@ def test_oversized_publish_is_refused_locally_and_the_link_stays_up(mosquitto: M
 AGENT_THAT_WAITS_TO_BE_KILLED = """
 import json, sys
 from pathlib import Path
-from edge_agent.mqtt import LastWill, LinkConfig, MqttLink
+from fedprune.common.mqtt import LastWill, LinkConfig, MqttLink
 spec = json.loads(sys.argv[1])
 will = LastWill(spec["will_topic"], b"offline", qos=1)
 config = LinkConfig(spec["url"], spec["user"], spec["user"], spec["password"], Path(spec["ca"]), protocol="5", will=will)

@@ -21,17 +21,17 @@ import msgpack
 import numpy as np
 import pytest
 
-from coordinator.localfed import LocalFederation
-from edge_agent.audit import AuditLog
-from edge_agent.bundle import load_bundle
-from edge_agent.worker import layout_for
-from protocol.channel import AgentChannel, CoordinatorChannel
-from protocol.chunks import Reassembler
-from protocol.crypto import Identity
-from protocol.envelope import parse_header
-from protocol.errors import OpenFailed, ProtocolError
-from protocol.messages import KeyGrant, ModelRef, RoundTask, Update
-from protocol.topics import TopicKind, inbox_topic, parse_topic
+from fedprune.coordinator.lab.localfed import LocalFederation
+from fedprune.edge_agent.audit import AuditLog
+from fedprune.common.bundle import load_bundle
+from fedprune.edge_agent.worker import layout_for
+from fedprune.protocol.channel import AgentChannel, CoordinatorChannel
+from fedprune.protocol.chunks import Reassembler
+from fedprune.protocol.crypto import Identity
+from fedprune.protocol.envelope import parse_header
+from fedprune.protocol.errors import OpenFailed, ProtocolError
+from fedprune.protocol.messages import KeyGrant, ModelRef, RoundTask, Update
+from fedprune.protocol.topics import TopicKind, inbox_topic, parse_topic
 from tests.integration.mosquitto import wait_until
 from tests.integration.test_provision import FED, provisioned_broker
 

@@ -22,17 +22,17 @@ from typing import Iterator, Sequence
 
 import pytest
 
-from coordinator import enrollment
-from coordinator.broker import free_port
-from coordinator.cli import main as coordinator_main
-from coordinator.config import CoordinatorConfig, load_config
-from coordinator.localfed import BrokerAccess, LocalFederation
-from coordinator.provision import ProvisionReport, provision
-from coordinator.registry_store import RegistryStore
-from edge_agent.bundle import load_bundle
-from edge_agent.configkit import ConfigError
-from edge_agent.mqtt import LinkConfig, MqttLink, PublishFailed
-from protocol.topics import update_topic
+from fedprune.coordinator.fleet import enrollment
+from fedprune.coordinator.fleet.broker import free_port
+from fedprune.coordinator.cli import main as coordinator_main
+from fedprune.coordinator.config import CoordinatorConfig, load_config
+from fedprune.coordinator.lab.localfed import BrokerAccess, LocalFederation
+from fedprune.coordinator.fleet.provision import ProvisionReport, provision
+from fedprune.coordinator.fleet.registry_store import RegistryStore
+from fedprune.common.bundle import load_bundle
+from fedprune.common.configkit import ConfigError
+from fedprune.common.mqtt import LinkConfig, MqttLink, PublishFailed
+from fedprune.protocol.topics import update_topic
 from tests.integration.mosquitto import wait_until
 
 FED = "fed1"
@@ -102,7 +102,7 @@ def provisioned_broker(federation: str, devices: Sequence[str],
             with open(report.out / "acl", "a") as acl:
                 acl.write(extra_acl)
         if extra_users:
-            from coordinator.pki import write_password_file
+            from fedprune.coordinator.fleet.pki import write_password_file
 
             write_password_file(report.out / "passwd", extra_users, add=True)
         if os.geteuid() == 0:

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.mqtt import MqttLink
-from protocol.channel import sender_share
-from protocol.chunks import DEFAULT_MAX_CHUNK, HEADER_SIZE, split
-from protocol.topics import update_topic
+from fedprune.common.mqtt import MqttLink
+from fedprune.protocol.channel import sender_share
+from fedprune.protocol.chunks import DEFAULT_MAX_CHUNK, HEADER_SIZE, split
+from fedprune.protocol.topics import update_topic
 from tests.integration.daemons import connected_coordinator, federation, zero_update
 from tests.integration.mosquitto import MosquittoBroker, wait_until
 

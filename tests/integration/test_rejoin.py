@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.config import load_config as load_agent_config
-from edge_agent.daemon import AgentDaemon
-from protocol.sparse import MaskStore
+from fedprune.edge_agent.config import load_config as load_agent_config
+from fedprune.edge_agent.daemon import AgentDaemon
+from fedprune.protocol.sparse import MaskStore
 from tests.integration.daemons import connected_coordinator, federation, step, zero_update
 from tests.integration.mosquitto import MosquittoBroker, wait_until
 

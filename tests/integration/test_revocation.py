@@ -24,18 +24,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from coordinator import enrollment
-from coordinator.config import CoordinatorConfig
-from coordinator.config import model_spec
-from coordinator.localfed import BrokerAccess, LocalFederation
-from coordinator.strategy import Strategy
-from edge_agent.bundle import load_bundle
-from edge_agent.models import init_params, model_layout
-from edge_agent.mqtt import BrokerRefused, MqttLink
-from protocol.channel import AgentChannel
-from protocol.messages import Register, Update
-from protocol.sparse import SparseParams
-from protocol.topics import task_topic
+from fedprune.coordinator.fleet import enrollment
+from fedprune.coordinator.config import CoordinatorConfig
+from fedprune.coordinator.config import model_spec
+from fedprune.coordinator.lab.localfed import BrokerAccess, LocalFederation
+from fedprune.coordinator.core.strategy import Strategy
+from fedprune.common.bundle import load_bundle
+from fedprune.common.models import init_params, model_layout
+from fedprune.common.mqtt import BrokerRefused, MqttLink
+from fedprune.protocol.channel import AgentChannel
+from fedprune.protocol.messages import Register, Update
+from fedprune.protocol.sparse import SparseParams
+from fedprune.protocol.topics import task_topic
 from tests.integration.mosquitto import MosquittoBroker, wait_until
 from tests.integration.test_provision import FED, NOT_AUTHORIZED, WAIT_S, needs_passwd, provisioned_broker
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from coordinator import enrollment
-from coordinator.config import load_config
+from fedprune.coordinator.fleet import enrollment
+from fedprune.coordinator.config import load_config
 from tests.integration.daemons import connected_agent, connected_coordinator, federation
 from tests.integration.mosquitto import MosquittoBroker, wait_until
 

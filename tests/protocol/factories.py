@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from protocol.channel import AgentChannel, CoordinatorChannel
-from protocol.crypto import GroupKey, Identity
-from protocol.hyperparams import HyperParams
-from protocol.layout import ModelLayout, TensorSpec
-from protocol.messages import ModelRef, ModelRelease, Register, Reject, RoundTask, State, Status, Update
-from protocol.sparse import Masks, MaskStore, Params, SparseParams
+from fedprune.protocol.channel import AgentChannel, CoordinatorChannel
+from fedprune.protocol.crypto import GroupKey, Identity
+from fedprune.protocol.hyperparams import HyperParams
+from fedprune.protocol.layout import ModelLayout, TensorSpec
+from fedprune.protocol.messages import ModelRef, ModelRelease, Register, Reject, RoundTask, State, Status, Update
+from fedprune.protocol.sparse import Masks, MaskStore, Params, SparseParams
 
 FED = "fed-1"
 T0 = 1_800_000_000.0

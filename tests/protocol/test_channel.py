@@ -1,15 +1,15 @@
 import numpy as np
 import pytest
 
-from protocol import topics
-from protocol.channel import AgentChannel, CoordinatorChannel, Publication
-from protocol.chunks import split
-from protocol.crypto import Aead
-from protocol.envelope import parse_header
-from protocol.errors import BadSignature, DecodeError, OpenFailed, ProtocolError, Replayed, Stale, UnknownMask, UnknownSender
-from protocol.messages import ModelRelease, State
-from protocol.sparse import ValueDtype
-from protocol.topics import update_topic
+from fedprune.protocol import topics
+from fedprune.protocol.channel import AgentChannel, CoordinatorChannel, Publication
+from fedprune.protocol.chunks import split
+from fedprune.protocol.crypto import Aead
+from fedprune.protocol.envelope import parse_header
+from fedprune.protocol.errors import BadSignature, DecodeError, OpenFailed, ProtocolError, Replayed, Stale, UnknownMask, UnknownSender
+from fedprune.protocol.messages import ModelRelease, State
+from fedprune.protocol.sparse import ValueDtype
+from fedprune.protocol.topics import update_topic
 from tests.protocol.factories import (
     COORD, DEVICES, FED, GROUP, LAYOUT, T0, agent_channel, assert_sparse_equal, coordinator_channel, deliver,
     identity, register, reject, release, status, task, update,

@@ -3,8 +3,8 @@ import hashlib
 import pytest
 from hypothesis import given, strategies as st
 
-from protocol.chunks import HEADER_SIZE, MIN_CHUNK, Reassembler, parse_chunk, split
-from protocol.errors import DecodeError, TooLarge, UnsupportedVersion
+from fedprune.protocol.chunks import HEADER_SIZE, MIN_CHUNK, Reassembler, parse_chunk, split
+from fedprune.protocol.errors import DecodeError, TooLarge, UnsupportedVersion
 
 
 @given(

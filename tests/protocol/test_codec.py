@@ -2,12 +2,12 @@ import msgpack
 import numpy as np
 import pytest
 
-from protocol import codec
-from protocol.envelope import MINOR, Header, Suite, parse_header
-from protocol.errors import DecodeError, TooLarge, UnknownMask, UnsupportedVersion
-from protocol.messages import Kind, ModelRelease, Register, Reject, RoundTask, State, Status, Update
-from protocol.sparse import MaskStore, ValueDtype
-from protocol.wire import Limits, TailWriter, frame
+from fedprune.protocol import codec
+from fedprune.protocol.envelope import MINOR, Header, Suite, parse_header
+from fedprune.protocol.errors import DecodeError, TooLarge, UnknownMask, UnsupportedVersion
+from fedprune.protocol.messages import Kind, ModelRelease, Register, Reject, RoundTask, State, Status, Update
+from fedprune.protocol.sparse import MaskStore, ValueDtype
+from fedprune.protocol.wire import Limits, TailWriter, frame
 from tests.protocol.factories import FED, LAYOUT, MODEL, T0, assert_sparse_equal, register, release, reject, status, task, update
 
 

@@ -1,9 +1,9 @@
 import pytest
 
-from protocol.crypto import Aead, Identity, PublicIdentity, key_mode_too_permissive, open_sealed, seal, verify
-from protocol.envelope import Header, Suite, open_envelope, parse_header, seal_envelope, sign_envelope, verify_envelope
-from protocol.errors import BadSignature, DecodeError, OpenFailed, ProtocolError
-from protocol.messages import Kind
+from fedprune.protocol.crypto import Aead, Identity, PublicIdentity, key_mode_too_permissive, open_sealed, seal, verify
+from fedprune.protocol.envelope import Header, Suite, open_envelope, parse_header, seal_envelope, sign_envelope, verify_envelope
+from fedprune.protocol.errors import BadSignature, DecodeError, OpenFailed, ProtocolError
+from fedprune.protocol.messages import Kind
 from tests.protocol.factories import COORD, DEVICES, FED, T0
 
 A, B = DEVICES["dev-a"], DEVICES["dev-b"]

@@ -14,13 +14,13 @@ import msgpack
 import numpy as np
 import pytest
 
-from protocol import codec
-from protocol.chunks import Reassembler, parse_chunk, split
-from protocol.envelope import Header, Suite, open_envelope, parse_header, verify_envelope
-from protocol.errors import ProtocolError
-from protocol.messages import Kind
-from protocol.sparse import SparseParams, ValueDtype, decode_masks, decode_values, encode_masks, encode_values
-from protocol.wire import Limits
+from fedprune.protocol import codec
+from fedprune.protocol.chunks import Reassembler, parse_chunk, split
+from fedprune.protocol.envelope import Header, Suite, open_envelope, parse_header, verify_envelope
+from fedprune.protocol.errors import ProtocolError
+from fedprune.protocol.messages import Kind
+from fedprune.protocol.sparse import SparseParams, ValueDtype, decode_masks, decode_values, encode_masks, encode_values
+from fedprune.protocol.wire import Limits
 from tests.fuzz.engine import mutate
 from tests.protocol.factories import (
     COORD, DEVICES, FED, LAYOUT, T0, TRAINABLE, agent_channel, coordinator_channel, masks, params, register,

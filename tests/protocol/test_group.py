@@ -7,14 +7,14 @@ import json
 
 import pytest
 
-from protocol import codec, crypto
-from protocol.chunks import split
-from protocol.crypto import GroupKey
-from protocol.envelope import (
+from fedprune.protocol import codec, crypto
+from fedprune.protocol.chunks import split
+from fedprune.protocol.crypto import GroupKey
+from fedprune.protocol.envelope import (
     COORDINATOR, Header, Suite, decrypt_broadcast, encrypt_broadcast, parse_header, unwrap_group_key, wrap_group_key,
 )
-from protocol.errors import BadSignature, DecodeError, OpenFailed, Replayed, UnknownKey, UnsupportedVersion
-from protocol.messages import KeyGrant, Kind, ModelRelease, RoundTask
+from fedprune.protocol.errors import BadSignature, DecodeError, OpenFailed, Replayed, UnknownKey, UnsupportedVersion
+from fedprune.protocol.messages import KeyGrant, Kind, ModelRelease, RoundTask
 from tests.protocol.factories import (
     COORD, DEVICES, FED, GROUP, LAYOUT, T0, agent_channel, coordinator_channel, deliver, reject, release, task,
 )
@@ -84,7 +84,7 @@ def test_a_broadcast_sent_just_before_a_rotation_still_opens(rng):
 
 
 def test_a_coordinator_without_a_key_broadcasts_nothing(rng):
-    from protocol.channel import CoordinatorChannel
+    from fedprune.protocol.channel import CoordinatorChannel
 
     coord = CoordinatorChannel(federation=FED, identity=COORD, devices=MEMBERS, layout=LAYOUT)
     with pytest.raises(ValueError, match="rekey"):

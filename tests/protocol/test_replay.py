@@ -1,8 +1,8 @@
 import pytest
 from hypothesis import given, strategies as st
 
-from protocol.errors import ProtocolError, Replayed, Stale
-from protocol.replay import ReplayGuard
+from fedprune.protocol.errors import ProtocolError, Replayed, Stale
+from fedprune.protocol.replay import ReplayGuard
 
 NOW = 1_800_000_000.0
 

@@ -3,13 +3,13 @@ import pytest
 from hypothesis import given, strategies as st
 from hypothesis.extra import numpy as hnp
 
-from protocol.errors import DecodeError, UnknownMask
-from protocol.layout import ModelLayout, TensorSpec
-from protocol.sparse import (
+from fedprune.protocol.errors import DecodeError, UnknownMask
+from fedprune.protocol.layout import ModelLayout, TensorSpec
+from fedprune.protocol.sparse import (
     MaskCode, MaskStore, SparseParams, ValueDtype, decode_masks, decode_values, encode_masks, encode_values,
     mask_from_wire, mask_to_wire, masks_from_wire, masks_to_wire, values_from_wire, values_to_wire,
 )
-from protocol.wire import DEFAULT_LIMITS, TailReader, TailWriter, pack, unpack
+from fedprune.protocol.wire import DEFAULT_LIMITS, TailReader, TailWriter, pack, unpack
 
 shapes = hnp.array_shapes(min_dims=1, max_dims=3, min_side=1, max_side=40)
 

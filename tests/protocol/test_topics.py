@@ -1,9 +1,9 @@
 import pytest
 from hypothesis import given, strategies as st
 
-from protocol import topics
-from protocol.errors import DecodeError
-from protocol.topics import Topic, TopicKind
+from fedprune.protocol import topics
+from fedprune.protocol.errors import DecodeError
+from fedprune.protocol.topics import Topic, TopicKind
 
 ids = st.from_regex(r"[A-Za-z0-9._-]{1,64}", fullmatch=True)
 

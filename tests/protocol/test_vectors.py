@@ -19,19 +19,19 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from protocol import codec, crypto
-from protocol.channel import AgentChannel, CoordinatorChannel
-from protocol.chunks import split
-from protocol.crypto import GroupKey, Identity
-from protocol.envelope import (
+from fedprune.protocol import codec, crypto
+from fedprune.protocol.channel import AgentChannel, CoordinatorChannel
+from fedprune.protocol.chunks import split
+from fedprune.protocol.crypto import GroupKey, Identity
+from fedprune.protocol.envelope import (
     COORDINATOR, FLAG_LAST_WILL, Header, Suite, decrypt_broadcast, encrypt_broadcast, open_envelope, parse_header,
     sign_envelope, unwrap_group_key, verify_envelope,
 )
-from protocol.errors import ProtocolError
-from protocol.hyperparams import HyperParams
-from protocol.messages import KeyGrant, Kind
-from protocol.layout import ModelLayout, TensorSpec
-from protocol.sparse import MaskStore, SparseParams, ValueDtype
+from fedprune.protocol.errors import ProtocolError
+from fedprune.protocol.hyperparams import HyperParams
+from fedprune.protocol.messages import KeyGrant, Kind
+from fedprune.protocol.layout import ModelLayout, TensorSpec
+from fedprune.protocol.sparse import MaskStore, SparseParams, ValueDtype
 
 VECTORS = Path(__file__).parent / "vectors"
 VALID = VECTORS / "valid.json"

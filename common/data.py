@@ -380,7 +380,7 @@ class DataSummary:
 def data_mismatch(summary: DataSummary, input_shape: tuple[int, ...], num_classes: int) -> str | None:
     """Why this data cannot train a model with ``input_shape`` and ``num_classes``, in a few
     words (e.g. "13 features, model expects 64"), or None. The shape rule is the trainer's
-    (``edge_agent.models.as_model_input``): samples of exactly ``input_shape``, or flat rows of
+    (``fedprune.common.models.as_model_input``): samples of exactly ``input_shape``, or flat rows of
     its size. Checking it here, without torch, saves a training run that can only fail."""
     problems = []
     shape, expected = summary.sample_shape, tuple(input_shape)

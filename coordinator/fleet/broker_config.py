@@ -1,6 +1,6 @@
 """Render Mosquitto's configuration and topic ACL from the templates shipped in the package.
 
-The templates (``coordinator/templates/*.template``) are package data, so a wheel install
+The templates (``coordinator/fleet/templates/*.template``) are package data, so a wheel install
 renders exactly what the source tree does; they are the one source of truth for the broker's
 configuration and ACL (``fedprune-coordinator provision`` writes the rendered files).
 
@@ -28,9 +28,9 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Mapping
 
-from edge_agent.fsutil import atomic_write
-from edge_agent.mqtt_config import MAX_MESSAGE_BYTES
-from protocol.topics import validate_id
+from fedprune.common.fsutil import atomic_write
+from fedprune.common.mqtt_config import MAX_MESSAGE_BYTES
+from fedprune.protocol.topics import validate_id
 
 CONF_TEMPLATE = "mosquitto.conf.template"
 ACL_TEMPLATE = "acl.template"
@@ -97,7 +97,7 @@ def render(template: str, values: Mapping[str, object]) -> str:
 
 def template_text(name: str) -> str:
     """A packaged template by file name (works from a wheel, a zip or the source tree)."""
-    return files("coordinator").joinpath("templates", name).read_text(encoding="utf-8")
+    return files("fedprune.coordinator.fleet").joinpath("templates", name).read_text(encoding="utf-8")
 
 
 def render_mosquitto_conf(settings: MosquittoSettings) -> str:

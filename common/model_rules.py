@@ -1,6 +1,6 @@
 """The built-in models' names and input-shape rules, without torch.
 
-``edge_agent.models.ModelSpec`` enforces them when it builds a model; the coordinator's config
+``fedprune.common.models.ModelSpec`` enforces them when it builds a model; the coordinator's config
 checks them at load, so ``status``, ``run`` and ``enroll`` refuse a model that cannot be built
 with one message, without importing torch (~200 MB, seconds on a small board).
 """

@@ -22,7 +22,7 @@ from concurrent.futures import Future
 from amqtt.broker import Broker
 from amqtt.errors import BrokerError
 
-from edge_agent.configkit import ConfigError
+from fedprune.common.configkit import ConfigError
 
 log = logging.getLogger("fedprune.broker")
 

@@ -27,9 +27,9 @@ from typing import Any, Iterator
 
 import msgpack
 
-from coordinator.registry import Registry, split_legacy
-from coordinator.state import StateError, dumps, loads
-from edge_agent.fsutil import atomic_write
+from fedprune.coordinator.core.registry import Registry, split_legacy
+from fedprune.coordinator.state import StateError, dumps, loads
+from fedprune.common.fsutil import atomic_write
 
 log = logging.getLogger("fedprune.coordinator")
 

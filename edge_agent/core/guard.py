@@ -1,7 +1,7 @@
 """Device governance: may this device train right now? Pure: readings and the local time are passed in.
 
 Theory of operation. The device owner sets limits once (``GovernanceConfig``); whenever a
-RoundTask arrives the daemon samples the hardware (``edge_agent.sysfs.read_readings``) and asks
+RoundTask arrives the daemon samples the hardware (``fedprune.edge_agent.sysfs.read_readings``) and asks
 ``Governor.decide(readings)``. The answer is a stable reason label, which the agent core turns
 into a ``Decline`` the coordinator can count (``AgentCore.on_task(..., decline_reason=...)``), or
 None to train. Checks run in a fixed order, so one situation always yields the same label:

@@ -5,7 +5,7 @@ fresh public keys to the allow-list and writes the bundle the device loads; ``re
 device off the list (a running daemon follows the file within one tick and rejects its updates
 as ``unknown_sender``) and, when ``[broker] password_file`` is set, off the broker; ``status``
 reads the state without touching the broker. Each changes state through atomic writes only, and
-the allow-list under its lock (``coordinator.registry_store``).
+the allow-list under its lock (``fedprune.coordinator.fleet.registry_store``).
 """
 
 from __future__ import annotations
@@ -17,14 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from coordinator.broker_config import reload_broker, remove_password_user
-from coordinator.config import BrokerSection, CoordinatorConfig, example_config
-from coordinator.registry_store import RegistryStore
-from coordinator.state import IDENTITY_FILE, StateDir, latest_accuracy, load_identity
-from edge_agent.bundle import Bundle, EnrollmentError, save_bundle
-from edge_agent.configkit import ConfigError
-from edge_agent.fsutil import atomic_write
-from protocol.crypto import Identity
+from fedprune.coordinator.fleet.broker_config import reload_broker, remove_password_user
+from fedprune.coordinator.config import BrokerSection, CoordinatorConfig, example_config
+from fedprune.coordinator.fleet.registry_store import RegistryStore
+from fedprune.coordinator.state import IDENTITY_FILE, StateDir, latest_accuracy, load_identity
+from fedprune.common.bundle import Bundle, EnrollmentError, save_bundle
+from fedprune.common.configkit import ConfigError
+from fedprune.common.fsutil import atomic_write
+from fedprune.protocol.crypto import Identity
 
 
 def init(*, config_path: Path, state_dir: Path, federation: str, broker_url: str, embedded_broker: bool,
@@ -40,7 +40,7 @@ def init(*, config_path: Path, state_dir: Path, federation: str, broker_url: str
     for section, table in (settings or {}).items():
         values.setdefault(section, {}).update(table)
     text = example_config(values)
-    from coordinator.config import load_config
+    from fedprune.coordinator.config import load_config
 
     probe = Path(config_path).with_suffix(".check.toml")
     atomic_write(probe, text.encode(), mode=0o600)

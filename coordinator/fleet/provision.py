@@ -11,11 +11,11 @@ password and bundle alone.
   plain password lives only in its bundle, the coordinator's only in its config, so nothing
   here stores a second copy of any secret.
 - A device is new when the registry does not list it: it gets fresh keys and a password
-  (``coordinator.enrollment.enroll``, CA embedded). A device the registry lists must have its
+  (``fedprune.coordinator.fleet.enrollment.enroll``, CA embedded). A device the registry lists must have its
   bundle in ``out/bundles``; re-keying it silently would lock the deployed device out, so that
   case is an error that says to revoke it first.
 - ``acl`` and ``mosquitto.conf`` are re-rendered every time from the packaged templates
-  (``coordinator.broker_config``), with absolute paths under ``install_dir``.
+  (``fedprune.coordinator.fleet.broker_config``), with absolute paths under ``install_dir``.
 - The coordinator config's ``[broker]`` keys (url, ca_file, password, embedded, and
   password_file, so that ``revoke`` takes a device off the broker too) are rewritten in place,
   line by line, so the operator's comments and other settings survive; the result is loaded and
@@ -35,23 +35,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from coordinator import enrollment
-from coordinator.broker_config import MosquittoSettings, render_acl, render_mosquitto_conf
-from coordinator.config import CoordinatorConfig, load_config
-from coordinator.pki import (
+from fedprune.coordinator.fleet import enrollment
+from fedprune.coordinator.fleet.broker_config import MosquittoSettings, render_acl, render_mosquitto_conf
+from fedprune.coordinator.config import CoordinatorConfig, load_config
+from fedprune.coordinator.fleet.pki import (
     DEFAULT_SERVER_NAMES, KeyPair, PkiError, create_ca, issue_server_certificate, load_key_pair,
     password_file_users, write_password_file,
 )
-from coordinator.registry import Registry
-from coordinator.registry_store import RegistryStore
-from coordinator.state import IDENTITY_FILE, StateDir
+from fedprune.coordinator.core.registry import Registry
+from fedprune.coordinator.fleet.registry_store import RegistryStore
+from fedprune.coordinator.state import IDENTITY_FILE, StateDir
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from edge_agent.bundle import load_bundle
-from edge_agent.configkit import ConfigError
-from edge_agent.fsutil import atomic_write
-from protocol.crypto import Identity
-from protocol.topics import is_valid_id
+from fedprune.common.bundle import load_bundle
+from fedprune.common.configkit import ConfigError
+from fedprune.common.fsutil import atomic_write
+from fedprune.protocol.crypto import Identity
+from fedprune.protocol.topics import is_valid_id
 
 CA_CERT, CA_KEY = "ca.crt", "ca.key"
 SERVER_CERT, SERVER_KEY = "server.crt", "server.key"

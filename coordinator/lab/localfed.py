@@ -24,10 +24,10 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from coordinator import enrollment
-from coordinator.config import CoordinatorConfig, load_config
-from coordinator.state import StateDir
-from edge_agent.data import add_label_noise, load_dataset, partition_dirichlet, partition_iid
+from fedprune.coordinator.fleet import enrollment
+from fedprune.coordinator.config import CoordinatorConfig, load_config
+from fedprune.coordinator.state import StateDir
+from fedprune.common.data import add_label_noise, load_dataset, partition_dirichlet, partition_iid
 
 BIN = Path(sys.executable).parent
 

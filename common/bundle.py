@@ -16,9 +16,9 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge_agent.fsutil import atomic_write, private_file_is_exposed
-from protocol.crypto import Identity, PublicIdentity
-from protocol.topics import validate_id
+from fedprune.common.fsutil import atomic_write, private_file_is_exposed
+from fedprune.protocol.crypto import Identity, PublicIdentity
+from fedprune.protocol.topics import validate_id
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ Mosquitto on exactly what this module writes. Keys are EC P-256; every file is w
 (temp file, fsync, rename), private keys and password files with mode 0600.
 
 These certificates only authenticate the *transport* (device -> broker). fedprune's messages are
-signed and sealed end to end by ``protocol.crypto`` with separate keys, so a broker compromise
+signed and sealed end to end by ``fedprune.protocol.crypto`` with separate keys, so a broker compromise
 exposes metadata, never updates or lets anyone forge a model release.
 """
 
@@ -23,8 +23,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from edge_agent.configkit import ConfigError
-from edge_agent.fsutil import atomic_write
+from fedprune.common.configkit import ConfigError
+from fedprune.common.fsutil import atomic_write
 
 DEFAULT_SERVER_NAMES = ("localhost", "127.0.0.1")
 _CLOCK_SKEW = timedelta(minutes=5)

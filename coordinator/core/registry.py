@@ -5,7 +5,7 @@ last will "offline"); a device is online while its last sign of life is younger 
 ``heartbeat_timeout_s``. Pure: times arrive as ``now``. The two halves persist apart because
 they have different writers: the operator commands own the allow-list (``allow_list``), the
 daemon owns presence (``presence``) and follows allow-list changes with ``replace_allow_list``
-(``coordinator.registry_store``).
+(``fedprune.coordinator.fleet.registry_store``).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from protocol.topics import validate_id
+from fedprune.protocol.topics import validate_id
 
 ALLOW_LIST_FIELDS = ("device_id", "sign_public", "kx_public", "enrolled_at", "revoked")
 _PRESENCE_DEFAULTS: dict[str, Any] = {"capabilities": {}, "n_examples": 0, "last_seen": None, "online": False,

@@ -1,12 +1,12 @@
 """Run a whole federation in one process with the deployed code: Strategy + train_local.
 
 The coordinator's ``Strategy`` plans and finishes every round; each selected client runs
-``edge_agent.training.train_local`` on its own shard, exactly as a device does. Nothing here
+``fedprune.edge_agent.training.train_local`` on its own shard, exactly as a device does. Nothing here
 re-implements algorithm math: this module only partitions data, injects label noise, counts
 bytes and compute, evaluates the global model and writes results (JSON and PNG plots).
 
 Byte accounting (docs/ALGORITHM.md §9.11): real encoded message bodies. Every client's update is
-encoded as the ``protocol.messages.Update`` a device would send (``protocol.codec.encode_body``:
+encoded as the ``fedprune.protocol.messages.Update`` a device would send (``fedprune.protocol.codec.encode_body``:
 float32 values in mask order, the mask only when it changed, XOR-coded against the mask it
 trained from) and every download as the ``RoundTask`` it would receive (the mask included only
 when the client's cached mask version is stale). Dense runs carry all-True masks, which encode
@@ -26,16 +26,16 @@ from typing import Any
 
 import numpy as np
 
-from coordinator import attacks
-from coordinator.strategy import ClientUpdate, GlobalState, Masks, Params, RoundPlan, Strategy, StrategyConfig
-from edge_agent import data as data_mod
-from edge_agent.configkit import ConfigError, tomllib
-from edge_agent.models import DEFAULT_CHANNELS, ModelSpec, count_macs, evaluate, init_params, model_layout
-from edge_agent.training import resolve_device, train_local
-from protocol.codec import encode_body
-from protocol.layout import ModelLayout
-from protocol.messages import ModelRef, RoundTask, Update
-from protocol.sparse import SparseParams
+from fedprune.coordinator.lab import attacks
+from fedprune.coordinator.core.strategy import ClientUpdate, GlobalState, Masks, Params, RoundPlan, Strategy, StrategyConfig
+from fedprune.common import data as data_mod
+from fedprune.common.configkit import ConfigError, tomllib
+from fedprune.common.models import DEFAULT_CHANNELS, ModelSpec, count_macs, evaluate, init_params, model_layout
+from fedprune.edge_agent.training import resolve_device, train_local
+from fedprune.protocol.codec import encode_body
+from fedprune.protocol.layout import ModelLayout
+from fedprune.protocol.messages import ModelRef, RoundTask, Update
+from fedprune.protocol.sparse import SparseParams
 
 PARTITIONS = ("dirichlet", "iid", "quantity")
 EVAL_SPLITS = ("test", "validation")
@@ -225,7 +225,7 @@ def _clients(cfg: SimulationConfig, dataset: data_mod.Dataset, rng: np.random.Ge
 
 def _poison_updates(cfg: SimulationConfig, updates: list[ClientUpdate], attackers: set[str],
                     previous_step: Params | None, rng: np.random.Generator) -> list[ClientUpdate]:
-    """Swap each attacker's honest delta for its attack's (coordinator/attacks.py)."""
+    """Swap each attacker's honest delta for its attack's (coordinator/lab/attacks.py)."""
     bad = [i for i, u in enumerate(updates) if u.client_id in attackers]
     if not bad:
         return updates

@@ -37,7 +37,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from edge_agent.mqtt_config import (
+from fedprune.common.mqtt_config import (
     MAX_MESSAGE_BYTES, BrokerAddress, LastWill, LinkConfig, check_filter, check_qos, check_topic, parse_broker_url,
     tls_context,
 )

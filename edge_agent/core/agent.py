@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from enum import Enum
 
-from protocol.messages import RoundTask
+from fedprune.protocol.messages import RoundTask
 
 
 # Longer than a task takes from the coordinator's check to the device, shorter than a round:

@@ -26,13 +26,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from edge_agent.model_rules import MODEL_NAMES, input_shape_problem
-from protocol.layout import ModelLayout, TensorSpec
+from fedprune.common.model_rules import MODEL_NAMES, input_shape_problem
+from fedprune.protocol.layout import ModelLayout, TensorSpec
 
 Params = dict[str, np.ndarray]
 Masks = dict[str, np.ndarray]
 
 NORMS = ("none", "group", "batch")
+TRAINING_DEVICES = ("cpu", "cuda", "auto")  # resolved by fedprune.edge_agent.training.resolve_device
 _DEFAULT_HIDDEN = {"mlp": (256, 128), "cnn2d": (), "cnn1d": ()}
 DEFAULT_CHANNELS = (32, 64)
 _MAX_UNITS = 1 << 16

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from coordinator.broker import free_port
-from coordinator.localfed import BrokerAccess, LocalFederation
+from fedprune.coordinator.fleet.broker import free_port
+from fedprune.coordinator.lab.localfed import BrokerAccess, LocalFederation
 
 
 def watch(federation: LocalFederation, rounds: int, timeout_s: float) -> list[dict]:

@@ -29,11 +29,11 @@ from typing import Any
 
 import numpy as np
 
-import coordinator.aggregation as aggregation
-import coordinator.contribution as contribution
-import coordinator.masks as masks_mod
-from protocol.hyperparams import HyperParams
-from protocol.layout import ModelLayout
+import fedprune.coordinator.core.aggregation as aggregation
+import fedprune.coordinator.core.contribution as contribution
+import fedprune.coordinator.core.masks as masks_mod
+from fedprune.protocol.hyperparams import HyperParams
+from fedprune.protocol.layout import ModelLayout
 
 Params = dict[str, np.ndarray]
 Masks = dict[str, np.ndarray]
@@ -240,7 +240,7 @@ class ClientUpdate:
 
     @classmethod
     def from_local(cls, client_id: str, result: Any) -> "ClientUpdate":
-        """From an ``edge_agent.training.LocalResult`` (duck-typed: cores never import torch code)."""
+        """From an ``fedprune.edge_agent.training.LocalResult`` (duck-typed: cores never import torch code)."""
         return cls(
             client_id=client_id,
             n_examples=int(result.n_examples),

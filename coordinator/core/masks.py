@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from protocol.layout import ModelLayout, TensorSpec
+from fedprune.protocol.layout import ModelLayout, TensorSpec
 
 Params = dict[str, np.ndarray]
 Masks = dict[str, np.ndarray]

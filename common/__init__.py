@@ -1,0 +1,1 @@
+"""What both programs use: configuration kit, atomic files, CLI helpers, the MQTT link, models and data."""

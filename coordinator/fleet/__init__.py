@@ -1,0 +1,1 @@
+"""Operating a fleet: PKI, enrollment, provisioning, the broker's configuration and the device registry."""
