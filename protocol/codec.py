@@ -5,7 +5,8 @@ msgpack map with short keys (one schema per ``Kind`` below); tensors are listed 
 per-tensor ``[dtype, byte length]`` in layout order, never by name, and their bytes follow in
 the tail, so a decoder views them in place instead of copying. The layout fingerprint in the
 meta proves both sides mean the same tensors. A newer minor version may add keys, which an
-older reader ignores; at the same minor an unknown key is an error.
+older reader ignores; at the same minor an unknown key is an error. A key the model no longer
+has stays on the wire, written empty and ignored, until the next major: older readers require it.
 
 ``decode_body`` is the decoder's one entry point: whatever goes wrong inside it (msgpack, numpy,
 a validating constructor) leaves as a ``ProtocolError`` subclass, never anything else.
@@ -50,6 +51,11 @@ _HP_TYPES = {f.name: {"int": int, "float": float, "bool": bool, "str": str}[str(
 # leaves them out, and the receiver takes the dataclass default (what that sender meant).
 _HP_SINCE_MINOR = {"max_sparse_lr_factor": 1}
 
+_TASK_KEYS = frozenset({"fed", "round", "mv", "model", "lfp", "masks", "w", "hp", "deadline", "sel"})
+# Task keys without a field since a minor, still written (empty) and required, never read: a 1.2
+# agent requires them in every task. Dropped at the next major.
+_TASK_VESTIGES = {"clm": None}  # class-loss medians: never set, never read; no field since 1.3
+
 
 # ------------------------------------------------------------------------------------ encoding
 
@@ -70,8 +76,7 @@ def encode_body(msg: Message, *, value_dtype: ValueDtype = ValueDtype.FLOAT32, b
             "masks": masks_to_wire(msg.layout, msg.masks) if msg.include_masks else None,
             "w": msg.weights.to_wire(value_dtype, tail),
             "hp": {k: _HP_TYPES[k](v) for k, v in msg.hyper.to_dict().items()},
-            "deadline": msg.deadline, "sel": list(msg.selected),
-            "clm": None if msg.class_loss_medians is None else [[c, m] for c, m in sorted(msg.class_loss_medians.items())],
+            "deadline": msg.deadline, "sel": list(msg.selected), **_TASK_VESTIGES,
         }
     elif isinstance(msg, Update):
         obj = {
@@ -172,7 +177,7 @@ def _layout_checked(
 def _task(
     obj: Any, minor: int, limits: Limits, layout_for: LayoutFor | None, store: MaskStore, tail: TailReader
 ) -> RoundTask:
-    keys = frozenset({"fed", "round", "mv", "model", "lfp", "masks", "w", "hp", "deadline", "sel", "clm"})
+    keys = _TASK_KEYS | _TASK_VESTIGES.keys()
     m = as_map(obj, "task", keys, lenient=minor > MINOR)
     name, shape, ncls = as_list(m["model"], "model", 3, length=3)
     model = construct("model", lambda: ModelRef(
@@ -194,18 +199,11 @@ def _task(
         if type(hp_map[key]) is not typ:
             raise fail(f"hyper {key}", typ.__name__, hp_map[key])
         hp[key] = hp_map[key]
-    clm = None
-    if m["clm"] is not None:
-        clm = {}
-        for pair in as_list(m["clm"], "class_loss_medians", limits.max_classes):
-            c, v = as_list(pair, "class loss median", 2, length=2)
-            clm[as_int(c, "class", 0, 1_000_000)] = as_float(v, "class loss median")
     selected = tuple(as_str(d, "selected device", 64) for d in as_list(m["sel"], "selected", limits.max_selected))
     return construct("task", lambda: RoundTask(
         federation=as_str(m["fed"], "federation", 64), round=as_int(m["round"], "round", 0, 2**32 - 1),
         mask_version=mv, model=model, weights=weights, hyper=HyperParams(**hp),
         deadline=as_float(m["deadline"], "deadline"), selected=selected, include_masks=included,
-        class_loss_medians=clm,
     ))
 
 

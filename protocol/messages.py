@@ -134,7 +134,7 @@ class RoundTask:
 
     ``weights`` covers every tensor of the model layout. ``include_masks=False`` omits the mask
     on the wire when every selected device already holds ``mask_version``; a receiver fills it
-    in from its cache. ``class_loss_medians`` feeds the loss-quality signal (docs/ALGORITHM.md 4.6).
+    in from its cache.
     """
 
     KIND: ClassVar[Kind] = Kind.TASK
@@ -147,7 +147,6 @@ class RoundTask:
     deadline: float
     selected: tuple[str, ...]
     include_masks: bool = True
-    class_loss_medians: dict[int, float] | None = None
 
     def __post_init__(self) -> None:
         validate_id(self.federation, "federation")
@@ -166,14 +165,6 @@ class RoundTask:
             validate_id(device, "selected device")
         if type(self.include_masks) is not bool:
             raise TypeError("include_masks must be a bool")
-        if self.class_loss_medians is not None:
-            medians = {}
-            for cls, value in dict(self.class_loss_medians).items():
-                _int(cls, "class", 0, self.model.num_classes - 1)
-                if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                    raise ValueError(f"class_loss_medians[{cls}]={value!r}: expected a finite number >= 0")
-                medians[cls] = float(value)
-            object.__setattr__(self, "class_loss_medians", medians)
 
     @property
     def layout(self) -> ModelLayout:

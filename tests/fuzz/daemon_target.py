@@ -262,7 +262,7 @@ class DaemonWorld:
     def tick(self) -> None:
         d = self.daemon
         before = d.completed
-        d._tick()
+        d.tick()
         if d.completed != before:
             self.closes += 1
         check_state(d, full=d.completed != before, reload=self.closes % 8 == 1)
@@ -272,7 +272,7 @@ class DaemonWorld:
         for topic, payload in publications:
             logged = len(self.capture.reasons)
             snapshot = _observe(d)
-            d._on_message(topic, payload)
+            d.on_message(topic, payload)
             after = _observe(d)
             assert after["bytes_in"] - snapshot["bytes_in"] == len(payload)
             rejected = after["rejected"] - snapshot["rejected"]

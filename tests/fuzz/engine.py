@@ -5,7 +5,10 @@
 
 The seeded mutator starts from the target's seeds plus its corpus (tests/fuzz/corpus/<target>/)
 and applies libFuzzer-like mutations (bit flips, cuts, inserts, splices, magic bytes, random
-blobs). It keeps an input that produced a new *outcome* (which exception type and reason, or
+blobs). For a target whose input holds a msgpack object (``Target.structure``), every third
+input is structure-aware instead: a seed's object with one node replaced, dropped or added
+(``mutate_object``), re-packed, so wrong types and ranges reach the field checks behind the
+parser. It keeps an input that produced a new *outcome* (which exception type and reason, or
 acceptance) in the working corpus, a cheap stand-in for coverage feedback. Each input runs
 under a time bound; the run reports its tracemalloc peak, which the tests bound.
 """
@@ -22,6 +25,7 @@ import traceback
 import tracemalloc
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from fedprune.protocol.errors import ProtocolError
 
@@ -30,6 +34,10 @@ CORPUS = Path(__file__).parent / "corpus"
 MAGIC = [b"\x00", b"\xff", b"\x7f", b"\x80", b"\xc1", b"\xd9\xff", b"\xc6\xff\xff\xff\xff", b"\xdd\xff\xff\xff\xff",
          b"\xdf\xff\xff\xff\xff", b"\xdb\x7f\xff\xff\xff", b"\xc5\xff\xff", b"\xdc\xff\xff", b"\x91" * 64,
          b"\x91" * 2000, b"\xc7\x05\x01", b"\xd4\x00\x00", b"\xcb\x7f\xf8\x00\x00\x00\x00\x00\x00", b"FC\x01"]
+# Leaves for structure-aware mutation: wrong types, out-of-range and non-finite numbers, over-long
+# strings, empty and nested containers.
+LEAVES: list[Any] = [None, True, False, 0, -1, 2**64 - 1, -(2**63), 1.5, float("nan"), float("inf"), "", "x" * 70,
+                     "dev-a", b"", b"\x00" * 9, [], {}, [1, 2], {"k": 1}, [[[]]], 3]
 PER_INPUT_S = 5
 
 
@@ -92,6 +100,35 @@ def mutate(data: bytes, r: random.Random, pool: list[bytes]) -> bytes:
     return bytes(b[:8192])
 
 
+def mutate_object(obj: Any, r: random.Random) -> Any:
+    """Replace, drop or add one node somewhere in a parsed msgpack object."""
+    if isinstance(obj, dict) and obj:
+        key = r.choice(list(obj))
+        out = dict(obj)
+        roll = r.random()
+        if roll < 0.1:
+            del out[key]
+        elif roll < 0.15:
+            out["zz"] = r.choice(LEAVES)
+        else:
+            out[key] = mutate_object(obj[key], r) if r.random() < 0.5 else r.choice(LEAVES)
+        return out
+    if isinstance(obj, list) and obj:
+        out = list(obj)
+        i = r.randrange(len(out))
+        roll = r.random()
+        if roll < 0.1:
+            del out[i]
+        elif roll < 0.2:
+            out.append(r.choice(LEAVES))
+        else:
+            out[i] = mutate_object(obj[i], r) if r.random() < 0.5 else r.choice(LEAVES)
+        return out
+    if isinstance(obj, bytes) and obj and r.random() < 0.5:
+        return obj[: r.randrange(len(obj))]
+    return r.choice(LEAVES)
+
+
 def _on_alarm(*_: object) -> None:
     raise Hang(f"one input ran past {PER_INPUT_S} s")
 
@@ -112,6 +149,7 @@ def drive(name: str, iterations: int, seed: int = 0, memory: bool = True) -> Rep
     target = all_targets()[name]()
     report = Report(name)
     pool = list(target.seeds) + corpus_inputs(name)
+    trees = [target.structure.split(s) for s in target.seeds] if target.structure else []
     r = random.Random(seed)
     old = signal.signal(signal.SIGALRM, _on_alarm)
     if memory:
@@ -119,7 +157,13 @@ def drive(name: str, iterations: int, seed: int = 0, memory: bool = True) -> Rep
     started = time.perf_counter()
     try:
         for i in range(iterations):
-            data = pool[i] if i < len(pool) else mutate(r.choice(pool), r, pool)
+            if i < len(pool):
+                data = pool[i]
+            elif trees and i % 3 == 0:
+                tree, rest = r.choice(trees)
+                data = target.structure.join(mutate_object(tree, r), rest)
+            else:
+                data = mutate(r.choice(pool), r, pool)
             signal.alarm(PER_INPUT_S)
             try:
                 outcome = run_one(target, data)

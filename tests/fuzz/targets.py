@@ -5,10 +5,11 @@ peer may cause); anything else, or a broken invariant (``AssertionError``), is a
 same targets run under the seeded mutator of ``tests/fuzz/engine.py`` (CI: 10^4 inputs each)
 and under atheris (``scripts/fuzz.sh``: coverage-guided, 10^5+ each).
 
-Decoder targets read the input as the bytes a peer sent. Stateful targets (Reassembler,
-ReplayGuard, the coordinator's message handler) read it as a *program*: a byte stream that
-``Program`` turns into operations, so every input is a valid program and mutations explore
-sequences, not just encodings.
+Decoder targets read the input as the bytes a peer sent; those whose input holds a msgpack
+object also say how to split it off (``Structure``) for the engine's structure-aware mutations.
+Stateful targets (Reassembler, ReplayGuard, the coordinator's message handler) read it as a
+*program*: a byte stream that ``Program`` turns into operations, so every input is a valid
+program and mutations explore sequences, not just encodings.
 """
 
 from __future__ import annotations
@@ -20,19 +21,20 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+import msgpack
 import numpy as np
 
 from fedprune.protocol import codec
 from fedprune.protocol.chunks import HEADER_SIZE, Reassembler, parse_chunk, split
-from fedprune.protocol.envelope import Header, Suite, open_envelope, parse_header, verify_envelope
+from fedprune.protocol.envelope import MINOR, Header, Suite, open_envelope, parse_header, verify_envelope
 from fedprune.protocol.errors import ProtocolError, Replayed, Stale
 from fedprune.protocol.messages import Kind
 from fedprune.protocol.replay import ReplayGuard
 from fedprune.protocol.sparse import SparseParams, ValueDtype, decode_masks, decode_values, encode_masks, encode_values
 from fedprune.protocol.wire import Limits
 from tests.protocol.factories import (
-    COORD, DEVICES, FED, LAYOUT, T0, TRAINABLE, agent_channel, coordinator_channel, masks, params, register, reject,
-    release, status, task_world, update,
+    COORD, DEVICES, FED, LAYOUT, T0, TRAINABLE, agent_channel, coordinator_channel, join_body, masks, params, register,
+    reject, release, rewrite_meta, split_body, status, task_body_at_minor_2, task_world, update,
 )
 
 
@@ -71,6 +73,29 @@ class Program:
         return self.take(self.u16() % (limit + 1))
 
 
+@dataclass(frozen=True)
+class Structure:
+    """Where an input holds a msgpack object: ``split`` takes it out (parsed) with the rest of
+    the input, ``join`` packs a mutated object back in."""
+
+    split: Callable[[bytes], tuple[Any, Any]]
+    join: Callable[[Any, Any], bytes]
+
+
+def framed(prefix: int = 0) -> Structure:
+    """``prefix`` bytes of the target's own, then a framed body: u32 meta length, msgpack meta, tail."""
+
+    def split(data: bytes) -> tuple[Any, Any]:
+        meta, tail = split_body(data[prefix:])
+        return meta, (data[:prefix], tail)
+
+    return Structure(split, lambda meta, rest: rest[0] + join_body(meta, rest[1]))
+
+
+MSGPACK = Structure(lambda data: (msgpack.unpackb(data, raw=False), None),
+                    lambda obj, _rest: msgpack.packb(obj, use_bin_type=True))
+
+
 @dataclass
 class Target:
     name: str
@@ -79,6 +104,7 @@ class Target:
     max_peak_mib: float = 64.0
     notes: dict[str, int] = field(default_factory=dict)
     close: Callable[[], None] = lambda: None
+    structure: Structure | None = None
 
 
 # ---- decoders --------------------------------------------------------------------------------
@@ -98,7 +124,8 @@ def _world() -> dict[str, Any]:
 
 
 def codec_target() -> Target:
-    """decode_body: byte 0 picks the kind, byte 1 the header flags/minor; the rest is the body."""
+    """decode_body: byte 0 picks the kind, byte 1 the schema minor (0 up to one newer than this
+    build's); the rest is the body. Seeds: every kind at this minor, and tasks of 1.2 and 1.0."""
     w = _world()
     kinds = list(Kind)
     notes: dict[str, int] = {}
@@ -108,7 +135,7 @@ def codec_target() -> Target:
             return
         kind = kinds[data[0] % len(kinds)]
         sender = "dev-a" if kind in (Kind.UPDATE, Kind.REGISTER, Kind.STATUS) else ""
-        header = Header(kind, Suite.SIGNED_ED25519, FED, sender, 5, 1, T0, 0, data[1] % 3)
+        header = Header(kind, Suite.SIGNED_ED25519, FED, sender, 5, 1, T0, 0, data[1] % (MINOR + 2))
         try:
             codec.decode_body(header, data[2:], layout_for=lambda _m: LAYOUT, masks=w["store"],
                               limits=Limits(max_depth=6))
@@ -116,8 +143,11 @@ def codec_target() -> Target:
             _note_translation(notes, exc)
             raise
 
-    seeds = [bytes([kinds.index(k), 0]) + b for k, bs in w["bodies"].items() for b in bs]
-    return Target("codec", run, seeds, notes=notes)
+    seeds = [bytes([kinds.index(k), MINOR]) + b for k, bs in w["bodies"].items() for b in bs]
+    task_1_2 = task_body_at_minor_2(w["task"])  # with the class-loss medians 1.3 removed
+    task_1_0 = rewrite_meta(task_1_2, lambda meta: meta["hp"].pop("max_sparse_lr_factor"))
+    seeds += [bytes([kinds.index(Kind.TASK), 2]) + task_1_2, bytes([kinds.index(Kind.TASK), 0]) + task_1_0]
+    return Target("codec", run, seeds, notes=notes, structure=framed(prefix=2))
 
 
 def _note_translation(notes: dict[str, int], exc: ProtocolError) -> None:
@@ -140,7 +170,7 @@ def sparse_values_target() -> Target:
         for name, values in decoded.values.items():
             assert values.size == (int(m[name].sum()) if name in m else TRAINABLE[name].size), name
 
-    return Target("sparse_values", run, seeds)
+    return Target("sparse_values", run, seeds, structure=framed())
 
 
 def masks_target() -> Target:
@@ -152,7 +182,7 @@ def masks_target() -> Target:
         for spec in LAYOUT.masked:
             assert decoded[spec.name].shape == spec.shape and decoded[spec.name].dtype == bool
 
-    return Target("masks", run, seeds)
+    return Target("masks", run, seeds, structure=MSGPACK)
 
 
 def envelope_target() -> Target:

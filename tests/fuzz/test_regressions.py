@@ -16,9 +16,9 @@ def test_a_round_whose_only_update_is_rejected_by_the_strategy_still_counts_once
     assert d.rounds.open_round == 1
     world.feed(world._update(Program(bytes([0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0])), "dev-0", hostile=True))
     world.clock.now += 2 * d.config.rounds.deadline_s
-    d._tick()  # the deadline closes round 1 with the one (rejected) update
+    d.tick()  # the deadline closes round 1 with the one (rejected) update
     assert d.state_dir.read_history()[-1]["rejected"] == {"dev-0": "no_data"}
-    d._tick()  # the next round opens
+    d.tick()  # the next round opens
     assert [h["round"] for h in d.state_dir.read_history()] == [1]
     assert d.completed == 1
     assert d.rounds.open_round == 2

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
+import msgpack
 import numpy as np
 
+from fedprune.protocol import codec
 from fedprune.protocol.channel import AgentChannel, CoordinatorChannel
 from fedprune.protocol.crypto import GroupKey, Identity
 from fedprune.protocol.hyperparams import HyperParams
@@ -56,8 +60,32 @@ def task(rng: np.random.Generator, round_: int = 5, mask_version: int = 2, inclu
         weights=SparseParams.from_dense(LAYOUT, params(rng, m), m),
         hyper=HyperParams(epochs=1, lr=0.1, readjust=True, prune_fraction=0.2),
         deadline=T0 + 60, selected=("dev-a", "dev-b"), include_masks=include_masks,
-        class_loss_medians={0: 1.5, 2: 0.25},
     )
+
+
+def split_body(body: bytes | memoryview) -> tuple[Any, bytes]:
+    """A framed body's msgpack meta (parsed, no limits: our own bytes) and its tensor tail."""
+    n = int.from_bytes(body[:4], "big")
+    return msgpack.unpackb(body[4 : 4 + n], raw=False), bytes(body[4 + n :])
+
+
+def join_body(meta: Any, tail: bytes) -> bytes:
+    head = msgpack.packb(meta, use_bin_type=True)
+    return len(head).to_bytes(4, "big") + head + tail
+
+
+def rewrite_meta(body: bytes | memoryview, edit: Callable[[dict], object]) -> bytes:
+    """A framed body with its meta changed in place by ``edit``, tail untouched: what another
+    version of the sender would have written (msgpack re-packs the rest byte for byte)."""
+    meta, tail = split_body(body)
+    edit(meta)
+    return join_body(meta, tail)
+
+
+def task_body_at_minor_2(t: RoundTask) -> bytes:
+    """``t`` as a 1.1 or 1.2 coordinator encoded it: with the class-loss medians key ``clm``
+    (a 1.0 one also left out ``hp``'s ``max_sparse_lr_factor``)."""
+    return rewrite_meta(codec.encode_body(t), lambda meta: meta.__setitem__("clm", [[0, 1.5], [2, 0.25]]))
 
 
 def task_world(rng: np.random.Generator) -> tuple[RoundTask, MaskStore, Masks]:

@@ -1,4 +1,3 @@
-import msgpack
 import numpy as np
 import pytest
 
@@ -8,7 +7,10 @@ from fedprune.protocol.errors import DecodeError, TooLarge, UnknownMask, Unsuppo
 from fedprune.protocol.messages import Kind, ModelRelease, Register, Reject, RoundTask, State, Status, Update
 from fedprune.protocol.sparse import MaskStore, ValueDtype
 from fedprune.protocol.wire import Limits, TailWriter, frame
-from tests.protocol.factories import FED, LAYOUT, MODEL, T0, assert_sparse_equal, register, release, reject, status, task, update
+from tests.protocol.factories import (
+    FED, LAYOUT, MODEL, T0, assert_sparse_equal, register, release, reject, rewrite_meta, status, task,
+    split_body, task_body_at_minor_2, update,
+)
 
 
 def header(kind, sender="", round_=5, minor=MINOR):
@@ -31,8 +33,7 @@ def test_task_round_trips_and_omitted_masks_come_from_the_store(rng):
     t = task(rng)
     got = decode(Kind.TASK, codec.encode_body(t))
     assert_sparse_equal(got.weights, t.weights)
-    assert (got.hyper, got.deadline, got.selected, got.class_loss_medians, got.model) == (
-        t.hyper, t.deadline, t.selected, t.class_loss_medians, MODEL)
+    assert (got.hyper, got.deadline, got.selected, got.model) == (t.hyper, t.deadline, t.selected, MODEL)
     lean = task(rng, include_masks=False, m=t.masks)
     body = codec.encode_body(lean)
     assert len(body) < len(codec.encode_body(t))
@@ -98,27 +99,32 @@ def test_a_newer_minor_version_may_add_fields():
     assert got == Register("dev-a", 4, 2048, "none", 10, "1")
 
 
-def _task_body_with_hyper(t, **changes):
-    """``t`` encoded, then its hyper-parameter map edited (None deletes a key): what another
-    version of the sender would have written."""
-    body = codec.encode_body(t)
-    n = int.from_bytes(body[:4], "big")
-    meta = msgpack.unpackb(body[4 : 4 + n], raw=False)
-    for key, value in changes.items():
-        meta["hp"].pop(key) if value is None else meta["hp"].__setitem__(key, value)
-    head = msgpack.packb(meta, use_bin_type=True)
-    return len(head).to_bytes(4, "big") + head + body[4 + n :]
+def decode_task_at(minor, body):
+    return codec.decode_body(header(Kind.TASK, minor=minor), body, layout_for=lambda _m: LAYOUT)
 
 
 def test_a_minor_0_task_without_the_sparse_lr_factor_means_the_plain_rule(rng):
     t = task(rng)
-    old = _task_body_with_hyper(t, max_sparse_lr_factor=None)
-    got = codec.decode_body(header(Kind.TASK, minor=0), old, layout_for=lambda _m: LAYOUT)
-    assert got.hyper.max_sparse_lr_factor == 1.0
-    with pytest.raises(DecodeError, match="missing keys"):
-        decode(Kind.TASK, old)
-    with pytest.raises(DecodeError, match="unexpected keys"):
-        codec.decode_body(header(Kind.TASK, minor=0), codec.encode_body(t), layout_for=lambda _m: LAYOUT)
+    old = rewrite_meta(task_body_at_minor_2(t), lambda meta: meta["hp"].pop("max_sparse_lr_factor"))
+    assert decode_task_at(0, old).hyper.max_sparse_lr_factor == 1.0
+    with pytest.raises(DecodeError, match=r"hyper: missing keys \['max_sparse_lr_factor'\]"):
+        decode_task_at(2, old)
+    with pytest.raises(DecodeError, match=r"hyper: missing keys \[\], unexpected keys \['max_sparse_lr_factor'\]"):
+        decode_task_at(0, task_body_at_minor_2(t))
+
+
+def test_the_class_loss_medians_key_stays_on_the_wire_empty_and_is_never_read(rng):
+    """RoundTask lost the field in 1.3; 1.2 agents require the key, so it is written nil until the next major."""
+    t = task(rng)
+    body = codec.encode_body(t)
+    assert split_body(body)[0]["clm"] is None
+    legacy = task_body_at_minor_2(t)  # clm = [[0, 1.5], [2, 0.25]]
+    for minor in (1, 2, MINOR, MINOR + 1):
+        got = decode_task_at(minor, legacy)
+        assert_sparse_equal(got.weights, t.weights)
+        assert (got.deadline, got.selected) == (t.deadline, t.selected)
+    with pytest.raises(DecodeError, match=r"missing keys \['clm'\]"):
+        decode_task_at(MINOR, rewrite_meta(body, lambda meta: meta.pop("clm")))
 
 
 def test_status_state_must_be_in_the_fixed_set():
@@ -187,9 +193,7 @@ def test_numbers_given_as_ints_are_stored_as_floats(rng):
     assert isinstance(task(rng).deadline, float)
 
 
-def test_task_validation_refuses_bad_selection_and_medians(rng):
+def test_task_validation_refuses_a_bad_selection(rng):
     t = task(rng)
     with pytest.raises(ValueError, match="distinct"):
         RoundTask(FED, 1, 1, MODEL, t.weights, t.hyper, T0, ("a", "a"))
-    with pytest.raises(ValueError, match="class"):
-        RoundTask(FED, 1, 1, MODEL, t.weights, t.hyper, T0, ("a",), class_loss_medians={3: 1.0})

@@ -11,7 +11,8 @@ from fedprune.protocol import codec, crypto
 from fedprune.protocol.chunks import split
 from fedprune.protocol.crypto import GroupKey
 from fedprune.protocol.envelope import (
-    COORDINATOR, Header, Suite, decrypt_broadcast, encrypt_broadcast, parse_header, unwrap_group_key, wrap_group_key,
+    COORDINATOR, MINOR, Header, Suite, decrypt_broadcast, encrypt_broadcast, parse_header, unwrap_group_key,
+    wrap_group_key,
 )
 from fedprune.protocol.errors import BadSignature, DecodeError, OpenFailed, Replayed, UnknownKey, UnsupportedVersion
 from fedprune.protocol.messages import KeyGrant, Kind, ModelRelease, RoundTask
@@ -158,10 +159,10 @@ def test_the_group_suite_is_refused_on_rejects_and_signed_only_tasks_need_an_old
 def test_an_unknown_suite_from_a_newer_minor_asks_for_an_upgrade(rng):
     _, _, env = _group_envelope(rng)
     newer = bytearray(env)
-    newer[3], newer[5] = 3, 9  # minor 3, suite 9
+    newer[3], newer[5] = MINOR + 1, 9  # a newer minor, suite 9
     with pytest.raises(UnsupportedVersion):
         parse_header(bytes(newer))
-    newer[3] = 2
+    newer[3] = MINOR
     with pytest.raises(DecodeError) as err:
         parse_header(bytes(newer))
     assert err.value.reason == "decode"

@@ -1,10 +1,15 @@
 """Golden wire vectors: stored bytes must still decode to the stored summary and re-encode byte
 for byte. A failure here means the wire format changed: bump the schema version, then
-regenerate with ``.venv/bin/python -m tests.protocol.test_vectors``.
+regenerate with ``.venv/bin/python -m tests.protocol.test_vectors``, which writes the current
+minor's group vectors and leaves the older files alone: the current reader still decodes them.
 
-``valid.json`` pins schema 1.1 (tasks and releases signed only), which a 1.2 reader still
-decodes; ``group.json`` pins 1.2: tasks and releases encrypted under the federation key, and
-the key grant that carries it to a member.
+``valid.json`` (with ``invalid.json``) pins schema 1.1: every message kind, tasks and releases
+signed only. ``group.json`` pins 1.2: tasks and releases encrypted under the federation key, and
+the key grant that carries it to a member; ``group_1_3.json`` the same at 1.3, whose task has
+no class-loss medians. A body of an older minor must decode to its stored summary less the
+fields removed since (``VESTIGES``), and re-encode to its bytes with those keys nil.
+``valid.json`` and ``invalid.json`` are no longer generated: this build's encoder cannot write a
+1.1 task (its generator is in the history before schema 1.3).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from fedprune.protocol.channel import AgentChannel, CoordinatorChannel
 from fedprune.protocol.chunks import split
 from fedprune.protocol.crypto import GroupKey, Identity
 from fedprune.protocol.envelope import (
-    COORDINATOR, FLAG_LAST_WILL, Header, Suite, decrypt_broadcast, encrypt_broadcast, open_envelope, parse_header,
+    COORDINATOR, MINOR, Header, Suite, decrypt_broadcast, encrypt_broadcast, open_envelope, parse_header,
     sign_envelope, unwrap_group_key, verify_envelope,
 )
 from fedprune.protocol.errors import ProtocolError
@@ -32,11 +37,29 @@ from fedprune.protocol.hyperparams import HyperParams
 from fedprune.protocol.messages import KeyGrant, Kind
 from fedprune.protocol.layout import ModelLayout, TensorSpec
 from fedprune.protocol.sparse import MaskStore, SparseParams, ValueDtype
+from tests.protocol.factories import rewrite_meta
 
 VECTORS = Path(__file__).parent / "vectors"
 VALID = VECTORS / "valid.json"
 INVALID = VECTORS / "invalid.json"
-GROUP = VECTORS / "group.json"
+GROUP_SINCE_MINOR = 2
+# Body keys whose field a later minor removed: (kind, meta key, message field). They stay on the
+# wire, written nil, so a body re-encodes with them nil.
+VESTIGES = ((Kind.TASK, "clm", "class_loss_medians"),)
+
+
+def group_file(minor: int) -> Path:
+    """The encrypted-broadcast vectors of schema 1.<minor> (1.2's predate the suffix)."""
+    return VECTORS / ("group.json" if minor == GROUP_SINCE_MINOR else f"group_1_{minor}.json")
+
+
+def assert_current_reading(h: Header, msg, summary: dict, body: bytes, encoded: bytes, name: str) -> None:
+    """``msg`` decoded from ``body`` (schema 1.<h.minor>) is the stored ``summary`` and re-encodes to
+    ``body``, both less the fields later minors removed (their keys re-encode nil)."""
+    gone = [(key, field) for kind, key, field in VESTIGES if kind is h.kind]
+    assert summarize(msg) == {k: v for k, v in summary.items() if k not in {f for _, f in gone}}, name
+    expected = rewrite_meta(body, lambda meta: [meta.__setitem__(key, None) for key, _ in gone]) if gone else bytes(body)
+    assert encoded == expected, name
 
 
 def summarize(value):
@@ -107,10 +130,10 @@ def test_vectors_decode_to_their_summary_and_re_encode_byte_for_byte(valid):
     assert len(valid["messages"]) >= 6
     for name, entry in valid["messages"].items():
         h, msg, body, ids = _decode(valid, entry)
-        assert summarize(msg) == entry["summary"], name
         dtype = ValueDtype(entry.get("value_dtype", 0))
         base = _decode(valid, valid["messages"][entry["masks_from"]])[1].masks if entry.get("masks_from") else None
-        assert codec.encode_body(msg, value_dtype=dtype, base_masks=base) == body, name
+        encoded = codec.encode_body(msg, value_dtype=dtype, base_masks=base)
+        assert_current_reading(h, msg, entry["summary"], body, encoded, name)
         assert _envelope(h, body, ids, entry.get("ephemeral")).hex() == entry["envelope"], name
 
 
@@ -135,8 +158,9 @@ def _group_key(pair) -> GroupKey:
     return GroupKey(bytes.fromhex(pair[0]), bytes.fromhex(pair[1]))
 
 
-def test_group_vectors_decrypt_to_their_summary_and_re_encrypt_byte_for_byte(valid):
-    doc = _load(GROUP)
+@pytest.mark.parametrize("minor", range(GROUP_SINCE_MINOR, MINOR + 1))
+def test_group_vectors_decrypt_to_their_summary_and_re_encrypt_byte_for_byte(valid, minor):
+    doc = _load(group_file(minor))
     ids = identities(valid["keys"])
     coordinator = ids["coordinator"]
     layout = layout_of(valid["layout"])
@@ -145,7 +169,7 @@ def test_group_vectors_decrypt_to_their_summary_and_re_encrypt_byte_for_byte(val
     for name, entry in doc["messages"].items():
         envelope = bytes.fromhex(entry["envelope"])
         h, n = parse_header(envelope)
-        assert (h.minor, h.sender) == (2, COORDINATOR), name
+        assert (h.minor, h.sender) == (minor, COORDINATOR), name
         if h.suite is Suite.GROUP_AES256_GCM:
             body = decrypt_broadcast(envelope, n, coordinator.public, {key.key_id: key}.get)
             assert encrypt_broadcast(h, body, key, coordinator) == envelope, name
@@ -153,8 +177,7 @@ def test_group_vectors_decrypt_to_their_summary_and_re_encrypt_byte_for_byte(val
         else:
             body = bytes(verify_envelope(envelope, n, coordinator.public))
         msg = codec.decode_body(h, body, layout_for=lambda _m: layout, masks=store)
-        assert summarize(msg) == entry["summary"], name
-        assert codec.encode_body(msg) == body, name
+        assert_current_reading(h, msg, entry["summary"], body, codec.encode_body(msg), name)
         if h.kind is Kind.KEY:  # the wrap: the uplink seal, coordinator -> device, bound to the grant's header
             device = ids[msg.device]
             assert unwrap_group_key(h.pack(), msg.key_id, msg.wrapped, device, coordinator.public) == key
@@ -163,8 +186,9 @@ def test_group_vectors_decrypt_to_their_summary_and_re_encrypt_byte_for_byte(val
                                ephemeral=eph) == msg.wrapped
 
 
-def test_invalid_group_vectors_fail_with_their_documented_reason(valid):
-    doc = _load(GROUP)
+@pytest.mark.parametrize("minor", range(GROUP_SINCE_MINOR, MINOR + 1))
+def test_invalid_group_vectors_fail_with_their_documented_reason(valid, minor):
+    doc = _load(group_file(minor))
     ids = identities(valid["keys"])
     for case in doc["cases"]:
         agent = AgentChannel(federation=valid["federation"], device="dev-a", identity=ids["dev-a"],
@@ -176,6 +200,7 @@ def test_invalid_group_vectors_fail_with_their_documented_reason(valid):
 
 
 def generate_group() -> None:  # pragma: no cover - run by hand after a deliberate version bump
+    """Write this build's minor's group vectors; those of older minors stay as they were."""
     from tests.protocol import factories as f
 
     rng = np.random.default_rng(2027)
@@ -218,93 +243,19 @@ def generate_group() -> None:  # pragma: no cover - run by hand after a delibera
         ("swapped_key_id", task_topic, chunk(swapped), "bad_signature"),
         ("truncated_ciphertext", task_topic, chunk(task_env[:-100]), "bad_signature"),
         ("key_not_held", task_topic, chunk(under_other), "unknown_key"),
-        ("signed_only_task_at_minor_2", task_topic, chunk(legacy), "decode"),
+        (f"signed_only_task_at_minor_{MINOR}", task_topic, chunk(legacy), "decode"),
         ("grant_on_another_devices_inbox", inbox_b, chunk(envelopes["key_grant"]), "decode"),
         ("grant_as_a_task", task_topic, chunk(envelopes["key_grant"]), "decode"),
         ("task_on_an_inbox", inbox_a, chunk(task_env), "decode"),
     ]
     doc = {
-        "comment": "fedprune wire vectors, schema 1.2 (encrypted broadcasts); keys in valid.json; test keys only",
+        "comment": f"fedprune wire vectors, schema 1.{MINOR} (encrypted broadcasts); keys in valid.json; test keys only",
         "group_key": [key.key_id.hex(), key.secret.hex()],
         "messages": messages,
         "cases": [{"name": c, "topic": tp, "payload": p, "reason": r, "now": f.T0 + 3} for c, tp, p, r in cases],
     }
-    GROUP.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
-
-
-def generate() -> None:  # pragma: no cover - run by hand after a deliberate version bump
-    from tests.protocol import factories as f
-
-    rng = np.random.default_rng(2026)
-    t = f.task(rng)
-    new = {k: v.copy() for k, v in t.masks.items()}
-    new["fc2.weight"][1] = True
-    keys = {"coordinator": f.COORD, **f.DEVICES}
-    plan = {
-        "task": (t, t.round, ValueDtype.FLOAT32, None, 0),
-        "update": (f.update(rng, t), 5, ValueDtype.FLOAT32, "task", 0),
-        "update_int8_new_mask": (f.update(rng, t, new_masks=new), 5, ValueDtype.INT8, "task", 0),
-        "register": (f.register(), 0, ValueDtype.FLOAT32, None, 0),
-        "status_will": (f.Status("dev-a", f.State.OFFLINE, 5, "connection lost", f.T0), 5, ValueDtype.FLOAT32, None, FLAG_LAST_WILL),
-        "release": (f.release(), 5, ValueDtype.FLOAT32, None, 0),
-        "reject": (f.reject(), 5, ValueDtype.FLOAT32, None, 0),
-    }
-    store = MaskStore()
-    store.put(t.mask_version, t.masks)
-    messages = {}
-    for i, (name, (msg, rnd, dtype, masks_from, flags)) in enumerate(plan.items()):
-        sender = getattr(msg, "device", "") if msg.KIND in (1, 3, 5) else ""
-        suite = Suite.SIGNED_ED25519 if not sender else Suite.SEALED_AES256_GCM
-        h = Header(msg.KIND, suite, f.FED, sender, rnd, 1_800_000_000_000_000 + i, f.T0 + i, flags, 1)
-        base = t.masks if masks_from else None
-        body = codec.encode_body(msg, value_dtype=dtype, base_masks=base)
-        env = _envelope(h, body, keys, bytes(range(32)).hex())
-        decoded = codec.decode_body(h, body, layout_for=lambda _m: f.LAYOUT, masks=store)  # lossy dtypes
-        entry = {"envelope": env.hex(), "summary": summarize(decoded), "value_dtype": int(dtype)}
-        if suite.sealed:
-            entry["ephemeral"] = bytes(range(32)).hex()
-        if masks_from:
-            entry["masks_from"] = masks_from
-        messages[name] = entry
-    doc = {
-        "comment": "fedprune wire vectors, schema 1.0; test keys only",
-        "federation": f.FED,
-        "layout": [[s.name, list(s.shape), s.masked, s.trainable] for s in f.LAYOUT],
-        "keys": {k: [x.hex() for x in v.to_raw()] for k, v in keys.items()},
-        "messages": messages,
-    }
-    VECTORS.mkdir(exist_ok=True)
-    VALID.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
-
-    def chunk(env: bytes) -> str:
-        return split(env, transfer_id=1)[0].hex()
-
-    reg = bytes.fromhex(messages["register"]["envelope"])
-    rej = bytes.fromhex(messages["reject"]["envelope"])
-    v2 = bytearray(reg)
-    v2[2] = 2
-    flipped = bytearray(reg)
-    flipped[-1] ^= 1
-    forged_sig = bytearray(rej)
-    forged_sig[-5] ^= 1
-    bad_chunk = bytearray(bytes.fromhex(chunk(reg)))
-    bad_chunk[2] = 9
-    up, down = "fedprune/v1/fed-1/register/dev-a", "fedprune/v1/fed-1/inbox/dev-a"
-    cases = [
-        ("unknown_major_version", up, chunk(bytes(v2)), "coordinator", "unsupported_version"),
-        ("sealed_byte_flipped", up, chunk(bytes(flipped)), "coordinator", "open_failed"),
-        ("signature_byte_flipped", down, chunk(bytes(forged_sig)), "agent", "bad_signature"),
-        ("chunk_version_9", up, bytes(bad_chunk).hex(), "coordinator", "unsupported_version"),
-        ("bad_magic", up, chunk(b"XX" + reg[2:]), "coordinator", "decode"),
-        ("stale_timestamp", up, chunk(reg), "coordinator", "stale"),
-        ("wrong_device_topic", "fedprune/v1/fed-1/register/dev-b", chunk(reg), "coordinator", "decode"),
-    ]
-    INVALID.write_text(json.dumps({"cases": [
-        {"name": n, "topic": tp, "payload": p, "to": to, "reason": rs,
-         "now": f.T0 + (10_000 if n == "stale_timestamp" else 3)} for n, tp, p, to, rs in cases
-    ]}, indent=1) + "\n")
+    group_file(MINOR).write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
 
 
 if __name__ == "__main__":  # pragma: no cover
-    generate()
     generate_group()
