@@ -172,6 +172,13 @@ def load(
     return cls(**built)
 
 
+def load_section(section_cls: type, table: Mapping[str, Any], section: str) -> Any:
+    """One section from an already parsed TOML table, checked as ``load`` checks it."""
+    if not isinstance(table, Mapping):
+        raise ConfigError(f"[{section}] must be a table")
+    return _build_section(section, section_cls, {k: (v, f"[{section}] {k}") for k, v in table.items()})
+
+
 def _build_section(section: str, section_cls: type, given: dict[str, tuple[Any, str]], base: Any = None) -> Any:
     """``base`` (an instance of ``section_cls``) supplies the values of keys not given: a nested
     table such as [strategy.local] overrides its parent's default, not the nested class's."""
@@ -200,8 +207,9 @@ def _build_section(section: str, section_cls: type, given: dict[str, tuple[Any, 
         values[name] = value
     try:
         return section_cls(**values)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"[{section}] {exc}") from None
+    except (TypeError, ValueError) as exc:  # a rule across keys; the message may name the section itself
+        message = str(exc)
+        raise ConfigError(message if message.startswith(f"[{section}]") else f"[{section}] {message}") from None
 
 
 def render_example(cls: type, title: str, values: Mapping[str, Mapping[str, Any]] | None = None) -> str:
@@ -213,23 +221,31 @@ def render_example(cls: type, title: str, values: Mapping[str, Mapping[str, Any]
     return "\n".join(lines)
 
 
-def _render_table(lines: list[str], name: str, table_cls: type, given: Mapping[str, Any]) -> None:
+def _render_table(lines: list[str], name: str, table_cls: type, given: Mapping[str, Any], title: str = "",
+                  key_help: Mapping[str, str] | None = None) -> None:
+    """One [table], then a [name.child] table for each field whose default is a dataclass: headed
+    by that field's help, its keys helped by the field's ``key_help`` metadata when their class
+    declares no settings (e.g. protocol data). ``given`` may set a child table's keys as a mapping."""
     doc = (table_cls.__doc__ or "").strip().splitlines()
-    lines.append(f"[{name}]" + (f"  # {doc[0]}" if doc else ""))
+    title = title or (doc[0] if doc else "")
+    lines.append(f"[{name}]" + (f"  # {title}" if title else ""))
     nested = []
     for f in dataclasses.fields(table_cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         value = given.get(f.name, default)
-        if dataclasses.is_dataclass(value):
-            nested.append((f.name, type(value), dataclasses.asdict(value)))
+        if dataclasses.is_dataclass(default):
+            overrides = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else dict(value)
+            nested.append((f, type(default), {**dataclasses.asdict(default), **overrides}))
             continue
-        if f.metadata.get("help"):
-            lines.append(f"# {f.metadata['help']}")
+        help_text = f.metadata.get("help") or (key_help or {}).get(f.name)
+        if help_text:
+            lines.append(f"# {help_text}")
         rendered = _toml_literal(value)
         lines.append(f"{f.name} = {rendered}" if rendered is not None else f"# {f.name} =")
     lines.append("")
-    for child, child_cls, child_values in nested:
-        _render_table(lines, f"{name}.{child}", child_cls, child_values)
+    for f, child_cls, child_values in nested:
+        _render_table(lines, f"{name}.{f.name}", child_cls, child_values, f.metadata.get("help", ""),
+                      f.metadata.get("key_help"))
 
 
 def _toml_literal(value: Any) -> str | None:

@@ -4,18 +4,16 @@ Theory of operation. Everything the cosine rules need is in the Gram matrix G = 
 clients' flat updates Δθ_n (float64, zeros where a client holds no position): ‖Δθ_n‖ = sqrt(G_nn)
 and ⟨u_n, u_m⟩ = G_nm / (‖Δθ_n‖‖Δθ_m‖). With the aggregate U = Σ σ_m u_m the leave-one-out cosine
 psi_n = cos(u_n, U - σ_n u_n) has the closed form a_n / b_n of §4.2 step 4, so scoring N clients
-costs one N×N matrix, never N passes over the model.
+costs one N×N matrix, never N passes over the model. psi is measured and logged, not weighted by.
 
-A round produces a quality observation x_n in [0, 1] (or psi itself for the plain cosine rule);
-the state q_n is an exponential moving average with trade-off gamma, clamped at q_min, so a
-client's memory is ≈ 1/(1-gamma) participations whatever N is. Importance r_n = s_n q_n / Σ s_m q_m
-(the thesis's r) and aggregation weights w_n ∝ s_n q_n over the valid set. Signals:
+A round produces a quality observation x_n in [0, 1] from the clients' loss ratios (a client's
+per-class loss of the received model against the round's class medians, §4.6); the state q_n is
+an exponential moving average with trade-off gamma, clamped at q_min, so a client's memory is
+≈ 1/(1-gamma) participations whatever N is. Importance r_n = s_n q_n / Σ s_m q_m (the thesis's r)
+and aggregation weights w_n ∝ s_n q_n over the valid set. The two bands on the loss ratio:
 
-- ``cosine``: x_n = psi_n (§4.2, measured to lose under label skew, kept for ablations);
-- ``z``: robust outlier band on psi: x_n = clip((z_n + 3)/2, 0, 1), z from median/MAD (§4.5.1);
-- ``loss``: per-class loss ratio of the received global model on the client's data (§4.6, "P2");
-- ``loss_rel``: the per-class loss ratio judged against this round's other clients (robust z);
-- ``loss_z``: min of ``loss`` and ``z`` (a client must look normal on both).
+- ``loss_quality``: absolute, full weight up to ``full``× the class medians ("P2", §4.6);
+- ``relative_loss_quality``: judged against this round's other clients (robust z).
 
 All functions are pure: arrays and dicts in, arrays and dicts out.
 """
@@ -75,22 +73,12 @@ def loo_cosine(g: np.ndarray, sigma: np.ndarray) -> np.ndarray:
 
 
 def self_cosine(g: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """psi_n = cos(u_n, U), own term included: CGSV as published (faithful mode)."""
+    """psi_n = cos(u_n, U), own term included, as CGSV publishes it (``leave_one_out = false``)."""
     c = cosine_matrix(g)
     w = np.asarray(weights, dtype=np.float64)
     uu = c @ w
     big_u = np.sqrt(max(float(w @ c @ w), 0.0))
     return uu / big_u if big_u > EPS else np.zeros_like(uu)
-
-
-def z_quality(psi: np.ndarray) -> np.ndarray:
-    """Robust outlier band: x = clip((z + 3)/2, 0, 1) with z from median and 1.4826·MAD of psi."""
-    psi = np.asarray(psi, dtype=np.float64)
-    med = np.median(psi)
-    mad = 1.4826 * np.median(np.abs(psi - med))
-    if mad <= EPS:
-        return np.ones_like(psi)
-    return np.clip(((psi - med) / mad + 3.0) / 2.0, 0.0, 1.0)
 
 
 def _usable_reports(class_losses: Sequence[Mapping[int, tuple[float, int]]]) -> Iterator[tuple[int, float, int]]:
@@ -130,7 +118,7 @@ def loss_ratio(
     totals: Mapping[int, int] | None = None,
     max_share: float = 1.0,
 ) -> float | None:
-    """rho_n = mean over n's classes of (ℓ_{n,c} + offset)/(m_c + offset); None if no usable class.
+    """n's loss ratio: the mean over n's classes of (ℓ_{n,c} + offset)/(m_c + offset); None if no usable class.
 
     ``weighted`` averages by n's sample count per class, so one rare class with a handful of
     samples cannot dominate a client's ratio. ``offset`` (nats) keeps ratios of tiny losses
@@ -167,30 +155,30 @@ def weighted_median(values: np.ndarray, weights: np.ndarray) -> float:
     return float(values[order][np.searchsorted(cumulative, 0.5 * cumulative[-1])])
 
 
-def loss_quality(rho: float | None, full: float = 2.0, zero: float = 4.0) -> float:
-    """x = 1 up to ``full``× the median loss, falling linearly to 0 at ``zero``× (§4.6: 2 and 4)."""
-    if rho is None:
+def loss_quality(ratio: float | None, full: float = 2.0, zero: float = 4.0) -> float:
+    """x = 1 up to a loss ratio of ``full``, falling linearly to 0 at ``zero`` (§4.6: 2 and 4)."""
+    if ratio is None:
         return 1.0
-    return float(np.clip((zero - rho) / (zero - full), 0.0, 1.0))
+    return float(np.clip((zero - ratio) / (zero - full), 0.0, 1.0))
 
 
 def relative_loss_quality(
-    rho: Sequence[float | None], full: float = 2.0, zero: float = 4.0, spread_floor: float = 0.05
+    ratios: Sequence[float | None], full: float = 2.0, zero: float = 4.0, spread_floor: float = 0.05
 ) -> np.ndarray:
     """Robust relative band on the loss ratios of one round ("loss_rel").
 
-    z_n = (rho_n - median rho) / max(1.4826·MAD rho, spread_floor·median rho); x_n = 1 up to
-    z = ``full``, falling linearly to 0 at z = ``zero``. Unlike the absolute band of §4.6 it does not
-    wait for the model to become confident: it flags the clients whose loss ratio is an outlier
-    among this round's clients, while ``spread_floor`` keeps a near-constant round (all clean)
-    from turning tiny differences into large z.
+    z_n = (ratio_n - median) / max(1.4826·MAD, spread_floor·median), median and MAD over the known
+    ratios; x_n = 1 up to z = ``full``, falling linearly to 0 at z = ``zero``. Unlike the absolute
+    band of §4.6 it does not wait for the model to become confident: it flags the clients whose
+    loss ratio is an outlier among this round's clients, while ``spread_floor`` keeps a
+    near-constant round (all clean) from turning tiny differences into large z.
     """
-    known = np.array([r for r in rho if r is not None], dtype=np.float64)
+    known = np.array([ratio for ratio in ratios if ratio is not None], dtype=np.float64)
     if len(known) < 3:
-        return np.ones(len(rho))
+        return np.ones(len(ratios))
     med = float(np.median(known))
     spread = max(1.4826 * float(np.median(np.abs(known - med))), spread_floor * med, EPS)
-    z = np.array([0.0 if r is None else (r - med) / spread for r in rho])
+    z = np.array([0.0 if ratio is None else (ratio - med) / spread for ratio in ratios])
     return np.clip((zero - z) / (zero - full), 0.0, 1.0)
 
 

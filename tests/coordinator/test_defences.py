@@ -131,13 +131,13 @@ def test_baselines_ignore_the_defence_knobs(direction):
 
 
 def test_defence_knobs_are_validated():
-    with pytest.raises(ValueError, match="strategy.direction_gate"):
+    with pytest.raises(ValueError, match=r"\[strategy\] direction_gate 'always': expected one of"):
         StrategyConfig(direction_gate="always")
-    with pytest.raises(ValueError, match="strategy.norm_clip"):
+    with pytest.raises(ValueError, match=r"\[strategy\] norm_clip -1.0: expected a number >= 0"):
         StrategyConfig(norm_clip=-1.0)
-    with pytest.raises(ValueError, match="strategy.sybil_cos"):
+    with pytest.raises(ValueError, match=r"\[strategy\] sybil_cos 1.5: expected a number in \[0, 1\]"):
         StrategyConfig(sybil_cos=1.5)
-    with pytest.raises(ValueError, match="strategy.centered_clip .* step = 'plain'"):
+    with pytest.raises(ValueError, match=r"\[strategy\] centered_clip 1.0: expected 0 unless step = 'plain'"):
         StrategyConfig(centered_clip=1.0, step="normalized")
 
 

@@ -5,18 +5,22 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
+from dataclasses import fields, replace
 from pathlib import Path
 
 import onnx
 import onnxruntime as ort
 import numpy as np
 
-from fedprune.coordinator.config import load_config
+from fedprune.coordinator.config import CoordinatorConfig, example_config, load_config
+from fedprune.coordinator.core.config import LOCAL_HELP, StrategyConfig
 from fedprune.coordinator.daemon import CoordinatorDaemon
 from fedprune.common.bundle import load_bundle
+from fedprune.protocol.hyperparams import HyperParams
 
 BIN = Path(sys.executable).parent
 
@@ -72,3 +76,36 @@ def test_init_refuses_to_overwrite_a_config(tmp_path: Path) -> None:
     cli("init", "--config", config, "--state", tmp_path / "state")
     result = cli("init", "--config", config, "--state", tmp_path / "state", check=False)
     assert result.returncode == 78 and "--force" in result.stderr
+
+
+def helped_keys(text: str) -> dict[str, dict[str, str]]:
+    """{table: {key: the comment line above it}} for every key of a rendered config, set or not."""
+    found: dict[str, dict[str, str]] = {}
+    table, previous = "", ""
+    for line in text.splitlines():
+        if line.startswith("["):
+            table = line[1:line.index("]")]
+        elif (key := re.match(r"(\w+) = |# (\w+) =$", line)) and previous.startswith("# "):
+            found.setdefault(table, {})[key.group(1) or key.group(2)] = previous[2:]
+        previous = line
+    return found
+
+
+def test_init_writes_every_strategy_key_with_its_help_and_loads_back_to_the_defaults(tmp_path: Path) -> None:
+    config = tmp_path / "coordinator.toml"
+    cli("init", "--config", config, "--state", tmp_path / "state")
+    helped = helped_keys(config.read_text())
+    assert helped["strategy"] == {f.name: f.metadata["help"] for f in fields(StrategyConfig) if f.name != "local"}
+    assert helped["strategy.local"] == LOCAL_HELP and set(LOCAL_HELP) == {f.name for f in fields(HyperParams)}
+    default = CoordinatorConfig()
+    loaded = load_config(config, env={})
+    assert replace(loaded, state=default.state) == default  # init sets only the state directory
+    assert loaded.state.dir == (tmp_path / "state").resolve()
+
+
+def test_init_renders_strategy_local_settings_given_as_a_table(tmp_path: Path) -> None:
+    """``init`` with [strategy.local] values raised TypeError: the table came as a mapping."""
+    config = tmp_path / "coordinator.toml"
+    config.write_text(example_config({"strategy": {"method": "feddst", "local": {"epochs": 3, "lr": 0.1}}}))
+    strategy = load_config(config, env={}).strategy
+    assert strategy.method == "feddst" and strategy.local == replace(StrategyConfig().local, epochs=3, lr=0.1)
