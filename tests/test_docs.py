@@ -12,6 +12,12 @@ ROOT = Path(__file__).resolve().parents[1]
 # link in markdown; not a URL or a shell variable (no ":", "//" or "$" before it).
 CITED_MD = re.compile(r"(?<![\w./:$-])((?:\.\./)*(?:[\w-]+/)*[A-Z][A-Z_]*\.md)\b")
 IMAGE_LINK = re.compile(r"!\[[^\]]*\]\(((?!https?:)[^)\s]+)\)")
+# Any relative markdown link, image or not (`[text](../benchmarks/results/current/summary.md#x)`).
+RELATIVE_LINK = re.compile(r"\]\(((?!https?:|mailto:|#)[^)\s#]+)(?:#[^)\s]*)?\)")
+# A path under benchmarks/ cited in a document, e.g. `benchmarks/results/current/summary.md`. Not a
+# placeholder (`<name>.json`, `{cuda,cpu}`, `*`) and not a path inside a git object
+# (`research-history-2026-12:benchmarks/...` names the tag's tree, not the checkout's).
+CITED_BENCHMARK = re.compile(r"(?<![\w./:$-])(benchmarks/[\w./-]*)(?![\w<{*])")
 
 
 def tracked_sources() -> list[Path]:
@@ -45,3 +51,20 @@ def test_every_cited_document_and_image_is_in_the_repository() -> None:
 def test_nothing_points_outside_the_checkout() -> None:
     outside = [f"{p.relative_to(ROOT)}" for p in tracked_sources() if re.search(r"\.\./shared|\bshared/[A-Z]", p.read_text(errors="replace"))]
     assert not outside, outside
+
+
+def test_every_relative_link_and_benchmark_path_in_the_documents_exists() -> None:
+    """Markdown links resolve from the citing file; benchmarks/ paths from the repository root, so
+    that removing a grid or its results without updating the documents fails here."""
+    missing = []
+    for path in tracked_sources():
+        if path.suffix != ".md":
+            continue
+        text = path.read_text(errors="replace")
+        for ref in RELATIVE_LINK.findall(text):
+            if not (path.parent / ref).resolve().exists():
+                missing.append(f"{path.relative_to(ROOT)}: link {ref}")
+        for ref in CITED_BENCHMARK.findall(text):
+            if not (ROOT / ref.rstrip(".")).exists():
+                missing.append(f"{path.relative_to(ROOT)}: {ref}")
+    assert not missing, "cited but not in the checkout:\n" + "\n".join(missing)

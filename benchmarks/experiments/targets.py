@@ -1,12 +1,11 @@
-"""Check the final grid's summary against the issue's targets; prints a Markdown table.
+"""Check a grid's summary against the issue's targets; prints a Markdown table.
 
-    .venv/bin/python benchmarks/experiments/targets.py benchmarks/results/final/summary.json
-    .venv/bin/python benchmarks/experiments/targets.py benchmarks/results/confirm_batch/summary.json --suffix=-b16
+    .venv/bin/python benchmarks/experiments/targets.py benchmarks/results/current/summary.json
 
-Labels follow benchmarks/experiments/final.toml: "<dataset>-<model>-b<beta>-<clean|sym|pair>"
+Labels follow benchmarks/experiments/current.toml: "<dataset>-<model>-b<beta>-<clean|sym|pair>"
 settings and the methods "fedavg-dense", "feddst-0.8", "ours-0.8". A target whose runs are
 missing from the summary is reported as "not run". ``--suffix=S`` reads methods labelled
-"<method>S" instead (e.g. confirm_batch.toml's "ours-0.8-b16").
+"<method>S" instead (e.g. "ours-0.8-b16" in a grid that compares batch sizes).
 """
 
 from __future__ import annotations
