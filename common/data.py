@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 DATASET_NAMES = ("digits", "mnist1d")
+DATASET_SHAPES = {"digits": (1, 8, 8), "mnist1d": (1, 40)}  # the canonical input_shape of each
 NOISE_KINDS = ("symmetric", "pairwise")
 DIGITS_TEST_FRACTION = 0.2
 MAX_FILE_BYTES = 512 << 20

@@ -21,6 +21,9 @@ paho leaves four traps that this module closes (measured, see docs/INFRA.md):
 where the broker answers CONNACK 132 "Unsupported protocol version" (amqtt). paho fixes the
 protocol per client, so ``auto`` first sends a bare probe CONNECT, then builds the real client;
 publishes made meanwhile wait in the link and go out once it exists.
+
+Why one file over 400 lines: one adapter class whose callbacks share its lock, counters and
+pending acknowledgements; the traps above are each a few lines inside it.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any, Callable, Sequence
 
 import paho.mqtt.client as paho
@@ -37,6 +40,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from fedprune.common.link import LinkStats
 from fedprune.common.mqtt_config import (
     MAX_MESSAGE_BYTES, BrokerAddress, LastWill, LinkConfig, check_filter, check_qos, check_topic, parse_broker_url,
     tls_context,
@@ -93,25 +97,6 @@ class BrokerRefused(MqttError):
 
 class ConnectTimeout(MqttError, TimeoutError):
     """No ready connection within the caller's timeout (broker down, unreachable, TLS failure)."""
-
-
-@dataclass(frozen=True)
-class LinkStats:
-    """A snapshot of the link's counters, for metrics."""
-
-    messages_in: int = 0
-    bytes_in: int = 0
-    messages_out: int = 0
-    bytes_out: int = 0
-    publishes_acked: int = 0
-    publish_failures: int = 0
-    oversize_refused: int = 0
-    messages_dropped: int = 0
-    connects: int = 0
-    connect_failures: int = 0
-    reconnects: int = 0
-    disconnects: int = 0
-    subscribe_refusals: int = 0
 
 
 class PublishHandle:

@@ -36,12 +36,15 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_simulate(commands: argparse._SubParsersAction) -> None:
     sub = commands.add_parser(
         "simulate",
-        help="run a whole federation in one process (same strategy and trainer as the daemon)",
+        help="run a whole federation in one process: the coordinator and agent daemons over an in-memory broker",
         description="Simulate a federation from a TOML config; writes results JSON and PNG plots.",
     )
     sub.add_argument("--config", required=True, help="simulation TOML file (see docs/ and benchmarks/experiments/)")
     sub.add_argument("--out", default=None, help="output directory (default: runs/<config name>)")
     sub.add_argument("--no-progress", action="store_true", help="disable the progress bar")
+    sub.add_argument("--keep-federation", action="store_true",
+                     help="keep the federation's files in <out>/federation: the coordinator's state and history, "
+                          "each device's audit log, privacy ledger and installed release")
     sub.add_argument("--device", default="cpu", choices=TRAINING_DEVICES,
                      help="where the simulated devices train (auto: CUDA when torch sees a GPU)")
     sub.set_defaults(handler=_run_simulate)
@@ -50,7 +53,8 @@ def _add_simulate(commands: argparse._SubParsersAction) -> None:
 def _run_simulate(args: argparse.Namespace) -> int:
     from fedprune.coordinator.lab import simulate
 
-    return simulate.main(args.config, out_dir=args.out, progress=not args.no_progress, device=args.device)
+    return simulate.main(args.config, out_dir=args.out, progress=not args.no_progress, device=args.device,
+                         keep_federation=args.keep_federation)
 
 
 def _add_config_flags(sub: argparse.ArgumentParser, required: bool = True) -> None:

@@ -14,12 +14,16 @@ from pathlib import Path
 from typing import Mapping
 from urllib.parse import urlsplit
 
-from fedprune.coordinator.core.strategy import StrategyConfig
+from fedprune.coordinator.core.config import StrategyConfig
 from fedprune.common.configkit import ConfigError, in_range, load, one_of, render_example, setting
 from fedprune.common.model_rules import MODEL_NAMES, input_shape_problem
 from fedprune.protocol.topics import is_valid_id
 
 ENV_PREFIX = "FEDPRUNE_COORDINATOR_"
+# Refused by `run` and `simulate` alike: a sub-mask per device needs a task per device, and the
+# task is one broadcast encrypted to the members (N tasks would multiply every device's downlink).
+ADAPTIVE_DENSITY_REFUSED = ("[strategy] adaptive_density = true: per-device sub-masks need a task per device, "
+                            "which the coordinator does not send (the task is one broadcast); set it to false")
 
 
 def _broker_url(value: str) -> str | None:
@@ -109,6 +113,7 @@ class EvaluationSection:
     """Held-out data the coordinator evaluates the global model on (never used for training)."""
 
     data: Path | None = setting(None, "a .npz (X, y) or CSV file or directory; empty: no evaluation")
+    every_rounds: int = setting(1, "evaluate every this many rounds (and after the last)", check=in_range(1, 1_000_000))
 
 
 @dataclass(frozen=True)
@@ -144,6 +149,8 @@ class CoordinatorConfig:
             raise ConfigError(
                 f"[rounds] quorum {self.rounds.quorum}: expected at most min_devices ({self.rounds.min_devices})"
             )
+        if self.strategy.adaptive_density:
+            raise ConfigError(ADAPTIVE_DENSITY_REFUSED)
         if self.strategy.rounds != self.rounds.total:
             object.__setattr__(self, "strategy", _with_rounds(self.strategy, self.rounds.total))
 

@@ -1,13 +1,22 @@
-"""The coordinator's shell: one loop that feeds MQTT messages and clock ticks to the round
-machine and the strategy, and carries out what they decide (publish, checkpoint, count).
+"""The coordinator's shell: one loop that feeds messages and clock ticks to the round machine
+and the strategy, and carries out what they decide (publish, checkpoint, count).
+
+The same object runs a fleet (``run``: MQTT, signals, the metrics endpoint) and a simulation
+(``start`` with an in-memory link, then ``on_message`` and ``tick``): one round engine, two
+transports.
 
 A round, top to bottom: ``_maybe_start_round`` plans it (strategy), signs and publishes the
-RoundTask (channel), opens it (rounds); ``_on_message`` authenticates each uplink (channel),
-updates presence (registry) and hands updates to the round machine; ``_tick`` closes the round
+RoundTask (channel), opens it (rounds); ``on_message`` authenticates each uplink (channel),
+updates presence (registry) and hands updates to the round machine; ``tick`` closes the round
 at quorum/deadline, aggregates (strategy), evaluates, checkpoints atomically (state) and only
 then counts the round as done. A crash anywhere before the checkpoint replays the round from
 the previous checkpoint; after it, the next run starts at the next round. Peer input never
-raises past ``_on_message``: a ProtocolError becomes a counted, logged rejection.
+raises past ``on_message``: a ProtocolError becomes a counted, logged rejection.
+
+Why one file over 400 lines: it is the one loop and its reactions, each method one step of the
+round or one kind of message, sharing the loop's state (open round, pending commit, outage,
+key members). The decisions are elsewhere (``core/``, ``federation_key``, ``releases``,
+``state``); splitting the reactions across files would split that state.
 """
 
 from __future__ import annotations
@@ -22,12 +31,15 @@ from typing import Any, Callable
 import numpy as np
 
 from fedprune.coordinator.config import CoordinatorConfig, model_spec
-from fedprune.coordinator.metrics import Metrics, MetricsServer
+from fedprune.coordinator.federation_key import FederationKey
+from fedprune.coordinator.releases import latest_release, make_release, release_due, release_metadata
+from fedprune.coordinator.metrics import Metrics, MetricsServer, declare_metrics
 from fedprune.coordinator.fleet.registry_store import RegistryStore
 from fedprune.coordinator.core.rounds import Accepted, CloseRound, RetryRound, RoundMachine, RoundPolicy
 from fedprune.coordinator.state import Checkpoint, StateDir, StateError, load_identity
 from fedprune.coordinator.core.strategy import ClientUpdate, RoundPlan, Strategy
 from fedprune.common.data import DATA_MISMATCH
+from fedprune.common.link import Link
 from fedprune.common.mqtt import LinkConfig, MqttError, MqttLink
 from fedprune.protocol.channel import CoordinatorChannel, Publication
 from fedprune.protocol.crypto import PublicIdentity
@@ -41,30 +53,6 @@ log = logging.getLogger("fedprune.coordinator")
 COMMIT_RETRY_S = 5
 REGISTRY_SAVE_S = 5
 MEMBERS_CHECK_S = 1.0  # how often the allow-list is compared with the federation key's members
-
-
-def declare_metrics(metrics: Metrics) -> None:
-    for name, kind, help_text in (
-        ("rounds_completed_total", "counter", "Rounds aggregated and checkpointed."),
-        ("updates_accepted_total", "counter", "Updates accepted into a round."),
-        ("updates_rejected_total", "counter", "Updates and messages rejected, by reason."),
-        ("updates_held_total", "counter", "Updates that arrived before their round opened (after a restart), held for it."),
-        ("bytes_in_total", "counter", "MQTT payload bytes received."),
-        ("bytes_out_total", "counter", "MQTT payload bytes published."),
-        ("devices_online", "gauge", "Devices heard from within the heartbeat timeout."),
-        ("device_importance", "gauge", "Importance score r of each device after the last round."),
-        ("updates_gated_total", "counter", "Accepted updates the Byzantine defences left out of a round, by device and rule."),
-        ("round_duration_seconds", "gauge", "Wall time of the last completed round."),
-        ("current_round", "gauge", "Round in progress (or next to run)."),
-        ("global_accuracy", "gauge", "Accuracy of the global model on the coordinator's evaluation set."),
-        ("rounds_declined_total", "counter", "Rounds devices declined (governance, data_mismatch), by reason; once per device and round."),
-        ("devices_excluded", "gauge", "Devices left out of selection until they register again, by reason (data_mismatch: their data does not fit the model)."),
-        ("revocations_applied_total", "counter", "Devices the running daemon stopped accepting after the allow-list file changed (revoke)."),
-        ("checkpoint_failures_total", "counter", "Checkpoint or registry writes that failed (e.g. disk full) and were retried."),
-        ("reassembly_dropped_total", "counter", "Partial multi-chunk transfers dropped unfinished, by reason (source_transfers and source_bytes: a device over its own share; transfers and bytes: the overall bound; age: stale)."),
-        ("reassembly_buffered_bytes", "gauge", "Bytes of partial multi-chunk transfers held for reassembly."),
-    ):
-        metrics.declare(name, kind, help_text)
 
 
 def client_update(update: Update) -> ClientUpdate:
@@ -114,6 +102,7 @@ class CoordinatorDaemon:
             federation=config.federation.id, identity=self.identity, devices=self._device_key, layout=self.layout,
             max_chunk=config.broker.max_message_kib * 1024,
         )
+        self.federation_key = FederationKey(self.channel, self.registry)
         # Updates queued at the broker while this process was down name the current mask version.
         self.channel.remember_masks(self.state.mask_version, self.state.masks)
         self.rounds: RoundMachine[Update] = RoundMachine(RoundPolicy(
@@ -125,7 +114,7 @@ class CoordinatorDaemon:
         self.task_publications: list[Publication] = []
         self.round_started = 0.0
         self.next_announce = 0.0
-        self.link: MqttLink | None = None
+        self.link: Link | None = None
         self._pending_commit: tuple[int, dict[str, Any], ModelRelease | None] | None = None
         self._retry_commit_at = 0.0
         self._lost_since: float | None = None
@@ -173,6 +162,14 @@ class CoordinatorDaemon:
     def stop(self, *_: object) -> None:
         self.stopping = True
 
+    @property
+    def subscriptions(self) -> list[tuple[str, int]]:
+        return [(f, 1) for f in self.channel.subscriptions]
+
+    @property
+    def finished(self) -> bool:
+        return self.completed >= self.config.rounds.total and self._pending_commit is None
+
     def open_link(self) -> MqttLink:
         """The coordinator's MQTT session: persistent, so uploads wait at the broker while it restarts."""
         broker = self.config.broker
@@ -182,7 +179,7 @@ class CoordinatorDaemon:
             cert_file=broker.cert_file, key_file=broker.key_file, clean_start=False, session_expiry_s=86_400,
             max_message_bytes=broker.max_message_kib * 1024, max_queued_messages=100_000,
             reconnect_max_s=5.0,  # one client that every device waits on: retry soon (agents back off to 30 s)
-        ), subscriptions=[(f, 1) for f in self.channel.subscriptions])
+        ), subscriptions=self.subscriptions)
 
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self.stop)
@@ -192,31 +189,38 @@ class CoordinatorDaemon:
             server = MetricsServer(self.metrics, self.config.metrics.host, self.config.metrics.port).start()
             log.info("event=metrics_listening url=http://%s:%d/metrics", self.config.metrics.host, server.port)
         self.metrics_port = server.port if server else None
-        self.link = self.open_link()
-        log.info("event=start federation=%s completed_rounds=%d total_rounds=%d broker=%s",
-                 self.config.federation.id, self.completed, self.config.rounds.total, self.config.broker.url)
-        self._follow_members(self.clock())  # a fresh key every start: the retained release goes out under it
+        link = self.open_link()
         try:
-            while not self.stopping and (self.completed < self.config.rounds.total or self._pending_commit):
+            self.start(link)
+            while not self.stopping and not self.finished:
                 try:
-                    topic, payload = self.link.messages.get(timeout=0.05)
+                    topic, payload = link.messages.get(timeout=0.05)
                 except queue.Empty:
                     pass
                 else:
-                    self._on_message(topic, payload)
-                    while not self.link.messages.empty() and not self.stopping:
-                        self._on_message(*self.link.messages.get_nowait())
-                self._tick()
+                    self.on_message(topic, payload)
+                    while not link.messages.empty() and not self.stopping:
+                        self.on_message(*link.messages.get_nowait())
+                self.tick()
         finally:
-            self.link.close()
+            self.finish()
             if server is not None:
                 server.stop()
-            if self._registry_dirty:
-                self._save_registry(self.clock())
-        log.info("event=stopped completed_rounds=%d", self.completed)
         return 0
 
-    def _on_message(self, topic: str, payload: bytes) -> None:
+    def start(self, link: Link) -> None:
+        self.link = link
+        log.info("event=start federation=%s completed_rounds=%d total_rounds=%d broker=%s",
+                 self.config.federation.id, self.completed, self.config.rounds.total, self.config.broker.url)
+        self._follow_members(self.clock())  # a fresh key every start: the retained release goes out under it
+
+    def finish(self) -> None:
+        self.link.close()
+        if self._registry_dirty:
+            self._save_registry(self.clock())
+        log.info("event=stopped completed_rounds=%d", self.completed)
+
+    def on_message(self, topic: str, payload: bytes) -> None:
         now = self.clock()
         if self._lost_since is not None:  # back from an outage: move the deadline before queued uploads are judged
             self._broker_lost(now)
@@ -297,7 +301,7 @@ class CoordinatorDaemon:
             log.log(level, "event=update_rejected device=%s round=%d reason=%s", update.device, update.round,
                     verdict.reason)
 
-    def _tick(self) -> None:
+    def tick(self) -> None:
         now = self.clock()
         self._watch_reassembly(now)
         self._follow_allow_list()
@@ -364,9 +368,6 @@ class CoordinatorDaemon:
         if len(online) < self.config.rounds.min_devices:
             return
         self.plan = self.strategy.plan_round(self.state, online, self.rng)
-        if self.plan.client_masks:
-            raise StateError("adaptive_density needs per-device tasks, which the daemon does not send yet; "
-                             "set [strategy] adaptive_density = false")
         deadline = now + self.config.rounds.deadline_s
         include_masks = any(self.holders.get(d) != self.state.mask_version for d in self.plan.selected)
         self._task = RoundTask(
@@ -423,10 +424,13 @@ class CoordinatorDaemon:
                 if score.gated_by:
                     self.metrics.inc("updates_gated_total", device=device, reason=score.gated_by)
                     log.warning("event=update_gated device=%s round=%d reason=%s", device, closed.round, score.gated_by)
+            entry["n_valid"] = result.n_valid
             entry["rejected"] = result.rejected
             entry["scores"] = {d: asdict(s) for d, s in result.scores.items()}
             entry["mask_churn"] = result.mask_churn
-        if self.evaluation is not None:
+        entry["local_macs"] = int(sum(u.metrics.get("macs", 0.0) for u in closed.updates.values()))
+        every = self.config.evaluation.every_rounds
+        if self.evaluation is not None and (closed.round % every == 0 or closed.round == self.config.rounds.total):
             from fedprune.common.models import evaluate
 
             ev = evaluate(self.spec, self.state.params, *self.evaluation)
@@ -500,39 +504,30 @@ class CoordinatorDaemon:
             self._publish_release(release)
 
     # ---- the federation key ----------------------------------------------------------------------
-    def _members(self) -> dict[str, tuple[bytes, bytes]]:
-        """The allow-list's accepted devices and their raw keys (cheap to compare, once a second)."""
-        return {r.device_id: (r.sign_public, r.kx_public) for r in self.registry.devices() if not r.revoked}
-
-    def _ensure_group_key(self, now: float) -> bool:
-        """Rotate the federation key when the allow-list no longer matches its members (a device
-        enrolled, revoked or re-keyed), so a revoked device reads nothing broadcast after its
-        revocation and a new one can read what is broadcast from now on. Each process starts with
-        a fresh key. True if it rotated: the caller re-publishes the retained release under it."""
-        self._next_members_check = now + MEMBERS_CHECK_S
-        members = self._members()
-        granted = {d: (p.signing, p.agreement) for d, p in self.channel.group_members.items()}
-        if self.channel.group_key is not None and members == granted:
-            return False
-        revoked = [r.device_id for r in self.registry.devices() if r.revoked]
-        publics = {d: PublicIdentity(*keys) for d, keys in members.items()}
-        self._publish_grants(self.channel.rekey(publics, now, dropped=revoked))
-        log.info("event=group_key_rotated key_id=%s members=%d", self.channel.group_key.key_id.hex(), len(members))
-        return True
-
     def _follow_members(self, now: float) -> None:
         """Rotate the key if the members changed, and put the retained release under the new key
         (that waits for the broker's ack: the callers run only while the broker is reachable)."""
-        if self._ensure_group_key(now):
+        self._next_members_check = now + MEMBERS_CHECK_S
+        if self._rotate_key(now):
             self._republish_latest_release()
+
+    def _rotate_key(self, now: float) -> bool:
+        grants = self.federation_key.rotation(now)
+        if grants is None:
+            return False
+        self._publish_grants(grants)
+        log.info("event=group_key_rotated key_id=%s members=%d", self.channel.group_key.key_id.hex(),
+                 len(self.channel.group_members))
+        return True
 
     def _grant_key(self, device: str, now: float) -> None:
         """A registering device may lack the key (it says so by registering after an unknown key id):
         send its grant again, or rotate first if it joined the allow-list since the last key."""
-        if device not in self.channel.group_members:
+        grant = self.federation_key.grant(device, now)
+        if grant is None:
             self._follow_members(now)
-            return
-        self._publish_grants([self.channel.grant(device, now)])
+        else:
+            self._publish_grants([grant])
 
     def _publish_grants(self, publications: list[Publication]) -> None:
         """Retained on each member's inbox; one lost in an outage is sent again when its device registers."""
@@ -546,21 +541,14 @@ class CoordinatorDaemon:
     # ---- releases -------------------------------------------------------------------------------
     def _maybe_release(self, round_number: int, accuracy: float | None) -> ModelRelease | None:
         """Export before the checkpoint (so the version is persisted with the round), publish after."""
-        every = self.config.export.every_rounds
-        if round_number != self.config.rounds.total and not (every and round_number % every == 0):
+        if not release_due(self.config, round_number):
             return None
-        from fedprune.coordinator.releases import make_release
-
-        metadata: dict[str, str | int | float] = {
-            "federation": self.config.federation.id, "round": round_number, "mask_version": self.state.mask_version,
-        }
-        if accuracy is not None:
-            metadata["val_accuracy"] = float(accuracy)
         version = self.release_version + 1
         try:
-            release, path = make_release(self.spec, self.state.params, version=version,
-                                         variant=self.config.export.variant, opset=self.config.export.opset,
-                                         metadata=metadata, state_root=self.state_dir.root)
+            release, path = make_release(self.spec, self.state.params, version=version, variant=self.config.export.variant,
+                                         opset=self.config.export.opset, state_root=self.state_dir.root,
+                                         metadata=release_metadata(self.config, round_number, self.state.mask_version,
+                                                                   accuracy))
         except OSError as exc:
             log.error("event=release_failed version=%d round=%d error=%r", version, round_number, exc)
             return None
@@ -571,8 +559,6 @@ class CoordinatorDaemon:
 
     def _republish_latest_release(self) -> None:
         """After a restart the broker may have lost the retained release; publishing it again is harmless."""
-        from fedprune.coordinator.releases import latest_release
-
         latest = latest_release(self.state_dir.root)
         if latest is None or latest[0] != self.release_version:
             return
@@ -582,7 +568,7 @@ class CoordinatorDaemon:
 
     def _publish_release(self, release: ModelRelease, timeout_s: float = 30.0) -> None:
         """Retained and acknowledged before returning: the final release must outlive this process."""
-        self._ensure_group_key(self.clock())
+        self._rotate_key(self.clock())
         try:
             handles = []
             for publication in self.channel.send(release, self.clock()):

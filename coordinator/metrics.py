@@ -135,3 +135,27 @@ class MetricsServer:
     def stop(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+def declare_metrics(metrics: Metrics) -> None:
+    for name, kind, help_text in (
+        ("rounds_completed_total", "counter", "Rounds aggregated and checkpointed."),
+        ("updates_accepted_total", "counter", "Updates accepted into a round."),
+        ("updates_rejected_total", "counter", "Updates and messages rejected, by reason."),
+        ("updates_held_total", "counter", "Updates that arrived before their round opened (after a restart), held for it."),
+        ("bytes_in_total", "counter", "MQTT payload bytes received."),
+        ("bytes_out_total", "counter", "MQTT payload bytes published."),
+        ("devices_online", "gauge", "Devices heard from within the heartbeat timeout."),
+        ("device_importance", "gauge", "Importance score r of each device after the last round."),
+        ("updates_gated_total", "counter", "Accepted updates the Byzantine defences left out of a round, by device and rule."),
+        ("round_duration_seconds", "gauge", "Wall time of the last completed round."),
+        ("current_round", "gauge", "Round in progress (or next to run)."),
+        ("global_accuracy", "gauge", "Accuracy of the global model on the coordinator's evaluation set."),
+        ("rounds_declined_total", "counter", "Rounds devices declined (governance, data_mismatch), by reason; once per device and round."),
+        ("devices_excluded", "gauge", "Devices left out of selection until they register again, by reason (data_mismatch: their data does not fit the model)."),
+        ("revocations_applied_total", "counter", "Devices the running daemon stopped accepting after the allow-list file changed (revoke)."),
+        ("checkpoint_failures_total", "counter", "Checkpoint or registry writes that failed (e.g. disk full) and were retried."),
+        ("reassembly_dropped_total", "counter", "Partial multi-chunk transfers dropped unfinished, by reason (source_transfers and source_bytes: a device over its own share; transfers and bytes: the overall bound; age: stale)."),
+        ("reassembly_buffered_bytes", "gauge", "Bytes of partial multi-chunk transfers held for reassembly."),
+    ):
+        metrics.declare(name, kind, help_text)

@@ -41,6 +41,22 @@ def make_release(spec: Any, params: dict, *, version: int, variant: str, opset: 
     return release, path
 
 
+def release_due(config: Any, round_number: int) -> bool:
+    """After the last round, and every ``[export] every_rounds`` rounds when set."""
+    every = config.export.every_rounds
+    return round_number == config.rounds.total or bool(every and round_number % every == 0)
+
+
+def release_metadata(config: Any, round_number: int, mask_version: int,
+                     accuracy: float | None) -> dict[str, str | int | float]:
+    """What a release says about itself (ONNX metadata): federation, round, masks, held-out accuracy."""
+    metadata: dict[str, str | int | float] = {"federation": config.federation.id, "round": round_number,
+                                              "mask_version": mask_version}
+    if accuracy is not None:
+        metadata["val_accuracy"] = float(accuracy)
+    return metadata
+
+
 def latest_release(state_root: Path) -> tuple[int, Path] | None:
     directory = release_dir(state_root)
     if not directory.exists():

@@ -30,7 +30,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from fedprune.coordinator.core.strategy import GlobalState
+from fedprune.coordinator.core.records import GlobalState
 from fedprune.common.fsutil import atomic_write, ensure_writable_dir
 from fedprune.protocol.crypto import Identity
 from fedprune.protocol.layout import ModelLayout

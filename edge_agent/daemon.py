@@ -1,5 +1,8 @@
-"""The agent's shell: one loop that feeds MQTT messages and clock ticks to AgentCore and
-carries out its actions (train, seal and publish, report status, audit).
+"""The agent's shell: one loop that feeds messages and clock ticks to AgentCore and carries out
+its actions (train, charge the privacy ledger, seal and publish, report status, audit).
+
+The same object runs on a device (``run``: MQTT, signals) and in the simulation (``start`` with
+an in-memory link, then ``step``), so a simulated device is this code, not a model of it.
 
 Everything that decides lives in ``fedprune.edge_agent.core.agent`` (what to do with a task),
 ``fedprune.edge_agent.core.guard`` (may this device train now), ``fedprune.edge_agent.core.privacy`` (clip, noise, budget)
@@ -8,6 +11,10 @@ sysfs, asks its one ``Governor`` (which remembers the thermal latch) and the pri
 hands the first reason to the core, which turns it into a DECLINED status. paho's callbacks
 only enqueue; signal handlers only set a flag; the loop below is the only thread that touches
 the core.
+
+Why one file over 400 lines: the loop and one executor per action and per inbound kind, sharing
+the loop's state (what was sent, what is missing, when to register again); the decisions are in
+``core/``.
 """
 
 from __future__ import annotations
@@ -23,7 +30,9 @@ from typing import Callable
 import numpy as np
 
 from fedprune.edge_agent import sysfs, worker
-from fedprune.edge_agent.core.agent import AgentCore, Decline, Ignore, Phase, ReportStatus, Resend, Train
+from fedprune.edge_agent.core.agent import (
+    AgentCore, Decline, Ignore, Phase, PrivacyStep, ReportStatus, Resend, Tamper, Train, Upload,
+)
 from fedprune.edge_agent.audit import AuditLog
 from fedprune.common.bundle import Bundle, EnrollmentError, load_bundle
 from fedprune.edge_agent.config import AgentConfig
@@ -32,14 +41,14 @@ from fedprune.common.data import DATA_MISMATCH, DataSummary, data_mismatch, load
 from fedprune.common.fsutil import atomic_write, ensure_writable_dir
 from fedprune.edge_agent.core.guard import Governor
 from fedprune.edge_agent.ledger import PrivacyLedger, ledger_path
+from fedprune.common.link import Link
 from fedprune.common.mqtt import LastWill, LinkConfig, MqttError, MqttLink
 from fedprune.edge_agent.core.privacy import PRIVACY_BUDGET_EXHAUSTED
 from fedprune.protocol.channel import AgentChannel, Publication
 from fedprune.protocol.errors import BadSignature, ProtocolError, UnknownKey, UnknownMask
 from fedprune.protocol.layout import ModelLayout
 from fedprune.edge_agent.release_store import ReleaseRejected, ReleaseStore
-from fedprune.protocol.messages import KeyGrant, ModelRef, ModelRelease, Register, RoundTask, State, Status, Update
-from fedprune.protocol.sparse import SparseParams
+from fedprune.protocol.messages import KeyGrant, ModelRef, ModelRelease, Register, RoundTask, State, Status
 
 log = logging.getLogger("fedprune.agent")
 
@@ -60,7 +69,10 @@ _PHASE_STATE = {Phase.IDLE: State.IDLE, Phase.TRAINING: State.TRAINING, Phase.UP
 
 
 class AgentDaemon:
-    def __init__(self, config: AgentConfig, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, config: AgentConfig, clock: Callable[[], float] = time.time, *,
+                 privacy_rng: np.random.Generator | None = None, tamper: Tamper | None = None) -> None:
+        """``privacy_rng`` seeds the DP noise (default: the OS's entropy; the simulation passes a
+        seeded one to be reproducible); ``tamper`` makes this a hostile device (the lab's attacks)."""
         self.config = config
         self.clock = clock
         self.stopping = False
@@ -78,9 +90,14 @@ class AgentDaemon:
         self.n_examples = self.data.n_examples
         self._mismatch: dict[ModelRef, str | None] = {}  # per model spec: why the data does not fit it
         self._last_model: ModelRef | None = None
-        self.core = AgentCore(self.bundle.device_id)
         self.governor = Governor(config.governance.limits())
         self.ledger = self._privacy_ledger() if config.privacy.enabled else None
+        privacy = None
+        if self.ledger is not None:
+            rng = np.random.default_rng() if privacy_rng is None else privacy_rng
+            privacy = PrivacyStep(self.ledger.clip_norm, self.ledger.noise_multiplier, rng)
+        self.core = AgentCore(self.bundle.device_id, privacy=privacy,
+                              report_class_losses=config.privacy.report_class_losses, tamper=tamper)
         self._layouts: dict[ModelRef, ModelLayout] = {}
         self.channel = AgentChannel(
             federation=self.bundle.federation, device=self.bundle.device_id, identity=self.bundle.identity,
@@ -112,11 +129,10 @@ class AgentDaemon:
         self.inbox: queue.Queue[tuple[str, bytes, float]] = queue.Queue()
 
     def _privacy_ledger(self) -> PrivacyLedger:
-        """The ledger on disk; the noise comes from a generator seeded by the OS's entropy, never a fixed seed."""
         p = self.config.privacy
         return PrivacyLedger(ledger_path(self.state_dir, self.bundle.federation), self.bundle.federation,
                              epsilon_budget=p.epsilon_budget, delta=p.delta, clip_norm=p.clip_norm,
-                             noise_multiplier=p.noise_multiplier, rng=np.random.default_rng())
+                             noise_multiplier=p.noise_multiplier)
 
     def _layout_for(self, model: ModelRef) -> ModelLayout:
         if model not in self._layouts:
@@ -131,16 +147,26 @@ class AgentDaemon:
         if ca_file is None and self.bundle.ca_pem and url.startswith("mqtts://"):
             ca_file = self.state_dir / "broker-ca.pem"
             atomic_write(ca_file, self.bundle.ca_pem, mode=0o644)
-        will = self.channel.last_will(self.clock())
         return LinkConfig(
             url=url, client_id=f"fedprune-agent-{self.bundle.device_id}",
             username=self.bundle.broker_username or None, password=self.bundle.broker_password or None,
-            ca_file=ca_file, will=LastWill(will.topic, will.payload, qos=1),
+            ca_file=ca_file, will=self.last_will(),
         )
 
+    def last_will(self) -> LastWill:
+        will = self.channel.last_will(self.clock())
+        return LastWill(will.topic, will.payload, qos=1)
+
+    @property
+    def subscriptions(self) -> list[tuple[str, int]]:
+        return [(f, 1) for f in self.channel.subscriptions]
+
+    def enqueue(self, topic: str, payload: bytes) -> None:
+        """The link's callback (its own thread on MQTT): stamp and queue, nothing else."""
+        self.inbox.put((topic, payload, self.clock()))
+
     def open_link(self) -> MqttLink:
-        return MqttLink(self._link_config(), subscriptions=[(f, 1) for f in self.channel.subscriptions],
-                        on_message=lambda topic, payload: self.inbox.put((topic, payload, self.clock())))
+        return MqttLink(self._link_config(), subscriptions=self.subscriptions, on_message=self.enqueue)
 
     def stop(self, *_: object) -> None:
         self.stopping = True
@@ -150,6 +176,7 @@ class AgentDaemon:
         signal.signal(signal.SIGINT, self.stop)
         if not self.config.agent.train_in_subprocess:
             worker.warm_up()
+        self.start(self.open_link())
         http = None
         if self.config.inference.http_port >= 0:
             from fedprune.edge_agent.inference import InferenceHTTP, ModelServer
@@ -160,29 +187,38 @@ class AgentDaemon:
                 self._serve(*current)
             http = InferenceHTTP(self.server, self.config.inference.http_host, self.config.inference.http_port).start()
             log.info("event=inference_listening url=http://%s:%d/predict", *http.address)
-        self.link = self.open_link()
-        log.info("event=start device=%s federation=%s examples=%d broker=%s", self.bundle.device_id,
-                 self.bundle.federation, self.n_examples, self.link_url)
         try:
             while not self.stopping:
-                self._check_bundle_accepted()
-                self._maybe_register()
-                try:
-                    topic, payload, received_at = self.inbox.get(timeout=0.2)
-                except queue.Empty:
-                    pass
-                else:
-                    self._on_message(topic, payload, received_at)
-                self._maybe_heartbeat()
-                self.channel.reassembler.expire(self.clock())
+                self.step(wait_s=0.2)
         finally:
-            if self.link.connected:
-                self._publish_status(State.OFFLINE, "stopped")
-            self.link.close()
+            self.finish()
             if http is not None:
                 http.stop()
-        log.info("event=stopped device=%s", self.bundle.device_id)
         return 0
+
+    def start(self, link: Link) -> None:
+        self.link = link
+        log.info("event=start device=%s federation=%s examples=%d broker=%s", self.bundle.device_id,
+                 self.bundle.federation, self.n_examples, self.link_url)
+
+    def step(self, wait_s: float = 0.0) -> None:
+        """One pass of the loop: at most one message (waiting up to ``wait_s`` for it), then the timers."""
+        self._check_bundle_accepted()
+        self._maybe_register()
+        try:
+            topic, payload, received_at = self.inbox.get(timeout=wait_s) if wait_s else self.inbox.get_nowait()
+        except queue.Empty:
+            pass
+        else:
+            self._on_message(topic, payload, received_at)
+        self._maybe_heartbeat()
+        self.channel.reassembler.expire(self.clock())
+
+    def finish(self) -> None:
+        if self.link.connected:
+            self._publish_status(State.OFFLINE, "stopped")
+        self.link.close()
+        log.info("event=stopped device=%s", self.bundle.device_id)
 
     @property
     def link_url(self) -> str:
@@ -372,7 +408,9 @@ class AgentDaemon:
             self._round = action.round
             self._publish_status(_PHASE_STATE[action.phase], "round")
         elif isinstance(action, Train):
-            self._train_and_upload(task)
+            self._train(action)
+        elif isinstance(action, Upload):
+            self._upload(task, action)
         elif isinstance(action, Resend):
             log.info("event=resend round=%d reason=coordinator_still_waiting", action.round)
             self._publish(self._sent.get(action.round, []), "update", action.round)
@@ -382,43 +420,39 @@ class AgentDaemon:
             log.info("event=round_declined round=%d reason=%s", action.round, action.reason)
             self._publish_status(State.DECLINED, action.reason, action.round)
 
-    def _train_and_upload(self, task: RoundTask) -> None:
-        section = self.config.agent
+    def _train(self, action: Train) -> None:
+        task, section = action.task, self.config.agent
         job = worker.TrainJob(
-            model=task.model, params=task.params(), masks=task.masks, hyper=task.hyper,
+            model=task.model, params=task.params(), masks=task.masks, hyper=action.hyper,
             data_path=section.data, device=section.device,
             threads=self.config.training_threads(os.cpu_count() or 1),
         )
         try:
             run = worker.train_in_child if section.train_in_subprocess else worker.train
-            outcome = run(job)
+            trained = run(job)
         except (worker.WorkerError, ValueError, MemoryError, OSError) as exc:
             log.error("event=training_failed round=%d error=%s", task.round, exc)
-            for action in self.core.on_failed(task.round, "training_failed"):
-                self._carry_out(action, task)
-            return
-        if not all(np.all(np.isfinite(v)) for v in outcome.delta.values()):
-            log.error("event=training_failed round=%d reason=training_diverged error=non-finite update", task.round)
-            for action in self.core.on_failed(task.round, "training_diverged"):
-                self._carry_out(action, task)
+            for action_ in self.core.on_failed(task.round, "training_failed"):
+                self._carry_out(action_, task)
             return
         log.info("event=trained round=%d examples=%d steps=%d loss=%.4f seconds=%.2f mask_changed=%s",
-                 task.round, outcome.n_examples, outcome.steps, outcome.train_loss, outcome.seconds,
-                 outcome.mask_changed)
-        self.core.on_trained(task.round)
-        trainable = task.layout.subset(s.name for s in task.layout.trainable)
-        delta = {s.name: outcome.delta[s.name] for s in trainable}
+                 task.round, trained.n_examples, trained.steps, trained.train_loss, trained.seconds,
+                 trained.mask_changed)
+        for next_action in self.core.on_trained(task, trained):
+            self._carry_out(next_action, task)
+
+    def _upload(self, task: RoundTask, upload: Upload) -> None:
+        """The privacy ledger is on disk before the update leaves; then seal, publish, wait for the broker."""
         if self.ledger is not None:
-            delta = self._privatize(self.ledger, task.round, delta, outcome)
-        update = Update(
-            round=task.round, device=self.bundle.device_id, mask_version=task.mask_version,
-            n_examples=outcome.n_examples, metrics={"train_loss": outcome.train_loss, "steps": outcome.steps,
-                                                     "train_seconds": outcome.seconds},
-            class_losses=outcome.class_losses if self.config.privacy.report_class_losses else {},
-            delta=SparseParams.from_dense(trainable, delta, outcome.masks),
-            mask_changed=outcome.mask_changed, buffers=outcome.buffers,
-        )
-        publications = self.channel.send(update, self.clock())
+            self.ledger.charge()
+            budget = self.ledger.budget
+            log.info("event=privatized round=%d norm_before_clip=%.4f clip_norm=%g epsilon_spent=%.3f "
+                     "epsilon_budget=%g rounds=%d", task.round, upload.norm_before_clip, self.ledger.clip_norm,
+                     budget.spent, budget.epsilon_budget, budget.rounds)
+            if upload.update.mask_changed:
+                log.warning("event=privacy_not_covered round=%d reason=client_readjust detail=the grown mask "
+                            "depends on local data and is sent without noise (docs/PRIVACY.md)", task.round)
+        publications = self.channel.send(upload.update, self.clock())
         self._sent = {task.round: publications}
         try:
             self._publish(publications, "update", task.round, wait=True)
@@ -429,20 +463,6 @@ class AgentDaemon:
             return
         for action in self.core.on_uploaded(task.round, task.mask_version, self.clock()):
             self._carry_out(action, task)
-
-    @staticmethod
-    def _privatize(ledger: PrivacyLedger, round_number: int, delta: dict[str, np.ndarray],
-                   outcome: worker.TrainOutcome) -> dict[str, np.ndarray]:
-        """Clip and noise the delta on the positions the mask holds; the ledger is on disk before it leaves."""
-        released, norm = ledger.release(delta, outcome.masks)
-        budget = ledger.budget
-        log.info("event=privatized round=%d norm_before_clip=%.4f clip_norm=%g epsilon_spent=%.3f "
-                 "epsilon_budget=%g rounds=%d", round_number, norm, ledger.clip_norm, budget.spent,
-                 budget.epsilon_budget, budget.rounds)
-        if outcome.mask_changed:
-            log.warning("event=privacy_not_covered round=%d reason=client_readjust detail=the grown mask depends "
-                        "on local data and is sent without noise (docs/PRIVACY.md)", round_number)
-        return released
 
     def _publish(self, publications: list[Publication], kind: str, round_number: int, wait: bool = False) -> None:
         handles = []

@@ -1,10 +1,10 @@
-"""The device's privacy ledger on disk, and the one place an update is privatised before it leaves.
+"""The device's privacy ledger on disk.
 
-``fedprune.edge_agent.core.privacy`` is the math (clip, noise, accountant, ``PrivacyBudget``); this shell keeps
-one budget per federation in the state directory (``privacy-<federation>.json``, 0600, replaced
-atomically) and applies it. ``release`` records the round's cost and persists the ledger
-*before* it returns the noised update, so a crash after sending can only over-count, never
-forget a release. A ledger that cannot be read is an error, never a silent reset: resetting it
+``fedprune.edge_agent.core.privacy`` is the math (clip, noise, accountant, ``PrivacyBudget``) and
+the agent core applies the mechanism to each update; this shell keeps one budget per federation
+in the state directory (``privacy-<federation>.json``, 0600, replaced atomically). ``charge``
+records the round's cost and persists the ledger *before* the daemon publishes the noised
+update, so a crash after sending can only over-count, never forget a release. A ledger that cannot be read is an error, never a silent reset: resetting it
 would let a device spend its budget twice. The owner's current ε budget and δ apply to the RDP
 already spent, so raising or lowering the budget in the config takes effect on restart.
 """
@@ -14,13 +14,10 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Mapping
-
-import numpy as np
 
 from fedprune.common.configkit import ConfigError
 from fedprune.common.fsutil import atomic_write
-from fedprune.edge_agent.core.privacy import PrivacyBudget, RoundCost, privatize
+from fedprune.edge_agent.core.privacy import PrivacyBudget, RoundCost
 
 LEDGER_GLOB = "privacy-*.json"
 
@@ -49,15 +46,14 @@ def read_budget(path: Path) -> PrivacyBudget | None:
 
 
 class PrivacyLedger:
-    """One federation's budget on disk plus the mechanism (C, σ) that spends it."""
+    """One federation's budget on disk and the mechanism (C, σ) each round spends it on (the agent core applies it)."""
 
     def __init__(self, path: Path, federation: str, *, epsilon_budget: float, delta: float, clip_norm: float,
-                 noise_multiplier: float, rng: np.random.Generator) -> None:
+                 noise_multiplier: float) -> None:
         self.path = Path(path)
         self.clip_norm = clip_norm
         self.noise_multiplier = noise_multiplier
         self.cost = RoundCost(noise_multiplier, sample_rate=1.0)
-        self.rng = rng
         stored = read_budget(self.path)
         if stored is not None and stored.federation != federation:
             raise LedgerError(f"{self.path}: ledger of federation {stored.federation!r}, not {federation!r}")
@@ -71,12 +67,9 @@ class PrivacyLedger:
         """True when one more round would exceed the budget."""
         return not self.budget.can_participate(self.cost)
 
-    def release(self, delta: Mapping[str, np.ndarray],
-                masks: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], float]:
-        """(clipped and noised delta, its norm before clipping); the round is on disk when this returns."""
+    def charge(self) -> None:
+        """Record one round's spend; on disk when this returns, before the update that spends it leaves."""
         if self.exhausted:
             raise RuntimeError("privacy budget exhausted: the daemon must decline before training")
-        released, norm = privatize(delta, masks, self.clip_norm, self.noise_multiplier, self.rng)
         self.budget = self.budget.record(self.cost)
         atomic_write(self.path, json.dumps(self.budget.to_dict(), indent=1).encode(), mode=0o600)
-        return released, norm

@@ -278,7 +278,7 @@ def train_local(
     model.train()
     masked_names = [t.name for t in layout.masked]
     trainer = MaskedSGD(
-        model, {name: torch.from_numpy(np.ascontiguousarray(masks[name])).to(dev) for name in masked_names}, hp
+        model, {name: torch.as_tensor(np.array(masks[name], dtype=bool)).to(dev) for name in masked_names}, hp
     )
     named = dict(model.named_parameters())
     trainable_specs = [t for t in layout if t.trainable]

@@ -19,6 +19,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
+from fedprune.edge_agent.core.agent import Trained
 from fedprune.protocol.hyperparams import HyperParams
 from fedprune.protocol.layout import ModelLayout, TensorSpec
 from fedprune.protocol.messages import ModelRef
@@ -35,19 +36,6 @@ class TrainJob:
     data_path: Path
     device: str  # cpu, cuda or auto: resolved where training runs, so the daemon never imports torch
     threads: int
-
-
-@dataclass(frozen=True)
-class TrainOutcome:
-    delta: Params
-    buffers: Params
-    masks: Params
-    mask_changed: bool
-    n_examples: int
-    steps: int
-    train_loss: float
-    class_losses: dict[int, tuple[float, int]]
-    seconds: float
 
 
 class WorkerError(RuntimeError):
@@ -105,7 +93,7 @@ def warm_up() -> None:
     torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1, momentum=0.9)
 
 
-def train(job: TrainJob) -> TrainOutcome:
+def train(job: TrainJob) -> Trained:
     import time
 
     import torch
@@ -119,14 +107,14 @@ def train(job: TrainJob) -> TrainOutcome:
     started = time.perf_counter()
     result = train_local(_model_spec(job.model), job.params, job.masks, X, y, job.hyper,
                          device=resolve_device(job.device))
-    return TrainOutcome(
+    return Trained(
         delta=result.delta, buffers=result.buffers, masks=result.masks, mask_changed=result.mask_changed,
         n_examples=result.n_examples, steps=result.steps, train_loss=result.train_loss,
-        class_losses=dict(result.class_losses), seconds=time.perf_counter() - started,
+        class_losses=dict(result.class_losses), seconds=time.perf_counter() - started, macs=result.flops,
     )
 
 
-def train_in_child(job: TrainJob, python: str = sys.executable, timeout_s: float | None = None) -> TrainOutcome:
+def train_in_child(job: TrainJob, python: str = sys.executable, timeout_s: float | None = None) -> Trained:
     packed = msgpack.packb({
         "op": "train", "model": [job.model.name, list(job.model.input_shape), job.model.num_classes],
         "params": _arrays_out(job.params), "masks": _arrays_out(job.masks), "hyper": job.hyper.to_dict(),
@@ -140,12 +128,12 @@ def train_in_child(job: TrainJob, python: str = sys.executable, timeout_s: float
     if done.returncode != 0:
         raise WorkerError(_last_words(done.stderr))
     out = msgpack.unpackb(done.stdout, raw=False, strict_map_key=False)
-    return TrainOutcome(
+    return Trained(
         delta=_arrays_in(out["delta"]), buffers=_arrays_in(out["buffers"]),
         masks={k: v.astype(bool) for k, v in _arrays_in(out["masks"]).items()},
         mask_changed=out["mask_changed"], n_examples=out["n_examples"], steps=out["steps"],
         train_loss=out["train_loss"], class_losses={int(c): (float(m), int(n)) for c, (m, n) in out["class_losses"].items()},
-        seconds=out["seconds"],
+        seconds=out["seconds"], macs=out["macs"],
     )
 
 
@@ -183,6 +171,7 @@ def _main() -> int:
         "masks": _arrays_out(outcome.masks), "mask_changed": outcome.mask_changed,
         "n_examples": outcome.n_examples, "steps": outcome.steps, "train_loss": outcome.train_loss,
         "class_losses": {c: [m, n] for c, (m, n) in outcome.class_losses.items()}, "seconds": outcome.seconds,
+        "macs": outcome.macs,
     }, use_bin_type=True))
     return 0
 

@@ -15,6 +15,9 @@ raises ``UnknownKey`` and is held; ``AgentChannel.unlocked`` decodes it once the
 No I/O, no clock: the caller passes ``now`` and publishes what ``send`` returns (``retain``
 says which publications are retained: release chunks and key grants; an empty payload clears
 a stale one).
+
+Why one file over 400 lines: the two channels are mirror images of one receive pipeline
+(``_Channel``), whose fixed order of checks is the security argument; read side by side.
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ Pure data shared by the coordinator's strategy (which decides them) and the agen
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+import zlib
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 GROWTH_MODES = ("gradient", "random")
@@ -49,6 +50,12 @@ class HyperParams:
             raise ValueError(f"readjust={self.readjust!r}: expected a bool")
         if not (isinstance(self.seed, int) and 0 <= self.seed < 2**63):
             raise ValueError(f"seed={self.seed!r}: expected a non-negative int below 2**63")
+
+    def for_device(self, device_id: str) -> "HyperParams":
+        """The round's seed mixed with a stable hash of the device id (crc32): one task, a
+        different but reproducible shuffle and regrowth on every device."""
+        seed = (self.seed * 1_000_003 + zlib.crc32(device_id.encode())) % (2**63)
+        return replace(self, seed=seed)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -116,3 +116,32 @@ def test_operator_commands_load_neither_the_daemon_nor_paho() -> None:
              "print(sorted(m for m in sys.modules if m.startswith(('paho', 'fedprune.coordinator.daemon', 'torch'))))")
     loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=ROOT)
     assert loaded.stdout.strip() == "[]", loaded.stdout
+
+
+@pytest.mark.parametrize("dotted,path", modules(), ids=[m for m, _ in modules()])
+def test_a_module_over_400_lines_says_why_at_its_top(dotted: str, path: Path) -> None:
+    lines = path.read_text().count("\n")
+    if lines > 400:
+        docstring = ast.get_docstring(ast.parse(path.read_text())) or ""
+        assert "over 400 lines" in docstring, f"{dotted} has {lines} lines: split it, or say why at its top"
+
+
+def test_no_import_cycles() -> None:
+    """A cycle makes import order matter and hides which module owns an idea; none, lazy imports included."""
+    graph = {}
+    for dotted, path in modules():
+        imported, _ = imports_and_io(path)
+        graph[dotted] = {m for m in imported if m != dotted and m in {d for d, _ in modules()}}
+    done: set[str] = set()
+
+    def visit(module: str, trail: tuple[str, ...]) -> None:
+        if module in trail:
+            raise AssertionError("import cycle: " + " -> ".join((*trail[trail.index(module):], module)))
+        if module in done:
+            return
+        for target in graph[module]:
+            visit(target, (*trail, module))
+        done.add(module)
+
+    for module in graph:
+        visit(module, ())

@@ -6,8 +6,8 @@ a list of [[setting]] (data/model variations), a list of [[method]] (strategy va
 Runs go to a pool of at most 2 processes with one torch thread each (the machine is shared), and
 each run's JSON is cached under <out>/runs/, so re-running a grid only computes what is missing.
 
-    .venv/bin/python benchmarks/experiments/run.py benchmarks/experiments/final.toml \
-        --out benchmarks/results/final --workers 2
+    .venv/bin/python benchmarks/experiments/run.py benchmarks/experiments/current.toml \
+        --out benchmarks/results/current --workers 2
 
 prints a Markdown table and writes <out>/summary.json, <out>/summary.md and per-setting plots.
 """
@@ -63,21 +63,18 @@ def expand(grid: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _key(doc: dict[str, Any]) -> str:
     """Cache key of the fully resolved config, defaults included, so that a changed default
-    recomputes a run instead of serving a result the current code would not produce. Fields the
-    chosen model ignores (the CNNs' channels on an MLP; on a baseline, which neither scores
-    quality nor gates, the loss-quality signal's settings, its memory γ and the trust gate's
-    memory) are left out, so changing their default does not recompute runs it cannot affect."""
+    recomputes a run instead of serving a result the current code would not produce. Fields a
+    baseline ignores (it neither scores quality nor gates: the loss-quality signal's settings,
+    its memory γ and the trust gate's memory) are left out, so changing their default does not
+    recompute runs it cannot affect."""
     from fedprune.coordinator.lab.simulate import SimulationConfig
 
     resolved = SimulationConfig.from_dict(doc).to_dict()
-    if resolved["model"] == "mlp":
-        del resolved["channels"]
     strategy = resolved["strategy"]
     if strategy["method"] != "fedprune":
         for name in [n for n in strategy if n == "quality" or n.startswith(("loss_", "rel_"))]:
             del strategy[name]
-        if strategy["contribution"] != "cgsv":
-            del strategy["gamma"]
+        del strategy["gamma"]
         del strategy["trust_gamma"]
     return hashlib.sha256(json.dumps(resolved, sort_keys=True, default=list).encode()).hexdigest()[:16]
 

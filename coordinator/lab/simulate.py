@@ -1,24 +1,26 @@
-"""Run a whole federation in one process with the deployed code: Strategy + train_local.
+"""Run a whole federation in one process through the deployed code: the coordinator daemon and
+one agent daemon per client, over an in-memory broker, on a virtual clock.
 
-The coordinator's ``Strategy`` plans and finishes every round; each selected client runs
-``fedprune.edge_agent.training.train_local`` on its own shard, exactly as a device does. Nothing here
-re-implements algorithm math: this module only partitions data, injects label noise, counts
-bytes and compute, evaluates the global model and writes results (JSON and PNG plots).
+Every round is planned, encrypted, sent, trained, privatised (when [privacy] asks for it),
+sealed, reassembled, authenticated, scored, aggregated and checkpointed by the same objects
+that run a fleet (``fedprune.coordinator.daemon.CoordinatorDaemon`` and
+``fedprune.edge_agent.daemon.AgentDaemon``); only the link differs
+(``fedprune.coordinator.lab.memory_broker``). So an option that works here works on a fleet,
+and one a fleet refuses is refused here with the same message. What this module adds is the
+lab: it partitions a dataset, injects label noise, makes some clients hostile
+(``fedprune.coordinator.lab.attacks``) or intermittently offline, and writes results.
 
-Byte accounting (docs/ALGORITHM.md §9.11): real encoded message bodies. Every client's update is
-encoded as the ``fedprune.protocol.messages.Update`` a device would send (``fedprune.protocol.codec.encode_body``:
-float32 values in mask order, the mask only when it changed, XOR-coded against the mask it
-trained from) and every download as the ``RoundTask`` it would receive (the mask included only
-when the client's cached mask version is stale). Dense runs carry all-True masks, which encode
-in 0 bytes. The envelope header, seal/signature and chunk framing are excluded: a constant few
-dozen bytes per message, the same for every method.
+Byte accounting: the bytes each agent's link carried, by topic (tasks and key grants down;
+updates, status and registrations up), i.e. what a broker would deliver, framing, encryption
+and signatures included. Releases are counted apart (``release_bytes``).
 """
-
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import sys
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -26,16 +28,15 @@ from typing import Any
 
 import numpy as np
 
-from fedprune.coordinator.lab import attacks
-from fedprune.coordinator.core.strategy import ClientUpdate, GlobalState, Masks, Params, RoundPlan, Strategy, StrategyConfig
 from fedprune.common import data as data_mod
-from fedprune.common.configkit import ConfigError, tomllib
-from fedprune.common.models import DEFAULT_CHANNELS, ModelSpec, count_macs, evaluate, init_params, model_layout
-from fedprune.edge_agent.training import resolve_device, train_local
-from fedprune.protocol.codec import encode_body
-from fedprune.protocol.layout import ModelLayout
-from fedprune.protocol.messages import ModelRef, RoundTask, Update
-from fedprune.protocol.sparse import SparseParams
+from fedprune.common.configkit import ConfigError, load_section, tomllib
+from fedprune.common.model_rules import MODEL_NAMES, input_shape_problem
+from fedprune.coordinator.config import ADAPTIVE_DENSITY_REFUSED
+from fedprune.coordinator.core.strategy import StrategyConfig
+from fedprune.coordinator.lab import attacks
+from fedprune.coordinator.lab.federation import SimulatedFederation
+from fedprune.edge_agent.config import PrivacySection
+from fedprune.edge_agent.training import resolve_device
 
 PARTITIONS = ("dirichlet", "iid", "quantity")
 EVAL_SPLITS = ("test", "validation")
@@ -48,9 +49,6 @@ class SimulationConfig:
     name: str = "simulation"
     dataset: str = "digits"
     model: str = "mlp"
-    hidden: tuple[int, ...] | None = None
-    channels: tuple[int, int] = DEFAULT_CHANNELS
-    norm: str = "none"
     n_clients: int = 20
     partition: str = "dirichlet"
     beta: float = 0.5
@@ -67,6 +65,7 @@ class SimulationConfig:
     validation_fraction: float = 0.2
     eval_every: int = 1
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    privacy: PrivacySection = field(default_factory=PrivacySection)
 
     def __post_init__(self) -> None:
         def bad(key: str, expected: str) -> ConfigError:
@@ -100,38 +99,33 @@ class SimulationConfig:
             raise bad("attack_fraction", "room for the attackers beside the noisy clients (rounded counts)")
         if not (isinstance(self.beta, (int, float)) and self.beta > 0):
             raise bad("beta", "a number > 0")
-        try:
-            self.model_spec(self.input_shape_guess())
-        except ValueError as exc:
-            raise ConfigError(f"[simulation] model: {exc}") from exc
-
-    def input_shape_guess(self) -> tuple[int, ...]:
-        return (1, 8, 8) if self.dataset == "digits" else (1, 40)
-
-    def model_spec(self, input_shape: tuple[int, ...], num_classes: int = 10) -> ModelSpec:
-        return ModelSpec(self.model, tuple(input_shape), num_classes, hidden=self.hidden,
-                         channels=tuple(self.channels), norm=self.norm)
+        if self.model not in MODEL_NAMES:
+            raise bad("model", f"one of {MODEL_NAMES}")
+        problem = input_shape_problem(self.model, data_mod.DATASET_SHAPES[self.dataset])
+        if problem:
+            raise ConfigError(f"[simulation] model: {problem}")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "SimulationConfig":
-        """From a parsed TOML document with tables [simulation], [strategy], [strategy.local]."""
-        unknown_tables = sorted(set(data) - {"simulation", "strategy"})
+        """From a parsed TOML document with tables [simulation], [strategy] (+ [strategy.local]) and
+        [privacy] (every device's, as in its agent.toml)."""
+        unknown_tables = sorted(set(data) - {"simulation", "strategy", "privacy"})
         if unknown_tables:
-            raise ConfigError(f"unknown tables {unknown_tables}: expected [simulation] and [strategy]")
+            raise ConfigError(f"unknown tables {unknown_tables}: expected [simulation], [strategy] and [privacy]")
         sim = dict(data.get("simulation", {}))
-        known = {f.name for f in fields(cls)} - {"strategy"}
+        known = {f.name for f in fields(cls)} - {"strategy", "privacy"}
         unknown = sorted(set(sim) - known)
         if unknown:
             raise ConfigError(f"[simulation] unknown keys {unknown}; expected some of {sorted(known)}")
-        for key in ("hidden", "channels"):
-            if isinstance(sim.get(key), list):
-                sim[key] = tuple(sim[key])
         try:
             strategy = StrategyConfig.from_dict(data.get("strategy", {}))
         except (ValueError, TypeError) as exc:
             raise ConfigError(str(exc)) from exc
+        if strategy.adaptive_density:
+            raise ConfigError(ADAPTIVE_DENSITY_REFUSED)
+        privacy = load_section(PrivacySection, data.get("privacy", {}), "privacy")
         try:
-            return cls(**sim, strategy=strategy)
+            return cls(**sim, strategy=strategy, privacy=privacy)
         except TypeError as exc:
             raise ConfigError(f"[simulation] {exc}") from exc
 
@@ -159,43 +153,14 @@ class SimulationResult:
     client_sizes: dict[str, int]
     final_accuracy: float
     best_accuracy: float
-    uplink_bytes: int  # cumulative, all clients
-    downlink_bytes: int
+    uplink_bytes: int  # cumulative, all clients: updates, status, registrations as sent
+    downlink_bytes: int  # cumulative, all clients: tasks and key grants as received
+    release_bytes: int  # the signed ONNX releases as received, all clients
     density: float  # of the prunable weights at the end
     model_parameters: int
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-def task_bytes(layout: ModelLayout, spec: ModelSpec, plan: RoundPlan, params: Params, masks: Masks,
-               mask_version: int, with_masks: bool) -> int:
-    """Encoded body of the RoundTask a selected client receives."""
-    task = RoundTask(
-        federation="simulation", round=plan.round, mask_version=mask_version,
-        model=ModelRef(spec.name, tuple(spec.input_shape), spec.num_classes),
-        weights=SparseParams.from_dense(layout, params, masks), hyper=plan.hyper, deadline=0.0,
-        selected=plan.selected, include_masks=with_masks,
-    )
-    return len(encode_body(task))
-
-
-def update_bytes(layout: ModelLayout, round_: int, client_id: str, mask_version: int, result: Any,
-                 base_masks: Masks) -> int:
-    """Encoded body of the Update a device sends for ``result`` (a LocalResult).
-
-    A diverged client (non-finite delta, e.g. under a poisoning attack) still sends its update,
-    which the strategy then rejects; NaN counts as non-zero, so the outside-mask check is off."""
-    trainable = layout.subset(s.name for s in layout if s.trainable)
-    finite = all(np.all(np.isfinite(v)) for v in result.delta.values())
-    update = Update(
-        round=round_, device=client_id, mask_version=mask_version, n_examples=int(result.n_examples),
-        metrics={"train_loss": float(result.train_loss)},
-        class_losses={c: (float(m), int(n)) for c, (m, n) in result.class_losses.items() if n > 0},
-        delta=SparseParams.from_dense(trainable, result.delta, result.masks, check=finite),
-        mask_changed=bool(result.mask_changed), buffers=dict(result.buffers),
-    )
-    return len(encode_body(update, base_masks=base_masks))
 
 
 def _clients(cfg: SimulationConfig, dataset: data_mod.Dataset, rng: np.random.Generator):
@@ -223,98 +188,49 @@ def _clients(cfg: SimulationConfig, dataset: data_mod.Dataset, rng: np.random.Ge
     return ids, shards, sorted(noisy), sorted(attackers)
 
 
-def _poison_updates(cfg: SimulationConfig, updates: list[ClientUpdate], attackers: set[str],
-                    previous_step: Params | None, rng: np.random.Generator) -> list[ClientUpdate]:
-    """Swap each attacker's honest delta for its attack's (coordinator/lab/attacks.py)."""
-    bad = [i for i, u in enumerate(updates) if u.client_id in attackers]
-    if not bad:
-        return updates
-    out = list(updates)
-    if cfg.attack == "collude":
-        shared = attacks.collude([updates[i].delta for i in bad], [updates[i].masks for i in bad])
-        for i, delta in zip(bad, shared):
-            out[i] = dataclasses.replace(updates[i], delta=delta)
-        return out
-    for i in bad:
-        delta = attacks.poison(cfg.attack, updates[i].delta, updates[i].masks, rng, cfg.attack_scale, previous_step)
-        out[i] = dataclasses.replace(updates[i], delta=delta)
-    return out
-
-
-def run_simulation(config: SimulationConfig, progress: bool = False, device: str = "cpu") -> SimulationResult:
+def run_simulation(config: SimulationConfig, progress: bool = False, device: str = "cpu",
+                   workdir: str | Path | None = None) -> SimulationResult:
     """Run the federation; deterministic for a given config (seed included) and device (cpu,
-    cuda or auto). Where training runs is not part of the config: it changes rounding only."""
+    cuda or auto) unless [privacy] is on without a fixed noise seed. Where training runs is not
+    part of the config: it changes rounding only. ``workdir`` keeps the federation's files (the
+    coordinator's state and history, each device's audit log and installed release); by default
+    they live in a temporary directory."""
     try:
-        device = resolve_device(device)
+        resolve_device(device)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     seed = config.seed
     dataset = data_mod.load_dataset(config.dataset, seed)
     if config.eval_split == "validation":
         dataset = data_mod.split_validation(dataset, config.validation_fraction, np.random.default_rng(seed + 1))
-    spec = config.model_spec(dataset.input_shape, dataset.num_classes)
-    layout = model_layout(spec)
     ids, shards, noisy, attackers = _clients(config, dataset, np.random.default_rng([seed, 1]))
-    attack_rng = np.random.default_rng([seed, 3])
-    previous_step: Params | None = None
-    strategy = Strategy(config.strategy)
-    rng = np.random.default_rng([seed, 2])
-    state: GlobalState = strategy.initial_state(layout, init_params(spec, seed), rng)
-    cached_version: dict[str, int] = {}
-    records: list[dict[str, Any]] = []
-    up_total = down_total = 0
-    T = config.strategy.rounds
-    bar = _progress(T, progress, config.name)
-    for _ in range(T):
-        online = [c for c in ids if config.availability >= 1.0 or rng.random() < config.availability]
-        if config.attack == "absent":
-            online = [c for c in online if c not in attackers]
-        plan = strategy.plan_round(state, online, rng)
-        updates, up_bytes, down_bytes, flops = [], 0, 0, 0
-        for cid in plan.selected:
-            masks = plan.masks_for(cid, state)
-            params = state.params if masks is state.masks else {
-                k: (np.where(masks[k], v, 0).astype(v.dtype) if k in masks else v) for k, v in state.params.items()}
-            own_mask = cid in plan.client_masks  # a §6 sub-mask follows θ^t, so it travels every round
-            stale = own_mask or cached_version.get(cid) != state.mask_version
-            down_bytes += task_bytes(layout, spec, plan, params, masks, state.mask_version, stale)
-            cached_version[cid] = -1 if own_mask else state.mask_version
-            X, y = shards[cid]
-            result = train_local(spec, params, masks, X, y, plan.hyper_for(cid), device=device)
-            up_bytes += update_bytes(layout, plan.round, cid, state.mask_version, result, masks)
-            flops += result.flops
-            updates.append(ClientUpdate.from_local(cid, result))
-        updates = _poison_updates(config, updates, set(attackers), previous_step, attack_rng)
-        outcome = strategy.finish_round(state, plan, updates)
-        previous_step = {k: outcome.state.params[k] - state.params[k] for k in state.trainable}
-        state = outcome.state
-        up_total += up_bytes
-        down_total += down_bytes
-        record: dict[str, Any] = {
-            "round": plan.round, "p_t": plan.p_t, "readjust": plan.readjust, "mask_churn": outcome.mask_churn,
-            "n_valid": outcome.n_valid, "rejected": outcome.rejected, "uplink_bytes": up_bytes,
-            "downlink_bytes": down_bytes, "cum_uplink_bytes": up_total, "cum_downlink_bytes": down_total,
-            "local_macs": flops, "keep_fraction": dict(plan.keep_fraction),
-            "scores": {c: dataclasses.asdict(s) for c, s in outcome.scores.items()},
-        }
-        if plan.round % config.eval_every == 0 or plan.round == T:
-            ev = evaluate(spec, state.params, dataset.X_test, dataset.y_test)
-            record.update(accuracy=ev.accuracy, loss=ev.loss)
+    with tempfile.TemporaryDirectory(prefix="fedprune-sim-") as scratch:
+        root = Path(workdir) if workdir is not None else Path(scratch)
+        world = SimulatedFederation.build(root, config, dataset, shards, attackers, device)
+        bar = _progress(config.strategy.rounds, progress, config.name)
+        try:
+            rounds = world.run(on_round=(lambda record: _advance(bar, record)) if bar is not None else None)
+        finally:
             if bar is not None:
-                bar.set_postfix(acc=f"{ev.accuracy:.3f}")
-        records.append(record)
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
-    accs = [r["accuracy"] for r in records if "accuracy" in r]
-    density = (sum(int(m.sum()) for m in state.masks.values()) / max(1, sum(s.size for s in layout.masked)))
+                bar.close()
+        layout = world.coordinator.layout
+        masks = world.coordinator.state.masks
+    accs = [r["accuracy"] for r in rounds if "accuracy" in r]
     return SimulationResult(
-        config=config.to_dict(), rounds=records, noisy_clients=noisy, attackers=attackers,
+        config=config.to_dict(), rounds=rounds, noisy_clients=noisy, attackers=attackers,
         client_sizes={c: int(len(shards[c][1])) for c in ids},
-        final_accuracy=accs[-1], best_accuracy=max(accs), uplink_bytes=up_total, downlink_bytes=down_total,
-        density=density, model_parameters=layout.num_parameters,
+        final_accuracy=accs[-1], best_accuracy=max(accs),
+        uplink_bytes=rounds[-1]["cum_uplink_bytes"], downlink_bytes=rounds[-1]["cum_downlink_bytes"],
+        release_bytes=world.release_bytes(),
+        density=sum(int(m.sum()) for m in masks.values()) / max(1, sum(s.size for s in layout.masked)),
+        model_parameters=layout.num_parameters,
     )
+
+
+def _advance(bar, record: dict[str, Any]) -> None:
+    if "accuracy" in record:
+        bar.set_postfix(acc=f"{record['accuracy']:.3f}")
+    bar.update(1)
 
 
 def _progress(total: int, enabled: bool, name: str):
@@ -411,11 +327,13 @@ def plot_result(result: SimulationResult, out: Path) -> list[Path]:
 
 
 def main(config_path: str | Path, out_dir: str | Path | None = None, progress: bool = True,
-         device: str = "cpu") -> int:
+         device: str = "cpu", keep_federation: bool = False) -> int:
     """CLI entry: load the TOML config, run, write results; returns an exit code (0 = ok)."""
     config = SimulationConfig.from_toml(config_path)
     out = Path(out_dir) if out_dir is not None else Path("runs") / config.name
-    result = run_simulation(config, progress=progress, device=device)
+    logging.getLogger("fedprune").setLevel(logging.WARNING)  # the daemons' per-event lines, times every client
+    result = run_simulation(config, progress=progress, device=device,
+                            workdir=out / "federation" if keep_federation else None)
     paths = write_outputs(result, out)
     print(f"{config.name}: final accuracy {100 * result.final_accuracy:.2f}% (best {100 * result.best_accuracy:.2f}%), "
           f"uplink {result.uplink_bytes / 1e6:.2f} MB, downlink {result.downlink_bytes / 1e6:.2f} MB; wrote {paths[0]}")

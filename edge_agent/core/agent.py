@@ -1,7 +1,10 @@
-"""The agent's state machine: Idle -> Training -> Uploading -> Idle. Pure: no torch, no paho.
+"""The agent's decisions: Idle -> Training -> Uploading -> Idle. Pure: no torch, no paho, no files.
 
 Theory of operation. The daemon feeds it verified RoundTasks and the outcomes of the work it
-asked for; it answers with actions for the daemon to carry out. A task is trained at most once,
+asked for; it answers with actions for the daemon to carry out. From a finished training it
+builds the Update that leaves the device: the trainable deltas on the mask, the privacy step
+(clip and noise, when the device runs client-level DP), the per-class losses only if the
+owner allows them; a diverged training becomes a decline instead. A task is trained at most once,
 and its update leaves the device once. The coordinator re-announces a round to the devices it
 still waits for, so a task naming this device for a round it already uploaded means "not
 received" only if the coordinator had time to receive the upload before it spoke: a task that
@@ -18,8 +21,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from enum import Enum
+from typing import Callable
 
-from fedprune.protocol.messages import RoundTask
+import numpy as np
+
+from fedprune.edge_agent.core.privacy import privatize
+from fedprune.protocol.hyperparams import HyperParams
+from fedprune.protocol.messages import RoundTask, Update
+from fedprune.protocol.sparse import SparseParams
+
+Params = dict[str, np.ndarray]
+# A hostile device's hand on its own update (the lab's attacks): (task, honest delta, masks) -> delta.
+Tamper = Callable[[RoundTask, Params, Params], Params]
 
 
 # Longer than a task takes from the coordinator's check to the device, shorter than a round:
@@ -34,13 +47,42 @@ class Phase(str, Enum):
 
 
 @dataclass(frozen=True)
+class Trained:
+    """What local training returns, wherever it ran (in process or in a child)."""
+
+    delta: Params
+    buffers: Params
+    masks: Params
+    mask_changed: bool
+    n_examples: int
+    steps: int
+    train_loss: float
+    class_losses: dict[int, tuple[float, int]]
+    seconds: float
+    macs: int
+
+
+@dataclass(frozen=True)
+class PrivacyStep:
+    """Client-level DP: clip to ``clip_norm``, add N(0, (noise_multiplier·clip_norm)²) on held positions."""
+
+    clip_norm: float
+    noise_multiplier: float
+    rng: np.random.Generator
+
+
+@dataclass(frozen=True)
 class Train:
     task: RoundTask
+    hyper: HyperParams  # the task's, with this device's own seed
 
 
 @dataclass(frozen=True)
 class Upload:
-    round: int
+    """Send ``update``; with DP on, the daemon charges the privacy ledger first (``norm_before_clip``)."""
+
+    update: Update
+    norm_before_clip: float | None = None
 
 
 @dataclass(frozen=True)
@@ -80,9 +122,14 @@ class _Sent:
 
 
 class AgentCore:
-    def __init__(self, device_id: str, resend_holdoff_s: float = RESEND_HOLDOFF_S) -> None:
+    def __init__(self, device_id: str, resend_holdoff_s: float = RESEND_HOLDOFF_S, *,
+                 privacy: PrivacyStep | None = None, report_class_losses: bool = True,
+                 tamper: Tamper | None = None) -> None:
         self.device_id = device_id
         self.resend_holdoff_s = resend_holdoff_s
+        self.privacy = privacy
+        self.report_class_losses = report_class_losses
+        self.tamper = tamper
         self.phase = Phase.IDLE
         self.active_round: int | None = None
         self.uploaded: _Sent | None = None
@@ -107,12 +154,31 @@ class AgentCore:
         if decline_reason is not None:
             return [Decline(task.round, decline_reason)]
         self.phase, self.active_round = Phase.TRAINING, task.round
-        return [ReportStatus(Phase.TRAINING, task.round), Train(task)]
+        return [ReportStatus(Phase.TRAINING, task.round), Train(task, task.hyper.for_device(self.device_id))]
 
-    def on_trained(self, round_number: int) -> list[Action]:
-        self._expect(Phase.TRAINING, round_number)
+    def on_trained(self, task: RoundTask, trained: Trained) -> list[Action]:
+        """The update to send, or a decline when training diverged (a non-finite delta helps nobody)."""
+        self._expect(Phase.TRAINING, task.round)
+        if not all(np.all(np.isfinite(v)) for v in trained.delta.values()):
+            return self.on_failed(task.round, "training_diverged")
+        trainable = task.layout.subset(s.name for s in task.layout.trainable)
+        delta = {s.name: trained.delta[s.name] for s in trainable}
+        if self.tamper is not None:
+            delta = self.tamper(task, delta, trained.masks)
+        norm = None
+        if self.privacy is not None:
+            delta, norm = privatize(delta, trained.masks, self.privacy.clip_norm, self.privacy.noise_multiplier,
+                                    self.privacy.rng)
+        update = Update(
+            round=task.round, device=self.device_id, mask_version=task.mask_version, n_examples=trained.n_examples,
+            metrics={"train_loss": trained.train_loss, "steps": trained.steps, "train_seconds": trained.seconds,
+                     "macs": float(trained.macs)},
+            class_losses=trained.class_losses if self.report_class_losses else {},
+            delta=SparseParams.from_dense(trainable, delta, trained.masks, check=_finite(delta)),
+            mask_changed=trained.mask_changed, buffers=trained.buffers,
+        )
         self.phase = Phase.UPLOADING
-        return [Upload(round_number)]
+        return [Upload(update, norm)]
 
     def on_uploaded(self, round_number: int, mask_version: int, now: float) -> list[Action]:
         """The broker acknowledged every chunk of the update at ``now``."""
@@ -144,3 +210,8 @@ class AgentCore:
             raise RuntimeError(
                 f"agent is {self.phase.value} for round {self.active_round}, not {phase.value} for {round_number}"
             )
+
+
+def _finite(delta: Params) -> bool:
+    """A tampered delta may be non-finite on purpose; the outside-mask check would misread NaN."""
+    return all(np.all(np.isfinite(v)) for v in delta.values())

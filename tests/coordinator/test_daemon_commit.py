@@ -56,11 +56,11 @@ def test_disk_full_keeps_the_previous_checkpoint_counts_and_retries(tmp_path: Pa
     assert d.state_dir.load_latest_checkpoint()["round"] == 0
 
     clock.now += COMMIT_RETRY_S - 1
-    d._tick()
+    d.tick()
     assert d.metrics.value("checkpoint_failures_total") == 1, "retried before the back-off"
     monkeypatch.setattr(state_module, "atomic_write", real_write)
     clock.now += 2
-    d._tick()
+    d.tick()
     assert d._pending_commit is None
     assert d.metrics.value("rounds_completed_total") == 1
     assert d.state_dir.load_latest_checkpoint()["round"] == 1
@@ -101,7 +101,7 @@ def test_a_history_line_that_fails_after_its_checkpoint_is_written_once(tmp_path
     with d.state_dir.history_path.open("a") as handle:
         handle.write('{"round": 2, "tor')  # or it lived on and retries
     clock.now += COMMIT_RETRY_S + 1
-    d._tick()
+    d.tick()
     assert d._pending_commit is None and d.metrics.value("rounds_completed_total") == 2
     assert [h["round"] for h in d.state_dir.read_history()] == [1, 2]
     assert d.history_bytes == d.state_dir.history_path.stat().st_size

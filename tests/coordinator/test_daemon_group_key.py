@@ -46,7 +46,7 @@ def test_the_key_follows_the_allow_list(world: DaemonWorld, monkeypatch: pytest.
     first = d.channel.group_key
     register(world, "dev-1")  # a member registering gets its grant again (it may have asked for it)
     assert [t for t, _, _ in sent[-1:]] == [f"fedprune/v1/{d.config.federation.id}/inbox/dev-1"]
-    d._tick()  # round 1 opens: its task is encrypted under the key
+    d.tick()  # round 1 opens: its task is encrypted under the key
     got = deliver(world, sent)
     for device in ENROLLED:
         assert any(isinstance(m, KeyGrant) for m in got[device]) and any(isinstance(m, RoundTask) for m in got[device])
@@ -54,12 +54,12 @@ def test_the_key_follows_the_allow_list(world: DaemonWorld, monkeypatch: pytest.
 
     d.registry.revoke("dev-1")
     world.clock.now += 2.0
-    d._tick()  # the allow-list changed: a new key for the remaining members before anything else goes out
+    d.tick()  # the allow-list changed: a new key for the remaining members before anything else goes out
     assert d.channel.group_key != first and set(d.channel.group_members) == {"dev-0", "dev-2"}
     cleared = {t.rsplit("/", 1)[1] for t, p, retain in sent if "/inbox/" in t and retain and p == b""}
     assert cleared == {"dev-1", REVOKED}
     world.clock.now = d.next_announce + 0.1
-    d._tick()  # the open round is re-announced under the new key
+    d.tick()  # the open round is re-announced under the new key
     got = deliver(world, sent)
     assert any(isinstance(m, RoundTask) for m in got["dev-0"])
     assert "unknown_key" in got["dev-1"] and not any(isinstance(m, (RoundTask, KeyGrant)) for m in got["dev-1"])
@@ -67,13 +67,13 @@ def test_the_key_follows_the_allow_list(world: DaemonWorld, monkeypatch: pytest.
     newcomer = Identity.generate()  # enrolled while the coordinator runs: granted within a second
     d.registry.enroll("dev-new", newcomer.public.signing, newcomer.public.agreement, world.clock.now)
     world.clock.now += 2.0
-    d._tick()
+    d.tick()
     assert "dev-new" in d.channel.group_members
     channel = AgentChannel(federation=d.config.federation.id, device="dev-new", identity=newcomer,
                            coordinator=d.identity.public, layout=d.layout)
     (grant,) = [(t, p) for t, p, _ in sent if t.endswith("/inbox/dev-new")]
     assert isinstance(channel.receive(*grant, world.clock.now), KeyGrant)
     world.clock.now = d.next_announce + 0.1
-    d._tick()
+    d.tick()
     tasks = [channel.receive(t, p, world.clock.now) for t, p, _ in sent if t.endswith("/task")]
     assert any(isinstance(m, RoundTask) for m in tasks)

@@ -25,7 +25,7 @@ def test_a_register_with_an_empty_mask_cache_gets_the_device_a_task_with_the_mas
     register(world, "dev-1", version)
     sent: list[RoundTask] = []
     monkeypatch.setattr(d, "_publish_task", lambda task, now: sent.append(task))
-    d._tick()
+    d.tick()
     assert d.rounds.open_round == 1 and not sent[-1].include_masks, "both hold the mask: values only"
 
     register(world, "dev-0", None)  # restarted: its cache is empty, whatever the coordinator recorded
@@ -37,7 +37,7 @@ def test_updates_delivered_before_the_resumed_round_reopens_count_in_it(world: D
     d = world.daemon
     register(world, "dev-0", None)
     register(world, "dev-1", None)
-    d._tick()
+    d.tick()
     assert d.rounds.open_round == 1
     upload = world._update(Program(bytes(8)), "dev-0", hostile=False)
 
@@ -50,7 +50,7 @@ def test_updates_delivered_before_the_resumed_round_reopens_count_in_it(world: D
     assert restarted.metrics.value("updates_rejected_total", reason="unknown_mask") == 0, \
         "the resumed coordinator must know the mask version it checkpointed"
 
-    restarted._tick()
+    restarted.tick()
     assert restarted.rounds.open_round == 1
     assert restarted.rounds.received == ("dev-0",)
     assert restarted.metrics.value("updates_accepted_total") == 1 and not restarted.early_updates

@@ -5,7 +5,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fedprune.edge_agent.core.agent import AgentCore, Decline, Ignore, Phase, ReportStatus, Resend, Train, Upload
+from fedprune.edge_agent.core.agent import (
+    AgentCore, Decline, Ignore, Phase, PrivacyStep, ReportStatus, Resend, Train, Trained, Upload,
+)
 from fedprune.protocol.hyperparams import HyperParams
 from fedprune.protocol.layout import ModelLayout, TensorSpec
 from fedprune.protocol.messages import ModelRef, RoundTask
@@ -24,20 +26,80 @@ def task(round_number: int = 1, selected=("pi-1", "pi-2"), deadline: float = 100
     )
 
 
+def trained(scale: float = 0.5, class_losses=None) -> Trained:
+    masks = {"fc.weight": np.array([[1, 0, 1], [0, 1, 1]], bool)}
+    delta = {"fc.weight": scale * masks["fc.weight"].astype(np.float32), "fc.bias": np.full(2, scale, np.float32)}
+    return Trained(delta=delta, buffers={}, masks=masks, mask_changed=False, n_examples=40, steps=3, train_loss=0.7,
+                   class_losses=class_losses or {0: (0.5, 20), 1: (0.9, 20)}, seconds=0.1, macs=1234)
+
+
+def upload_of(agent: AgentCore, round_number: int = 1) -> Upload:
+    (action,) = agent.on_trained(task(round_number), trained())
+    assert isinstance(action, Upload) and action.update.round == round_number
+    return action
+
+
 def test_a_selected_task_is_trained_uploaded_and_reported() -> None:
     agent = AgentCore("pi-1")
     t = task()
-    assert agent.on_task(t, now=1.0) == [ReportStatus(Phase.TRAINING, 1), Train(t)]
-    assert agent.on_trained(1) == [Upload(1)]
+    assert agent.on_task(t, now=1.0) == [ReportStatus(Phase.TRAINING, 1), Train(t, t.hyper.for_device("pi-1"))]
+    upload = upload_of(agent)
+    assert upload.update.device == "pi-1" and upload.update.n_examples == 40 and upload.norm_before_clip is None
+    assert upload.update.metrics == {"train_loss": 0.7, "steps": 3.0, "train_seconds": 0.1, "macs": 1234.0}
     assert agent.on_uploaded(1, mask_version=0, now=2.0) == [ReportStatus(Phase.IDLE, 1)]
     assert agent.phase is Phase.IDLE
+
+
+def test_the_core_builds_the_update_from_the_trainable_deltas_on_the_mask() -> None:
+    agent = AgentCore("pi-1", report_class_losses=False)
+    agent.on_task(task(), now=1.0)
+    update = upload_of(agent).update
+    assert set(update.delta_params()) == {"fc.weight", "fc.bias"}
+    np.testing.assert_array_equal(update.delta_params()["fc.weight"], trained().delta["fc.weight"])
+    assert update.class_losses == {}  # the owner withholds them
+
+
+def test_each_device_trains_with_its_own_reproducible_seed() -> None:
+    t = task()
+    seeds = {d: AgentCore(d).on_task(task(selected=(d,)), now=1.0)[-1].hyper.seed for d in ("pi-1", "pi-2")}
+    assert seeds["pi-1"] != seeds["pi-2"] and seeds["pi-1"] == t.hyper.for_device("pi-1").seed
+
+
+def test_a_diverged_training_is_declined_not_sent() -> None:
+    agent = AgentCore("pi-1")
+    agent.on_task(task(), now=1.0)
+    assert agent.on_trained(task(), trained(scale=float("nan"))) == [Decline(1, "training_diverged"),
+                                                                    ReportStatus(Phase.IDLE, 1)]
+    assert agent.on_task(task(), now=2.0) == [Ignore(1, "failed_this_round")]
+
+
+def test_the_privacy_step_clips_and_noises_before_the_update_is_built() -> None:
+    agent = AgentCore("pi-1", privacy=PrivacyStep(clip_norm=0.1, noise_multiplier=1e-9, rng=np.random.default_rng(0)))
+    agent.on_task(task(), now=1.0)
+    upload = upload_of(agent)
+    sent = upload.update.delta_params()["fc.weight"]
+    bias = upload.update.delta_params()["fc.bias"]
+    assert upload.norm_before_clip == pytest.approx(0.5 * np.sqrt(6))  # four held weights and two biases of 0.5
+    assert np.linalg.norm(np.concatenate([sent.ravel(), bias])) == pytest.approx(0.1, rel=1e-4)
+
+
+def test_a_hostile_device_tampers_before_the_privacy_step() -> None:
+    seen = {}
+
+    def flip(t, delta, masks):
+        seen["honest"] = delta["fc.weight"].copy()
+        return {k: -v for k, v in delta.items()}
+
+    agent = AgentCore("pi-1", tamper=flip)
+    agent.on_task(task(), now=1.0)
+    np.testing.assert_array_equal(upload_of(agent).update.delta_params()["fc.weight"], -seen["honest"])
 
 
 def test_the_same_task_twice_trains_once_and_resends_only_when_the_coordinator_still_waits() -> None:
     agent = AgentCore("pi-1", resend_holdoff_s=5.0)
     agent.on_task(task(), now=1.0)
     assert agent.on_task(task(), now=1.5) == [Ignore(1, "in_progress")]
-    agent.on_trained(1)
+    upload_of(agent, 1)
     agent.on_uploaded(1, mask_version=0, now=2.0)
     assert agent.on_task(task(deadline=200.0), now=3.0) == [Ignore(1, "answered_recently")]
     assert agent.on_task(task(deadline=200.0), now=7.5) == [Resend(1)]
@@ -49,7 +111,7 @@ def test_re_announcements_queued_while_training_send_nothing() -> None:
     trained was answered with another copy of the update (up to 6.8x the uplink)."""
     agent = AgentCore("pi-1", resend_holdoff_s=5.0)
     agent.on_task(task(deadline=500.0), now=0.0)
-    agent.on_trained(1)
+    upload_of(agent, 1)
     agent.on_uploaded(1, mask_version=0, now=40.0)
     queued = [agent.on_task(task(deadline=500.0), now=40.1, received_at=t) for t in (10.0, 20.0, 30.0, 39.9)]
     assert queued == [[Ignore(1, "answered_recently")]] * 4
@@ -58,7 +120,7 @@ def test_re_announcements_queued_while_training_send_nothing() -> None:
 def test_each_resend_doubles_the_hold_off() -> None:
     agent = AgentCore("pi-1", resend_holdoff_s=5.0)
     agent.on_task(task(deadline=500.0), now=0.0)
-    agent.on_trained(1)
+    upload_of(agent, 1)
     agent.on_uploaded(1, mask_version=0, now=10.0)
     answers = {t: agent.on_task(task(deadline=500.0), now=t) for t in (15.0, 20.0, 24.0, 25.0, 44.0, 45.0)}
     assert [t for t, a in answers.items() if a == [Resend(1)]] == [15.0, 25.0, 45.0]
@@ -78,7 +140,7 @@ def test_tasks_that_do_not_concern_this_device_are_ignored_with_a_reason(kwargs,
 def test_an_older_round_after_an_upload_is_stale() -> None:
     agent = AgentCore("pi-1")
     agent.on_task(task(3), now=1.0)
-    agent.on_trained(3)
+    upload_of(agent, 3)
     agent.on_uploaded(3, 0, now=1.0)
     assert agent.on_task(task(2), now=1.0) == [Ignore(2, "stale_round")]
 
@@ -101,7 +163,7 @@ def test_a_failed_training_reports_returns_to_idle_and_is_not_repeated_for_that_
 def test_a_failed_upload_is_tried_again_at_the_next_announcement() -> None:
     agent = AgentCore("pi-1")
     agent.on_task(task(), now=1.0)
-    agent.on_trained(1)
+    upload_of(agent, 1)
     agent.on_failed(1, "upload_failed", retry=True)
     assert isinstance(agent.on_task(task(), now=2.0)[-1], Train)
 
@@ -109,7 +171,7 @@ def test_a_failed_upload_is_tried_again_at_the_next_announcement() -> None:
 def test_out_of_order_outcomes_are_bugs() -> None:
     agent = AgentCore("pi-1")
     with pytest.raises(RuntimeError):
-        agent.on_trained(1)
+        agent.on_trained(task(), trained())
     agent.on_task(task(), now=1.0)
     with pytest.raises(RuntimeError):
         agent.on_uploaded(1, 0, now=1.0)
@@ -129,7 +191,7 @@ def test_no_round_is_trained_twice_once_its_update_was_uploaded(events) -> None:
         elif agent.active_round is not None:
             r = agent.active_round
             if kind == "trained" and agent.phase is Phase.TRAINING:
-                assert agent.on_trained(r) == [Upload(r)]
+                upload_of(agent, r)
             elif kind == "uploaded" and agent.phase is Phase.UPLOADING:
                 agent.on_uploaded(r, 0, now=0.0)
                 uploaded.add(r)

@@ -19,7 +19,7 @@ from fedprune.edge_agent.config import load_config
 from fedprune.common.configkit import ConfigError
 from fedprune.edge_agent.core.guard import GovernanceConfig
 from fedprune.edge_agent.ledger import LedgerError, PrivacyLedger, ledger_path
-from fedprune.edge_agent.core.privacy import compute_epsilon, update_norm
+from fedprune.edge_agent.core.privacy import compute_epsilon, privatize, update_norm
 from fedprune.edge_agent.status import device_status
 
 FED = "fed1"
@@ -41,9 +41,8 @@ def fake_sysfs(root: Path, temperature_c: float, available_mb: int = 4096) -> Pa
     return root
 
 
-def make_ledger(path: Path, epsilon_budget: float = 100.0, sigma: float = 1.0, seed: int = 0) -> PrivacyLedger:
-    return PrivacyLedger(path, FED, epsilon_budget=epsilon_budget, delta=1e-5, clip_norm=0.5,
-                         noise_multiplier=sigma, rng=np.random.default_rng(seed))
+def make_ledger(path: Path, epsilon_budget: float = 100.0, sigma: float = 1.0) -> PrivacyLedger:
+    return PrivacyLedger(path, FED, epsilon_budget=epsilon_budget, delta=1e-5, clip_norm=0.5, noise_multiplier=sigma)
 
 
 # ---- configuration ------------------------------------------------------------------------------
@@ -85,12 +84,13 @@ def test_privacy_settings_out_of_range_are_config_errors(key: str, value: str) -
 # ---- the privacy ledger -------------------------------------------------------------------------
 
 
-def test_release_clips_and_noises_only_held_positions_and_is_on_disk_before_it_returns(tmp_path: Path) -> None:
+def test_the_mechanism_clips_and_noises_only_held_positions_and_the_charge_is_on_disk(tmp_path: Path) -> None:
     rng = np.random.default_rng(1)
     raw = {"w": rng.normal(0, 1, (20, 10)).astype(np.float32), "b": rng.normal(0, 1, 10).astype(np.float32)}
     masks = {"w": rng.random((20, 10)) < 0.3}
     ledger = make_ledger(tmp_path / "privacy-fed1.json", sigma=0.1)
-    released, norm = ledger.release(raw, masks)
+    released, norm = privatize(raw, masks, ledger.clip_norm, ledger.noise_multiplier, rng)
+    ledger.charge()
 
     assert norm == pytest.approx(update_norm(raw, masks)) and norm > 10 * ledger.clip_norm
     assert not np.allclose(released["w"][masks["w"]], raw["w"][masks["w"]])
@@ -112,12 +112,12 @@ def test_budget_is_exhausted_after_exactly_the_rounds_it_allows_and_survives_res
     budget = (compute_epsilon(sigma, allowed, 1e-5) + compute_epsilon(sigma, allowed + 1, 1e-5)) / 2
     path = tmp_path / "privacy-fed1.json"
     released = 0
-    while not make_ledger(path, budget, sigma, seed=released).exhausted:
-        make_ledger(path, budget, sigma, seed=released).release({"w": np.ones(4, np.float32)}, {})
+    while not make_ledger(path, budget, sigma).exhausted:
+        make_ledger(path, budget, sigma).charge()
         released += 1
     assert released == allowed
     with pytest.raises(RuntimeError, match="exhausted"):
-        make_ledger(path, budget, sigma).release({"w": np.ones(4, np.float32)}, {})
+        make_ledger(path, budget, sigma).charge()
     assert not make_ledger(path, budget * 2, sigma).exhausted  # the owner raised the budget
 
 
@@ -126,10 +126,10 @@ def test_a_damaged_or_foreign_ledger_is_an_error_never_a_reset(tmp_path: Path) -
     path.write_text("{not json")
     with pytest.raises(LedgerError, match="never reset"):
         make_ledger(path)
-    make_ledger(tmp_path / "other.json").release({"w": np.ones(2, np.float32)}, {})
+    make_ledger(tmp_path / "other.json").charge()
     with pytest.raises(LedgerError, match="'fed1', not 'fed2'"):
         PrivacyLedger(tmp_path / "other.json", "fed2", epsilon_budget=1.0, delta=1e-5, clip_norm=1.0,
-                      noise_multiplier=1.0, rng=np.random.default_rng(0))
+                      noise_multiplier=1.0)
 
 
 # ---- fedprune-agent status ----------------------------------------------------------------------
@@ -138,7 +138,7 @@ def test_a_damaged_or_foreign_ledger_is_an_error_never_a_reset(tmp_path: Path) -
 def test_status_shows_release_budget_and_recent_rounds(tmp_path: Path, capsys) -> None:
     state = tmp_path / "state"
     state.mkdir()
-    make_ledger(ledger_path(state, FED)).release({"w": np.ones(3, np.float32)}, {})
+    make_ledger(ledger_path(state, FED)).charge()
     audit = AuditLog(state / "audit.jsonl")
     for round_number, kind, size in [(1, "status", 40), (1, "update", 900), (2, "status", 40), (2, "update", 800)]:
         audit.record(now=float(round_number), federation=FED, round=round_number, message_type=kind,

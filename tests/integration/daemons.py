@@ -47,8 +47,8 @@ def step(coordinator: CoordinatorDaemon, agent: AgentDaemon) -> None:
     while not agent.inbox.empty():
         agent._on_message(*agent.inbox.get_nowait())
     while not coordinator.link.messages.empty():
-        coordinator._on_message(*coordinator.link.messages.get_nowait())
-    coordinator._tick()
+        coordinator.on_message(*coordinator.link.messages.get_nowait())
+    coordinator.tick()
     time.sleep(0.02)
 
 

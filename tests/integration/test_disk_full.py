@@ -109,9 +109,9 @@ def test_a_device_registering_while_the_disk_is_full_does_not_stop_the_coordinat
         fill(small_disk)
         register = world.genuine(Program(bytes([0, 0, 1, 0, 0, 0, 0, 0])))  # dev-0's Register
         for topic, payload in register:
-            world.daemon._on_message(topic, payload)
+            world.daemon.on_message(topic, payload)
         assert world.daemon.registry.get("dev-0").last_seen == world.clock.now
-        world.daemon._tick()  # the batched registry save fails on the full disk: counted, not raised
+        world.daemon.tick()  # the batched registry save fails on the full disk: counted, not raised
         assert world.daemon.metrics.value("checkpoint_failures_total") >= 1
         assert world.daemon._registry_dirty
     finally:

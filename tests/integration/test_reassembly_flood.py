@@ -48,7 +48,7 @@ def test_a_flooding_device_keeps_to_its_share_and_an_honest_update_still_arrives
         hostile.wait_connected(10)
         for device in ("dev-0", "dev-1"):
             coordinator.registry.seen(device, clock.now)
-        coordinator._tick()
+        coordinator.tick()
         assert coordinator.rounds.open_round == 1
         share = sender_share(coordinator.layout)
         reassembler = coordinator.channel.reassembler
@@ -66,9 +66,9 @@ def test_a_flooding_device_keeps_to_its_share_and_an_honest_update_still_arrives
             received += len(flood) + 1
             wait_until(lambda: coordinator.link.stats().messages_in >= received, 30, "the coordinator to receive")
             while not coordinator.link.messages.empty():
-                coordinator._on_message(*coordinator.link.messages.get_nowait())
+                coordinator.on_message(*coordinator.link.messages.get_nowait())
                 most_held = max(most_held, reassembler.held_by("dev-1")[1])
-        coordinator._tick()
+        coordinator.tick()
         assert coordinator.rounds.received == ("dev-0",), "the honest device's 5-chunk update arrived"
         assert 0 < most_held <= share, f"dev-1 held {most_held} bytes; its share is {share}"
         assert reassembler.buffered_bytes <= share
@@ -78,7 +78,7 @@ def test_a_flooding_device_keeps_to_its_share_and_an_honest_update_still_arrives
         assert metrics.value("reassembly_dropped_total", reason="transfers") == 0
 
         clock.now += reassembler.max_age + 1  # no further chunk arrives: the tick alone expires the rest
-        coordinator._tick()
+        coordinator.tick()
         assert reassembler.buffered_bytes == 0 and len(reassembler) == 0
         assert metrics.value("reassembly_dropped_total", reason="age") == 4
         assert 'fedprune_reassembly_dropped_total{reason="age"} 4' in metrics.render()

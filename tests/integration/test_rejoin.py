@@ -37,7 +37,7 @@ def test_an_agent_given_a_task_without_the_mask_it_lacks_asks_again_and_trains_i
         # Register that would say so never arrives: the coordinator still records the mask as
         # held, so round 2 goes out as values only.
         while coordinator.rounds.open_round != 2:
-            coordinator._tick()
+            coordinator.tick()
             time.sleep(0.02)
         time.sleep(0.2)
         while not agent.inbox.empty():
@@ -67,25 +67,25 @@ def test_rounds_wait_while_the_coordinator_has_lost_the_broker(mosquitto: Mosqui
     coordinator = connected_coordinator(fed, clock)
     try:
         coordinator.registry.seen("dev-0", clock.now)
-        coordinator._tick()
+        coordinator.tick()
         assert coordinator.rounds.open_round == 1
         deadline = coordinator.rounds.deadline
 
         mosquitto.kill()
         wait_until(lambda: not coordinator.link.connected, 10, "the coordinator to notice the broker is gone")
-        coordinator._tick()
+        coordinator.tick()
         clock.now += 60
-        coordinator._tick()
+        coordinator.tick()
         assert coordinator.rounds.open_round == 1 and coordinator.completed == 0, "a round closed with nobody reachable"
 
         mosquitto.start()
         wait_until(lambda: coordinator.link.connected, 15, "the coordinator to reconnect")
         for publication in zero_update(fed, coordinator, "dev-0", clock.now):  # queued while it was away
-            coordinator._on_message(publication.topic, publication.payload)
+            coordinator.on_message(publication.topic, publication.payload)
         assert coordinator.rounds.received == ("dev-0",), "an upload that waited out the outage is not late"
         assert coordinator.rounds.deadline == pytest.approx(deadline + 60, abs=0.1)
         assert coordinator._task.deadline == coordinator.rounds.deadline, "devices are told the new deadline"
-        coordinator._tick()
+        coordinator.tick()
         assert coordinator.completed == 1, "the one selected device answered: the round closes"
     finally:
         coordinator.link.close()

@@ -38,9 +38,9 @@ def test_a_revoked_agent_backs_off_asking_for_the_key(mosquitto: MosquittoBroker
         while not agent.inbox.empty():
             agent._on_message(*agent.inbox.get_nowait())
         while not coordinator.link.messages.empty():
-            coordinator._on_message(*coordinator.link.messages.get_nowait())
+            coordinator.on_message(*coordinator.link.messages.get_nowait())
         coordinator.registry.seen("dev-1", time.time())  # another device keeps the rounds going
-        coordinator._tick()
+        coordinator.tick()
         time.sleep(0.02)
 
     try:

@@ -36,8 +36,8 @@ def test_re_announcements_queued_while_training_send_the_update_once(
         announce_until = time.monotonic() + 4 * 0.5 + 0.3
         while time.monotonic() < announce_until:
             while not coordinator.link.messages.empty():
-                coordinator._on_message(*coordinator.link.messages.get_nowait())
-            coordinator._tick()
+                coordinator.on_message(*coordinator.link.messages.get_nowait())
+            coordinator.tick()
             time.sleep(0.02)
         wait_until(lambda: agent.inbox.qsize() >= 5, 10, "the task and its re-announcements to reach the agent")
         while coordinator.completed < 2:

@@ -1,0 +1,67 @@
+"""Hostile devices for the simulation: an enrolled agent whose own update is replaced before it is
+privatised and sealed (``AgentCore``'s ``tamper``), as a device with a valid key could do.
+
+Each attacker knows what any device knows: its task (the global model of this round and, from
+the previous task, the previous global step) and its honest update. Colluders also share their
+honest updates out of band: a ``Coalition`` trains every member's shard on the round's task (the
+same training each member runs on its own device) and gives each the shared poisoned update
+(``fedprune.coordinator.lab.attacks.collude``), whatever order their tasks arrive in.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from fedprune.coordinator.lab import attacks
+from fedprune.edge_agent import worker
+from fedprune.protocol.messages import RoundTask
+
+Params = dict[str, np.ndarray]
+
+
+class Coalition:
+    def __init__(self, kind: str, scale: float, *, device: str, members: dict[str, Path]) -> None:
+        self.kind, self.scale, self.device = kind, scale, device
+        self.members = members
+        self._round: int | None = None
+        self._shared: dict[str, Params] = {}
+
+    def shared_update(self, task: RoundTask, member: str) -> Params:
+        """``member``'s part of the colluders' one poisoned update for ``task``'s round."""
+        if self._round != task.round:
+            names = sorted(self.members)
+            honest = [self._honest(task, name) for name in names]
+            poisoned = attacks.collude([d for d, _ in honest], [m for _, m in honest])
+            self._round, self._shared = task.round, dict(zip(names, poisoned))
+        return self._shared[member]
+
+    def _honest(self, task: RoundTask, member: str) -> tuple[Params, Params]:
+        trained = worker.train(worker.TrainJob(
+            model=task.model, params=task.params(), masks=task.masks, hyper=task.hyper.for_device(member),
+            data_path=self.members[member], device=self.device, threads=1,
+        ))
+        trainable = {s.name for s in task.layout.trainable}
+        return {k: v for k, v in trained.delta.items() if k in trainable}, trained.masks
+
+
+class Hostile:
+    """The ``tamper`` of one attacker: (task, honest delta, masks) -> what it sends instead."""
+
+    def __init__(self, coalition: Coalition, device_id: str, rng: np.random.Generator) -> None:
+        self.coalition = coalition
+        self.device_id = device_id
+        self.rng = rng
+        self._last_global: Params | None = None
+        self._previous_step: Params | None = None
+
+    def __call__(self, task: RoundTask, delta: Params, masks: Params) -> Params:
+        current = task.params()
+        if self._last_global is not None:
+            self._previous_step = {k: current[k] - self._last_global[k] for k in delta}
+        self._last_global = current
+        kind = self.coalition.kind
+        if kind == "collude":
+            return self.coalition.shared_update(task, self.device_id)
+        return attacks.poison(kind, delta, masks, self.rng, self.coalition.scale, self._previous_step)
