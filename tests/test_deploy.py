@@ -213,6 +213,10 @@ def test_dockerfile_copies_only_what_exists(dockerfile: str) -> None:
     assert sources, "no COPY found"
     for source in sources:
         assert (ROOT / source).exists(), f"{dockerfile}: COPY {source} (context: repository root)"
+    from fedprune.common.configkit import tomllib
+
+    folders = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"].values())
+    assert folders <= set(sources), f"{dockerfile}: the install needs every package folder {sorted(folders)}"
     assert re.search(r"^FROM python:3\.11-slim$", text, re.MULTILINE)
     assert re.search(r"^USER fedprune$", text, re.MULTILINE)
     torch_first = text.find("torch==$TORCH_VERSION")

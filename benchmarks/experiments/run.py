@@ -18,6 +18,7 @@ import argparse
 import copy
 import hashlib
 import json
+import logging
 import os
 import sys
 import time
@@ -87,6 +88,7 @@ def run_one(job: tuple[dict[str, Any], str]) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(1)
+    logging.getLogger("fedprune").setLevel(logging.ERROR)  # the daemons' warnings (gated updates) are in the results
     from fedprune.coordinator.lab.simulate import SimulationConfig, noise_summary, run_simulation
 
     start = time.perf_counter()
