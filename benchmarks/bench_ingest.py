@@ -55,7 +55,7 @@ sys.path.insert(0, str(ROOT))
 
 from fedprune.coordinator.core.registry import Registry  # noqa: E402
 from fedprune.coordinator.core.rounds import Accepted, CloseRound, RoundMachine, RoundPolicy  # noqa: E402
-from fedprune.coordinator.daemon import client_update  # noqa: E402
+from fedprune.coordinator.core.records import ClientUpdate  # noqa: E402
 from fedprune.coordinator.core.strategy import Strategy, StrategyConfig  # noqa: E402
 from fedprune.common.models import ModelSpec, init_params, model_layout  # noqa: E402
 from fedprune.common.mqtt import LinkConfig, MqttLink  # noqa: E402
@@ -204,7 +204,7 @@ class Coordinator:
             self.timers["open"] += time.perf_counter() - t3
 
     def close(self, closed: CloseRound[Update]) -> None:
-        updates = [client_update(u) for u in closed.updates.values()]
+        updates = [ClientUpdate.from_update(u) for u in closed.updates.values()]
         result = self.strategy.finish_round(self.state, self.plan, updates)
         if result.rejected:
             raise RuntimeError(f"strategy rejected updates: {result.rejected}")

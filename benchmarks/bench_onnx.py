@@ -63,7 +63,7 @@ def train(dataset: str, model: str, sparsity: float):
     import numpy as np
 
     from fedprune.coordinator.core.masks import apply_masks, erk_densities, random_masks, scale_sparse_init
-    from fedprune.common.data import load_dataset
+    from fedprune.coordinator.lab.datasets import load_dataset
     from fedprune.common.models import ModelSpec, init_params, model_layout
     from fedprune.edge_agent.training import train_local
     from fedprune.protocol.hyperparams import HyperParams

@@ -42,7 +42,7 @@ def measure(dataset: str, model: str, sparsity: float, repeats: int, threads: in
     import torch
 
     from fedprune.coordinator.core.masks import apply_masks, erk_densities, random_masks, scale_sparse_init
-    from fedprune.common.data import load_dataset
+    from fedprune.coordinator.lab.datasets import load_dataset
     from fedprune.common.models import ModelSpec, count_macs, init_params, model_layout
     from fedprune.edge_agent.training import train_local
     from fedprune.protocol.hyperparams import HyperParams

@@ -8,6 +8,7 @@ that offers this much can carry a federation, so the round code never knows whic
 
 from __future__ import annotations
 
+import queue
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -37,6 +38,8 @@ class Acknowledgement(Protocol):
 
 
 class Link(Protocol):
+    messages: queue.Queue[tuple[str, bytes]]  # inbound (topic, payload), unless built with a callback
+
     @property
     def connected(self) -> bool: ...
 

@@ -15,7 +15,7 @@ raises past ``on_message``: a ProtocolError becomes a counted, logged rejection.
 
 Why one file over 400 lines: it is the one loop and its reactions, each method one step of the
 round or one kind of message, sharing the loop's state (open round, pending commit, outage,
-key members). The decisions are elsewhere (``core/``, ``federation_key``, ``releases``,
+key members). The decisions are elsewhere (``core/``, ``releases``,
 ``state``); splitting the reactions across files would split that state.
 """
 
@@ -31,7 +31,7 @@ from typing import Any, Callable
 import numpy as np
 
 from fedprune.coordinator.config import CoordinatorConfig, model_spec
-from fedprune.coordinator.federation_key import FederationKey
+from fedprune.coordinator.core.federation_key import FederationKey
 from fedprune.coordinator.releases import latest_release, make_release, release_due, release_metadata
 from fedprune.coordinator.metrics import Metrics, MetricsServer, declare_metrics
 from fedprune.coordinator.fleet.registry_store import RegistryStore
@@ -53,15 +53,6 @@ log = logging.getLogger("fedprune.coordinator")
 COMMIT_RETRY_S = 5
 REGISTRY_SAVE_S = 5
 MEMBERS_CHECK_S = 1.0  # how often the allow-list is compared with the federation key's members
-
-
-def client_update(update: Update) -> ClientUpdate:
-    """What the strategy needs from a decoded Update: dense deltas, masks, losses, size."""
-    return ClientUpdate(
-        client_id=update.device, n_examples=update.n_examples, delta=update.delta_params(), masks=update.masks,
-        buffers=dict(update.buffers), train_loss=update.metrics.get("train_loss", float("nan")),
-        class_losses=dict(update.class_losses),
-    )
 
 
 class CoordinatorDaemon:
@@ -111,7 +102,6 @@ class CoordinatorDaemon:
         ))
         self.evaluation = self._load_evaluation()
         self.plan: RoundPlan | None = None
-        self.task_publications: list[Publication] = []
         self.round_started = 0.0
         self.next_announce = 0.0
         self.link: Link | None = None
@@ -188,7 +178,6 @@ class CoordinatorDaemon:
         if self.config.metrics.port >= 0:
             server = MetricsServer(self.metrics, self.config.metrics.host, self.config.metrics.port).start()
             log.info("event=metrics_listening url=http://%s:%d/metrics", self.config.metrics.host, server.port)
-        self.metrics_port = server.port if server else None
         link = self.open_link()
         try:
             self.start(link)
@@ -404,7 +393,7 @@ class CoordinatorDaemon:
 
     def _close_round(self, closed: CloseRound[Update], now: float) -> None:
         plan = self.plan
-        updates = [client_update(u) for u in closed.updates.values()]
+        updates = [ClientUpdate.from_update(u) for u in closed.updates.values()]
         result = self.strategy.finish_round(self.state, plan, updates) if updates else None
         if result is not None:
             for device in closed.updates:
@@ -418,16 +407,15 @@ class CoordinatorDaemon:
             "mask_version": self.state.mask_version, "duration_s": now - self.round_started,
             "cum_bytes_in": int(self.metrics.value("bytes_in_total")),
             "cum_bytes_out": int(self.metrics.value("bytes_out_total")),
+            "n_valid": 0, "rejected": {}, "scores": {}, "mask_churn": 0.0,  # a round nobody answered
         }
         if result is not None:
             for device, score in result.scores.items():
                 if score.gated_by:
                     self.metrics.inc("updates_gated_total", device=device, reason=score.gated_by)
                     log.warning("event=update_gated device=%s round=%d reason=%s", device, closed.round, score.gated_by)
-            entry["n_valid"] = result.n_valid
-            entry["rejected"] = result.rejected
-            entry["scores"] = {d: asdict(s) for d, s in result.scores.items()}
-            entry["mask_churn"] = result.mask_churn
+            entry.update(n_valid=result.n_valid, rejected=result.rejected, mask_churn=result.mask_churn,
+                         scores={d: asdict(s) for d, s in result.scores.items()})
         entry["local_macs"] = int(sum(u.metrics.get("macs", 0.0) for u in closed.updates.values()))
         every = self.config.evaluation.every_rounds
         if self.evaluation is not None and (closed.round % every == 0 or closed.round == self.config.rounds.total):

@@ -74,13 +74,8 @@ def export_checkpoint(config: Any, out: Path, *, variant: str) -> tuple[int, dic
     checkpoint = StateDir(config.state.dir).load_latest_checkpoint()
     if checkpoint is None:
         raise StateError(f"{config.state.dir} has no checkpoint yet: run the coordinator first")
-    accuracy = latest_accuracy(checkpoint)
-    metadata: dict[str, str | int | float] = {
-        "federation": config.federation.id, "round": int(checkpoint["round"]),
-        "mask_version": int(checkpoint["mask_version"]),
-    }
-    if accuracy is not None:
-        metadata["val_accuracy"] = float(accuracy)
+    metadata = release_metadata(config, int(checkpoint["round"]), int(checkpoint["mask_version"]),
+                                latest_accuracy(checkpoint))
     blob = export_variant(model_spec(config), checkpoint["params"], variant=variant, opset=config.export.opset,
                           metadata=metadata)
     atomic_write(Path(out), blob, mode=0o644)

@@ -413,7 +413,10 @@ class AgentDaemon:
             self._upload(task, action)
         elif isinstance(action, Resend):
             log.info("event=resend round=%d reason=coordinator_still_waiting", action.round)
-            self._publish(self._sent.get(action.round, []), "update", action.round)
+            try:
+                self._publish(self._sent.get(action.round, []), "update", action.round)
+            except (MqttError, OSError) as exc:  # the next re-announcement asks again
+                log.warning("event=resend_failed round=%d error=%s", action.round, exc)
         elif isinstance(action, Ignore):
             log.debug("event=task_ignored round=%d reason=%s", action.round, action.reason)
         elif isinstance(action, Decline):
@@ -430,7 +433,7 @@ class AgentDaemon:
         try:
             run = worker.train_in_child if section.train_in_subprocess else worker.train
             trained = run(job)
-        except (worker.WorkerError, ValueError, MemoryError, OSError) as exc:
+        except (RuntimeError, ValueError, MemoryError, OSError) as exc:  # WorkerError; torch's own (CUDA OOM)
             log.error("event=training_failed round=%d error=%s", task.round, exc)
             for action_ in self.core.on_failed(task.round, "training_failed"):
                 self._carry_out(action_, task)
@@ -444,7 +447,13 @@ class AgentDaemon:
     def _upload(self, task: RoundTask, upload: Upload) -> None:
         """The privacy ledger is on disk before the update leaves; then seal, publish, wait for the broker."""
         if self.ledger is not None:
-            self.ledger.charge()
+            try:
+                self.ledger.charge()
+            except OSError as exc:  # the spend cannot be recorded, so the update must not leave
+                log.error("event=privacy_ledger_unwritable round=%d file=%s error=%s", task.round, self.ledger.path, exc)
+                for action in self.core.on_failed(task.round, "privacy_ledger_unwritable", retry=True):
+                    self._carry_out(action, task)
+                return
             budget = self.ledger.budget
             log.info("event=privatized round=%d norm_before_clip=%.4f clip_norm=%g epsilon_spent=%.3f "
                      "epsilon_budget=%g rounds=%d", task.round, upload.norm_before_clip, self.ledger.clip_norm,
@@ -456,7 +465,7 @@ class AgentDaemon:
         self._sent = {task.round: publications}
         try:
             self._publish(publications, "update", task.round, wait=True)
-        except MqttError as exc:
+        except (MqttError, OSError) as exc:  # broker away, or the audit log's disk full
             log.error("event=upload_failed round=%d error=%s", task.round, exc)
             for action in self.core.on_failed(task.round, "upload_failed", retry=True):
                 self._carry_out(action, task)

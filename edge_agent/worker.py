@@ -2,9 +2,10 @@
 checks, in-process or in a child.
 
 An idle agent should stay small (importing torch alone costs ~200 MB RSS), so by default the
-daemon runs each training job in a short-lived child process (``python -m edge_agent.worker``)
+daemon runs each training job in a short-lived child process (``python -m fedprune.edge_agent.worker``)
 that reads one msgpack job from stdin and writes one msgpack result to stdout. With
-``in_process=True`` (many agents on one box, as in the demo) torch is imported once, lazily.
+``[agent] train_in_subprocess = false`` (many agents on one box, as in the demo and the
+simulation) ``train`` runs in the daemon and torch is imported once, lazily.
 Jobs carry only arrays and plain values; no pickle crosses the pipe.
 """
 

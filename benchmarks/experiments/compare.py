@@ -1,6 +1,6 @@
 """Two summaries of the same grid side by side: did a change move any row by more than its seed spread?
 
-    .venv/bin/python benchmarks/experiments/compare.py OLD/summary.json NEW/summary.json [--out FILE.md]
+    .venv/bin/python benchmarks/experiments/compare.py OLD/summary.json NEW/summary.json [--out TABLE]
 
 OLD may also be ``REV:path`` (read with ``git show``), e.g. the committed summary before a re-run:
 ``HEAD:benchmarks/results/current/summary.json``. For every setting/method row present in both, it

@@ -25,6 +25,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+# Bump when the simulator changes what a run measures for the same config (2: the daemons over an
+# in-memory broker, bytes as the links carried them).
+ENGINE = 2
+
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 
@@ -77,6 +81,7 @@ def _key(doc: dict[str, Any]) -> str:
             del strategy[name]
         del strategy["gamma"]
         del strategy["trust_gamma"]
+    resolved["engine"] = ENGINE  # a result cached by another simulator is not this one's
     return hashlib.sha256(json.dumps(resolved, sort_keys=True, default=list).encode()).hexdigest()[:16]
 
 

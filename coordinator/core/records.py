@@ -12,12 +12,12 @@ against the round's class medians; ``rho`` only the kept fraction of §6 (``keep
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
 from fedprune.protocol.hyperparams import HyperParams
 from fedprune.protocol.layout import ModelLayout
+from fedprune.protocol.messages import Update
 
 Params = dict[str, np.ndarray]
 Masks = dict[str, np.ndarray]
@@ -34,16 +34,12 @@ class ClientUpdate:
     class_losses: dict[int, tuple[float, int]] = field(default_factory=dict)
 
     @classmethod
-    def from_local(cls, client_id: str, result: Any) -> ClientUpdate:
-        """From an ``fedprune.edge_agent.training.LocalResult`` (duck-typed: cores never import torch code)."""
+    def from_update(cls, update: Update) -> ClientUpdate:
+        """What the strategy needs from a decoded Update: dense deltas, masks, losses, size."""
         return cls(
-            client_id=client_id,
-            n_examples=int(result.n_examples),
-            delta=dict(result.delta),
-            masks=dict(result.masks),
-            buffers=dict(result.buffers),
-            train_loss=float(result.train_loss),
-            class_losses=dict(result.class_losses),
+            client_id=update.device, n_examples=update.n_examples, delta=update.delta_params(), masks=update.masks,
+            buffers=dict(update.buffers), train_loss=update.metrics.get("train_loss", float("nan")),
+            class_losses=dict(update.class_losses),
         )
 
 

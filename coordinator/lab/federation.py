@@ -5,10 +5,11 @@ talking through an in-memory broker and driven on a virtual clock.
 device's bundle, data shard and agent.toml) and starts one ``CoordinatorDaemon`` and one
 ``AgentDaemon`` per client on ``MemoryLink``s. ``run`` delivers every message until the
 federation is quiet, ticks the coordinator, and moves the clock on only when nothing is left to
-do, so a round takes as long as its computation, and deadlines, re-announcements and heartbeats
-behave as they would on a fleet that answers instantly. Clients that are offline for a round
-drop their link (the broker publishes their last will) and come back by reconnecting, which
-makes them register again.
+do: devices answer in no virtual time, and deadlines, re-announcements and heartbeats behave as
+on a fleet that answers at once. Clients that are offline for a round drop their link (the
+broker publishes their last will) and come back by reconnecting, which makes them register
+again. What the in-memory link cannot show (a lost broker, QoS redelivery, TLS) is tested
+against Mosquitto.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from fedprune.common.data import Dataset
+from fedprune.common.configkit import ConfigError
+from fedprune.coordinator.lab.datasets import Dataset
 from fedprune.coordinator.config import CoordinatorConfig, load_config
 from fedprune.coordinator.daemon import CoordinatorDaemon
 from fedprune.coordinator.fleet import enrollment
@@ -33,7 +35,8 @@ from fedprune.protocol.topics import TopicKind
 FEDERATION = "simulation"
 START_TIME = 1_767_225_600.0  # 2026-01-01 UTC: the virtual clock's origin (messages carry their send time)
 IDLE_STEP_S = 1.0  # how far the clock moves when nobody has anything to do
-MAX_IDLE_S = 7 * 86_400.0  # a federation idle this long is stuck (e.g. every client offline): say so
+MAX_IDLE_S = 7 * 86_400.0  # a federation idle this long is stuck: say so
+MAX_DRAWS = 10_000  # availability draws until someone is online, before the configured availability is called too low
 UPLINK = frozenset({TopicKind.UPDATE.value, TopicKind.STATUS.value, TopicKind.REGISTER.value})
 RELEASE = TopicKind.RELEASE.value
 
@@ -66,6 +69,9 @@ class SimulatedFederation:
     def build(cls, root: Path, sim: Any, dataset: Dataset, shards: dict[str, tuple[np.ndarray, np.ndarray]],
               attackers: list[str], device: str) -> SimulatedFederation:
         """``sim`` is the ``SimulationConfig``; ``shards`` each client's (X, y) as it holds them."""
+        if root.exists() and any(root.iterdir()):
+            raise ConfigError(f"{root} is not empty (a previous federation's state would be resumed): "
+                              "remove it or choose another output directory")
         root.mkdir(parents=True, exist_ok=True)
         data_dir = root / "data"
         data_dir.mkdir(exist_ok=True)
@@ -87,7 +93,7 @@ class SimulatedFederation:
             tamper = Hostile(coalition, cid, np.random.default_rng([sim.seed, 3, index])) if cid in attackers else None
             agent = AgentDaemon(load_agent_config(agent_tomls[cid], env={}), clock=clock,
                                 privacy_rng=np.random.default_rng([sim.seed, 4, index]), tamper=tamper)
-            link = broker.connect(f"agent-{cid}", agent.subscriptions, on_message=agent.enqueue, will=agent.last_will())
+            link = broker.connect(f"agent-{cid}", agent.subscriptions, on_message=agent.enqueue, will=agent.last_will)
             agent.start(link)
             devices[cid] = _Device(agent, link)
         return cls(coordinator, devices, clock, sim.availability, np.random.default_rng([sim.seed, 5]))
@@ -98,7 +104,9 @@ class SimulatedFederation:
         records: list[dict[str, Any]] = []
         seen = self.coordinator.completed
         idle_since = self.clock.now
-        before = self._bytes()
+        before = (0, 0)  # round 1 also carries the connect-time traffic: registrations, key grants
+        self._deliver()
+        self._churn()
         while not self.coordinator.finished:
             moved = self._deliver()
             self.coordinator.tick()
@@ -142,14 +150,20 @@ class SimulatedFederation:
                 self.coordinator.on_message(*queue.get_nowait())
 
     def _churn(self) -> None:
-        """Who is online for the next round: each client with probability ``availability``."""
+        """Who is online for the next round: each client with probability ``availability``, drawn
+        again while nobody is (a round needs someone; the fleet would wait for them)."""
         if self.availability >= 1.0:
             return
-        for device in self.devices.values():
-            if self.rng.random() < self.availability:
-                if not device.link.connected:
-                    device.link.reconnect()
-            else:
+        for _ in range(MAX_DRAWS):
+            online = [self.rng.random() < self.availability for _ in self.devices]
+            if any(online):
+                break
+        else:
+            raise RuntimeError(f"availability {self.availability:g}: nobody came online in {MAX_DRAWS} draws")
+        for device, up in zip(self.devices.values(), online):
+            if up and not device.link.connected:
+                device.link.reconnect()
+            elif not up:
                 device.link.drop()
         self._deliver()
 

@@ -1,11 +1,13 @@
 """Hostile devices for the simulation: an enrolled agent whose own update is replaced before it is
 privatised and sealed (``AgentCore``'s ``tamper``), as a device with a valid key could do.
 
-Each attacker knows what any device knows: its task (the global model of this round and, from
-the previous task, the previous global step) and its honest update. Colluders also share their
-honest updates out of band: a ``Coalition`` trains every member's shard on the round's task (the
-same training each member runs on its own device) and gives each the shared poisoned update
-(``fedprune.coordinator.lab.attacks.collude``), whatever order their tasks arrive in.
+Each attacker knows what its device knows: its task (the global model of this round) and its
+honest update; the "previous step" of ``free_rider_stale`` is the change of the global model
+since the attacker's previous task (the previous round's step when it takes part every round).
+Colluders also share their honest updates out of band: a ``Coalition`` trains the shards of the
+round's other selected members on the round's task (the training each runs on its own device)
+and gives each the shared poisoned update (``fedprune.coordinator.lab.attacks.collude``), on its
+own mask, whatever order their tasks arrive in.
 """
 
 from __future__ import annotations
@@ -26,24 +28,24 @@ class Coalition:
         self.kind, self.scale, self.device = kind, scale, device
         self.members = members
         self._round: int | None = None
-        self._shared: dict[str, Params] = {}
+        self._honest_updates: list[Params] = []  # the round's selected colluders' honest deltas
 
-    def shared_update(self, task: RoundTask, member: str) -> Params:
-        """``member``'s part of the colluders' one poisoned update for ``task``'s round."""
+    def shared_update(self, task: RoundTask, member: str, delta: Params, masks: Params) -> Params:
+        """``member``'s part of the colluders' one poisoned update for ``task``'s round; ``delta``
+        and ``masks`` are its own honest training, the others' are trained here once per round."""
         if self._round != task.round:
-            names = sorted(self.members)
-            honest = [self._honest(task, name) for name in names]
-            poisoned = attacks.collude([d for d, _ in honest], [m for _, m in honest])
-            self._round, self._shared = task.round, dict(zip(names, poisoned))
-        return self._shared[member]
+            others = sorted(m for m in self.members if m in task.selected and m != member)
+            self._round = task.round
+            self._honest_updates = [delta] + [self._honest(task, name) for name in others]
+        return attacks.collude(self._honest_updates, [masks] * len(self._honest_updates))[0]
 
-    def _honest(self, task: RoundTask, member: str) -> tuple[Params, Params]:
+    def _honest(self, task: RoundTask, member: str) -> Params:
         trained = worker.train(worker.TrainJob(
             model=task.model, params=task.params(), masks=task.masks, hyper=task.hyper.for_device(member),
             data_path=self.members[member], device=self.device, threads=1,
         ))
         trainable = {s.name for s in task.layout.trainable}
-        return {k: v for k, v in trained.delta.items() if k in trainable}, trained.masks
+        return {k: v for k, v in trained.delta.items() if k in trainable}
 
 
 class Hostile:
@@ -63,5 +65,5 @@ class Hostile:
         self._last_global = current
         kind = self.coalition.kind
         if kind == "collude":
-            return self.coalition.shared_update(task, self.device_id)
+            return self.coalition.shared_update(task, self.device_id, delta, masks)
         return attacks.poison(kind, delta, masks, self.rng, self.coalition.scale, self._previous_step)

@@ -27,7 +27,7 @@ import numpy as np
 from fedprune.coordinator.fleet import enrollment
 from fedprune.coordinator.config import CoordinatorConfig, load_config
 from fedprune.coordinator.state import StateDir
-from fedprune.common.data import add_label_noise, load_dataset, partition_dirichlet, partition_iid
+from fedprune.coordinator.lab.datasets import add_label_noise, load_dataset, partition_dirichlet, partition_iid
 
 BIN = Path(sys.executable).parent
 

@@ -4,7 +4,8 @@ The coordinator and every agent get a ``MemoryLink`` with the same surface as ``
 (publish, acknowledgements, counters, the callback or queue for inbound messages), so the
 simulation drives the deployed round code and its byte counts are the bytes a broker would
 carry. Delivery is synchronous and in publish order; retained messages reach later subscribers;
-a dropped link publishes its last will, as a broker does when a device vanishes. What MQTT adds
+a dropped link publishes its last will, as a broker does when a device vanishes; the will is
+asked of its owner at each (re)connect, as a client registers a fresh one in each CONNECT. What MQTT adds
 on a network (QoS retries, persistent sessions, TLS) is the real broker's job and is tested
 against Mosquitto, not here.
 """
@@ -45,13 +46,14 @@ class _Acknowledged:
 
 class MemoryLink:
     def __init__(self, broker: MemoryBroker, client_id: str, subscriptions: Sequence[tuple[str, int]],
-                 on_message: Callable[[str, bytes], None] | None, will: LastWill | None) -> None:
+                 on_message: Callable[[str, bytes], None] | None, will: Callable[[], LastWill] | None) -> None:
         self.broker = broker
         self.client_id = client_id
         self.filters = tuple(f for f, _ in subscriptions)
         self.messages: queue.Queue[tuple[str, bytes]] = queue.Queue()
         self._deliver = on_message or (lambda topic, payload: self.messages.put((topic, payload)))
-        self.will = will
+        self.will_factory = will
+        self.will: LastWill | None = None
         self.counters = asdict(LinkStats())
         self.bytes_in_by_kind: dict[str, int] = {}  # by topic kind (task, update, release, ...)
         self.bytes_out_by_kind: dict[str, int] = {}
@@ -86,6 +88,7 @@ class MemoryLink:
         """Connect (again): retained messages on the subscriptions arrive, as after a broker CONNACK."""
         self._connected = True
         self.counters["connects"] += 1
+        self.will = self.will_factory() if self.will_factory is not None else None
         for topic, payload in list(self.broker.retained.items()):
             if any(matches(f, topic) for f in self.filters):
                 self.receive(topic, payload)
@@ -110,7 +113,8 @@ class MemoryBroker:
         self.retained: dict[str, bytes] = {}
 
     def connect(self, client_id: str, subscriptions: Sequence[tuple[str, int]] = (),
-                on_message: Callable[[str, bytes], None] | None = None, will: LastWill | None = None) -> MemoryLink:
+                on_message: Callable[[str, bytes], None] | None = None,
+                will: Callable[[], LastWill] | None = None) -> MemoryLink:
         link = MemoryLink(self, client_id, subscriptions, on_message, will)
         self.links.append(link)
         link.reconnect()

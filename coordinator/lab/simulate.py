@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from fedprune.common import data as data_mod
+from fedprune.coordinator.lab import datasets
 from fedprune.common.configkit import ConfigError, load_section, tomllib
 from fedprune.common.model_rules import MODEL_NAMES, input_shape_problem
 from fedprune.coordinator.config import ADAPTIVE_DENSITY_REFUSED
@@ -57,7 +57,7 @@ class SimulationConfig:
     noise_rate: float = 0.8
     noise_kind: str = "symmetric"
     availability: float = 1.0  # probability that a client is online in a round
-    attack: str = "none"  # coordinator.attacks.ATTACKS
+    attack: str = "none"  # fedprune.coordinator.lab.attacks.ATTACKS
     attack_fraction: float = 0.0  # of clients, chosen apart from the noisy ones
     attack_scale: float = 10.0
     seed: int = 0
@@ -71,12 +71,12 @@ class SimulationConfig:
         def bad(key: str, expected: str) -> ConfigError:
             return ConfigError(f"[simulation] {key} = {getattr(self, key)!r}: expected {expected}")
 
-        if self.dataset not in data_mod.DATASET_NAMES:
-            raise bad("dataset", f"one of {data_mod.DATASET_NAMES}")
+        if self.dataset not in datasets.DATASET_NAMES:
+            raise bad("dataset", f"one of {datasets.DATASET_NAMES}")
         if self.partition not in PARTITIONS:
             raise bad("partition", f"one of {PARTITIONS}")
-        if self.noise_kind not in data_mod.NOISE_KINDS:
-            raise bad("noise_kind", f"one of {data_mod.NOISE_KINDS}")
+        if self.noise_kind not in datasets.NOISE_KINDS:
+            raise bad("noise_kind", f"one of {datasets.NOISE_KINDS}")
         if self.attack not in attacks.ATTACKS:
             raise bad("attack", f"one of {attacks.ATTACKS}")
         if self.eval_split not in EVAL_SPLITS:
@@ -87,8 +87,8 @@ class SimulationConfig:
                 raise bad(key, "an int >= 1")
         if not (isinstance(self.min_size, int) and self.min_size >= 1):
             raise bad("min_size", "an int >= 1")
-        if not (isinstance(self.seed, int) and 0 <= self.seed < 2**32):
-            raise bad("seed", "an int in [0, 2**32)")
+        if not (isinstance(self.seed, int) and 0 <= self.seed < 2**31):
+            raise bad("seed", "an int in [0, 2**31), as [federation] seed")
         for key, lo, hi in (("noisy_fraction", 0.0, 1.0), ("noise_rate", 0.0, 1.0), ("availability", 1e-9, 1.0),
                             ("validation_fraction", 1e-9, 0.99), ("attack_fraction", 0.0, 1.0), ("attack_scale", 0.0, 1e6)):
             v = getattr(self, key)
@@ -101,7 +101,7 @@ class SimulationConfig:
             raise bad("beta", "a number > 0")
         if self.model not in MODEL_NAMES:
             raise bad("model", f"one of {MODEL_NAMES}")
-        problem = input_shape_problem(self.model, data_mod.DATASET_SHAPES[self.dataset])
+        problem = input_shape_problem(self.model, datasets.DATASET_SHAPES[self.dataset])
         if problem:
             raise ConfigError(f"[simulation] model: {problem}")
 
@@ -117,10 +117,7 @@ class SimulationConfig:
         unknown = sorted(set(sim) - known)
         if unknown:
             raise ConfigError(f"[simulation] unknown keys {unknown}; expected some of {sorted(known)}")
-        try:
-            strategy = StrategyConfig.from_dict(data.get("strategy", {}))
-        except (ValueError, TypeError) as exc:
-            raise ConfigError(str(exc)) from exc
+        strategy = load_section(StrategyConfig, data.get("strategy", {}), "strategy")  # as `run` reads it
         if strategy.adaptive_density:
             raise ConfigError(ADAPTIVE_DENSITY_REFUSED)
         privacy = load_section(PrivacySection, data.get("privacy", {}), "privacy")
@@ -163,14 +160,14 @@ class SimulationResult:
         return dataclasses.asdict(self)
 
 
-def _clients(cfg: SimulationConfig, dataset: data_mod.Dataset, rng: np.random.Generator):
+def _clients(cfg: SimulationConfig, dataset: datasets.Dataset, rng: np.random.Generator):
     y = dataset.y_train
     if cfg.partition == "dirichlet":
-        parts = data_mod.partition_dirichlet(y, cfg.n_clients, cfg.beta, rng, min_size=cfg.min_size)
+        parts = datasets.partition_dirichlet(y, cfg.n_clients, cfg.beta, rng, min_size=cfg.min_size)
     elif cfg.partition == "iid":
-        parts = data_mod.partition_iid(y, cfg.n_clients, rng)
+        parts = datasets.partition_iid(y, cfg.n_clients, rng)
     else:
-        parts = data_mod.partition_quantity(y, cfg.n_clients, rng, beta=cfg.beta, min_size=cfg.min_size)
+        parts = datasets.partition_quantity(y, cfg.n_clients, rng, beta=cfg.beta, min_size=cfg.min_size)
     ids = [f"client{i:03d}" for i in range(cfg.n_clients)]
     n_noisy = int(round(cfg.noisy_fraction * cfg.n_clients))
     noisy = set(ids[i] for i in rng.choice(cfg.n_clients, size=n_noisy, replace=False)) if n_noisy else set()
@@ -181,7 +178,7 @@ def _clients(cfg: SimulationConfig, dataset: data_mod.Dataset, rng: np.random.Ge
     for cid, idx in zip(ids, parts):
         labels = y[idx]
         if cid in noisy:
-            labels = data_mod.add_label_noise(labels, cfg.noise_rate, dataset.num_classes, rng, cfg.noise_kind)
+            labels = datasets.add_label_noise(labels, cfg.noise_rate, dataset.num_classes, rng, cfg.noise_kind)
         if cid in attackers and cfg.attack == "label_flip":
             labels = attacks.flip_labels(labels, dataset.num_classes)
         shards[cid] = (dataset.X_train[idx], labels)
@@ -191,7 +188,7 @@ def _clients(cfg: SimulationConfig, dataset: data_mod.Dataset, rng: np.random.Ge
 def run_simulation(config: SimulationConfig, progress: bool = False, device: str = "cpu",
                    workdir: str | Path | None = None) -> SimulationResult:
     """Run the federation; deterministic for a given config (seed included) and device (cpu,
-    cuda or auto) unless [privacy] is on without a fixed noise seed. Where training runs is not
+    cuda or auto); the devices' privacy noise is seeded from it too. Where training runs is not
     part of the config: it changes rounding only. ``workdir`` keeps the federation's files (the
     coordinator's state and history, each device's audit log and installed release); by default
     they live in a temporary directory."""
@@ -200,9 +197,9 @@ def run_simulation(config: SimulationConfig, progress: bool = False, device: str
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     seed = config.seed
-    dataset = data_mod.load_dataset(config.dataset, seed)
+    dataset = datasets.load_dataset(config.dataset, seed)
     if config.eval_split == "validation":
-        dataset = data_mod.split_validation(dataset, config.validation_fraction, np.random.default_rng(seed + 1))
+        dataset = datasets.split_validation(dataset, config.validation_fraction, np.random.default_rng(seed + 1))
     ids, shards, noisy, attackers = _clients(config, dataset, np.random.default_rng([seed, 1]))
     with tempfile.TemporaryDirectory(prefix="fedprune-sim-") as scratch:
         root = Path(workdir) if workdir is not None else Path(scratch)

@@ -32,6 +32,7 @@ from fedprune.protocol.sparse import SparseParams
 
 Params = dict[str, np.ndarray]
 # A hostile device's hand on its own update (the lab's attacks): (task, honest delta, masks) -> delta.
+# The core only calls it; what it does (train other shards, read files) is the lab's business.
 Tamper = Callable[[RoundTask, Params, Params], Params]
 
 
@@ -163,12 +164,12 @@ class AgentCore:
             return self.on_failed(task.round, "training_diverged")
         trainable = task.layout.subset(s.name for s in task.layout.trainable)
         delta = {s.name: trained.delta[s.name] for s in trainable}
-        if self.tamper is not None:
-            delta = self.tamper(task, delta, trained.masks)
         norm = None
         if self.privacy is not None:
             delta, norm = privatize(delta, trained.masks, self.privacy.clip_norm, self.privacy.noise_multiplier,
                                     self.privacy.rng)
+        if self.tamper is not None:  # a hostile device sends what it likes: its own privacy step is no bound on it
+            delta = self.tamper(task, delta, trained.masks)
         update = Update(
             round=task.round, device=self.device_id, mask_version=task.mask_version, n_examples=trained.n_examples,
             metrics={"train_loss": trained.train_loss, "steps": trained.steps, "train_seconds": trained.seconds,

@@ -21,7 +21,7 @@ from fedprune.coordinator.export import (
     weights_sha256,
 )
 from fedprune.coordinator.core.masks import apply_masks, erk_densities, random_masks
-from fedprune.common.data import load_dataset
+from fedprune.coordinator.lab.datasets import load_dataset
 from fedprune.common.models import ModelSpec, evaluate, init_params, model_layout, module_from_params
 from fedprune.edge_agent.training import train_local
 from fedprune.protocol.hyperparams import HyperParams

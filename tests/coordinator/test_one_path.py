@@ -13,7 +13,7 @@ from fedprune.common.configkit import ConfigError
 from fedprune.coordinator.config import ADAPTIVE_DENSITY_REFUSED
 from fedprune.coordinator.core.strategy import StrategyConfig
 from fedprune.coordinator.fleet import enrollment
-from fedprune.coordinator.lab.simulate import SimulationConfig, run_simulation
+from fedprune.coordinator.lab.simulate import SimulationConfig, run_simulation, write_outputs
 from fedprune.coordinator.state import StateDir
 from fedprune.edge_agent.audit import AuditLog
 from fedprune.edge_agent.config import PrivacySection
@@ -72,3 +72,23 @@ def test_adaptive_density_is_refused_alike_by_simulate_and_run(tmp_path: Path) -
                     broker_url="mqtt://127.0.0.1:1883", embedded_broker=False)
     assert_user_error(coordinator("run", "--config", config, "--set", "strategy.adaptive_density=true"),
                       ADAPTIVE_DENSITY_REFUSED)
+
+
+def test_devices_out_of_privacy_budget_decline_and_the_rounds_still_close(tmp_path: Path) -> None:
+    """ε 8 at σ 1 pays for two rounds: then every device declines, as on a fleet, and the results still write."""
+    config = SimulationConfig(**{**SMALL.__dict__, "privacy": PrivacySection(enabled=True),
+                                 "strategy": StrategyConfig(rounds=4, sparsity=0.5)})
+    result = run_simulation(config)
+    assert [r["received"] for r in result.rounds] == [4, 4, 0, 0]
+    assert write_outputs(result, tmp_path)
+
+
+def test_rarely_available_clients_still_make_every_round() -> None:
+    config = SimulationConfig(**{**SMALL.__dict__, "availability": 0.05, "strategy": StrategyConfig(rounds=3)})
+    assert [r["selected"] >= 1 for r in run_simulation(config).rounds] == [True] * 3
+
+
+def test_a_kept_federation_is_not_resumed_by_the_next_run(tmp_path: Path) -> None:
+    run_simulation(SMALL, workdir=tmp_path)
+    with pytest.raises(ConfigError, match="not empty"):
+        run_simulation(SMALL, workdir=tmp_path)

@@ -1,4 +1,4 @@
-"""End to end: the simulation runs the real Strategy and train_local and learns digits."""
+"""End to end: the simulation (the coordinator and agent daemons over an in-memory broker) learns digits."""
 
 from __future__ import annotations
 

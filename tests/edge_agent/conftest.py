@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fedprune.common.data import load_dataset
+from fedprune.coordinator.lab.datasets import load_dataset
 
 
 @pytest.fixture(scope="module")

@@ -83,16 +83,18 @@ def test_the_privacy_step_clips_and_noises_before_the_update_is_built() -> None:
     assert np.linalg.norm(np.concatenate([sent.ravel(), bias])) == pytest.approx(0.1, rel=1e-4)
 
 
-def test_a_hostile_device_tampers_before_the_privacy_step() -> None:
+def test_a_hostile_device_replaces_its_update_after_the_privacy_step() -> None:
     seen = {}
 
     def flip(t, delta, masks):
         seen["honest"] = delta["fc.weight"].copy()
         return {k: -v for k, v in delta.items()}
 
-    agent = AgentCore("pi-1", tamper=flip)
+    agent = AgentCore("pi-1", tamper=flip,
+                      privacy=PrivacyStep(clip_norm=0.1, noise_multiplier=1e-9, rng=np.random.default_rng(0)))
     agent.on_task(task(), now=1.0)
     np.testing.assert_array_equal(upload_of(agent).update.delta_params()["fc.weight"], -seen["honest"])
+    assert np.linalg.norm(seen["honest"]) <= 0.1 + 1e-6  # it saw the privatised update, and sent its own
 
 
 def test_the_same_task_twice_trains_once_and_resends_only_when_the_coordinator_still_waits() -> None:

@@ -10,19 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fedprune.common.data import (
-    DataSummary,
-    LocalDataError,
-    add_label_noise,
-    data_mismatch,
-    load_dataset,
-    load_inputs,
-    load_local_data,
-    partition_dirichlet,
-    partition_iid,
-    partition_quantity,
-    split_validation,
-)
+from fedprune.common.data import DataSummary, LocalDataError, data_mismatch, load_inputs, load_local_data
+from fedprune.coordinator.lab.datasets import add_label_noise, load_dataset, partition_dirichlet, partition_iid, partition_quantity, split_validation
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from fedprune.common.data import load_dataset
+from fedprune.coordinator.lab.datasets import load_dataset
 from fedprune.common.models import ModelSpec, evaluate, init_params, model_layout, module_from_params
 from fedprune.edge_agent.training import MaskedSGD, first_smallest, readjust_layer, readjust_masks, resolve_device, train_local
 from fedprune.protocol.hyperparams import HyperParams
