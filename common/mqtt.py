@@ -407,6 +407,9 @@ class MqttLink:
                 self._stats["reconnects"] += 1
             self._ready = not self.subscriptions
             self._state.notify_all()
+        if self.config.renew_will is not None:  # takes effect at the next CONNECT
+            will = self.config.renew_will()
+            client.will_set(will.topic, will.payload, will.qos, will.retain)
         if self.subscriptions:
             # SUBACK is handled on this same thread after we return, so recording the mid here is race-free.
             result, mid = client.subscribe(list(self.subscriptions))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 from urllib.parse import urlsplit
 
 DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
@@ -90,6 +90,9 @@ class LinkConfig:
     max_inflight: int = 20
     max_queued_messages: int = 256
     will: LastWill | None = None
+    # Called on the network thread after each connect: the will for the next CONNECT. A sealed will
+    # is replay-checked, so one registered again after a reconnect would be refused as a replay.
+    renew_will: Callable[[], LastWill] | None = None
 
     def __post_init__(self) -> None:
         address = parse_broker_url(self.url)

@@ -150,10 +150,11 @@ class AgentDaemon:
         return LinkConfig(
             url=url, client_id=f"fedprune-agent-{self.bundle.device_id}",
             username=self.bundle.broker_username or None, password=self.bundle.broker_password or None,
-            ca_file=ca_file, will=self.last_will(),
+            ca_file=ca_file, will=self.last_will(), renew_will=self.last_will,
         )
 
     def last_will(self) -> LastWill:
+        """A freshly sealed offline Status (also called on the link's network thread: see ``AgentChannel.last_will``)."""
         will = self.channel.last_will(self.clock())
         return LastWill(will.topic, will.payload, qos=1)
 

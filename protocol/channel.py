@@ -217,6 +217,7 @@ class AgentChannel(_Channel):
         )
         self.device = topics.validate_id(device, "device")
         self.group_keys = KeyRing(key_capacity)
+        self._will_seq = 0
         self._held: dict[Kind, _Held] = {}  # the newest verified task and release waiting for their key
         if not isinstance(coordinator, PublicIdentity):
             raise TypeError("coordinator must be the pinned PublicIdentity of the coordinator")
@@ -242,15 +243,20 @@ class AgentChannel(_Channel):
         return self._seal_and_chunk(msg, now, flags=0, base_masks=base)
 
     def last_will(self, now: float, reason: str = "connection lost") -> Publication:
-        """A sealed offline Status to register as the MQTT last will at connect time (one chunk)."""
+        """A sealed offline Status to register as the MQTT last will at connect time (one chunk).
+
+        Safe to call from another thread than ``send``'s: wills count their own sequence (the
+        coordinator checks wills apart from other messages, only that each is newer than the last)."""
         status = Status(self.device, State.OFFLINE, self.replay.current_round, reason, now)
-        (publication,) = self._seal_and_chunk(status, now, flags=FLAG_LAST_WILL, base_masks=None)
+        self._will_seq = max(self._will_seq + 1, int(now * 1_000_000))
+        (publication,) = self._seal_and_chunk(status, now, flags=FLAG_LAST_WILL, base_masks=None, seq=self._will_seq)
         return publication
 
-    def _seal_and_chunk(self, msg: Message, now: float, *, flags: int, base_masks: Masks | None) -> list[Publication]:
+    def _seal_and_chunk(self, msg: Message, now: float, *, flags: int, base_masks: Masks | None,
+                        seq: int | None = None) -> list[Publication]:
         body = codec.encode_body(msg, value_dtype=self.value_dtype, base_masks=base_masks)
         rnd = msg.round if isinstance(msg, (Update, Status)) else self.replay.current_round
-        seq = self._next_seq(now)
+        seq = self._next_seq(now) if seq is None else seq
         header = Header(msg.KIND, self.suite, self.federation, self.device, rnd, seq, float(now), flags)
         envelope = seal_envelope(header, body, self.identity, self.coordinator)
         topic = str(Topic(self.federation, _TOPIC_OF[msg.KIND], self.device))

@@ -126,7 +126,7 @@ class StrategyConfig:
     centered_clip: float = _setting(0.0, "clip deviations from the trimmed mean at this × their median; 0: off", OFF_OR_POSITIVE)
     chance_gate: float = _setting(4.0, "leave out updates no other one correlates with beyond this / sqrt(nnz); 0: off", OFF_OR_POSITIVE)
     # contribution-adaptive density (§6)
-    adaptive_density: bool = _setting(False, "give low-quality devices nested sub-masks (kept fraction rho)", FLAG)
+    adaptive_density: bool = _setting(False, "give low-quality devices nested sub-masks (kept fraction rho); refused by run and simulate until tasks per device exist (docs/DESIGN.md)", FLAG)
     adaptive_beta: float = _setting(1.0, "adaptive_density: slope β of rho = tanh(β z)", POSITIVE)
     rho_min: float = _setting(0.5, "adaptive_density: least kept fraction rho", _span(0, 1, "(]"))
     # Batch 16, not HyperParams' 32: with ≈ 60-200 samples per client, batch 32 gives only 4-10
