@@ -102,6 +102,7 @@ class CoordinatorDaemon:
         ))
         self.evaluation = self._load_evaluation()
         self.plan: RoundPlan | None = None
+        self.last_entry: dict[str, Any] | None = None  # the history entry of the last committed round
         self.round_started = 0.0
         self.next_announce = 0.0
         self.link: Link | None = None
@@ -478,6 +479,7 @@ class CoordinatorDaemon:
             log.error("event=checkpoint_failed round=%d error=%r action=retry_in_%ds", completed, exc, COMMIT_RETRY_S)
             return
         self._pending_commit = None
+        self.last_entry = entry
         self.metrics.inc("rounds_completed_total")  # before the registry write, to trail history.jsonl by little
         self.metrics.set("round_duration_seconds", entry["duration_s"])
         self.metrics.set("current_round", self.state.round)

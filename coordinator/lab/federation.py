@@ -178,7 +178,7 @@ class SimulatedFederation:
         return sum(d.link.bytes_in_by_kind.get(RELEASE, 0) for d in self.devices.values())
 
     def _record(self, before: tuple[int, int], after: tuple[int, int]) -> dict[str, Any]:
-        entry = dict(self.coordinator.state_dir.read_history()[-1])
+        entry = dict(self.coordinator.last_entry)
         entry.update(uplink_bytes=after[0] - before[0], downlink_bytes=after[1] - before[1],
                      cum_uplink_bytes=after[0], cum_downlink_bytes=after[1])
         return entry
