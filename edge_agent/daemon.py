@@ -175,6 +175,7 @@ class AgentDaemon:
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self.stop)
         signal.signal(signal.SIGINT, self.stop)
+        self._check_device()
         if not self.config.agent.train_in_subprocess:
             worker.warm_up()
         self.start(self.open_link())
@@ -196,6 +197,17 @@ class AgentDaemon:
             if http is not None:
                 http.stop()
         return 0
+
+    def _check_device(self) -> None:
+        """``cuda`` without a GPU torch can see is final: every round would decline training_failed."""
+        section = self.config.agent
+        if section.device != "cuda":
+            return
+        check = worker.device_problem_in_child if section.train_in_subprocess else worker.device_problem
+        problem = check(section.device)
+        if problem:
+            raise ConfigError(f"[agent] device = \"cuda\": {problem}; set it to \"auto\" (CUDA where present) or "
+                              "\"cpu\", or install NVIDIA's torch wheel (firmware_notes/jetson.md)")
 
     def start(self, link: Link) -> None:
         self.link = link

@@ -81,6 +81,26 @@ def layout_in_child(model: ModelRef, python: str = sys.executable) -> ModelLayou
     return ModelLayout(tuple(TensorSpec(n, tuple(s), m, t) for n, s, m, t in specs))
 
 
+def device_problem(choice: str) -> str | None:
+    """Why training cannot run on ``choice`` here (``cuda`` without a GPU torch can see); imports torch."""
+    from fedprune.edge_agent.training import resolve_device
+
+    try:
+        resolve_device(choice)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def device_problem_in_child(choice: str, python: str = sys.executable) -> str | None:
+    """Same as :func:`device_problem` without loading torch into this process."""
+    done = subprocess.run([python, "-m", "fedprune.edge_agent.worker"], capture_output=True, check=False,
+                          input=msgpack.packb({"op": "device", "device": choice}))
+    if done.returncode != 0:
+        return f"device check failed: {_last_words(done.stderr)}"
+    return msgpack.unpackb(done.stdout)
+
+
 def warm_up() -> None:
     """Import torch and the trainer now, so the first round does not pay for it mid-deadline.
 
@@ -149,6 +169,9 @@ def model_problem_in_child(onnx: bytes, python: str = sys.executable) -> str | N
 
 def _main() -> int:
     request = msgpack.unpackb(sys.stdin.buffer.read(), raw=False, strict_map_key=False)
+    if request["op"] == "device":
+        sys.stdout.buffer.write(msgpack.packb(device_problem(request["device"])))
+        return 0
     if request["op"] == "check_model":
         from fedprune.edge_agent.release_store import model_problem
 

@@ -115,6 +115,11 @@ class SimulationConfig:
         sim = dict(data.get("simulation", {}))
         known = {f.name for f in fields(cls)} - {"strategy", "privacy"}
         unknown = sorted(set(sim) - known)
+        retired = sorted(set(unknown) & {"hidden", "channels", "norm"})
+        if retired:
+            raise ConfigError(f"[simulation] {', '.join(retired)}: no longer a simulation setting; the simulation "
+                              "builds the model a fleet can name ([federation] model, at its built-in widths), so "
+                              "remove the key")
         if unknown:
             raise ConfigError(f"[simulation] unknown keys {unknown}; expected some of {sorted(known)}")
         strategy = load_section(StrategyConfig, data.get("strategy", {}), "strategy")  # as `run` reads it

@@ -70,6 +70,7 @@ def test_sparse_uplink_bytes_are_far_below_dense():
     ({"simulation": {"dataset": "cifar"}}, r"\[simulation\] dataset = 'cifar': expected one of"),
     ({"simulation": {"n_clients": 0}}, r"n_clients = 0: expected an int >= 1"),
     ({"simulation": {"colour": 1}}, r"unknown keys \['colour'\]"),
+    ({"simulation": {"hidden": [32]}}, r"\[simulation\] hidden: no longer a simulation setting"),
     ({"strategy": {"method": "x"}}, r"\[strategy\] method 'x': expected one of"),
     ({"simulation": {"model": "cnn1d"}}, r"model: cnn1d needs"),
     ({"extra": {}}, r"unknown tables"),

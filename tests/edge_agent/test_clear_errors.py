@@ -90,6 +90,18 @@ def test_a_read_only_state_dir_stops_run_naming_the_key(tmp_path: Path) -> None:
     assert_user_error(agent("run", "--config", config), "[agent] state_dir", "not writable")
 
 
+@pytest.mark.parametrize("in_child", [True, False])
+def test_cuda_without_a_gpu_stops_run_naming_the_key(tmp_path: Path, in_child: bool) -> None:
+    """`simulate --device cuda` refuses it at start; so does a device, instead of declining every round."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this host has a GPU torch can see")
+    config = write_agent(tmp_path, device="cuda", train_in_subprocess=in_child)
+    assert_user_error(agent("run", "--config", config), '[agent] device = "cuda"', "torch sees no CUDA device",
+                      'set it to "auto"')
+
+
 def test_a_taken_inference_port_stops_run_naming_the_key(tmp_path: Path) -> None:
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))
