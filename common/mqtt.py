@@ -408,8 +408,11 @@ class MqttLink:
             self._ready = not self.subscriptions
             self._state.notify_all()
         if self.config.renew_will is not None:  # takes effect at the next CONNECT
-            will = self.config.renew_will()
-            client.will_set(will.topic, will.payload, will.qos, will.retain)
+            try:
+                will = self.config.renew_will()
+                client.will_set(will.topic, will.payload, will.qos, will.retain)
+            except Exception as exc:  # noqa: BLE001 - never on paho's thread: keep the previous will
+                log.error("event=mqtt_will_not_renewed client_id=%s error=%r", self.config.client_id, exc)
         if self.subscriptions:
             # SUBACK is handled on this same thread after we return, so recording the mid here is race-free.
             result, mid = client.subscribe(list(self.subscriptions))

@@ -293,7 +293,11 @@ class AgentDaemon:
                 accelerator=_accelerator(self.config.agent.device), n_examples=self.n_examples,
                 agent_version=_version(), cached_mask_version=self.channel.masks.latest,
             )
-            self._publish(self.channel.send(register, self.clock()), "register", self._round)
+            try:
+                self._publish(self.channel.send(register, self.clock()), "register", self._round)
+            except (MqttError, OSError) as exc:  # the next connect, heartbeat or request registers again
+                log.warning("event=register_not_sent error=%s", exc)
+                return
             why = ("connect" if reconnected else "mask_missing" if needs_mask else "key_missing" if needs_key
                    else "unanswered")
             log.info("event=registered device=%s connects=%d reason=%s", self.bundle.device_id, connects, why)
@@ -310,7 +314,7 @@ class AgentDaemon:
         status = Status(self.bundle.device_id, state, round_number, reason, self.clock())
         try:
             self._publish(self.channel.send(status, self.clock()), "status", round_number)
-        except MqttError as exc:
+        except (MqttError, OSError) as exc:  # broker away, or the audit log's disk full
             log.warning("event=status_not_sent reason=%s", exc)
 
     def _on_message(self, topic: str, payload: bytes, received_at: float | None = None) -> None:

@@ -71,5 +71,6 @@ class PrivacyLedger:
         """Record one round's spend; on disk when this returns, before the update that spends it leaves."""
         if self.exhausted:
             raise RuntimeError("privacy budget exhausted: the daemon must decline before training")
-        self.budget = self.budget.record(self.cost)
-        atomic_write(self.path, json.dumps(self.budget.to_dict(), indent=1).encode(), mode=0o600)
+        spent = self.budget.record(self.cost)
+        atomic_write(self.path, json.dumps(spent.to_dict(), indent=1).encode(), mode=0o600)
+        self.budget = spent  # only once on disk: a failed write spends nothing

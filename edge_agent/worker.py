@@ -92,10 +92,13 @@ def device_problem(choice: str) -> str | None:
     return None
 
 
-def device_problem_in_child(choice: str, python: str = sys.executable) -> str | None:
+def device_problem_in_child(choice: str, python: str = sys.executable, timeout_s: float = 300.0) -> str | None:
     """Same as :func:`device_problem` without loading torch into this process."""
-    done = subprocess.run([python, "-m", "fedprune.edge_agent.worker"], capture_output=True, check=False,
-                          input=msgpack.packb({"op": "device", "device": choice}))
+    try:
+        done = subprocess.run([python, "-m", "fedprune.edge_agent.worker"], capture_output=True, check=False,
+                              input=msgpack.packb({"op": "device", "device": choice}), timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return f"the device check did not finish within {timeout_s:.0f} s (a CUDA initialisation that hangs?)"
     if done.returncode != 0:
         return f"device check failed: {_last_words(done.stderr)}"
     return msgpack.unpackb(done.stdout)

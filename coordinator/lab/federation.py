@@ -102,7 +102,7 @@ class SimulatedFederation:
     def run(self, on_round: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
         """Every round's history entry, with the bytes the devices' links carried during it."""
         records: list[dict[str, Any]] = []
-        seen = self.coordinator.completed
+        seen = self.coordinator.last_entry
         idle_since = self.clock.now
         before = (0, 0)  # round 1 also carries the connect-time traffic: registrations, key grants
         self._deliver()
@@ -110,8 +110,8 @@ class SimulatedFederation:
         while not self.coordinator.finished:
             moved = self._deliver()
             self.coordinator.tick()
-            if self.coordinator.completed != seen:
-                seen = self.coordinator.completed
+            if self.coordinator.last_entry is not seen:  # a round committed (a failed write is retried first)
+                seen = self.coordinator.last_entry
                 after = self._bytes()
                 records.append(self._record(before, after))
                 before = after
@@ -123,7 +123,7 @@ class SimulatedFederation:
                 self.clock.now += IDLE_STEP_S
                 if self.clock.now - idle_since > MAX_IDLE_S:
                     raise RuntimeError(f"the simulated federation made no progress for {MAX_IDLE_S:.0f} virtual "
-                                       f"seconds after round {seen}: no client online?")
+                                       f"seconds after round {self.coordinator.completed}: no client online?")
         self._deliver()
         for device in self.devices.values():
             device.daemon.finish()

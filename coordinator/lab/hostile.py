@@ -1,5 +1,5 @@
-"""Hostile devices for the simulation: an enrolled agent whose own update is replaced before it is
-privatised and sealed (``AgentCore``'s ``tamper``), as a device with a valid key could do.
+"""Hostile devices for the simulation: an enrolled agent whose own update is replaced after its own
+privacy step and before it is sealed (``AgentCore``'s ``tamper``), as a device with a valid key could do.
 
 Each attacker knows what its device knows: its task (the global model of this round) and its
 honest update; the "previous step" of ``free_rider_stale`` is the change of the global model
@@ -30,13 +30,14 @@ class Coalition:
         self._round: int | None = None
         self._honest_updates: list[Params] = []  # the round's selected colluders' honest deltas
 
-    def shared_update(self, task: RoundTask, member: str, delta: Params, masks: Params) -> Params:
-        """``member``'s part of the colluders' one poisoned update for ``task``'s round; ``delta``
-        and ``masks`` are its own honest training, the others' are trained here once per round."""
+    def shared_update(self, task: RoundTask, member: str, masks: Params) -> Params:
+        """``member``'s part of the colluders' one poisoned update for ``task``'s round, on its own
+        ``masks``. The honest updates are trained here once per round, all alike (the caller's own
+        may already carry its privacy noise; the others' would not)."""
         if self._round != task.round:
-            others = sorted(m for m in self.members if m in task.selected and m != member)
+            selected = sorted({member} | {m for m in self.members if m in task.selected})
             self._round = task.round
-            self._honest_updates = [delta] + [self._honest(task, name) for name in others]
+            self._honest_updates = [self._honest(task, name) for name in selected]
         return attacks.collude(self._honest_updates, [masks] * len(self._honest_updates))[0]
 
     def _honest(self, task: RoundTask, member: str) -> Params:
@@ -65,5 +66,5 @@ class Hostile:
         self._last_global = current
         kind = self.coalition.kind
         if kind == "collude":
-            return self.coalition.shared_update(task, self.device_id, delta, masks)
+            return self.coalition.shared_update(task, self.device_id, masks)
         return attacks.poison(kind, delta, masks, self.rng, self.coalition.scale, self._previous_step)

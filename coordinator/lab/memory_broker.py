@@ -7,7 +7,8 @@ carry. Delivery is synchronous and in publish order; retained messages reach lat
 a dropped link publishes its last will, as a broker does when a device vanishes; the will is
 asked of its owner at each (re)connect, as a client registers a fresh one in each CONNECT. What MQTT adds
 on a network (QoS retries, persistent sessions, TLS) is the real broker's job and is tested
-against Mosquitto, not here.
+against Mosquitto, not here. Byte counters count publish payloads, as ``MqttLink``'s do: MQTT
+framing, the CONNECT that carries the will, and TLS are not in them.
 """
 
 from __future__ import annotations

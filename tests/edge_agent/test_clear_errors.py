@@ -168,3 +168,21 @@ def test_an_agent_that_never_hears_a_task_says_what_to_check_less_and_less_often
     warnings = [r.getMessage() for r in caplog.records if "event=no_task_yet" in r.getMessage()]
     assert [w.split()[1] for w in warnings] == ["waited_s=300", "waited_s=900", "waited_s=2100"]
     assert f"bundle={tmp_path / 'bundle.json'}" in warnings[0] and "federation=fed1" in warnings[0]
+
+
+def test_an_audit_log_that_cannot_be_written_costs_messages_not_the_agent(tmp_path: Path, caplog) -> None:
+    """A full or broken disk under audit.jsonl: the register and status are not sent (the audit
+    comes with each publish), the loop and the shutdown carry on, and each failure is logged."""
+    from fedprune.coordinator.lab.memory_broker import MemoryBroker
+    from fedprune.edge_agent.config import load_config as load_agent_config
+    from fedprune.edge_agent.daemon import AgentDaemon
+    from fedprune.protocol.messages import State
+
+    config = write_agent(tmp_path, train_in_subprocess=True)
+    (tmp_path / "agent-state" / "audit.jsonl").mkdir(parents=True)  # os.open for appending fails: IsADirectoryError
+    daemon = AgentDaemon(load_agent_config(config, env={}))
+    daemon.start(MemoryBroker().connect("a", daemon.subscriptions, on_message=daemon.enqueue, will=daemon.last_will))
+    daemon.step()
+    daemon._publish_status(State.IDLE, "heartbeat")
+    daemon.finish()
+    assert "event=register_not_sent" in caplog.text and "event=status_not_sent" in caplog.text

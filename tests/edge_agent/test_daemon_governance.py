@@ -121,6 +121,18 @@ def test_budget_is_exhausted_after_exactly_the_rounds_it_allows_and_survives_res
     assert not make_ledger(path, budget * 2, sigma).exhausted  # the owner raised the budget
 
 
+def test_a_charge_that_cannot_be_written_spends_nothing(tmp_path: Path) -> None:
+    """The daemon then declines the round and retries it later: nothing left, nothing may count."""
+    ledger = make_ledger(tmp_path / "ledgers" / "privacy-fed1.json")
+    ledger.charge()
+    (tmp_path / "ledgers" / "privacy-fed1.json").unlink()
+    (tmp_path / "ledgers").rmdir()
+    (tmp_path / "ledgers").write_text("")  # the ledger's directory is now a file: every write fails
+    with pytest.raises(OSError):
+        ledger.charge()
+    assert ledger.budget.rounds == 1
+
+
 def test_a_damaged_or_foreign_ledger_is_an_error_never_a_reset(tmp_path: Path) -> None:
     path = tmp_path / "privacy-fed1.json"
     path.write_text("{not json")
