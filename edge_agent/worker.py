@@ -50,6 +50,19 @@ def _last_words(stderr: bytes, limit: int = 300) -> str:
     return (lines[-1] if lines else "the worker died without a message")[:limit]
 
 
+def _in_child(request: dict[str, Any], python: str, *, timeout_s: float | None = None, what: str = "the worker") -> bytes:
+    """One request to a fresh ``python -m fedprune.edge_agent.worker``: its stdout, or WorkerError
+    with the child's last words (or the time it ran out of)."""
+    try:
+        done = subprocess.run([python, "-m", "fedprune.edge_agent.worker"], input=msgpack.packb(request, use_bin_type=True),
+                              capture_output=True, check=False, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise WorkerError(f"{what} did not finish within {timeout_s} s") from None
+    if done.returncode != 0:
+        raise WorkerError(_last_words(done.stderr))
+    return done.stdout
+
+
 def _arrays_out(arrays: Params) -> dict[str, Any]:
     return {k: [v.dtype.str, list(v.shape), np.ascontiguousarray(v).tobytes()] for k, v in arrays.items()}
 
@@ -73,11 +86,8 @@ def layout_for(model: ModelRef) -> ModelLayout:
 
 def layout_in_child(model: ModelRef, python: str = sys.executable) -> ModelLayout:
     """Same as :func:`layout_for` without loading torch into this process."""
-    job = msgpack.packb({"op": "layout", "model": [model.name, list(model.input_shape), model.num_classes]})
-    done = subprocess.run([python, "-m", "fedprune.edge_agent.worker"], input=job, capture_output=True, check=False)
-    if done.returncode != 0:
-        raise WorkerError(_last_words(done.stderr))
-    specs = msgpack.unpackb(done.stdout)
+    specs = msgpack.unpackb(_in_child({"op": "layout", "model": [model.name, list(model.input_shape), model.num_classes]},
+                                      python))
     return ModelLayout(tuple(TensorSpec(n, tuple(s), m, t) for n, s, m, t in specs))
 
 
@@ -95,13 +105,10 @@ def device_problem(choice: str) -> str | None:
 def device_problem_in_child(choice: str, python: str = sys.executable, timeout_s: float = 300.0) -> str | None:
     """Same as :func:`device_problem` without loading torch into this process."""
     try:
-        done = subprocess.run([python, "-m", "fedprune.edge_agent.worker"], capture_output=True, check=False,
-                              input=msgpack.packb({"op": "device", "device": choice}), timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        return f"the device check did not finish within {timeout_s:.0f} s (a CUDA initialisation that hangs?)"
-    if done.returncode != 0:
-        return f"device check failed: {_last_words(done.stderr)}"
-    return msgpack.unpackb(done.stdout)
+        return msgpack.unpackb(_in_child({"op": "device", "device": choice}, python, timeout_s=timeout_s,
+                                         what="the device check (a CUDA initialisation that hangs?)"))
+    except WorkerError as exc:
+        return f"device check failed: {exc}"
 
 
 def warm_up() -> None:
@@ -139,19 +146,11 @@ def train(job: TrainJob) -> Trained:
 
 
 def train_in_child(job: TrainJob, python: str = sys.executable, timeout_s: float | None = None) -> Trained:
-    packed = msgpack.packb({
+    out = msgpack.unpackb(_in_child({
         "op": "train", "model": [job.model.name, list(job.model.input_shape), job.model.num_classes],
         "params": _arrays_out(job.params), "masks": _arrays_out(job.masks), "hyper": job.hyper.to_dict(),
         "data": str(job.data_path), "device": job.device, "threads": job.threads,
-    }, use_bin_type=True)
-    try:
-        done = subprocess.run([python, "-m", "fedprune.edge_agent.worker"], input=packed, capture_output=True,
-                              check=False, timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        raise WorkerError(f"training did not finish within {timeout_s} s") from None
-    if done.returncode != 0:
-        raise WorkerError(_last_words(done.stderr))
-    out = msgpack.unpackb(done.stdout, raw=False, strict_map_key=False)
+    }, python, timeout_s=timeout_s, what="training"), raw=False, strict_map_key=False)
     return Trained(
         delta=_arrays_in(out["delta"]), buffers=_arrays_in(out["buffers"]),
         masks={k: v.astype(bool) for k, v in _arrays_in(out["masks"]).items()},
@@ -163,11 +162,10 @@ def train_in_child(job: TrainJob, python: str = sys.executable, timeout_s: float
 
 def model_problem_in_child(onnx: bytes, python: str = sys.executable) -> str | None:
     """``release_store.model_problem`` in a child, so onnxruntime never stays in the daemon."""
-    request = msgpack.packb({"op": "check_model", "onnx": onnx}, use_bin_type=True)
-    done = subprocess.run([python, "-m", "fedprune.edge_agent.worker"], input=request, capture_output=True, check=False)
-    if done.returncode != 0:
-        return f"model check failed: {_last_words(done.stderr)}"
-    return msgpack.unpackb(done.stdout)
+    try:
+        return msgpack.unpackb(_in_child({"op": "check_model", "onnx": onnx}, python))
+    except WorkerError as exc:
+        return f"model check failed: {exc}"
 
 
 def _main() -> int:
