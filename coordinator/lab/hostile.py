@@ -60,11 +60,12 @@ class Hostile:
         self._previous_step: Params | None = None
 
     def __call__(self, task: RoundTask, delta: Params, masks: Params) -> Params:
-        current = task.params()
-        if self._last_global is not None:
-            self._previous_step = {k: current[k] - self._last_global[k] for k in delta}
-        self._last_global = current
         kind = self.coalition.kind
         if kind == "collude":
             return self.coalition.shared_update(task, self.device_id, masks)
+        if kind == "free_rider_stale":  # the only attack that looks back: keep the global model it saw
+            current = task.params()
+            if self._last_global is not None:
+                self._previous_step = {k: current[k] - self._last_global[k] for k in delta}
+            self._last_global = current
         return attacks.poison(kind, delta, masks, self.rng, self.coalition.scale, self._previous_step)
