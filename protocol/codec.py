@@ -52,6 +52,10 @@ _HP_TYPES = {f.name: {"int": int, "float": float, "bool": bool, "str": str}[str(
 _HP_SINCE_MINOR = {"max_sparse_lr_factor": 1}
 
 _TASK_KEYS = frozenset({"fed", "round", "mv", "model", "lfp", "masks", "w", "hp", "deadline", "sel"})
+# Status keys added after minor 3, by the minor that added them: a sender of an older minor leaves
+# them out and the field reads None; from that minor on the key is required (nil when unset).
+_STATUS_KEYS = frozenset({"dev", "state", "round", "reason", "time"})
+_STATUS_SINCE_MINOR = {"rel": 4, "eps": 4}
 # Task keys without a field since a minor, still written (empty) and required, never read: a 1.2
 # agent requires them in every task. Dropped at the next major.
 _TASK_VESTIGES = {"clm": None}  # class-loss medians: never set, never read; no field since 1.3
@@ -91,7 +95,8 @@ def encode_body(msg: Message, *, value_dtype: ValueDtype = ValueDtype.FLOAT32, b
     elif isinstance(msg, ModelRelease):
         obj = {"ver": msg.version, "sha": msg.sha256, "meta": msg.metadata, "onnx": msg.onnx}
     elif isinstance(msg, Status):
-        obj = {"dev": msg.device, "state": msg.state.value, "round": msg.round, "reason": msg.reason, "time": msg.time}
+        obj = {"dev": msg.device, "state": msg.state.value, "round": msg.round, "reason": msg.reason, "time": msg.time,
+               "rel": msg.release, "eps": msg.epsilon_left}
     elif isinstance(msg, Reject):
         obj = {"round": msg.round, "dev": msg.device, "reason": msg.reason, "detail": msg.detail}
     elif isinstance(msg, KeyGrant):
@@ -260,11 +265,15 @@ def _release(obj: Any, minor: int, limits: Limits, *_: Any) -> ModelRelease:
 
 
 def _status(obj: Any, minor: int, limits: Limits, *_: Any) -> Status:
-    m = as_map(obj, "status", frozenset({"dev", "state", "round", "reason", "time"}), lenient=minor > MINOR)
+    since = frozenset(k for k, first in _STATUS_SINCE_MINOR.items() if first <= minor)
+    m = as_map(obj, "status", _STATUS_KEYS | since, lenient=minor > MINOR)
+    rel, eps = (m[k] if k in since else None for k in ("rel", "eps"))
     return construct("status", lambda: Status(
         device=as_str(m["dev"], "device", 64), state=State(as_str(m["state"], "state", 16)),
         round=as_int(m["round"], "round", 0, 2**32 - 1), reason=as_str(m["reason"], "reason", 256),
         time=as_float(m["time"], "time"),
+        release=None if rel is None else as_int(rel, "release", 0, 2**32 - 1),
+        epsilon_left=None if eps is None else as_float(eps, "epsilon_left"),
     ))
 
 

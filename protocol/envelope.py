@@ -3,7 +3,7 @@
     offset size  field
     0      2     magic  b"FP"
     2      1     schema major (1)  -- an unknown major is refused with UnsupportedVersion
-    3      1     schema minor (3)  -- a newer minor may add or drop optional body fields (codec.py)
+    3      1     schema minor (4)  -- a newer minor may add or drop optional body fields (codec.py)
     4      1     kind   (messages.Kind)
     5      1     suite  (1 Ed25519-signed, 2 sealed AES-256-GCM, 3 sealed ChaCha20-Poly1305,
                          4 Ed25519-signed AES-256-GCM under the federation key)
@@ -39,8 +39,9 @@ from fedprune.protocol.topics import is_valid_id
 MAGIC = b"FP"
 MAJOR = 1
 # 1: RoundTask hyper-parameters gained max_sparse_lr_factor; 2: suite 4 and KeyGrant;
-# 3: RoundTask lost class_loss_medians (meta key clm)
-MINOR = 3
+# 3: RoundTask lost class_loss_medians (meta key clm); 4: Status gained release and epsilon_left
+# (meta keys rel, eps)
+MINOR = 4
 _FIXED = struct.Struct(">2sBBBBBxIQd")
 FLAG_LAST_WILL = 0x01
 _KNOWN_FLAGS = FLAG_LAST_WILL

@@ -280,7 +280,12 @@ class ModelRelease:
 
 @dataclass(frozen=True)
 class Status:
-    """Device presence and progress (device -> coordinator, sealed; ``offline`` is the last will)."""
+    """Device presence and progress (device -> coordinator, sealed; ``offline`` is the last will).
+
+    Since 1.4: ``release``, the version of the ONNX model release the device serves (None: none
+    installed), and ``epsilon_left``, its differential-privacy budget left for this federation
+    (epsilon budget minus spent; None: no DP, or not reported). A 1.3 sender's status reads None.
+    """
 
     KIND: ClassVar[Kind] = Kind.STATUS
     device: str
@@ -288,6 +293,8 @@ class Status:
     round: int
     reason: str
     time: float
+    release: int | None = None
+    epsilon_left: float | None = None
 
     def __post_init__(self) -> None:
         validate_id(self.device, "device")
@@ -295,6 +302,10 @@ class Status:
         _int(self.round, "round", 0, U32)
         _text(self.reason, "reason")
         _float(self, "time", lo=0.0)
+        if self.release is not None:
+            _int(self.release, "release", 0, U32)
+        if self.epsilon_left is not None:
+            _float(self, "epsilon_left", lo=0.0)
 
 
 @dataclass(frozen=True)

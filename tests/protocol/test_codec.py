@@ -6,7 +6,7 @@ from fedprune.protocol.envelope import MINOR, Header, Suite, parse_header
 from fedprune.protocol.errors import DecodeError, TooLarge, UnknownMask, UnsupportedVersion
 from fedprune.protocol.messages import Kind, ModelRelease, Register, Reject, RoundTask, State, Status, Update
 from fedprune.protocol.sparse import MaskStore, ValueDtype
-from fedprune.protocol.wire import Limits, TailWriter, frame
+from fedprune.protocol.wire import Limits, TailWriter, as_map, frame
 from tests.protocol.factories import (
     FED, LAYOUT, MODEL, T0, assert_sparse_equal, register, release, reject, rewrite_meta, status, task,
     split_body, task_body_at_minor_2, update,
@@ -128,9 +128,68 @@ def test_the_class_loss_medians_key_stays_on_the_wire_empty_and_is_never_read(rn
 
 
 def test_status_state_must_be_in_the_fixed_set():
-    body = _body(dev="dev-a", state="dancing", round=1, reason="", time=T0)
+    body = _body(dev="dev-a", state="dancing", round=1, reason="", time=T0, rel=None, eps=None)
     with pytest.raises(DecodeError, match="dancing"):
         decode(Kind.STATUS, body, "dev-a")
+
+
+STATUS_1_4 = Status("dev-a", State.IDLE, 5, "", T0, release=7, epsilon_left=1.25)
+
+
+def decode_status_at(minor, body):
+    return codec.decode_body(header(Kind.STATUS, "dev-a", minor=minor), body)
+
+
+@pytest.mark.parametrize("msg", [STATUS_1_4, status(), Status("dev-a", "online", 0, "", T0, 0, 0)],
+                         ids=["both_set", "both_unset", "zeros"])
+def test_status_release_and_epsilon_left_round_trip(msg):
+    body = codec.encode_body(msg)
+    assert {k: split_body(body)[0][k] for k in ("rel", "eps")} == {"rel": msg.release, "eps": msg.epsilon_left}
+    got = decode_status_at(MINOR, body)
+    assert got == msg and type(got.epsilon_left) is type(msg.epsilon_left)
+
+
+def test_a_1_3_status_reads_none_at_1_4_and_a_1_3_reader_ignores_the_new_keys():
+    """1.4 added rel and eps to Status: required from 1.4 on (nil when unset), absent before."""
+    body_1_3 = rewrite_meta(codec.encode_body(STATUS_1_4), lambda meta: [meta.pop("rel"), meta.pop("eps")])
+    old = decode_status_at(3, body_1_3)
+    assert (old.release, old.epsilon_left) == (None, None)
+    assert old == Status("dev-a", State.IDLE, 5, "", T0)
+    assert codec.encode_body(old) == rewrite_meta(body_1_3, lambda meta: meta.update(rel=None, eps=None))
+    with pytest.raises(DecodeError, match=r"missing keys \['eps', 'rel'\]"):
+        decode_status_at(4, body_1_3)  # at 1.4 the keys are required
+    with pytest.raises(DecodeError, match=r"unexpected keys \['eps', 'rel'\]"):
+        decode_status_at(3, codec.encode_body(STATUS_1_4))  # 1.3 never had them
+    # what a 1.3 build does with a 1.4 status: it reads the header's minor as newer, so lenient
+    # (as_map(lenient=4 > 3)) with its own keys, and drops the new ones
+    meta = split_body(codec.encode_body(STATUS_1_4))[0]
+    as_1_3 = as_map(meta, "status", frozenset({"dev", "state", "round", "reason", "time"}), lenient=True)
+    assert {k: as_1_3[k] for k in ("dev", "state", "round", "reason", "time")} == {
+        "dev": "dev-a", "state": "idle", "round": 5, "reason": "", "time": T0}
+    # and this build reading a newer minor's status ignores keys it does not know, but needs rel and eps
+    newer = rewrite_meta(codec.encode_body(STATUS_1_4), lambda meta: meta.__setitem__("future", 1))
+    assert decode_status_at(MINOR + 1, newer) == STATUS_1_4
+    with pytest.raises(DecodeError, match="unexpected keys"):
+        decode_status_at(MINOR, newer)
+
+
+@pytest.mark.parametrize(
+    "rel, eps, match",
+    [
+        (None, -0.5, "epsilon_left"), (None, float("nan"), "epsilon_left"), (None, float("inf"), "epsilon_left"),
+        (None, -float("inf"), "epsilon_left"), (None, 1, "epsilon_left"), (None, "1.0", "epsilon_left"),
+        (None, True, "epsilon_left"), (2**32, None, "release"), (-1, None, "release"), (1.0, None, "release"),
+        (True, None, "release"),
+    ],
+)
+def test_invalid_release_or_epsilon_left_is_refused(rel, eps, match):
+    body = rewrite_meta(codec.encode_body(status()), lambda meta: meta.update(rel=rel, eps=eps))
+    with pytest.raises(DecodeError, match=match) as err:
+        decode_status_at(MINOR, body)
+    assert err.value.reason == "decode"
+    if type(eps) is not int:  # an int epsilon is fine in our own code (stored as float)
+        with pytest.raises((ValueError, TypeError), match=match):
+            Status("dev-a", State.IDLE, 5, "", T0, release=rel, epsilon_left=eps)
 
 
 def test_limits_are_enforced_as_too_large():
@@ -188,8 +247,9 @@ def test_building_an_invalid_message_is_a_bug_raised_at_once(build):
 
 
 def test_numbers_given_as_ints_are_stored_as_floats(rng):
-    s = Status("d", "idle", 0, "", 17)
+    s = Status("d", "idle", 0, "", 17, epsilon_left=2)
     assert type(s.time) is float and s.state is State.IDLE
+    assert type(s.epsilon_left) is float and s.epsilon_left == 2.0
     assert isinstance(task(rng).deadline, float)
 
 

@@ -6,8 +6,10 @@ minor's group vectors and leaves the older files alone: the current reader still
 ``valid.json`` (with ``invalid.json``) pins schema 1.1: every message kind, tasks and releases
 signed only. ``group.json`` pins 1.2: tasks and releases encrypted under the federation key, and
 the key grant that carries it to a member; ``group_1_3.json`` the same at 1.3, whose task has
-no class-loss medians. A body of an older minor must decode to its stored summary less the
-fields removed since (``VESTIGES``), and re-encode to its bytes with those keys nil.
+no class-loss medians; ``group_1_4.json`` the same at 1.4, plus sealed statuses with and without
+the release and epsilon left that 1.4 added (and invalid ones, to the coordinator). A body of an
+older minor must decode to its stored summary less the fields removed since (``VESTIGES``) and
+with the fields added since None (``ADDITIONS``), and re-encode to its bytes with those keys nil.
 ``valid.json`` and ``invalid.json`` are no longer generated: this build's encoder cannot write a
 1.1 task (its generator is in the history before schema 1.3).
 """
@@ -34,7 +36,7 @@ from fedprune.protocol.envelope import (
 )
 from fedprune.protocol.errors import ProtocolError
 from fedprune.protocol.hyperparams import HyperParams
-from fedprune.protocol.messages import KeyGrant, Kind
+from fedprune.protocol.messages import KeyGrant, Kind, State, Status
 from fedprune.protocol.layout import ModelLayout, TensorSpec
 from fedprune.protocol.sparse import MaskStore, SparseParams, ValueDtype
 from tests.protocol.factories import rewrite_meta
@@ -46,6 +48,9 @@ GROUP_SINCE_MINOR = 2
 # Body keys whose field a later minor removed: (kind, meta key, message field). They stay on the
 # wire, written nil, so a body re-encodes with them nil.
 VESTIGES = ((Kind.TASK, "clm", "class_loss_medians"),)
+# Body keys a later minor added: (kind, meta key, message field, minor). An older body lacks them,
+# decodes with the field None, and re-encodes with them nil (appended, in this order).
+ADDITIONS = ((Kind.STATUS, "rel", "release", 4), (Kind.STATUS, "eps", "epsilon_left", 4))
 
 
 def group_file(minor: int) -> Path:
@@ -55,10 +60,14 @@ def group_file(minor: int) -> Path:
 
 def assert_current_reading(h: Header, msg, summary: dict, body: bytes, encoded: bytes, name: str) -> None:
     """``msg`` decoded from ``body`` (schema 1.<h.minor>) is the stored ``summary`` and re-encodes to
-    ``body``, both less the fields later minors removed (their keys re-encode nil)."""
+    ``body``, both less the fields later minors removed and plus those they added (their keys
+    re-encode nil, and the added fields read None)."""
     gone = [(key, field) for kind, key, field in VESTIGES if kind is h.kind]
-    assert summarize(msg) == {k: v for k, v in summary.items() if k not in {f for _, f in gone}}, name
-    expected = rewrite_meta(body, lambda meta: [meta.__setitem__(key, None) for key, _ in gone]) if gone else bytes(body)
+    added = [(key, field) for kind, key, field, since in ADDITIONS if kind is h.kind and h.minor < since]
+    expected_summary = {k: v for k, v in summary.items() if k not in {f for _, f in gone}}
+    assert summarize(msg) == expected_summary | {field: None for _, field in added}, name
+    nil = gone + added
+    expected = rewrite_meta(body, lambda meta: [meta.__setitem__(key, None) for key, _ in nil]) if nil else bytes(body)
     assert encoded == expected, name
 
 
@@ -169,11 +178,14 @@ def test_group_vectors_decrypt_to_their_summary_and_re_encrypt_byte_for_byte(val
     for name, entry in doc["messages"].items():
         envelope = bytes.fromhex(entry["envelope"])
         h, n = parse_header(envelope)
-        assert (h.minor, h.sender) == (minor, COORDINATOR), name
+        assert h.minor == minor and (h.sender == COORDINATOR) != h.suite.sealed, name
         if h.suite is Suite.GROUP_AES256_GCM:
             body = decrypt_broadcast(envelope, n, coordinator.public, {key.key_id: key}.get)
             assert encrypt_broadcast(h, body, key, coordinator) == envelope, name
             assert envelope[n : n + crypto.KEY_ID_LEN] == key.key_id, name
+        elif h.suite.sealed:  # an uplink (since 1.4: statuses), sealed with a fixed ephemeral key
+            body = open_envelope(envelope, h, n, coordinator, ids[h.sender].public)
+            assert _envelope(h, body, ids, entry["ephemeral"]) == envelope, name
         else:
             body = bytes(verify_envelope(envelope, n, coordinator.public))
         msg = codec.decode_body(h, body, layout_for=lambda _m: layout, masks=store)
@@ -190,12 +202,17 @@ def test_group_vectors_decrypt_to_their_summary_and_re_encrypt_byte_for_byte(val
 def test_invalid_group_vectors_fail_with_their_documented_reason(valid, minor):
     doc = _load(group_file(minor))
     ids = identities(valid["keys"])
+    layout = layout_of(valid["layout"])
     for case in doc["cases"]:
-        agent = AgentChannel(federation=valid["federation"], device="dev-a", identity=ids["dev-a"],
-                             coordinator=ids["coordinator"].public, layout=layout_of(valid["layout"]))
-        agent.group_keys.put(_group_key(doc["group_key"]))
+        if case.get("to") == "coordinator":
+            channel = CoordinatorChannel(federation=valid["federation"], identity=ids["coordinator"],
+                                         devices={d: i.public for d, i in ids.items()}, layout=layout)
+        else:
+            channel = AgentChannel(federation=valid["federation"], device="dev-a", identity=ids["dev-a"],
+                                   coordinator=ids["coordinator"].public, layout=layout)
+            channel.group_keys.put(_group_key(doc["group_key"]))
         with pytest.raises(ProtocolError) as err:
-            agent.receive(case["topic"], bytes.fromhex(case["payload"]), case["now"])
+            channel.receive(case["topic"], bytes.fromhex(case["payload"]), case["now"])
         assert err.value.reason == case["reason"], case["name"]
 
 
@@ -207,11 +224,19 @@ def generate_group() -> None:  # pragma: no cover - run by hand after a delibera
     key = GroupKey(bytes.fromhex("a1a2a3a4a5a6a7a8"), bytes(range(64, 96)))
     other = GroupKey(bytes.fromhex("b1b2b3b4b5b6b7b8"), bytes(range(96, 128)))
     eph_hex = bytes(range(1, 33)).hex()
+    ids = {"coordinator": f.COORD, **f.DEVICES}
     t = f.task(rng)
+    statuses = (  # 1.4: release and epsilon left, set and unset
+        ("status", Status("dev-a", State.IDLE, 5, "", f.T0 + 3, release=3, epsilon_left=2.75)),
+        ("status_unset", Status("dev-a", State.TRAINING, 5, "", f.T0 + 4)),
+    )
     messages, envelopes = {}, {}
-    for i, (name, msg) in enumerate((("task", t), ("release", f.release()), ("key_grant", None))):
+    for i, (name, msg) in enumerate((("task", t), ("release", f.release()), ("key_grant", None), *statuses)):
         seq, sent_at = 1_900_000_000_000_000 + i, f.T0 + i
-        if msg is None:
+        if isinstance(msg, Status):
+            h = Header(msg.KIND, Suite.SEALED_AES256_GCM, f.FED, msg.device, 5, seq, sent_at)
+            env = _envelope(h, codec.encode_body(msg), ids, eph_hex)
+        elif msg is None:
             h = Header(Kind.KEY, Suite.SIGNED_ED25519, f.FED, COORDINATOR, 5, seq, sent_at)
             eph = X25519PrivateKey.from_private_bytes(bytes.fromhex(eph_hex))
             wrapped = crypto.seal(f.COORD, f.DEVICES["dev-a"].public, key.secret, context=h.pack(),
@@ -224,7 +249,7 @@ def generate_group() -> None:  # pragma: no cover - run by hand after a delibera
         store = MaskStore()
         decoded = codec.decode_body(h, codec.encode_body(msg), layout_for=lambda _m: f.LAYOUT, masks=store)
         messages[name] = {"envelope": env.hex(), "summary": summarize(decoded)}
-        if name == "key_grant":
+        if name == "key_grant" or isinstance(msg, Status):
             messages[name]["ephemeral"] = eph_hex
         envelopes[name] = env
 
@@ -239,6 +264,13 @@ def generate_group() -> None:  # pragma: no cover - run by hand after a delibera
     legacy = sign_envelope(Header(h.kind, Suite.SIGNED_ED25519, h.federation, h.sender, h.round, h.seq, h.sent_at),
                            codec.encode_body(t), f.COORD)
     task_topic, inbox_a, inbox_b = f"fedprune/v1/{f.FED}/task", f"fedprune/v1/{f.FED}/inbox/dev-a", f"fedprune/v1/{f.FED}/inbox/dev-b"
+    status_topic = f"fedprune/v1/{f.FED}/status/dev-a"
+
+    def status_with(i: int, edit) -> str:
+        """The first status's body with its meta edited, sealed by dev-a at this minor (a fresh seq)."""
+        h = Header(Kind.STATUS, Suite.SEALED_AES256_GCM, f.FED, "dev-a", 5, 1_900_000_000_000_100 + i, f.T0 + 3)
+        return chunk(_envelope(h, rewrite_meta(codec.encode_body(statuses[0][1]), edit), ids, eph_hex))
+
     cases = [
         ("swapped_key_id", task_topic, chunk(swapped), "bad_signature"),
         ("truncated_ciphertext", task_topic, chunk(task_env[:-100]), "bad_signature"),
@@ -248,11 +280,21 @@ def generate_group() -> None:  # pragma: no cover - run by hand after a delibera
         ("grant_as_a_task", task_topic, chunk(envelopes["key_grant"]), "decode"),
         ("task_on_an_inbox", inbox_a, chunk(task_env), "decode"),
     ]
+    to_coordinator = [
+        ("status_negative_epsilon_left", status_topic, status_with(0, lambda m: m.__setitem__("eps", -0.5)), "decode"),
+        ("status_nan_epsilon_left", status_topic, status_with(1, lambda m: m.__setitem__("eps", float("nan"))), "decode"),
+        ("status_release_over_u32", status_topic, status_with(2, lambda m: m.__setitem__("rel", 2**32)), "decode"),
+        (f"status_without_rel_at_minor_{MINOR}", status_topic, status_with(3, lambda m: m.pop("rel")), "decode"),
+        (f"status_unknown_key_at_minor_{MINOR}", status_topic, status_with(4, lambda m: m.__setitem__("x", 1)), "decode"),
+    ]
     doc = {
-        "comment": f"fedprune wire vectors, schema 1.{MINOR} (encrypted broadcasts); keys in valid.json; test keys only",
+        "comment": f"fedprune wire vectors, schema 1.{MINOR} (encrypted broadcasts, key grant, sealed statuses); "
+                   "keys in valid.json; test keys only",
         "group_key": [key.key_id.hex(), key.secret.hex()],
         "messages": messages,
-        "cases": [{"name": c, "topic": tp, "payload": p, "reason": r, "now": f.T0 + 3} for c, tp, p, r in cases],
+        "cases": [{"name": c, "topic": tp, "payload": p, "reason": r, "now": f.T0 + 3} for c, tp, p, r in cases]
+        + [{"name": c, "topic": tp, "payload": p, "reason": r, "now": f.T0 + 3, "to": "coordinator"}
+           for c, tp, p, r in to_coordinator],
     }
     group_file(MINOR).write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
 
