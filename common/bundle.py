@@ -16,6 +16,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedprune.common.events import emit
 from fedprune.common.fsutil import atomic_write, private_file_is_exposed
 from fedprune.protocol.crypto import Identity, PublicIdentity
 from fedprune.protocol.topics import validate_id
@@ -75,8 +76,8 @@ def load_bundle(path: Path) -> Bundle:
     except FileNotFoundError:
         raise EnrollmentError(f"{path}: no such bundle; copy the file made by `fedprune-coordinator enroll`") from None
     if private_file_is_exposed(path):
-        log.warning("event=bundle_permissions file=%s fix='chmod 600 %s' detail=private keys readable by others",
-                    path, path)
+        emit(log, logging.WARNING, "bundle_permissions", file=path, fix=f"chmod 600 {path}",
+             detail="private keys readable by others")
     try:
         document = json.loads(raw)
         if document.get("format") != BUNDLE_FORMAT:

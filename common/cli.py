@@ -4,11 +4,12 @@ exit-code table in its help, and the one function that turns errors into exit co
 from __future__ import annotations
 
 import argparse
-import logging
 import signal
 import sys
 from importlib.metadata import PackageNotFoundError, version
 from typing import NoReturn, Sequence
+
+from fedprune.common.events import LOG_FORMATS, configure_logging
 
 USER_ERROR = 78
 
@@ -23,11 +24,13 @@ def _installed_version() -> str:
 
 def new_parser(prog: str, description: str, exit_codes: dict[int, str]) -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
     parser = argparse.ArgumentParser(
-        prog=prog, description=description,
+        prog=prog, description=description, allow_abbrev=False,  # `--log` is a subcommand's flag, not --log-*
         epilog="exit codes: " + "; ".join(f"{code} {meaning}" for code, meaning in exit_codes.items()),
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_installed_version()}")
     parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    parser.add_argument("--log-format", default="text", choices=LOG_FORMATS,
+                        help="text: logfmt lines (event=... key=value); json: one JSON object per line")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
     return parser, commands
@@ -43,7 +46,7 @@ def run_main(prog: str, parser: argparse.ArgumentParser, argv: Sequence[str] | N
     (its last round done) would otherwise turn exit 0 into death by signal. A teardown that hung
     would then need SIGKILL, which systemd sends after TimeoutStopSec anyway."""
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_logging(args.log_level, args.log_format)
     try:
         code = args.handler(args)
     except user_errors as exc:

@@ -40,6 +40,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from fedprune.common.events import emit
 from fedprune.common.link import LinkStats
 from fedprune.common.mqtt_config import (
     MAX_MESSAGE_BYTES, BrokerAddress, LastWill, LinkConfig, check_filter, check_qos, check_topic, parse_broker_url,
@@ -218,7 +219,8 @@ class MqttLink:
         if len(payload) > limit:
             with self._lock:
                 self._stats["oversize_refused"] += 1
-            log.warning("event=mqtt_publish_refused reason=too_large topic=%s bytes=%d limit=%d", topic, len(payload), limit)
+            emit(log, logging.WARNING, "mqtt_publish_refused", reason="too_large", topic=topic, bytes=len(payload),
+                 limit=limit)
             raise PayloadTooLarge(topic, len(payload), limit)
         handle = PublishHandle(topic, payload, qos, retain)
         self._submit(handle, payload)
@@ -248,7 +250,7 @@ class MqttLink:
         client.loop_stop()
         for handle in unsent:
             handle._resolve(None, PublishFailed(handle.topic, "link closed before the broker acknowledged"))
-        log.info("event=mqtt_closed broker=%s client_id=%s", self._url, self.config.client_id)
+        emit(log, logging.INFO, "mqtt_closed", broker=self._url, client_id=self.config.client_id)
 
     def __enter__(self) -> MqttLink:
         return self
@@ -313,10 +315,8 @@ class MqttLink:
             properties=properties,
         )
         client.loop_start()
-        log.info(
-            "event=mqtt_starting broker=%s client_id=%s protocol=%s clean_start=%s session_expiry_s=%d",
-            self._url, config.client_id, self.protocol, config.clean_start, config.session_expiry_s,
-        )
+        emit(log, logging.INFO, "mqtt_starting", broker=self._url, client_id=config.client_id, protocol=self.protocol,
+             clean_start=config.clean_start, session_expiry_s=config.session_expiry_s)
         return client
 
     def _end_probe(self, probe: paho.Client, protocol: int) -> None:
@@ -372,10 +372,8 @@ class MqttLink:
     def _on_probe_answer(self, client: paho.Client, userdata: Any, flags: Any, reason: ReasonCode, properties: Any) -> None:
         client.on_connect = None
         protocol = paho.MQTTv311 if reason.value == UNSUPPORTED_PROTOCOL_VERSION else paho.MQTTv5
-        log.info(
-            "event=mqtt_protocol_probed broker=%s client_id=%s protocol=%s",
-            self._url, self.config.client_id, "5" if protocol == paho.MQTTv5 else "3.1.1",
-        )
+        emit(log, logging.INFO, "mqtt_protocol_probed", broker=self._url, client_id=self.config.client_id,
+             protocol="5" if protocol == paho.MQTTv5 else "3.1.1")
         threading.Thread(target=self._end_probe, args=(client, protocol), name="fedprune-mqtt-probe", daemon=True).start()
 
     def _on_connect_fail(self, client: paho.Client, userdata: Any) -> None:
@@ -383,11 +381,10 @@ class MqttLink:
         with self._lock:
             self._stats["connect_failures"] += 1
             first, self._failing = not self._failing, True
-        if first:
-            log.warning(
-                "event=mqtt_connect_failed broker=%s client_id=%s note='broker down, unreachable or TLS rejected; retrying'",
-                self._url, self.config.client_id,
-            )
+            never_connected = self._stats["connects"] == 0
+        if first:  # once per outage; a broker that went away after a session is churn the link heals
+            emit(log, logging.WARNING if never_connected else logging.INFO, "mqtt_connect_failed", broker=self._url,
+                 client_id=self.config.client_id, note="broker down, unreachable or TLS rejected; retrying")
 
     def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, reason: ReasonCode, properties: Any) -> None:
         with self._state:
@@ -396,10 +393,8 @@ class MqttLink:
             if reason.is_failure:
                 self._refusal = BrokerRefused(self._url, self.config.client_id, str(reason), reason.value)
                 self._state.notify_all()
-                log.error(
-                    "event=mqtt_refused broker=%s client_id=%s reason=%r code=%d",
-                    self._url, self.config.client_id, str(reason), reason.value,
-                )
+                emit(log, logging.ERROR, "mqtt_refused", broker=self._url, client_id=self.config.client_id,
+                     reason=str(reason), code=reason.value)
                 return
             self._connected, self._refusal, self._failing = True, None, False
             self._stats["connects"] += 1
@@ -412,17 +407,15 @@ class MqttLink:
                 will = self.config.renew_will()
                 client.will_set(will.topic, will.payload, will.qos, will.retain)
             except Exception as exc:  # noqa: BLE001 - never on paho's thread: keep the previous will
-                log.error("event=mqtt_will_not_renewed client_id=%s error=%r", self.config.client_id, exc)
+                emit(log, logging.ERROR, "mqtt_will_not_renewed", client_id=self.config.client_id, error=repr(exc))
         if self.subscriptions:
             # SUBACK is handled on this same thread after we return, so recording the mid here is race-free.
             result, mid = client.subscribe(list(self.subscriptions))
             with self._lock:
                 self._suback_mid = mid if result == MQTTErrorCode.MQTT_ERR_SUCCESS else None
-        log.info(
-            "event=mqtt_connected broker=%s client_id=%s protocol=%s session_present=%s subscriptions=%d",
-            self._url, self.config.client_id, self.protocol,
-            bool(getattr(flags, "session_present", False)), len(self.subscriptions),
-        )
+        emit(log, logging.INFO, "mqtt_connected", broker=self._url, client_id=self.config.client_id,
+             protocol=self.protocol, session_present=bool(getattr(flags, "session_present", False)),
+             subscriptions=len(self.subscriptions))
 
     def _on_subscribe(self, client: paho.Client, userdata: Any, mid: int, reasons: list[ReasonCode], properties: Any) -> None:
         with self._state:
@@ -431,10 +424,8 @@ class MqttLink:
             for (topic_filter, _), reason in zip(self.subscriptions, reasons):
                 if reason.is_failure:
                     self._stats["subscribe_refusals"] += 1
-                    log.error(
-                        "event=mqtt_subscribe_refused broker=%s client_id=%s filter=%s reason=%r",
-                        self._url, self.config.client_id, topic_filter, str(reason),
-                    )
+                    emit(log, logging.ERROR, "mqtt_subscribe_refused", broker=self._url,
+                         client_id=self.config.client_id, filter=topic_filter, reason=str(reason))
             self._ready = True
             self._state.notify_all()
 
@@ -450,8 +441,9 @@ class MqttLink:
                 self._fail(self._pending.pop(mid), "connection lost before sending", None)
             self._state.notify_all()
             closing = self._closed
-        if was_connected and not closing:
-            log.warning("event=mqtt_disconnected broker=%s client_id=%s reason=%r", self._url, self.config.client_id, str(reason))
+        if was_connected and not closing:  # the link reconnects by itself: churn, not a warning
+            emit(log, logging.INFO, "mqtt_disconnected", broker=self._url, client_id=self.config.client_id,
+                 reason=str(reason))
 
     def _on_publish(self, client: paho.Client, userdata: Any, mid: int, reason: ReasonCode, properties: Any) -> None:
         with self._lock:
@@ -472,10 +464,8 @@ class MqttLink:
         except Exception as error:  # an exception here would end paho's network thread for good
             with self._lock:
                 self._stats["messages_dropped"] += 1
-            log.error(
-                "event=mqtt_message_dropped broker=%s client_id=%s topic=%s bytes=%d error=%s",
-                self._url, self.config.client_id, message.topic, len(payload), type(error).__name__,
-            )
+            emit(log, logging.ERROR, "mqtt_message_dropped", broker=self._url, client_id=self.config.client_id,
+                 topic=message.topic, bytes=len(payload), error=type(error).__name__)
 
     # -- handle resolution; call with the lock held --
 
@@ -488,8 +478,8 @@ class MqttLink:
 
     def _fail(self, handle: PublishHandle, why: str, code: int | None) -> None:
         self._stats["publish_failures"] += 1
-        log.warning(
-            "event=mqtt_publish_failed broker=%s client_id=%s topic=%s reason=%r code=%s",
-            self._url, self.config.client_id, handle.topic, why, code,
-        )
+        # a broker's refusal (a reason code: not authorized, quota) needs a person; a QoS 0 publish
+        # lost with the connection is churn
+        emit(log, logging.WARNING if code is not None else logging.INFO, "mqtt_publish_failed", broker=self._url,
+             client_id=self.config.client_id, topic=handle.topic, reason=why, code=code)
         handle._resolve(code, PublishFailed(handle.topic, why, code))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -173,9 +174,9 @@ def _add_status(commands: argparse._SubParsersAction) -> None:
 
 
 def _run_status(args: argparse.Namespace) -> int:
-    from fedprune.coordinator.fleet import enrollment
+    from fedprune.coordinator.status import status_report
 
-    print(enrollment.status_report(_load(args), as_json=args.json))
+    print(status_report(_load(args), as_json=args.json))
     return 0
 
 
@@ -198,7 +199,32 @@ def _run_export(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = [_add_init, _add_provision, _add_enroll, _add_revoke, _add_run, _add_status, _add_export, _add_simulate]
+def _add_report(commands: argparse._SubParsersAction) -> None:
+    from fedprune.coordinator.report import FLAG_RULE
+
+    sub = commands.add_parser(
+        "report", help="write the PNG plots `simulate` writes, and a summary, from the state directory",
+        description="Reads <state dir>/history.jsonl (safe while the daemon runs) and writes accuracy_vs_round.png, "
+                    f"accuracy_vs_uplink.png, importance_vs_round.png (flagged devices in red: {FLAG_RULE}) "
+                    "and summary.json; prints the paths written.",
+    )
+    _add_config_flags(sub)
+    sub.add_argument("--out", type=Path, default=None, help="output directory (default: <state dir>/report)")
+    sub.set_defaults(handler=_run_report)
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from fedprune.coordinator.report import write_report
+
+    paths, summary = write_report(_load(args), args.out)
+    if summary["skipped_lines"]:
+        print(f"note: skipped {summary['skipped_lines']} incomplete line(s) of history.jsonl", file=sys.stderr)
+    print("\n".join(str(p) for p in paths))
+    return 0
+
+
+_COMMANDS = [_add_init, _add_provision, _add_enroll, _add_revoke, _add_run, _add_status, _add_export, _add_report,
+             _add_simulate]
 
 
 def main(argv: Sequence[str] | None = None) -> None:

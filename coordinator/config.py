@@ -7,6 +7,7 @@ example from the same declarations. This module is the only reader of ``os.envir
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import shlex
 from dataclasses import dataclass, field
@@ -35,6 +36,15 @@ def _broker_url(value: str) -> str | None:
     except ValueError:
         return "a port number in 1..65535"
     return None
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _valid_id(value: str) -> str | None:
@@ -118,10 +128,17 @@ class EvaluationSection:
 
 @dataclass(frozen=True)
 class MetricsSection:
-    """Prometheus endpoint."""
+    """The operator's HTTP endpoint: the status page at /, /status.json and Prometheus /metrics."""
 
-    host: str = setting("127.0.0.1", "address of the /metrics endpoint")
-    port: int = setting(9464, "port of the /metrics endpoint; 0 picks a free one; -1 disables it", check=in_range(-1, 65535))
+    host: str = setting("127.0.0.1", "address it listens on; anything but loopback needs token_file")
+    port: int = setting(9464, "its port; 0 picks a free one; -1 disables it", check=in_range(-1, 65535))
+    token_file: Path | None = setting(None, "file holding the bearer token every request must carry (Authorization: Bearer ...); required when host is not a loopback address")
+
+    def __post_init__(self) -> None:
+        if self.port >= 0 and self.token_file is None and not is_loopback(self.host):
+            raise ValueError(f"host {self.host!r} listens beyond this machine: set [metrics] token_file to a file "
+                             "holding a bearer token (e.g. `openssl rand -hex 32 > metrics.token`), or host = "
+                             "\"127.0.0.1\" behind a reverse proxy")
 
 
 @dataclass(frozen=True)

@@ -32,13 +32,17 @@ import numpy as np
 
 from fedprune.coordinator.config import CoordinatorConfig, model_spec
 from fedprune.coordinator.core.federation_key import FederationKey
-from fedprune.coordinator.releases import latest_release, make_release, release_due, release_metadata
-from fedprune.coordinator.metrics import Metrics, MetricsServer, declare_metrics
+from fedprune.coordinator.fleet_view import EventFeed, FleetView, LiveRound, RoundTrail, ViewInputs, build_view
+from fedprune.coordinator.metrics import Metrics
+from fedprune.coordinator.operator_server import OperatorServer, read_token
+from fedprune.coordinator.releases import (latest_release, make_release, release_due, release_metadata, release_row,
+                                           releases_on_disk)
 from fedprune.coordinator.fleet.registry_store import RegistryStore
 from fedprune.coordinator.core.rounds import Accepted, CloseRound, RetryRound, RoundMachine, RoundPolicy
 from fedprune.coordinator.state import Checkpoint, StateDir, StateError, load_identity
 from fedprune.coordinator.core.strategy import ClientUpdate, RoundPlan, Strategy
 from fedprune.common.data import DATA_MISMATCH
+from fedprune.common.events import emit
 from fedprune.common.link import Link
 from fedprune.common.mqtt import LinkConfig, MqttError, MqttLink
 from fedprune.protocol.channel import CoordinatorChannel, Publication
@@ -53,6 +57,10 @@ log = logging.getLogger("fedprune.coordinator")
 COMMIT_RETRY_S = 5
 REGISTRY_SAVE_S = 5
 MEMBERS_CHECK_S = 1.0  # how often the allow-list is compared with the federation key's members
+VIEW_REFRESH_S = 1.0  # how often the operator's view (status page, /status.json) is rebuilt
+# INFO events the status page lists beside every WARNING and ERROR.
+FEED_EVENTS = frozenset({"round_closed", "update_gated", "release_published", "device_enrolled", "device_readmitted",
+                         "device_offline", "declined", "rounds_resumed", "resumed", "start"})
 
 
 class CoordinatorDaemon:
@@ -72,8 +80,11 @@ class CoordinatorDaemon:
         self.model_ref = ModelRef(self.spec.name, tuple(self.spec.input_shape), self.spec.num_classes)
         self.strategy = Strategy(config.strategy)
         self.metrics = Metrics()
-        declare_metrics(self.metrics)
+        self.metrics.set("round_deadline_seconds", config.rounds.deadline_s)
+        self.feed = EventFeed()
+        self.view: FleetView | None = None  # the newest operator's view; the HTTP thread reads it
         self.history_bytes = 0  # committed size of history.jsonl
+        self._bytes_before = (0, 0)  # the history's byte totals up to this process (its counters start at 0)
         self.holders: dict[str, int] = {}
         # Updates for the round about to open that arrive before it opens: after a restart the
         # broker delivers the devices' queued uploads first, and their resends would be duplicates.
@@ -83,7 +94,7 @@ class CoordinatorDaemon:
         if checkpoint is None:
             aside = self.state_dir.set_aside_history()
             if aside is not None:
-                log.warning("event=history_set_aside file=%s reason=no_checkpoint", aside)
+                self._note(logging.WARNING, "history_set_aside", file=aside, reason="no_checkpoint")
             self.rng = np.random.default_rng(config.federation.seed)
             self.state = self.strategy.initial_state(self.layout, init_params(self.spec, config.federation.seed), self.rng)
             self._checkpoint(completed=0)
@@ -116,6 +127,12 @@ class CoordinatorDaemon:
         self._next_members_check = 0.0
         self.declines: dict[str, tuple[int, str]] = {}  # device -> (round, reason) last counted
         self.unfit: dict[str, str] = {}  # device -> why its data does not fit the model (not selected)
+        self.trail = RoundTrail(self.state_dir.read_history())
+        self.releases = list(releases_on_disk(self.state_dir.root))
+        self._upload_bytes: dict[str, int] = {}  # device -> bytes of its update transfer so far
+        self._round_update_bytes: dict[str, int] = {}  # device -> size of its accepted update, this round
+        self._quorum_seen = False
+        self._next_view = 0.0
 
     # ---- state ----------------------------------------------------------------------------------
     @property
@@ -135,7 +152,9 @@ class CoordinatorDaemon:
         self.rng.bit_generator.state = checkpoint.rng_state
         self.state, self.history_bytes = checkpoint.state, checkpoint.history_bytes
         self.holders, self.release_version = checkpoint.holders, checkpoint.release_version
-        log.info("event=resumed completed_rounds=%d mask_version=%d", self.completed, self.state.mask_version)
+        last = checkpoint.last_entry or {}
+        self._bytes_before = (int(last.get("cum_bytes_in", 0)), int(last.get("cum_bytes_out", 0)))
+        emit(log, logging.INFO, "resumed", completed_rounds=self.completed, mask_version=self.state.mask_version)
 
     def _device_key(self, device_id: str) -> PublicIdentity | None:
         record = self.registry.get(device_id)
@@ -176,9 +195,12 @@ class CoordinatorDaemon:
         signal.signal(signal.SIGTERM, self.stop)
         signal.signal(signal.SIGINT, self.stop)
         server = None
-        if self.config.metrics.port >= 0:
-            server = MetricsServer(self.metrics, self.config.metrics.host, self.config.metrics.port).start()
-            log.info("event=metrics_listening url=http://%s:%d/metrics", self.config.metrics.host, server.port)
+        section = self.config.metrics
+        if section.port >= 0:
+            token = read_token(section.token_file) if section.token_file is not None else None
+            server = OperatorServer(self.metrics, lambda: self.view, section.host, section.port, token).start()
+            emit(log, logging.INFO, "status_page_listening", url=f"http://{section.host}:{server.port}/",
+                 metrics=f"http://{section.host}:{server.port}/metrics", token_required=token is not None)
         link = self.open_link()
         try:
             self.start(link)
@@ -200,32 +222,34 @@ class CoordinatorDaemon:
 
     def start(self, link: Link) -> None:
         self.link = link
-        log.info("event=start federation=%s completed_rounds=%d total_rounds=%d broker=%s",
-                 self.config.federation.id, self.completed, self.config.rounds.total, self.config.broker.url)
+        self._note(logging.INFO, "start", federation=self.config.federation.id, completed_rounds=self.completed,
+                   total_rounds=self.config.rounds.total, broker=self.config.broker.url)
         self._follow_members(self.clock())  # a fresh key every start: the retained release goes out under it
+        self._publish_view(self.clock())
 
     def finish(self) -> None:
         self.link.close()
         if self._registry_dirty:
             self._save_registry(self.clock())
-        log.info("event=stopped completed_rounds=%d", self.completed)
+        emit(log, logging.INFO, "stopped", completed_rounds=self.completed)
 
     def on_message(self, topic: str, payload: bytes) -> None:
         now = self.clock()
         if self._lost_since is not None:  # back from an outage: move the deadline before queued uploads are judged
             self._broker_lost(now)
         self.metrics.inc("bytes_in_total", len(payload))
+        self._count_upload(topic, len(payload))
         duplicates = self.channel.reassembler.duplicates
         try:
             message = self.channel.receive(topic, payload, now)
         except ProtocolError as exc:
             self.metrics.inc("updates_rejected_total", reason=exc.reason)
-            log.warning("event=rejected topic=%s reason=%s detail=%s", topic, exc.reason, exc)
+            self._note(logging.WARNING, "message_rejected", topic=topic, reason=exc.reason, detail=str(exc))
             return
         if self.channel.reassembler.duplicates > duplicates:
             self.metrics.inc("updates_rejected_total", reason="duplicate_transfer")  # counted; no line each time
-            log.debug("event=rejected topic=%s reason=duplicate_transfer detail=chunk of a transfer already "
-                      "received (broker redelivery or replay)", topic)
+            emit(log, logging.DEBUG, "message_rejected", topic=topic, reason="duplicate_transfer",
+                 detail="chunk of a transfer already received (broker redelivery or replay)")
         if message is None:
             return
         if isinstance(message, Register):
@@ -237,16 +261,19 @@ class CoordinatorDaemon:
             else:
                 self.holders[message.device] = message.cached_mask_version
             self._registry_dirty = True
-            log.info("event=registered device=%s examples=%d", message.device, message.n_examples)
+            emit(log, logging.INFO, "registered", device=message.device, examples=message.n_examples)
             self._grant_key(message.device, now)
             if self.unfit.pop(message.device, None) is not None:  # restarted, perhaps with other data
                 self.metrics.set("devices_excluded", len(self.unfit), reason=DATA_MISMATCH)
-                log.info("event=device_readmitted device=%s reason=registered", message.device)
+                self._note(logging.INFO, "device_readmitted", device=message.device, reason="registered")
             self._announce_to_late_joiner(message.device)
         elif isinstance(message, Status):
             self.registry.seen(message.device, now, online=message.state is not State.OFFLINE)
+            if message.state is not State.OFFLINE and self.registry.reported(message.device, message.release,
+                                                                             message.epsilon_left):
+                self._registry_dirty = True
             if message.state is State.OFFLINE:
-                log.info("event=device_offline device=%s reason=%s", message.device, message.reason)
+                self._note(logging.INFO, "device_offline", device=message.device, reason=message.reason)
             if message.state is State.DECLINED:
                 self._on_declined(message, now)
         elif isinstance(message, Update):
@@ -254,8 +281,8 @@ class CoordinatorDaemon:
             if self.rounds.open_round is None and message.round == self.state.round:
                 self.early_updates[message.device] = message
                 self.metrics.inc("updates_held_total")
-                log.info("event=update_held device=%s round=%d reason=round_not_open_yet", message.device,
-                         message.round)
+                emit(log, logging.INFO, "update_held", device=message.device, round=message.round,
+                     reason="round_not_open_yet")
             else:
                 self._offer_update(message, now)
 
@@ -269,33 +296,48 @@ class CoordinatorDaemon:
             self.metrics.inc("rounds_declined_total", reason=reason)
             self.registry.declined(status.device, status.round, status.reason, now)
             self._registry_dirty = True
-            log.info("event=declined device=%s round=%d reason=%s%s", status.device, status.round, reason,
-                     f" detail={detail.strip()}" if detail else "")
+            self._note(logging.INFO, "declined", device=status.device, round=status.round, reason=reason,
+                       **({"detail": detail.strip()} if detail else {}))
         if reason != DATA_MISMATCH or status.device in self.unfit:
             return
         self.unfit[status.device] = detail.strip()
         self.metrics.set("devices_excluded", len(self.unfit), reason=DATA_MISMATCH)
         self.rounds.withdraw(status.device, status.round)
-        log.error("event=device_excluded device=%s reason=%s detail=%s until=registered_again fix='give the device "
-                  "data that fits [federation] model/input_shape/num_classes, or fix those keys'",
-                  status.device, DATA_MISMATCH, detail.strip())
+        self._note(logging.ERROR, "device_excluded", device=status.device, reason=DATA_MISMATCH, detail=detail.strip(),
+                   until="registered_again",
+                   fix="give the device data that fits [federation] model/input_shape/num_classes, or fix those keys")
 
     def _offer_update(self, update: Update, now: float) -> None:
         verdict = self.rounds.on_update(update.device, update.round, update, now)
+        size = self._upload_bytes.pop(update.device, 0)
         if isinstance(verdict, Accepted):
             self.metrics.inc("updates_accepted_total")
-            log.info("event=update_accepted device=%s round=%d", update.device, update.round)
-        else:
-            self.metrics.inc("updates_rejected_total", reason=verdict.reason)
-            level = logging.DEBUG if verdict.reason == "duplicate" else logging.WARNING  # a resend: counted only
-            log.log(level, "event=update_rejected device=%s round=%d reason=%s", update.device, update.round,
-                    verdict.reason)
+            self._round_update_bytes[update.device] = size
+            self.metrics.observe("update_size_bytes", size)
+            if "train_seconds" in update.metrics:
+                self.metrics.observe("device_training_seconds", update.metrics["train_seconds"])
+            expected = len(self.plan.selected) if self.plan is not None else 0
+            if not self._quorum_seen and len(self.rounds.received) >= min(self.config.rounds.quorum, expected):
+                self._quorum_seen = True
+                self.metrics.observe("time_to_quorum_seconds", now - self.round_started)
+            emit(log, logging.INFO, "update_accepted", device=update.device, round=update.round, bytes=size)
+            return
+        self.metrics.inc("updates_rejected_total", reason=verdict.reason)
+        if verdict.reason in ("duplicate", "wrong_round"):  # a resend, or a round already closed: counted only
+            emit(log, logging.DEBUG, "update_rejected", device=update.device, round=update.round, reason=verdict.reason)
+            return
+        self.registry.rejected(update.device, update.round, verdict.reason, now)
+        self._registry_dirty = True
+        self._note(logging.INFO if verdict.reason == "late" else logging.WARNING, "update_rejected",
+                   device=update.device, round=update.round, reason=verdict.reason)
 
     def tick(self) -> None:
         now = self.clock()
         self._watch_reassembly(now)
         self._follow_allow_list()
         self.metrics.set("devices_online", len(self.registry.online(now)))
+        if now >= self._next_view:
+            self._publish_view(now)
         if self._registry_dirty and now >= self._next_registry_save:
             self._save_registry(now)
         if self._pending_commit is not None:
@@ -313,8 +355,9 @@ class CoordinatorDaemon:
         if isinstance(action, CloseRound):
             self._close_round(action, now)
         elif isinstance(action, RetryRound):
-            log.warning("event=round_retry round=%d attempt=%d missing=%s", action.round, action.attempt,
-                        ",".join(action.missing))
+            self.metrics.inc("round_retries_total")
+            self._note(logging.WARNING, "round_retry", round=action.round, attempt=action.attempt,
+                       missing=action.missing)
             self._task = replace(self._task, deadline=action.deadline)
             self._publish_task(replace(self._task, selected=action.missing), now)
         elif now >= self.next_announce:
@@ -330,15 +373,18 @@ class CoordinatorDaemon:
         if dropped == self._drops_logged:
             return
         for reason, count in reassembler.evictions.items():
-            self.metrics.set("reassembly_dropped_total", count, reason=reason)
+            counted = self.metrics.value("reassembly_dropped_total", reason=reason)
+            if count > counted:
+                self.metrics.inc("reassembly_dropped_total", count - counted, reason=reason)
         if now >= self._next_drop_log:
-            log.warning("event=reassembly_dropped new=%d %s", dropped - self._drops_logged,
-                        " ".join(f"{reason}={count}" for reason, count in sorted(reassembler.evictions.items())))
+            self._note(logging.WARNING, "reassembly_dropped", new=dropped - self._drops_logged,
+                       **dict(sorted(reassembler.evictions.items())))
             self._drops_logged, self._next_drop_log = dropped, now + 10.0
 
     def _broker_lost(self, now: float) -> bool:
         """True while the link that was up is down: no round opens, and the open round's deadline
         waits, so an outage does not close rounds that no device could hear or answer."""
+        self.metrics.set("broker_connected", 1.0 if self.link.connected else 0.0)
         if self.link.connected or self.link.stats().connects == 0:
             if self._lost_since is not None:
                 paused = now - self._lost_since
@@ -346,11 +392,11 @@ class CoordinatorDaemon:
                 if self.rounds.open_round is not None:
                     self._task = replace(self._task, deadline=self.rounds.postpone(paused))
                     self.next_announce = now
-                log.info("event=rounds_resumed paused_s=%.1f", paused)
+                self._note(logging.INFO, "rounds_resumed", paused_s=round(paused, 1))
             return False
         if self._lost_since is None:
             self._lost_since = now
-            log.warning("event=rounds_paused reason=broker_unreachable round=%s", self.rounds.open_round)
+            self._note(logging.WARNING, "rounds_paused", reason="broker_unreachable", round=self.rounds.open_round)
         return True
 
     def _maybe_start_round(self, now: float) -> None:
@@ -366,14 +412,14 @@ class CoordinatorDaemon:
             hyper=self.plan.hyper, deadline=deadline, selected=self.plan.selected, include_masks=include_masks,
         )
         self.rounds.open(self.plan.round, self.plan.selected, now)
+        self._round_update_bytes, self._quorum_seen = {}, False
+        self.round_started = now
         held, self.early_updates = self.early_updates, {}
         for update in held.values():
             self._offer_update(update, now)
-        self.round_started = now
         self.metrics.set("current_round", self.plan.round)
-        log.info("event=round_open round=%d selected=%d readjust=%s p_t=%.3f deadline_s=%.1f",
-                 self.plan.round, len(self.plan.selected), self.plan.readjust, self.plan.p_t,
-                 self.config.rounds.deadline_s)
+        emit(log, logging.INFO, "round_open", round=self.plan.round, selected=len(self.plan.selected),
+             readjust=self.plan.readjust, p_t=round(self.plan.p_t, 3), deadline_s=self.config.rounds.deadline_s)
         self._publish_task(self._task, now)
 
     def _announce_to_late_joiner(self, device: str) -> None:
@@ -390,7 +436,7 @@ class CoordinatorDaemon:
                 self.link.publish(publication.topic, publication.payload, qos=1)
                 self.metrics.inc("bytes_out_total", len(publication.payload))
         except MqttError as exc:
-            log.warning("event=task_not_published round=%d error=%s", task.round, exc)
+            self._note(logging.WARNING, "task_not_published", round=task.round, error=str(exc))
 
     def _close_round(self, closed: CloseRound[Update], now: float) -> None:
         plan = self.plan
@@ -406,18 +452,21 @@ class CoordinatorDaemon:
             "round": closed.round, "selected": len(plan.selected), "received": len(closed.updates),
             "reached_quorum": closed.reached_quorum, "readjust": plan.readjust, "p_t": plan.p_t,
             "mask_version": self.state.mask_version, "duration_s": now - self.round_started,
-            "cum_bytes_in": int(self.metrics.value("bytes_in_total")),
-            "cum_bytes_out": int(self.metrics.value("bytes_out_total")),
+            "cum_bytes_in": self._bytes_before[0] + int(self.metrics.value("bytes_in_total")),
+            "cum_bytes_out": self._bytes_before[1] + int(self.metrics.value("bytes_out_total")),
             "n_valid": 0, "rejected": {}, "scores": {}, "mask_churn": 0.0,  # a round nobody answered
         }
         if result is not None:
             for device, score in result.scores.items():
                 if score.gated_by:
                     self.metrics.inc("updates_gated_total", device=device, reason=score.gated_by)
-                    log.warning("event=update_gated device=%s round=%d reason=%s", device, closed.round, score.gated_by)
+                    self.registry.rejected(device, closed.round, f"gated by {score.gated_by}", now)
+                    self._registry_dirty = True
+                    self._note(logging.INFO, "update_gated", device=device, round=closed.round, reason=score.gated_by)
             entry.update(n_valid=result.n_valid, rejected=result.rejected, mask_churn=result.mask_churn,
                          scores={d: asdict(s) for d, s in result.scores.items()})
         entry["local_macs"] = int(sum(u.metrics.get("macs", 0.0) for u in closed.updates.values()))
+        entry["update_bytes"] = {d: self._round_update_bytes.get(d, 0) for d in sorted(closed.updates)}
         every = self.config.evaluation.every_rounds
         if self.evaluation is not None and (closed.round % every == 0 or closed.round == self.config.rounds.total):
             from fedprune.common.models import evaluate
@@ -425,6 +474,7 @@ class CoordinatorDaemon:
             ev = evaluate(self.spec, self.state.params, *self.evaluation)
             entry.update(accuracy=ev.accuracy, loss=ev.loss)
             self.metrics.set("global_accuracy", ev.accuracy)
+            self.metrics.set("global_loss", ev.loss)
         entry["close_s"] = self.clock() - now
         self._pending_commit = (closed.round, entry, self._maybe_release(closed.round, entry.get("accuracy")))
         self._commit_round()
@@ -438,7 +488,7 @@ class CoordinatorDaemon:
         try:
             document = self.registry_store.allow_list_if_changed()
         except StateError as exc:
-            log.error("event=allow_list_unreadable error=%s action=keeping_the_previous_one", exc)
+            self._note(logging.ERROR, "allow_list_unreadable", error=str(exc), action="keeping_the_previous_one")
             return
         if document is None:
             return
@@ -447,10 +497,10 @@ class CoordinatorDaemon:
             self.early_updates.pop(device, None)
             in_round = self.rounds.discard(device)
             self.metrics.inc("revocations_applied_total")
-            log.warning("event=device_revoked device=%s open_round=%s dropped_from_round=%s", device,
-                        self.rounds.open_round, in_round)
+            self._note(logging.WARNING, "device_revoked", device=device, open_round=self.rounds.open_round,
+                       dropped_from_round=in_round)
         for device in change.admitted:
-            log.info("event=device_enrolled device=%s", device)
+            self._note(logging.INFO, "device_enrolled", device=device)
 
     def _save_registry(self, now: float) -> None:
         """Presence only (the allow-list is the operator commands' file, never written back from
@@ -461,7 +511,7 @@ class CoordinatorDaemon:
             self.registry_store.save_presence(self.registry)
         except OSError as exc:
             self.metrics.inc("checkpoint_failures_total")
-            log.error("event=registry_save_failed error=%r action=retry_in_%ds", exc, REGISTRY_SAVE_S)
+            self._note(logging.ERROR, "registry_save_failed", error=repr(exc), action=f"retry_in_{REGISTRY_SAVE_S}s")
             return
         self._registry_dirty = False
 
@@ -476,22 +526,68 @@ class CoordinatorDaemon:
         except OSError as exc:
             self.metrics.inc("checkpoint_failures_total")
             self._retry_commit_at = self.clock() + COMMIT_RETRY_S
-            log.error("event=checkpoint_failed round=%d error=%r action=retry_in_%ds", completed, exc, COMMIT_RETRY_S)
+            self._note(logging.ERROR, "checkpoint_failed", round=completed, error=repr(exc),
+                       action=f"retry_in_{COMMIT_RETRY_S}s")
             return
         self._pending_commit = None
         self.last_entry = entry
         self.metrics.inc("rounds_completed_total")  # before the registry write, to trail history.jsonl by little
-        self.metrics.set("round_duration_seconds", entry["duration_s"])
+        self.metrics.observe("round_duration_seconds", entry["duration_s"])
+        self.metrics.set("last_round_completed_timestamp_seconds", self.clock())
         self.metrics.set("current_round", self.state.round)
         self.metrics.clear("device_importance")
+        self.metrics.clear("device_quality")
         for device, score in entry.get("scores", {}).items():
             self.metrics.set("device_importance", score["r"], device=device)
+            self.metrics.set("device_quality", score["q"], device=device)
+        self.trail.add(entry)
         self._save_registry(self.clock())
-        log.info("event=round_closed round=%d received=%d/%d accuracy=%s duration_s=%.2f",
-                 completed, entry["received"], entry["selected"],
-                 f"{entry['accuracy']:.4f}" if "accuracy" in entry else "n/a", entry["duration_s"])
+        self._note(logging.INFO, "round_closed", round=completed, received=entry["received"],
+                   selected=entry["selected"], accuracy=round(entry["accuracy"], 4) if "accuracy" in entry else None,
+                   duration_s=round(entry["duration_s"], 2))
         if release is not None:
             self._publish_release(release)
+        self._publish_view(self.clock())
+
+    # ---- the operator's view ---------------------------------------------------------------------
+    def _note(self, level: int, event: str, **fields: Any) -> None:
+        """Log an event and, if an operator should see it on the status page, list it there."""
+        emit(log, level, event, **fields)
+        if level >= logging.WARNING or event in FEED_EVENTS:
+            self.feed.record(logging.getLevelName(level), event, fields, self.clock())
+
+    def _count_upload(self, topic: str, size: int) -> None:
+        """Bytes on an enrolled device's update topic, until its update is complete (all chunks)."""
+        head, _, device = topic.rpartition("/")
+        if head.endswith("/update") and self.registry.get(device) is not None:
+            self._upload_bytes[device] = self._upload_bytes.get(device, 0) + size
+
+    def _phase(self) -> str:
+        if self.finished:
+            return "finished"
+        if self._pending_commit is not None:
+            return "committing"
+        if self._lost_since is not None:
+            return "paused"
+        return "waiting_for_devices" if self.rounds.open_round is None else "training"
+
+    def _publish_view(self, now: float) -> None:
+        """Rebuild the operator's view and swap it in whole (the HTTP thread only reads the reference)."""
+        self._next_view = now + VIEW_REFRESH_S
+        records = self.registry.devices()
+        self.metrics.set("devices_enrolled", sum(1 for r in records if not r.revoked))
+        open_round = self.rounds.open_round
+        selected = len(self.plan.selected) if open_round is not None and self.plan is not None else 0
+        live = LiveRound(round=open_round if open_round is not None else self.state.round, phase=self._phase(),
+                         deadline=self.rounds.deadline, quorum=min(self.config.rounds.quorum, selected or
+                                                                   self.config.rounds.quorum),
+                         selected=selected, received=len(self.rounds.received) if open_round is not None else 0)
+        self.view = build_view(ViewInputs(
+            federation=self.config.federation.id, total_rounds=self.config.rounds.total,
+            completed_rounds=self.completed, records=records, online=self.registry.online(now), trail=self.trail,
+            importance=self.state.importance, quality=self.state.quality, releases=tuple(self.releases),
+            excluded=tuple(self.unfit), live=live, events=self.feed.snapshot(),
+        ), now, running=True)
 
     # ---- the federation key ----------------------------------------------------------------------
     def _follow_members(self, now: float) -> None:
@@ -506,8 +602,8 @@ class CoordinatorDaemon:
         if grants is None:
             return False
         self._publish_grants(grants)
-        log.info("event=group_key_rotated key_id=%s members=%d", self.channel.group_key.key_id.hex(),
-                 len(self.channel.group_members))
+        emit(log, logging.INFO, "group_key_rotated", key_id=self.channel.group_key.key_id.hex(),
+             members=len(self.channel.group_members))
         return True
 
     def _grant_key(self, device: str, now: float) -> None:
@@ -526,7 +622,7 @@ class CoordinatorDaemon:
                 self.link.publish(publication.topic, publication.payload, qos=1, retain=publication.retain)
                 self.metrics.inc("bytes_out_total", len(publication.payload))
         except MqttError as exc:
-            log.warning("event=key_grant_not_published error=%s", exc)
+            self._note(logging.WARNING, "key_grant_not_published", error=str(exc))
 
     # ---- releases -------------------------------------------------------------------------------
     def _maybe_release(self, round_number: int, accuracy: float | None) -> ModelRelease | None:
@@ -540,11 +636,13 @@ class CoordinatorDaemon:
                                          metadata=release_metadata(self.config, round_number, self.state.mask_version,
                                                                    accuracy))
         except OSError as exc:
-            log.error("event=release_failed version=%d round=%d error=%r", version, round_number, exc)
+            self._note(logging.ERROR, "release_failed", version=version, round=round_number, error=repr(exc))
             return None
         self.release_version = version
-        log.info("event=release_exported version=%d round=%d bytes=%d file=%s", version, round_number,
-                 len(release.onnx), path)
+        self.releases.append(release_row(version, release_metadata(self.config, round_number, self.state.mask_version,
+                                                                   accuracy), len(release.onnx), self.clock()))
+        emit(log, logging.INFO, "release_exported", version=version, round=round_number, bytes=len(release.onnx),
+             file=path)
         return release
 
     def _republish_latest_release(self) -> None:
@@ -570,9 +668,9 @@ class CoordinatorDaemon:
                 if not handle.wait(max(0.0, deadline - time.monotonic())):
                     raise MqttError(f"broker did not acknowledge the release within {timeout_s} s")
         except MqttError as exc:
-            log.warning("event=release_not_published version=%d error=%s", release.version, exc)
+            self._note(logging.WARNING, "release_not_published", version=release.version, error=str(exc))
             return
-        log.info("event=release_published version=%d bytes=%d", release.version, len(release.onnx))
+        self._note(logging.INFO, "release_published", version=release.version, bytes=len(release.onnx))
 
 
 def run_with_broker(config: CoordinatorConfig) -> int:

@@ -80,3 +80,32 @@ def export_checkpoint(config: Any, out: Path, *, variant: str) -> tuple[int, dic
                           metadata=metadata)
     atomic_write(Path(out), blob, mode=0o644)
     return len(blob), read_metadata(blob)
+
+
+def releases_on_disk(state_root: Path) -> tuple[dict[str, Any], ...]:
+    """One row per release file, oldest first: version, round and accuracy (from its ONNX
+    metadata), size and export time; for the operator's view."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    directory = release_dir(state_root)
+    if not directory.exists():
+        return ()
+    rows = []
+    for path in directory.iterdir():
+        match = _RELEASE_FILE.match(path.name)
+        if match is None:
+            continue
+        try:
+            metadata = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+            stat = path.stat()
+        except (OSError, DecodeError, ValueError):  # removed or torn: skip it
+            continue
+        rows.append(release_row(int(match.group(1)), metadata, stat.st_size, stat.st_mtime))
+    return tuple(sorted(rows, key=lambda row: row["version"]))
+
+
+def release_row(version: int, metadata: dict[str, Any], size: int, exported_at: float) -> dict[str, Any]:
+    accuracy = metadata.get("val_accuracy")
+    return {"version": version, "round": int(metadata["round"]) if "round" in metadata else None,
+            "accuracy": None if accuracy is None else float(accuracy), "bytes": size, "time": exported_at}

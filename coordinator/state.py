@@ -31,6 +31,7 @@ import msgpack
 import numpy as np
 
 from fedprune.coordinator.core.records import GlobalState
+from fedprune.common.events import emit
 from fedprune.common.fsutil import atomic_write, ensure_writable_dir
 from fedprune.protocol.crypto import Identity
 from fedprune.protocol.layout import ModelLayout
@@ -166,7 +167,7 @@ class StateDir:
             try:
                 return loads(path.read_bytes())
             except (ValueError, TypeError, msgpack.UnpackException) as exc:
-                log.error("event=checkpoint_unreadable file=%s error=%s action=trying_previous", path, exc)
+                emit(log, logging.ERROR, "checkpoint_unreadable", file=path, error=exc, action="trying_previous")
         return None
 
     def _checkpoint_files(self) -> list[Path]:
@@ -203,8 +204,8 @@ class StateDir:
         hand) cannot be repaired: the entry follows its last whole line."""
         size = self.history_path.stat().st_size if self.history_path.exists() else 0
         if size < committed_bytes:
-            log.warning("event=history_short file=%s bytes=%d expected_at_least=%d action=appending_latest_round",
-                        self.history_path, size, committed_bytes)
+            emit(log, logging.WARNING, "history_short", file=self.history_path, bytes=size,
+                 expected_at_least=committed_bytes, action="appending_latest_round")
             committed_bytes = self.history_path.read_bytes().rfind(b"\n") + 1 if size else 0
         line = b"" if last_entry is None else _history_line(last_entry)
         if size - committed_bytes == len(line):

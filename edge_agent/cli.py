@@ -39,13 +39,17 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--output", type=Path, help="write predictions here (CSV: row,prediction); default stdout")
     infer.add_argument("--labels", action="store_true", help="the CSV's last column is a label: report accuracy")
     infer.set_defaults(handler=_run_infer)
-    status = commands.add_parser("status", help="model release in use, privacy budget spent, last rounds sent")
+    status = commands.add_parser("status", help="last round, bytes sent today and in all, privacy budget left, "
+                                                "model release in use, last declined rounds")
     status.add_argument("--config", type=Path, required=True, help="agent TOML file (finds the state directory)")
     status.add_argument("--rounds", type=int, default=5, help="how many recent rounds to list")
-    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument("--declines", type=int, default=5, help="how many declined rounds to list")
+    status.add_argument("--json", action="store_true", help="machine-readable output (times: ISO 8601, UTC)")
     status.set_defaults(handler=_run_status)
-    audit = commands.add_parser("audit", help="show what this device sent, when, and to which federation")
+    audit = commands.add_parser("audit", help="show what this device sent, when (ISO 8601, UTC), and to which federation")
     audit.add_argument("--log", type=Path, required=True, help="the agent's audit log (audit.jsonl in its state dir)")
+    audit.add_argument("--json", action="store_true",
+                       help="one JSON object per line (time: ISO 8601 UTC with milliseconds; full sha256)")
     audit.set_defaults(handler=_run_audit)
     return parser
 
@@ -97,17 +101,31 @@ def _run_status(args: argparse.Namespace) -> int:
     from fedprune.edge_agent.status import device_status, render
 
     config = load_config(args.config)
-    report = device_status(config.agent.state_dir, config.inference.keep_releases, args.rounds)
+    report = device_status(config.agent.state_dir, config.inference.keep_releases, args.rounds,
+                           last_declines=args.declines, privacy=config.privacy)
     print(render(report, as_json=args.json))
     return 0
 
 
 def _run_audit(args: argparse.Namespace) -> int:
-    from fedprune.edge_agent.audit import AuditLog
+    import json
+    from dataclasses import asdict
 
-    print(f"{'time':>17}  {'federation':<16} {'round':>5}  {'type':<10} {'bytes':>10}  sha256")
-    for entry in AuditLog(args.log).records():
-        print(f"{entry.time:17.3f}  {entry.federation:<16} {entry.round:5d}  {entry.message_type:<10} "
+    from fedprune.edge_agent.audit import iso_time, read_records
+
+    if not args.log.exists():
+        print(f"fedprune-agent: {args.log}: nothing yet (the agent writes its audit log when it first sends)",
+              file=sys.stderr)
+        return 0
+    if not args.log.is_file():
+        raise ConfigError(f"{args.log} is not a file: pass the agent's audit log, audit.jsonl in its state_dir")
+    if args.json:
+        for entry in read_records(args.log):
+            print(json.dumps({**asdict(entry), "time": iso_time(entry.time, milliseconds=True)}))
+        return 0
+    print(f"{'time (UTC)':<20}  {'federation':<16} {'round':>5}  {'type':<10} {'bytes':>10}  sha256")
+    for entry in read_records(args.log):
+        print(f"{iso_time(entry.time):<20}  {entry.federation:<16} {entry.round:5d}  {entry.message_type:<10} "
               f"{entry.bytes:10d}  {entry.sha256[:16]}")
     return 0
 

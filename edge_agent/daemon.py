@@ -33,11 +33,12 @@ from fedprune.edge_agent import sysfs, worker
 from fedprune.edge_agent.core.agent import (
     AgentCore, Decline, Ignore, Phase, PrivacyStep, ReportStatus, Resend, Tamper, Train, Upload,
 )
-from fedprune.edge_agent.audit import AuditLog
+from fedprune.edge_agent.audit import AuditLog, DeclineLog
 from fedprune.common.bundle import Bundle, EnrollmentError, load_bundle
 from fedprune.edge_agent.config import AgentConfig
 from fedprune.common.configkit import ConfigError
 from fedprune.common.data import DATA_MISMATCH, DataSummary, data_mismatch, load_local_data
+from fedprune.common.events import emit
 from fedprune.common.fsutil import atomic_write, ensure_writable_dir
 from fedprune.edge_agent.core.guard import Governor
 from fedprune.edge_agent.ledger import PrivacyLedger, ledger_path
@@ -45,7 +46,7 @@ from fedprune.common.link import Link
 from fedprune.common.mqtt import LastWill, LinkConfig, MqttError, MqttLink
 from fedprune.edge_agent.core.privacy import PRIVACY_BUDGET_EXHAUSTED
 from fedprune.protocol.channel import AgentChannel, Publication
-from fedprune.protocol.errors import BadSignature, ProtocolError, UnknownKey, UnknownMask
+from fedprune.protocol.errors import BadSignature, ProtocolError, Replayed, Stale, UnknownKey, UnknownMask
 from fedprune.protocol.layout import ModelLayout
 from fedprune.edge_agent.release_store import ReleaseRejected, ReleaseStore
 from fedprune.protocol.messages import KeyGrant, ModelRef, ModelRelease, Register, RoundTask, State, Status
@@ -67,6 +68,18 @@ SILENCE_WARNING_S = 300.0
 
 _PHASE_STATE = {Phase.IDLE: State.IDLE, Phase.TRAINING: State.TRAINING, Phase.UPLOADING: State.UPLOADING}
 
+# What the protocol absorbs is not a warning: a redelivered or retained broadcast seen before
+# (every reconnect), a task of a past round; a missing mask is asked for again by registering.
+# Anything else that fails to verify or decode (a forged or foreign broadcast, another version)
+# is one for a person to look at.
+_REJECTION_LEVEL = {Replayed: logging.DEBUG, Stale: logging.INFO, UnknownMask: logging.INFO}
+
+
+def _send_failure_level(exc: Exception) -> int:
+    """A publish the link could not take (broker away) is tried again by the loop; a disk that
+    refuses the audit log needs a person."""
+    return logging.INFO if isinstance(exc, MqttError) else logging.WARNING
+
 
 class AgentDaemon:
     def __init__(self, config: AgentConfig, clock: Callable[[], float] = time.time, *,
@@ -86,6 +99,7 @@ class AgentDaemon:
                               "the agent's user ownership of it, or set [agent] state_dir to a writable "
                               "directory") from None
         self.audit = AuditLog(self.state_dir / "audit.jsonl")
+        self.declines = DeclineLog(self.state_dir / "declines.json")
         self.data = DataSummary.of(*load_local_data(section.data))
         self.n_examples = self.data.n_examples
         self._mismatch: dict[ModelRef, str | None] = {}  # per model spec: why the data does not fit it
@@ -188,7 +202,8 @@ class AgentDaemon:
             if current is not None:
                 self._serve(*current)
             http = InferenceHTTP(self.server, self.config.inference.http_host, self.config.inference.http_port).start()
-            log.info("event=inference_listening url=http://%s:%d/predict", *http.address)
+            host, port = http.address
+            emit(log, logging.INFO, "inference_listening", url=f"http://{host}:{port}/predict")
         try:
             while not self.stopping:
                 self.step(wait_s=0.2)
@@ -211,8 +226,8 @@ class AgentDaemon:
 
     def start(self, link: Link) -> None:
         self.link = link
-        log.info("event=start device=%s federation=%s examples=%d broker=%s", self.bundle.device_id,
-                 self.bundle.federation, self.n_examples, self.link_url)
+        emit(log, logging.INFO, "start", device=self.bundle.device_id, federation=self.bundle.federation,
+             examples=self.n_examples, broker=self.link_url)
 
     def step(self, wait_s: float = 0.0) -> None:
         """One pass of the loop: at most one message (waiting up to ``wait_s`` for it), then the timers."""
@@ -231,7 +246,7 @@ class AgentDaemon:
         if self.link.connected:
             self._publish_status(State.OFFLINE, "stopped")
         self.link.close()
-        log.info("event=stopped device=%s", self.bundle.device_id)
+        emit(log, logging.INFO, "stopped", device=self.bundle.device_id)
 
     @property
     def link_url(self) -> str:
@@ -251,9 +266,9 @@ class AgentDaemon:
                 "coordinator (`fedprune-coordinator provision` or `enroll`), or fix [broker] url")
         now = self.clock()
         if not self._tasks_seen and now >= self._next_silence_warning:
-            log.warning("event=no_task_yet waited_s=%.0f connected=%s federation=%s bundle=%s note='is the "
-                        "coordinator running, and is this bundle from its federation and broker?'",
-                        now - self._started_at, self.link.connected, self.bundle.federation, self.config.agent.bundle)
+            emit(log, logging.WARNING, "no_task_yet", waited_s=round(now - self._started_at),
+                 connected=self.link.connected, federation=self.bundle.federation, bundle=self.config.agent.bundle,
+                 note="is the coordinator running, and is this bundle from its federation and broker?")
             self._silence_warning_s *= 2
             self._next_silence_warning = now + self._silence_warning_s
 
@@ -262,11 +277,12 @@ class AgentDaemon:
         on it would let them stop every device. Said once, as an error with the fix."""
         self._foreign_broadcasts += 1
         if not self._tasks_seen and self._foreign_broadcasts == FOREIGN_BROADCASTS:
-            log.error("event=foreign_broadcasts count=%d federation=%s coordinator_fingerprint=%s bundle=%s "
-                      "note='broadcasts on this federation do not verify against the coordinator key the bundle "
-                      "pins: the bundle is probably from another coordinator; install a fresh one from this "
-                      "federation's coordinator'", self._foreign_broadcasts, self.bundle.federation,
-                      self.bundle.coordinator.fingerprint(), self.config.agent.bundle)
+            emit(log, logging.ERROR, "foreign_broadcasts", count=self._foreign_broadcasts,
+                 federation=self.bundle.federation, coordinator_fingerprint=self.bundle.coordinator.fingerprint(),
+                 bundle=self.config.agent.bundle,
+                 note="broadcasts on this federation do not verify against the coordinator key the bundle pins: "
+                      "the bundle is probably from another coordinator; install a fresh one from this "
+                      "federation's coordinator")
 
     def _maybe_register(self) -> None:
         """Register on every (re)connect, with each heartbeat until the first task arrives (a
@@ -296,11 +312,11 @@ class AgentDaemon:
             try:
                 self._publish(self.channel.send(register, self.clock()), "register", self._round)
             except (MqttError, OSError) as exc:  # the next connect, heartbeat or request registers again
-                log.warning("event=register_not_sent error=%s", exc)
+                emit(log, _send_failure_level(exc), "register_not_sent", error=exc)
                 return
             why = ("connect" if reconnected else "mask_missing" if needs_mask else "key_missing" if needs_key
                    else "unanswered")
-            log.info("event=registered device=%s connects=%d reason=%s", self.bundle.device_id, connects, why)
+            emit(log, logging.INFO, "registered", device=self.bundle.device_id, connects=connects, reason=why)
 
     def _maybe_heartbeat(self) -> None:
         now = self.clock()
@@ -311,11 +327,15 @@ class AgentDaemon:
     def _publish_status(self, state: State, reason: str, round_number: int | None = None) -> None:
         """``round_number`` names the round a DECLINED status is about; other states report the last round."""
         round_number = self._round if round_number is None else round_number
-        status = Status(self.bundle.device_id, state, round_number, reason, self.clock())
+        current = self.releases.current()
+        epsilon_left = (None if self.ledger is None
+                        else max(0.0, self.ledger.budget.epsilon_budget - self.ledger.budget.spent))
+        status = Status(self.bundle.device_id, state, round_number, reason, self.clock(),
+                        release=None if current is None else int(current[0]), epsilon_left=epsilon_left)
         try:
             self._publish(self.channel.send(status, self.clock()), "status", round_number)
         except (MqttError, OSError) as exc:  # broker away, or the audit log's disk full
-            log.warning("event=status_not_sent reason=%s", exc)
+            emit(log, _send_failure_level(exc), "status_not_sent", state=state.value, error=exc)
 
     def _on_message(self, topic: str, payload: bytes, received_at: float | None = None) -> None:
         now = self.clock()
@@ -338,8 +358,8 @@ class AgentDaemon:
         """Logged (an unknown key once per key: it is met by every task until a grant) and turned
         into what to ask the coordinator for: a mask, a key; or a sign of a foreign bundle."""
         repeated = isinstance(exc, UnknownKey) and str(exc) == self._unknown_key_said
-        log.log(logging.DEBUG if repeated else logging.WARNING, "event=message_rejected topic=%s reason=%s "
-                "detail=%s", topic, exc.reason, exc)
+        emit(log, logging.DEBUG if repeated else _REJECTION_LEVEL.get(type(exc), logging.WARNING),
+             "message_rejected", topic=topic, reason=exc.reason, detail=exc)
         if isinstance(exc, UnknownKey):
             self._unknown_key_said = str(exc)
         self._mask_missing = self._mask_missing or (isinstance(exc, UnknownMask) and self._fits_last_model())
@@ -353,7 +373,7 @@ class AgentDaemon:
         self._key_request_s = MASK_REQUEST_INTERVAL_S
         level = logging.DEBUG if grant.key_id == self._key_id else logging.INFO  # re-sent on every Register
         self._key_id = grant.key_id
-        log.log(level, "event=key_installed key_id=%s", grant.key_id.hex())
+        emit(log, level, "key_installed", key_id=grant.key_id.hex())
         for outcome in self.channel.unlocked(now):
             if isinstance(outcome, ProtocolError):
                 self._rejected(outcome, "held_for_key")
@@ -364,12 +384,13 @@ class AgentDaemon:
         try:
             path = self.releases.accept(release)
         except ReleaseRejected as exc:
-            level = logging.DEBUG if exc.reason == "duplicate" else logging.WARNING
-            log.log(level, "event=release_rejected version=%d reason=%s detail=%s", release.version, exc.reason, exc)
+            level = logging.DEBUG if exc.reason == "duplicate" else logging.WARNING  # a retained release again
+            emit(log, level, "release_rejected", version=release.version, reason=exc.reason, detail=exc)
             return
         if self.server is not None:
             self._serve(release.version, path)
-        log.info("event=release_installed version=%d bytes=%d", release.version, len(release.onnx))
+        said = {key: release.metadata[key] for key in ("round", "val_accuracy") if key in release.metadata}
+        emit(log, logging.INFO, "release_installed", version=release.version, bytes=len(release.onnx), **said)
 
     def _serve(self, version: int, path: Path) -> None:
         """Only with the HTTP endpoint on: ``fedprune-agent infer`` loads the model itself."""
@@ -396,10 +417,11 @@ class AgentDaemon:
         if model not in self._mismatch:
             detail = self._mismatch[model] = data_mismatch(self.data, model.input_shape, model.num_classes)
             if detail:
-                log.error("event=data_mismatch model=%s input_shape=%s num_classes=%d data=%s detail=%s "
-                          "action=decline_every_round fix='give this device data that fits the model, or fix "
-                          "[federation] input_shape/num_classes on the coordinator'", model.name,
-                          list(model.input_shape), model.num_classes, self.config.agent.data, detail)
+                emit(log, logging.ERROR, "data_mismatch", model=model.name, input_shape=list(model.input_shape),
+                     num_classes=model.num_classes, data=self.config.agent.data, detail=detail,
+                     action="decline_every_round",
+                     fix="give this device data that fits the model, or fix [federation] input_shape/num_classes "
+                         "on the coordinator")
         return self._mismatch[model]
 
     def _fits_last_model(self) -> bool:
@@ -415,9 +437,9 @@ class AgentDaemon:
         if reason is None and self.ledger is not None and self.ledger.exhausted:
             reason = PRIVACY_BUDGET_EXHAUSTED
         if reason is not None:
-            log.info("event=governance_decline reason=%s temperature_c=%s battery_percent=%s on_ac=%s "
-                     "available_memory_mb=%s", reason, readings.temperature_c, readings.battery_percent,
-                     readings.on_ac, readings.available_memory_mb)
+            emit(log, logging.INFO, "governance_decline", reason=reason, temperature_c=readings.temperature_c,
+                 battery_percent=readings.battery_percent, on_ac=readings.on_ac,
+                 available_memory_mb=readings.available_memory_mb)
         return reason
 
     def _carry_out(self, action: object, task: RoundTask) -> None:
@@ -429,16 +451,24 @@ class AgentDaemon:
         elif isinstance(action, Upload):
             self._upload(task, action)
         elif isinstance(action, Resend):
-            log.info("event=resend round=%d reason=coordinator_still_waiting", action.round)
+            emit(log, logging.INFO, "resend", round=action.round, reason="coordinator_still_waiting")
             try:
                 self._publish(self._sent.get(action.round, []), "update", action.round)
             except (MqttError, OSError) as exc:  # the next re-announcement asks again
-                log.warning("event=resend_failed round=%d error=%s", action.round, exc)
+                emit(log, _send_failure_level(exc), "resend_failed", round=action.round, error=exc)
         elif isinstance(action, Ignore):
-            log.debug("event=task_ignored round=%d reason=%s", action.round, action.reason)
+            emit(log, logging.DEBUG, "task_ignored", round=action.round, reason=action.reason)
         elif isinstance(action, Decline):
-            log.info("event=round_declined round=%d reason=%s", action.round, action.reason)
+            emit(log, logging.INFO, "round_declined", round=action.round, reason=action.reason)
+            self._record_decline(action.round, action.reason)
             self._publish_status(State.DECLINED, action.reason, action.round)
+
+    def _record_decline(self, round_number: int, reason: str) -> None:
+        """For the owner (``fedprune-agent status``): kept even when the DECLINED status cannot be sent."""
+        try:
+            self.declines.record(now=self.clock(), federation=self.bundle.federation, round=round_number, reason=reason)
+        except OSError as exc:
+            emit(log, logging.WARNING, "decline_not_recorded", round=round_number, file=self.declines.path, error=exc)
 
     def _train(self, action: Train) -> None:
         task, section = action.task, self.config.agent
@@ -451,13 +481,12 @@ class AgentDaemon:
             run = worker.train_in_child if section.train_in_subprocess else worker.train
             trained = run(job)
         except (RuntimeError, ValueError, MemoryError, OSError) as exc:  # WorkerError; torch's own (CUDA OOM)
-            log.error("event=training_failed round=%d error=%s", task.round, exc)
+            emit(log, logging.ERROR, "training_failed", round=task.round, error=exc)
             for action_ in self.core.on_failed(task.round, "training_failed"):
                 self._carry_out(action_, task)
             return
-        log.info("event=trained round=%d examples=%d steps=%d loss=%.4f seconds=%.2f mask_changed=%s",
-                 task.round, trained.n_examples, trained.steps, trained.train_loss, trained.seconds,
-                 trained.mask_changed)
+        emit(log, logging.INFO, "trained", round=task.round, examples=trained.n_examples, steps=trained.steps,
+             loss=round(trained.train_loss, 4), seconds=round(trained.seconds, 2), mask_changed=trained.mask_changed)
         for next_action in self.core.on_trained(task, trained):
             self._carry_out(next_action, task)
 
@@ -467,23 +496,23 @@ class AgentDaemon:
             try:
                 self.ledger.charge()
             except OSError as exc:  # the spend cannot be recorded, so the update must not leave
-                log.error("event=privacy_ledger_unwritable round=%d file=%s error=%s", task.round, self.ledger.path, exc)
+                emit(log, logging.ERROR, "privacy_ledger_unwritable", round=task.round, file=self.ledger.path, error=exc)
                 for action in self.core.on_failed(task.round, "privacy_ledger_unwritable", retry=True):
                     self._carry_out(action, task)
                 return
             budget = self.ledger.budget
-            log.info("event=privatized round=%d norm_before_clip=%.4f clip_norm=%g epsilon_spent=%.3f "
-                     "epsilon_budget=%g rounds=%d", task.round, upload.norm_before_clip, self.ledger.clip_norm,
-                     budget.spent, budget.epsilon_budget, budget.rounds)
+            emit(log, logging.INFO, "privatized", round=task.round, norm_before_clip=round(upload.norm_before_clip, 4),
+                 clip_norm=self.ledger.clip_norm, epsilon_spent=round(budget.spent, 3),
+                 epsilon_budget=budget.epsilon_budget, rounds=budget.rounds)
             if upload.update.mask_changed:
-                log.warning("event=privacy_not_covered round=%d reason=client_readjust detail=the grown mask "
-                            "depends on local data and is sent without noise (docs/PRIVACY.md)", task.round)
+                emit(log, logging.WARNING, "privacy_not_covered", round=task.round, reason="client_readjust",
+                     detail="the grown mask depends on local data and is sent without noise (docs/PRIVACY.md)")
         publications = self.channel.send(upload.update, self.clock())
         self._sent = {task.round: publications}
         try:
             self._publish(publications, "update", task.round, wait=True)
         except (MqttError, OSError) as exc:  # broker away, or the audit log's disk full
-            log.error("event=upload_failed round=%d error=%s", task.round, exc)
+            emit(log, logging.ERROR, "upload_failed", round=task.round, error=exc)
             for action in self.core.on_failed(task.round, "upload_failed", retry=True):
                 self._carry_out(action, task)
             return

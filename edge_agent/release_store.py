@@ -7,7 +7,9 @@ release after a restart, when the channel's in-memory replay guard is fresh); th
 ONNX bytes matches ``release.sha256``; the size is within bounds; the model loads in
 onnxruntime and runs on a zero input, giving finite logits. Only then is the model written
 (atomic write) and the pointer file ``current.json`` replaced (atomic write), so a crash leaves
-the old or the new current model, never a torn one. The newest ``keep`` versions stay on disk.
+the old or the new current model, never a torn one. The pointer also keeps what the release says
+about itself (round, held-out accuracy: ``metadata``) for ``fedprune-agent status``. The newest
+``keep`` versions stay on disk.
 
 Not thread-safe: one caller (the agent daemon's event loop) accepts releases.
 """
@@ -59,6 +61,7 @@ class ReleaseStore:
         self.keep = keep
         self.max_model_bytes = max_model_bytes
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._metadata: dict[str, str | int | float] = {}
         self._current = self._read_pointer()
 
     def current(self) -> tuple[int, Path] | None:
@@ -67,6 +70,11 @@ class ReleaseStore:
             return None
         version, _ = self._current
         return version, self._path(version)
+
+    def metadata(self) -> dict[str, str | int | float]:
+        """What the current release says about itself (``federation``, ``round``, ``val_accuracy``,
+        ...); empty before the first release, or for one stored before the pointer kept it."""
+        return dict(self._metadata)
 
     def accept(self, release: ModelRelease) -> Path:
         """Verify ``release`` and make it current; raises ReleaseRejected (nothing changes) if not."""
@@ -92,9 +100,10 @@ class ReleaseStore:
             raise ReleaseRejected("invalid_model", f"release {release.version}: {problem}")
         path = self._path(release.version)
         atomic_write(path, release.onnx)
-        pointer = {"version": release.version, "file": path.name, "sha256": digest}
+        pointer = {"version": release.version, "file": path.name, "sha256": digest, "metadata": release.metadata}
         atomic_write(self.directory / POINTER, json.dumps(pointer).encode())
         self._current = (release.version, digest)
+        self._metadata = dict(release.metadata)
         self._prune()
         return path
 
@@ -129,6 +138,9 @@ class ReleaseStore:
             raise ReleaseStoreError(f"{model} is unreadable ({exc}): {fix}") from None
         if stored != digest:
             raise ReleaseStoreError(f"{model} does not match the SHA-256 in {pointer}: {fix}")
+        metadata = data.get("metadata")
+        if isinstance(metadata, dict):
+            self._metadata = {str(k): v for k, v in metadata.items() if isinstance(v, (str, int, float))}
         return version, digest
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent set-up on a fresh Debian machine: virtualenv, torch CPU wheel first (so pip never
 # resolves a multi-GB CUDA build), then fedprune with the requested extras, then the test suite's Debian tools when asked
-# (Mosquitto for the broker tests, shellcheck for the installer).
+# (Mosquitto for the broker tests, shellcheck for the installer, Chromium for the status page).
 #   scripts/bootstrap.sh [--extras dev,coordinator] [--test-tools]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,10 +29,16 @@ if [ "$want_test_tools" -eq 1 ]; then
   missing=()
   command -v mosquitto >/dev/null 2>&1 || missing+=(mosquitto mosquitto-clients)
   command -v shellcheck >/dev/null 2>&1 || missing+=(shellcheck)
+  [ -x /usr/bin/chromium ] || missing+=(chromium)  # the status page's browser test (driven by playwright)
+  command -v promtool >/dev/null 2>&1 || missing+=(prometheus)  # promtool checks deploy/observability's rules
   if [ "${#missing[@]}" -gt 0 ]; then
     echo "bootstrap: installing ${missing[*]} from Debian's packages"
     apt_get update -qq
     apt_get install -y -qq "${missing[@]}" >/dev/null
+    # The prometheus package enables a server on :9090 where systemd runs; the tests need only promtool.
+    if [[ " ${missing[*]} " == *" prometheus "* ]] && [ -d /run/systemd/system ]; then
+      as_root systemctl disable --now prometheus >/dev/null 2>&1 || true
+    fi
   fi
 fi
 

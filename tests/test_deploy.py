@@ -231,4 +231,13 @@ def test_compose_builds_the_coordinator_beside_mosquitto_2() -> None:
     build = services["coordinator"]["build"]
     context = (DEPLOY / "docker" / build["context"]).resolve()
     assert context == ROOT and (context / build["dockerfile"]).is_file()
-    assert set(compose["volumes"]) == {"mosquitto-data", "coordinator-state"}
+    assert set(compose["volumes"]) == {"mosquitto-data", "coordinator-state", "prometheus-data", "grafana-data"}
+    named = {v.split(":")[0] for s in services.values() for v in s.get("volumes", []) if not v.startswith((".", "/"))}
+    assert named == set(compose["volumes"]), "every named volume is declared and used"
+    used_secrets = {name for s in services.values() for name in s.get("secrets", [])}
+    assert used_secrets == set(compose["secrets"]), "every secret is declared and used"
+    for secret in compose["secrets"].values():
+        path = secret["file"]
+        assert path.startswith("./secrets/"), path
+    # The secrets directory the operator fills (deploy/README.md) is never committed.
+    assert "secrets/" in (DEPLOY / "docker" / ".gitignore").read_text().split()

@@ -17,7 +17,8 @@ from fedprune.protocol.topics import validate_id
 
 ALLOW_LIST_FIELDS = ("device_id", "sign_public", "kx_public", "enrolled_at", "revoked")
 _PRESENCE_DEFAULTS: dict[str, Any] = {"capabilities": {}, "n_examples": 0, "last_seen": None, "online": False,
-                                      "last_decline": None}
+                                      "last_decline": None, "last_rejection": None, "release": None,
+                                      "epsilon_left": None}
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,9 @@ class DeviceRecord:
     last_seen: float | None = None
     online: bool = False
     last_decline: dict[str, Any] | None = None  # {"round", "reason", "time"}: for the operator's status
+    last_rejection: dict[str, Any] | None = None  # {"round", "reason", "time"}: its last update refused or gated
+    release: int | None = None  # release version it serves, as its heartbeat reports
+    epsilon_left: float | None = None  # privacy budget left, where its heartbeat reports one
 
     @property
     def keys(self) -> tuple[bytes, bytes]:
@@ -92,6 +96,22 @@ class Registry:
         """Remember the device's last declined round and its reason (with any detail after ':')."""
         record = self._require(device_id)
         self._devices[device_id] = replace(record, last_decline={"round": round_number, "reason": reason, "time": now})
+
+    def rejected(self, device_id: str, round_number: int, reason: str, now: float) -> None:
+        """Remember why the device's last update was refused or left out of its round (a device
+        removed from the allow-list meanwhile has nothing to remember it by)."""
+        record = self._devices.get(device_id)
+        if record is None:
+            return
+        self._devices[device_id] = replace(record, last_rejection={"round": round_number, "reason": reason, "time": now})
+
+    def reported(self, device_id: str, release: int | None, epsilon_left: float | None) -> bool:
+        """What the device's heartbeat says it serves and has left; True if that changed."""
+        record = self._require(device_id)
+        if (record.release, record.epsilon_left) == (release, epsilon_left):
+            return False
+        self._devices[device_id] = replace(record, release=release, epsilon_left=epsilon_left)
+        return True
 
     def online(self, now: float) -> tuple[str, ...]:
         """Enrolled, not revoked, not gone offline, heard from within the heartbeat timeout; sorted."""

@@ -23,6 +23,7 @@ from amqtt.broker import Broker
 from amqtt.errors import BrokerError
 
 from fedprune.common.configkit import ConfigError
+from fedprune.common.events import emit
 
 log = logging.getLogger("fedprune.broker")
 
@@ -56,8 +57,10 @@ class EmbeddedBroker:
     def start(self) -> EmbeddedBroker:
         if self._thread is not None:
             raise RuntimeError("EmbeddedBroker already started")
-        for noisy in ("amqtt", "transitions"):  # per-connection INFO lines would drown the daemon's own
-            logging.getLogger(noisy).setLevel(logging.WARNING)
+        # Per-connection lines would drown the daemon's own: INFO for every client, and a WARNING
+        # for every MqttLink whose MQTT 5 probe amqtt refuses before it falls back to 3.1.1.
+        for noisy in ("amqtt", "transitions"):
+            logging.getLogger(noisy).setLevel(logging.ERROR)
         if self._requested_port:
             check_bindable(self.host, self._requested_port)
         loop = asyncio.new_event_loop()
@@ -80,11 +83,8 @@ class EmbeddedBroker:
         except BaseException:
             self._stop_loop()
             raise
-        log.warning(
-            "event=embedded_broker_started url=%s anonymous=true acl=none "
-            "note='demo/test only, not a security boundary; production uses Mosquitto'",
-            self.url,
-        )
+        emit(log, logging.WARNING, "embedded_broker_started", url=self.url, anonymous=True, acl="none",
+             note="demo/test only, not a security boundary; production uses Mosquitto")
         return self
 
     def stop(self) -> None:
@@ -95,7 +95,7 @@ class EmbeddedBroker:
             asyncio.run_coroutine_threadsafe(self._shut_down(self._broker), self._loop).result(self._start_timeout_s)
             self._broker = None
         self._stop_loop()
-        log.info("event=embedded_broker_stopped port=%s", self._port)
+        emit(log, logging.INFO, "embedded_broker_stopped", port=self._port)
         self._port = None
 
     def __enter__(self) -> EmbeddedBroker:

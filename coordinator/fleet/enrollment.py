@@ -10,7 +10,6 @@ the allow-list under its lock (``fedprune.coordinator.fleet.registry_store``).
 
 from __future__ import annotations
 
-import json
 import subprocess
 import time
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ from typing import Any, Mapping
 from fedprune.coordinator.fleet.broker_config import reload_broker, remove_password_user
 from fedprune.coordinator.config import BrokerSection, CoordinatorConfig, example_config
 from fedprune.coordinator.fleet.registry_store import RegistryStore
-from fedprune.coordinator.state import IDENTITY_FILE, StateDir, latest_accuracy, load_identity
+from fedprune.coordinator.state import IDENTITY_FILE, StateDir, load_identity
 from fedprune.common.bundle import Bundle, EnrollmentError, save_bundle
 from fedprune.common.configkit import ConfigError
 from fedprune.common.fsutil import atomic_write
@@ -138,36 +137,3 @@ def _revoke_on_broker(broker: BrokerSection, device_id: str) -> Revocation:
         if why:
             raise ConfigError(f"{failed}[broker] reload_command {broker.reload_command!r} {why}{again}")
     return Revocation(device_id, broker.password_file, removed, broker.reload_command)
-
-
-def status_report(config: CoordinatorConfig, as_json: bool = False) -> str:
-    state = StateDir(config.state.dir)
-    checkpoint = state.load_latest_checkpoint()
-    registry = RegistryStore(state.root).read(config.rounds.heartbeat_timeout_s)
-    report = {
-        "federation": config.federation.id,
-        "completed_rounds": checkpoint["round"] if checkpoint else 0,
-        "total_rounds": config.rounds.total,
-        "mask_version": checkpoint["mask_version"] if checkpoint else None,
-        "last_accuracy": latest_accuracy(checkpoint),
-        "devices": [
-            {"id": r.device_id, "revoked": r.revoked, "examples": r.n_examples, "last_seen": r.last_seen,
-             "quality": (checkpoint or {}).get("quality", {}).get(r.device_id), "last_decline": r.last_decline}
-            for r in registry.devices()
-        ],
-    }
-    if as_json:
-        return json.dumps(report, indent=2)
-    lines = [
-        f"federation {report['federation']}: {report['completed_rounds']}/{report['total_rounds']} rounds, "
-        f"mask version {report['mask_version']}, last accuracy "
-        + (f"{report['last_accuracy']:.4f}" if report["last_accuracy"] is not None else "n/a"),
-        f"{'device':<20} {'examples':>8} {'quality':>8}  {'state':<8}  last decline",
-    ]
-    for d in report["devices"]:
-        quality = f"{d['quality']:.3f}" if d["quality"] is not None else "-"
-        declined = d["last_decline"]
-        last = f"round {declined['round']}: {declined['reason']}" if declined else "-"
-        lines.append(f"{d['id']:<20} {d['examples']:>8} {quality:>8}  "
-                     f"{'revoked' if d['revoked'] else 'enrolled':<8}  {last}")
-    return "\n".join(lines)

@@ -29,6 +29,7 @@ import msgpack
 
 from fedprune.coordinator.core.registry import Registry, split_legacy
 from fedprune.coordinator.state import StateError, dumps, loads
+from fedprune.common.events import emit
 from fedprune.common.fsutil import atomic_write
 
 log = logging.getLogger("fedprune.coordinator")
@@ -138,5 +139,5 @@ class RegistryStore:
         if not self.presence_path.exists():
             self._replace(self.presence_path, presence)
         self.legacy_path.unlink()
-        log.info("event=registry_migrated from=%s to=%s,%s devices=%d", self.legacy_path.name,
-                 self.allow_list_path.name, self.presence_path.name, len(allow_list["devices"]))
+        emit(log, logging.INFO, "registry_migrated", source=self.legacy_path.name,
+             to=[self.allow_list_path.name, self.presence_path.name], devices=len(allow_list["devices"]))

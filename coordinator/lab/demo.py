@@ -40,6 +40,17 @@ def watch(federation: LocalFederation, rounds: int, timeout_s: float) -> list[di
     return history
 
 
+def status_page(federation: LocalFederation, wait_s: float = 10.0) -> str:
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return federation.status_url()
+        except RuntimeError:
+            if time.monotonic() > deadline:
+                return "not up yet (see logs/coordinator.log)"
+            time.sleep(0.1)
+
+
 def report(history: list[dict], noisy: list[str], out: Path) -> None:
     print("\nround  accuracy  updates  bytes in (cum.)  bytes out (cum.)")
     for h in history:
@@ -98,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     federation.prepare()
     try:
         federation.start()
+        print(f"  live status page: {status_page(federation)} (open it while the rounds run)")
         history = watch(federation, args.rounds, args.timeout)
         if len(history) == args.rounds:
             federation.wait_for_release(1, timeout=60)

@@ -207,8 +207,12 @@ class LocalFederation:
         path = self.root / "logs" / f"{name}.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
-    def metrics_text(self) -> str:
-        match = re.findall(r"event=metrics_listening url=(\S+)", self.log("coordinator"))
+    def status_url(self) -> str:
+        """The coordinator's status page (``/metrics`` and ``/status.json`` lie beside it)."""
+        match = re.findall(r"event=status_page_listening url=(\S+)", self.log("coordinator"))
         if not match:
-            raise RuntimeError("the coordinator has not logged its metrics endpoint yet")
-        return urllib.request.urlopen(match[-1], timeout=5).read().decode()
+            raise RuntimeError("the coordinator has not logged its status page yet")
+        return match[-1]
+
+    def metrics_text(self) -> str:
+        return urllib.request.urlopen(self.status_url() + "metrics", timeout=5).read().decode()

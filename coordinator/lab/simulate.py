@@ -285,47 +285,14 @@ def write_outputs(result: SimulationResult, out_dir: str | Path) -> list[Path]:
 
 
 def plot_result(result: SimulationResult, out: Path) -> list[Path]:
-    import matplotlib
+    """The three PNGs of ``fedprune.coordinator.plots``, the noisy and hostile clients flagged
+    (the simulation made them so)."""
+    from fedprune.coordinator.plots import write_plots
 
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    name = result.config["name"]
-    evald = [r for r in result.rounds if "accuracy" in r]
-    rounds = [r["round"] for r in evald]
-    acc = [100 * r["accuracy"] for r in evald]
-    paths = []
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot(rounds, acc)
-    ax.set(xlabel="round", ylabel="test accuracy (%)", title=name)
-    ax.grid(alpha=0.3)
-    paths.append(out / "accuracy_vs_round.png")
-    fig.tight_layout(); fig.savefig(paths[-1], dpi=110); plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot([r["cum_uplink_bytes"] / 1e6 for r in evald], acc)
-    ax.set(xlabel="cumulative uplink (MB, all clients)", ylabel="test accuracy (%)", title=name)
-    ax.grid(alpha=0.3)
-    paths.append(out / "accuracy_vs_uplink.png")
-    fig.tight_layout(); fig.savefig(paths[-1], dpi=110); plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    noisy = set(result.noisy_clients)
-    traces: dict[str, list[tuple[int, float]]] = {}
-    for rec in result.rounds:
-        for cid, s in rec["scores"].items():
-            traces.setdefault(cid, []).append((rec["round"], s["r"]))
-    for cid, pts in sorted(traces.items()):
-        xs, ys = zip(*pts)
-        ax.plot(xs, ys, color="tab:red" if cid in noisy else "tab:blue", alpha=0.6, lw=1)
-    ax.plot([], [], color="tab:blue", label="clean")
-    ax.plot([], [], color="tab:red", label="noisy")
-    ax.set(xlabel="round", ylabel="importance r_n", title=name)
-    ax.legend()
-    ax.grid(alpha=0.3)
-    paths.append(out / "importance_vs_round.png")
-    fig.tight_layout(); fig.savefig(paths[-1], dpi=110); plt.close(fig)
-    return paths
+    return write_plots(result.rounds, out, flagged=set(result.noisy_clients) | set(result.attackers),
+                       title=result.config["name"], uplink_key="cum_uplink_bytes",
+                       uplink_label="cumulative uplink (MB, all clients)",
+                       flagged_label="noisy or hostile" if result.attackers else "noisy", others_label="clean")
 
 
 def main(config_path: str | Path, out_dir: str | Path | None = None, progress: bool = True,

@@ -72,7 +72,7 @@ def test_simulate_refuses_the_model_with_the_same_rule(tmp_path: Path) -> None:
 
 def test_a_taken_metrics_port_stops_run_naming_the_key(config: Path, taken_port: int) -> None:
     assert_user_error(coordinator("run", "--config", config, "--set", f"metrics.port={taken_port}"),
-                      f"[metrics] port {taken_port}: cannot listen on 127.0.0.1:{taken_port}", "-1 to turn /metrics off")
+                      f"[metrics] port {taken_port}: cannot listen on 127.0.0.1:{taken_port}", "-1 to turn it off")
 
 
 def test_a_taken_embedded_broker_port_stops_run_naming_the_key(config: Path, taken_port: int) -> None:

@@ -4,6 +4,7 @@ previous checkpoint, is counted, and is retried; nothing here needs a broker."""
 from __future__ import annotations
 
 import errno
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -130,6 +131,7 @@ def test_gated_updates_are_counted_logged_and_trust_survives_a_restart(tmp_path:
     """Colluding twins are left out by the sybil rule, counted per device and rule; the
     direction trust is checkpointed with the round and restored by a restarted daemon."""
     clock = Clock()
+    caplog.set_level(logging.INFO, logger="fedprune.coordinator")
     d = daemon(tmp_path, clock, strategy={"direction_gate": "memory"})
     devices = [f"pi-{i}" for i in range(6)]
     d.plan = d.strategy.plan_round(d.state, devices, d.rng)

@@ -4,7 +4,7 @@ selection until it registers again, and shows the reason in ``status`` and ``/me
 
 from __future__ import annotations
 
-from fedprune.coordinator.fleet.enrollment import status_report
+from fedprune.coordinator.status import status_report
 from fedprune.protocol.messages import Register, State, Status
 from tests.fuzz.daemon_target import DEADLINE_S, DaemonWorld
 
@@ -49,7 +49,7 @@ def test_a_data_mismatch_is_counted_once_per_round_and_keeps_the_device_out_unti
 
     d._save_registry(world.clock.now)
     report = status_report(d.config)
-    assert "dev-0" in report and f"round 2: {MISMATCH}" in report
+    assert "dev-0" in report and f"round 2 declined: {MISMATCH}" in report
 
     register(world, "dev-0")  # restarted, perhaps with other data
     assert d.unfit == {} and d.metrics.value("devices_excluded", reason="data_mismatch") == 0

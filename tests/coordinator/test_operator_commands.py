@@ -48,7 +48,7 @@ def test_init_enroll_revoke_status_and_export(tmp_path: Path) -> None:
     cli("revoke", "pi-2", "--config", config)
     report = json.loads(cli("status", "--config", config, "--json").stdout)
     assert report["federation"] == "plant-7" and report["completed_rounds"] == 0
-    assert {(d["id"], d["revoked"]) for d in report["devices"]} == {("pi-1", False), ("pi-2", True)}
+    assert {(d["device"], d["state"] == "revoked") for d in report["devices"]} == {("pi-1", False), ("pi-2", True)}
     assert "pi-1" in cli("status", "--config", config).stdout
 
     CoordinatorDaemon(load_config(config, env={}))  # writes the round-0 checkpoint, touches no broker

@@ -177,7 +177,7 @@ def test_revoke_takes_the_device_out_of_the_broker_password_file_and_runs_the_re
     out = capsys.readouterr().out
     assert "revoked dev-1" in out and f"user dev-1 removed from {passwd}" in out and "reloaded (touch" in out
     assert run_cli("status", "--config", config_path, "--json") == 0
-    assert '"revoked": true' in capsys.readouterr().out
+    assert '"state": "revoked"' in capsys.readouterr().out
 
 
 def test_a_broker_step_that_fails_exits_78_naming_the_key_and_the_device_stays_revoked(

@@ -160,15 +160,16 @@ def test_status_shows_release_budget_and_recent_rounds(tmp_path: Path, capsys) -
     assert [(p["federation"], p["rounds"]) for p in report["privacy"]] == [(FED, 1)]
     assert report["privacy"][0]["epsilon_spent"] > 0
     assert report["recent_rounds"] == [{"federation": FED, "round": 2, "messages": {"status": 1, "update": 1},
-                                        "bytes": 840, "last_sent": 2.0}]
+                                        "bytes": 840, "last_sent": "1970-01-01T00:00:02.000Z"}]
 
     config = write_toml(tmp_path / "agent.toml", {"agent": {"state_dir": str(state)}})
     with pytest.raises(SystemExit) as done:
         agent_main(["status", "--config", str(config)])
     assert done.value.code == 0
     printed = capsys.readouterr().out
-    assert "model release: none yet" in printed
-    assert re.search(r"privacy \[fed1\]: epsilon \d+\.\d{3} of 100 spent over 1 rounds", printed)
+    assert "model release:   none yet" in printed
+    assert re.search(r"privacy budget \[fed1\]: epsilon \d+\.\d{3} left of 100; \d+\.\d{3} spent over 1 round ",
+                     printed), printed
 
 
 # ---- a federation ---------------------------------------------------------------------------------
@@ -213,7 +214,9 @@ def test_hot_and_out_of_budget_devices_decline_and_the_coordinator_counts_why(tm
     assert "event=privatized round=1" in fed.log("pi-dp")
     ledger = json.loads(ledger_path(tmp_path / "devices" / "pi-dp" / "state", FED).read_text())
     assert ledger["rounds"] == 1
-    assert "event=governance_decline reason=too_hot temperature_c=90.0" in fed.log("pi-hot")
+    assert "event=governance_decline reason=too_hot temperature_c=90 " in fed.log("pi-hot")
+    declines = device_status(tmp_path / "devices" / "pi-hot" / "state")["declines"]  # what its owner sees
+    assert {d["reason"] for d in declines} == {"too_hot"} and {1, 2, 3} <= {d["round"] for d in declines}
 
 
 def declined(metrics: str, reason: str) -> int:

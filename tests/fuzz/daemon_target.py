@@ -30,7 +30,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -60,11 +59,12 @@ INTRUDER = "dev-x"
 T0 = 1_800_000_000.0
 DEADLINE_S = 30.0
 REBUILD_EVERY = 500  # inputs: bounds the run's history and disk use, and re-tests startup/resume
-QUIET_REASONS = ("duplicate", "duplicate_transfer")
+# Counted only (DEBUG): a resent update or chunk, and an update for a round that already closed.
+QUIET_REASONS = ("duplicate", "duplicate_transfer", "wrong_round")
 REASONS = {*REJECT_REASONS, "duplicate_transfer"} | {
     c.reason for c in vars(errors).values() if isinstance(c, type) and issubclass(c, ProtocolError) and c.reason}
 MAX_OPS = 8
-_REJECTION_LINE = re.compile(r"event=(?:rejected|update_rejected) .*?reason=(\S+)")
+_REJECTION_EVENTS = ("message_rejected", "update_rejected")
 
 
 class Clock:
@@ -76,14 +76,15 @@ class Clock:
 
 
 class _Capture(logging.Handler):
+    """The reasons of the rejections logged at INFO or above (what an operator's log shows)."""
+
     def __init__(self) -> None:
-        super().__init__(logging.WARNING)
+        super().__init__(logging.INFO)
         self.reasons: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        match = _REJECTION_LINE.search(record.getMessage())
-        if match:
-            self.reasons.append(match.group(1))
+        if getattr(record, "event", None) in _REJECTION_EVENTS:
+            self.reasons.append(record.fields["reason"])
 
 
 def _scratch_root() -> Path:
@@ -130,13 +131,18 @@ class DaemonWorld:
         self.trainable = self.daemon.layout.subset(s.name for s in self.daemon.layout.trainable)
         self.delivered: list[Publication] = []
         self.capture = _Capture()
-        logging.getLogger("fedprune.coordinator").addHandler(self.capture)
+        logger = logging.getLogger("fedprune.coordinator")
+        self._level = logger.level
+        logger.setLevel(logging.INFO)  # as the command line runs it
+        logger.addHandler(self.capture)
         self.inputs = 0
         self.closes = 0
         self._deltas: dict[tuple, SparseParams] = {}
 
     def close(self) -> None:
-        logging.getLogger("fedprune.coordinator").removeHandler(self.capture)
+        logger = logging.getLogger("fedprune.coordinator")
+        logger.removeHandler(self.capture)
+        logger.setLevel(self._level)
         shutil.rmtree(self.root, ignore_errors=True)
 
     # ---- building publications -----------------------------------------------------------------

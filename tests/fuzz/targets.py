@@ -18,7 +18,7 @@ import hashlib
 import math
 import struct
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence
 
 import msgpack
@@ -116,7 +116,8 @@ def _world() -> dict[str, Any]:
         Kind.UPDATE: [codec.encode_body(update(rng, t), value_dtype=d) for d in ValueDtype]
         + [codec.encode_body(update(rng, t, new_masks=changed), base_masks=t.masks)],
         Kind.REGISTER: [codec.encode_body(register())],
-        Kind.STATUS: [codec.encode_body(status())],
+        Kind.STATUS: [codec.encode_body(status()),
+                      codec.encode_body(replace(status(), release=3, epsilon_left=0.75))],
         Kind.RELEASE: [codec.encode_body(release())],
         Kind.REJECT: [codec.encode_body(reject())],
     }
@@ -125,7 +126,8 @@ def _world() -> dict[str, Any]:
 
 def codec_target() -> Target:
     """decode_body: byte 0 picks the kind, byte 1 the schema minor (0 up to one newer than this
-    build's); the rest is the body. Seeds: every kind at this minor, and tasks of 1.2 and 1.0."""
+    build's); the rest is the body. Seeds: every kind at this minor, tasks of 1.2 and 1.0, and a
+    status of 1.3 (without the release and epsilon left that 1.4 added)."""
     w = _world()
     kinds = list(Kind)
     notes: dict[str, int] = {}
@@ -147,6 +149,8 @@ def codec_target() -> Target:
     task_1_2 = task_body_at_minor_2(w["task"])  # with the class-loss medians 1.3 removed
     task_1_0 = rewrite_meta(task_1_2, lambda meta: meta["hp"].pop("max_sparse_lr_factor"))
     seeds += [bytes([kinds.index(Kind.TASK), 2]) + task_1_2, bytes([kinds.index(Kind.TASK), 0]) + task_1_0]
+    status_1_3 = rewrite_meta(w["bodies"][Kind.STATUS][1], lambda meta: [meta.pop("rel"), meta.pop("eps")])
+    seeds.append(bytes([kinds.index(Kind.STATUS), 3]) + status_1_3)
     return Target("codec", run, seeds, notes=notes, structure=framed(prefix=2))
 
 

@@ -17,7 +17,7 @@ DECODERS = ["codec", "sparse_values", "masks", "envelope", "chunk", "reassembler
 @pytest.mark.parametrize("name", DECODERS)
 def test_every_seed_is_accepted(name: str) -> None:
     """The unmutated seeds are valid inputs (every message kind decodes at this build's minor, a
-    1.2 and a 1.0 task at theirs), so the mutations start from the paths that accept."""
+    1.2 and a 1.0 task and a 1.3 status at theirs), so the mutations start from the paths that accept."""
     target = all_targets()[name]()
     try:
         for seed in target.seeds:

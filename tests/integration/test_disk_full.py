@@ -96,7 +96,7 @@ def test_a_full_disk_keeps_the_last_checkpoint_counts_retries_and_recovers(small
     assert codes["coordinator"] == 0
     assert StateDir(small_disk).load_latest_checkpoint()["round"] == ROUNDS
     log = fed.log("coordinator")
-    assert re.search(r"event=checkpoint_failed round=\d+ error=OSError\(28, 'No space left on device'\)", log), log[-2000:]
+    assert re.search(r"event=checkpoint_failed round=\d+ error=\"OSError\(28, 'No space left on device'\)\"", log), log[-2000:]
 
 
 def test_a_device_registering_while_the_disk_is_full_does_not_stop_the_coordinator(small_disk: Path) -> None:

@@ -58,21 +58,21 @@ def test_devices_whose_data_does_not_fit_decline_once_per_round_and_do_not_hold_
     assert metric(metrics, "devices_online") == 3
     coordinator_log = fed.log("coordinator")
     assert "event=round_open round=2" not in coordinator_log  # min_devices 3 counts only devices that fit
-    assert "event=device_excluded device=pi-wide reason=data_mismatch detail=13 features, model expects 64" \
+    assert 'event=device_excluded device=pi-wide reason=data_mismatch detail="13 features, model expects 64"' \
         in coordinator_log
-    assert "event=device_excluded device=pi-labels reason=data_mismatch detail=labels 10, 99 outside 0..9" \
+    assert 'event=device_excluded device=pi-labels reason=data_mismatch detail="labels 10, 99 outside 0..9"' \
         in coordinator_log
     for name, detail in (("pi-wide", "13 features, model expects 64"), ("pi-labels", "labels 10, 99 outside 0..9")):
         log = fed.log(name)
-        assert log.count("event=data_mismatch ") == 1 and f"detail={detail} " in log
-        assert f"event=round_declined round=1 reason=data_mismatch: {detail}" in log
+        assert log.count("event=data_mismatch ") == 1 and f'detail="{detail}" ' in log  # logfmt quotes spaces
+        assert f'event=round_declined round=1 reason="data_mismatch: {detail}"' in log
         assert "event=training_failed" not in log and "Traceback" not in log
     assert codes == {"coordinator": 0, "pi-ok": 0, "pi-wide": 0, "pi-labels": 0}
 
     status = subprocess.run([str(BIN / "fedprune-coordinator"), "status", "--config", str(fed.config_path)],
                             capture_output=True, text=True, check=True).stdout
-    assert re.search(r"pi-wide .* round 1: data_mismatch: 13 features, model expects 64", status), status
-    assert re.search(r"pi-labels .* round 1: data_mismatch: labels 10, 99 outside 0\.\.9", status), status
+    assert re.search(r"pi-wide .* round 1 declined: data_mismatch: 13 features, model expects 64", status), status
+    assert re.search(r"pi-labels .* round 1 declined: data_mismatch: labels 10, 99 outside 0\.\.9", status), status
 
 
 def test_a_login_the_broker_refuses_on_first_connect_is_final(tmp_path: Path, mosquitto) -> None:

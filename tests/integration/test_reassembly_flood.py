@@ -81,7 +81,6 @@ def test_a_flooding_device_keeps_to_its_share_and_an_honest_update_still_arrives
         coordinator.tick()
         assert reassembler.buffered_bytes == 0 and len(reassembler) == 0
         assert metrics.value("reassembly_dropped_total", reason="age") == 4
-        assert 'fedprune_reassembly_dropped_total{reason="age"} 4' in metrics.render()
     finally:
         honest_link.close()
         hostile.close()

@@ -89,7 +89,7 @@ def cli(*args: object) -> subprocess.CompletedProcess:
 def status(fed: LocalFederation) -> dict[str, bool]:
     result = cli("status", "--config", fed.config_path, "--json")
     assert result.returncode == 0, result.stderr
-    return {d["id"]: d["revoked"] for d in json.loads(result.stdout)["devices"]}
+    return {d["device"]: d["state"] == "revoked" for d in json.loads(result.stdout)["devices"]}
 
 
 def metric(fed: LocalFederation, name: str, labels: str = "") -> float:
