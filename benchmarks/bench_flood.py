@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.baseline import add_arguments, describe, side_by_side  # noqa: E402
-from fedprune.coordinator.lab.localfed import BrokerAccess, LocalFederation  # noqa: E402
+from fedprune.coordinator.lab.localfed import LocalFederation  # noqa: E402
 from fedprune.common.mqtt import MqttLink  # noqa: E402
 from fedprune.protocol.chunks import DEFAULT_MAX_CHUNK, HEADER_SIZE, split  # noqa: E402
 from fedprune.protocol.topics import update_topic  # noqa: E402
@@ -74,9 +74,7 @@ def flood(link: MqttLink, chunks: int, per_transfer: int) -> float:
 def measure(args: argparse.Namespace) -> dict:
     out = Path(tempfile.mkdtemp(prefix="fedprune-bench-flood-"))
     mosquitto = start_mosquitto(FEDERATION, 2)
-    access = BrokerAccess(url=mosquitto.url, ca_file=mosquitto.ca_file,
-                          coordinator_password=mosquitto.coordinator.password,
-                          device_passwords={c.username: c.password for c in mosquitto.devices})
+    access = mosquitto.access()
     fed = LocalFederation(root=out, broker=access, devices=("dev-0", "dev-1"), rounds=10_000, federation=FEDERATION,
                           partition="iid", settings={"broker": {"username": mosquitto.coordinator.username},
                                                      "rounds": {"min_devices": 1, "quorum": 1, "deadline_s": 30.0}})

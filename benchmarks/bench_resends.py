@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.baseline import add_arguments, describe, side_by_side  # noqa: E402
-from fedprune.coordinator.lab.localfed import BrokerAccess, LocalFederation  # noqa: E402
+from fedprune.coordinator.lab.localfed import LocalFederation  # noqa: E402
 from tests.integration.mosquitto import start_mosquitto  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "resends.json"
@@ -52,9 +52,7 @@ TARGET = 1.05
 
 def federation(out: Path, devices: int, rounds: int, reannounce_s: float, epochs: int, in_subprocess: bool):
     mosquitto = start_mosquitto(FEDERATION, devices)
-    access = BrokerAccess(url=mosquitto.url, ca_file=mosquitto.ca_file,
-                          coordinator_password=mosquitto.coordinator.password,
-                          device_passwords={c.username: c.password for c in mosquitto.devices})
+    access = mosquitto.access()
     fed = LocalFederation(
         root=out, broker=access, devices=tuple(c.username for c in mosquitto.devices), rounds=rounds,
         federation=FEDERATION, partition="iid",

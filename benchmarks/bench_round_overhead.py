@@ -100,9 +100,7 @@ def build(out: Path, devices: int, rounds: int, broker: str, in_subprocess: bool
     settings: dict = {"rounds": {"deadline_s": 120.0, "reannounce_s": 120.0}, "metrics": {"port": -1}}
     if broker == "mosquitto":
         mosquitto = start_mosquitto(FEDERATION, devices)
-        access = BrokerAccess(url=mosquitto.url, ca_file=mosquitto.ca_file,
-                              coordinator_password=mosquitto.coordinator.password,
-                              device_passwords={c.username: c.password for c in mosquitto.devices})
+        access = mosquitto.access()
         names = tuple(c.username for c in mosquitto.devices)
         settings["broker"] = {"username": mosquitto.coordinator.username}
     else:

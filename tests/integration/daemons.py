@@ -12,7 +12,7 @@ import numpy as np
 
 from fedprune.coordinator.config import load_config
 from fedprune.coordinator.daemon import CoordinatorDaemon
-from fedprune.coordinator.lab.localfed import BrokerAccess, LocalFederation
+from fedprune.coordinator.lab.localfed import LocalFederation
 from fedprune.common.bundle import load_bundle
 from fedprune.edge_agent.daemon import AgentDaemon
 from fedprune.protocol.channel import AgentChannel, Publication
@@ -23,8 +23,7 @@ from tests.integration.mosquitto import MosquittoBroker, wait_until
 
 
 def federation(broker: MosquittoBroker, root: Path, **rounds: object) -> LocalFederation:
-    access = BrokerAccess(url=broker.url, ca_file=broker.ca_file, coordinator_password=broker.coordinator.password,
-                          device_passwords={d.username: d.password for d in broker.devices})
+    access = broker.access()
     fed = LocalFederation(root=root, broker=access, devices=tuple(d.username for d in broker.devices),
                           federation=broker.federation, settings={
                               "broker": {"username": broker.coordinator.username}, "metrics": {"port": -1},

@@ -27,6 +27,7 @@ from typing import Any, Callable
 
 from fedprune.coordinator.fleet.broker_config import MosquittoSettings, render_acl, render_mosquitto_conf
 from fedprune.coordinator.fleet.pki import create_ca, issue_server_certificate, write_password_file
+from fedprune.coordinator.lab.localfed import BrokerAccess
 from fedprune.common.fsutil import atomic_write
 from fedprune.common.mqtt import LinkConfig
 
@@ -53,6 +54,11 @@ class MosquittoBroker:
         self.ca_file = directory / "ca.crt"
         self._process: subprocess.Popen[bytes] | None = None
         self._write_files()
+
+    def access(self) -> BrokerAccess:
+        """How a LocalFederation's coordinator and devices log in to this broker."""
+        return BrokerAccess(url=self.url, ca_file=self.ca_file, coordinator_password=self.coordinator.password,
+                            device_passwords={d.username: d.password for d in self.devices})
 
     @property
     def url(self) -> str:

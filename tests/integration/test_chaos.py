@@ -29,7 +29,7 @@ import pytest
 
 from fedprune.coordinator.config import load_config
 from fedprune.coordinator.config import model_spec
-from fedprune.coordinator.lab.localfed import BrokerAccess, LocalFederation
+from fedprune.coordinator.lab.localfed import LocalFederation
 from fedprune.coordinator.state import StateDir
 from fedprune.common.models import model_layout
 from tests.integration.mosquitto import MosquittoBroker, start_mosquitto
@@ -47,8 +47,7 @@ ACCURACY_MARGIN = 0.10
 
 
 def federation_on(broker: MosquittoBroker, root: Path, seed: int) -> LocalFederation:
-    access = BrokerAccess(url=broker.url, ca_file=broker.ca_file, coordinator_password=broker.coordinator.password,
-                          device_passwords={d.username: d.password for d in broker.devices})
+    access = broker.access()
     settings = {"broker": {"username": broker.coordinator.username},
                 "rounds": {"deadline_s": 6.0, "quorum": 3, "min_devices": DEVICES, "on_missed_quorum": "close",
                            "reannounce_s": 1.0, "heartbeat_timeout_s": 15.0}}

@@ -17,7 +17,7 @@ from typing import Iterator
 
 import pytest
 
-from fedprune.coordinator.lab.localfed import BrokerAccess, LocalFederation
+from fedprune.coordinator.lab.localfed import LocalFederation
 from fedprune.coordinator.state import StateDir
 from tests.integration.mosquitto import start_mosquitto, wait_until
 
@@ -65,8 +65,7 @@ def test_a_full_disk_keeps_the_last_checkpoint_counts_retries_and_recovers(small
     if shutil.which("mosquitto") is None:
         pytest.fail("mosquitto is not installed: run scripts/bootstrap.sh --test-tools")
     broker = start_mosquitto(federation="fed1", devices=DEVICES)
-    access = BrokerAccess(url=broker.url, ca_file=broker.ca_file, coordinator_password=broker.coordinator.password,
-                          device_passwords={d.username: d.password for d in broker.devices})
+    access = broker.access()
     fed = LocalFederation(root=small_disk.parent, broker=access, devices=tuple(d.username for d in broker.devices),
                           rounds=ROUNDS, federation=broker.federation,
                           settings={"broker": {"username": broker.coordinator.username},

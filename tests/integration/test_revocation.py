@@ -27,7 +27,7 @@ import pytest
 from fedprune.coordinator.fleet import enrollment
 from fedprune.coordinator.config import CoordinatorConfig
 from fedprune.coordinator.config import model_spec
-from fedprune.coordinator.lab.localfed import BrokerAccess, LocalFederation
+from fedprune.coordinator.lab.localfed import LocalFederation
 from fedprune.coordinator.core.strategy import Strategy
 from fedprune.common.bundle import load_bundle
 from fedprune.common.models import init_params, model_layout
@@ -100,8 +100,7 @@ def metric(fed: LocalFederation, name: str, labels: str = "") -> float:
 def test_a_revoke_reaches_the_live_daemon_within_a_tick_and_survives_its_saves_and_a_restart(
         mosquitto: MosquittoBroker, tmp_path: Path) -> None:
     names = tuple(d.username for d in mosquitto.devices)
-    access = BrokerAccess(url=mosquitto.url, ca_file=mosquitto.ca_file,
-                          coordinator_password=mosquitto.coordinator.password, device_passwords={d.username: d.password for d in mosquitto.devices})
+    access = mosquitto.access()
     fed = LocalFederation(root=tmp_path, broker=access, devices=names, federation=mosquitto.federation, rounds=5,
                           settings={"broker": {"username": mosquitto.coordinator.username},
                                     "rounds": {"min_devices": 3, "quorum": 2, "deadline_s": DEADLINE_S,

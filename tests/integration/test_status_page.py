@@ -20,7 +20,7 @@ from typing import Iterator
 
 import pytest
 
-from fedprune.coordinator.lab.localfed import BIN, BrokerAccess, LocalFederation
+from fedprune.coordinator.lab.localfed import BIN, LocalFederation
 from tests.integration.mosquitto import MosquittoBroker, start_mosquitto
 
 pytestmark = pytest.mark.slow
@@ -73,8 +73,7 @@ def field(page, name: str, scope: str = "") -> str:
 
 def test_the_status_page_shows_a_live_federation_as_status_and_metrics_do(
         broker: MosquittoBroker, browser, tmp_path: Path) -> None:
-    access = BrokerAccess(url=broker.url, ca_file=broker.ca_file, coordinator_password=broker.coordinator.password,
-                          device_passwords={d.username: d.password for d in broker.devices})
+    access = broker.access()
     fed = LocalFederation(root=tmp_path, broker=access, devices=tuple(d.username for d in broker.devices), rounds=5000,
                           federation=broker.federation, noisy=(broker.devices[2].username,), noise_rate=0.8,
                           settings={"broker": {"username": broker.coordinator.username},
