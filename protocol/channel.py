@@ -229,8 +229,10 @@ class AgentChannel(_Channel):
     def subscriptions(self) -> tuple[str, ...]:
         return topics.agent_filters(self.federation, self.device)
 
-    def send(self, msg: Register | Update | Status, now: float) -> list[Publication]:
-        """Seal ``msg`` to the coordinator and chunk it for this device's own topic."""
+    def send(self, msg: Register | Update | Status, now: float, *,
+             value_dtype: ValueDtype | None = None) -> list[Publication]:
+        """Seal ``msg`` to the coordinator and chunk it for this device's own topic; an update's
+        values travel as ``value_dtype`` (the task's ``update_values``), else as the channel's."""
         if not isinstance(msg, (Register, Update, Status)):
             raise TypeError(f"an agent sends Register, Update or Status, not {type(msg).__name__}")
         if msg.device != self.device:
@@ -240,7 +242,7 @@ class AgentChannel(_Channel):
             base = self.masks.get(msg.mask_version)
             if not msg.mask_changed and base is not None and not _same_masks(base, msg.masks):
                 raise ValueError("mask_changed=False but the delta's masks differ from mask_version's masks")
-        return self._seal_and_chunk(msg, now, flags=0, base_masks=base)
+        return self._seal_and_chunk(msg, now, flags=0, base_masks=base, value_dtype=value_dtype)
 
     def last_will(self, now: float, reason: str = "connection lost") -> Publication:
         """A sealed offline Status to register as the MQTT last will at connect time (one chunk).
@@ -253,8 +255,9 @@ class AgentChannel(_Channel):
         return publication
 
     def _seal_and_chunk(self, msg: Message, now: float, *, flags: int, base_masks: Masks | None,
-                        seq: int | None = None) -> list[Publication]:
-        body = codec.encode_body(msg, value_dtype=self.value_dtype, base_masks=base_masks)
+                        seq: int | None = None, value_dtype: ValueDtype | None = None) -> list[Publication]:
+        dtype = self.value_dtype if value_dtype is None else ValueDtype(value_dtype)
+        body = codec.encode_body(msg, value_dtype=dtype, base_masks=base_masks)
         rnd = msg.round if isinstance(msg, (Update, Status)) else self.replay.current_round
         seq = self._next_seq(now) if seq is None else seq
         header = Header(msg.KIND, self.suite, self.federation, self.device, rnd, seq, float(now), flags)
@@ -393,9 +396,11 @@ class CoordinatorChannel(_Channel):
         (chunk,) = self._chunks(sign_envelope(header, codec.encode_body(grant), self.identity), seq)
         return Retained(topics.inbox_topic(self.federation, device), chunk)
 
-    def send(self, msg: RoundTask | ModelRelease | Reject, now: float) -> list[Publication]:
+    def send(self, msg: RoundTask | ModelRelease | Reject, now: float, *,
+             value_dtype: ValueDtype | None = None) -> list[Publication]:
         """Encrypt a task or release under the federation key and sign it (a reject: sign only),
-        then chunk it. A RoundTask also opens its round for replay checks."""
+        then chunk it. A RoundTask also opens its round for replay checks; its weights travel as
+        ``value_dtype``, else as the channel's."""
         if isinstance(msg, (RoundTask, ModelRelease)) and self.group_key is None:
             raise ValueError("no federation key yet: rekey(members) before sending a task or release")
         if isinstance(msg, RoundTask):
@@ -413,7 +418,7 @@ class CoordinatorChannel(_Channel):
             rnd = self.replay.current_round
         else:
             raise TypeError(f"a coordinator sends RoundTask, ModelRelease or Reject, not {type(msg).__name__}")
-        body = codec.encode_body(msg, value_dtype=self.value_dtype)
+        body = codec.encode_body(msg, value_dtype=self.value_dtype if value_dtype is None else ValueDtype(value_dtype))
         seq = self._next_seq(now)
         if isinstance(msg, Reject):
             header = Header(msg.KIND, Suite.SIGNED_ED25519, self.federation, COORDINATOR, rnd, seq, float(now))

@@ -56,6 +56,9 @@ _TASK_KEYS = frozenset({"fed", "round", "mv", "model", "lfp", "masks", "w", "hp"
 # them out and the field reads None; from that minor on the key is required (nil when unset).
 _STATUS_KEYS = frozenset({"dev", "state", "round", "reason", "time"})
 _STATUS_SINCE_MINOR = {"rel": 4, "eps": 4}
+# Task keys added after minor 4, by the minor that added them, with what a sender of an older
+# minor meant: float32 updates (it knew no other), error feedback on (moot for float32), full weights.
+_TASK_SINCE_MINOR = {"uv": (5, int(ValueDtype.FLOAT32)), "ef": (5, True), "base": (5, None)}
 # Task keys without a field since a minor, still written (empty) and required, never read: a 1.2
 # agent requires them in every task. Dropped at the next major.
 _TASK_VESTIGES = {"clm": None}  # class-loss medians: never set, never read; no field since 1.3
@@ -81,6 +84,7 @@ def encode_body(msg: Message, *, value_dtype: ValueDtype = ValueDtype.FLOAT32, b
             "w": msg.weights.to_wire(value_dtype, tail),
             "hp": {k: _HP_TYPES[k](v) for k, v in msg.hyper.to_dict().items()},
             "deadline": msg.deadline, "sel": list(msg.selected), **_TASK_VESTIGES,
+            "uv": int(msg.update_values), "ef": msg.error_feedback, "base": msg.base_round,
         }
     elif isinstance(msg, Update):
         obj = {
@@ -182,8 +186,12 @@ def _layout_checked(
 def _task(
     obj: Any, minor: int, limits: Limits, layout_for: LayoutFor | None, store: MaskStore, tail: TailReader
 ) -> RoundTask:
-    keys = _TASK_KEYS | _TASK_VESTIGES.keys()
+    since = {k: default for k, (first, default) in _TASK_SINCE_MINOR.items() if first <= minor}
+    keys = _TASK_KEYS | _TASK_VESTIGES.keys() | since.keys()
     m = as_map(obj, "task", keys, lenient=minor > MINOR)
+    uv, ef, base = (m[k] if k in since else default for k, (_, default) in _TASK_SINCE_MINOR.items())
+    if type(ef) is not bool:
+        raise fail("task ef", "bool", ef)
     name, shape, ncls = as_list(m["model"], "model", 3, length=3)
     model = construct("model", lambda: ModelRef(
         as_str(name, "model name", 64),
@@ -209,6 +217,8 @@ def _task(
         federation=as_str(m["fed"], "federation", 64), round=as_int(m["round"], "round", 0, 2**32 - 1),
         mask_version=mv, model=model, weights=weights, hyper=HyperParams(**hp),
         deadline=as_float(m["deadline"], "deadline"), selected=selected, include_masks=included,
+        update_values=ValueDtype(as_int(uv, "update values", 0, len(ValueDtype) - 1)), error_feedback=ef,
+        base_round=None if base is None else as_int(base, "base round", 0, 2**32 - 1),
     ))
 
 

@@ -23,7 +23,7 @@ import numpy as np
 from fedprune.protocol.crypto import KEY_ID_LEN, KEY_LEN, SEAL_OVERHEAD
 from fedprune.protocol.hyperparams import HyperParams
 from fedprune.protocol.layout import ModelLayout
-from fedprune.protocol.sparse import Masks, Params, SparseParams
+from fedprune.protocol.sparse import Masks, Params, SparseParams, ValueDtype
 from fedprune.protocol.topics import validate_id
 
 U32 = 2**32 - 1
@@ -135,6 +135,12 @@ class RoundTask:
     ``weights`` covers every tensor of the model layout. ``include_masks=False`` omits the mask
     on the wire when every selected device already holds ``mask_version``; a receiver fills it
     in from its cache.
+
+    Since 1.5: ``update_values``, how the devices' update values travel (one encoding for the
+    whole federation), and ``error_feedback``, whether a device keeps what that encoding rounded
+    off and adds it to its next update; ``base_round``, when set, makes ``weights`` the change
+    since the weights of that round's task (zero where this task's mask is off): a device adds it
+    to what it holds of that task. A 1.4 sender's task reads float32, feedback on, full weights.
     """
 
     KIND: ClassVar[Kind] = Kind.TASK
@@ -147,6 +153,9 @@ class RoundTask:
     deadline: float
     selected: tuple[str, ...]
     include_masks: bool = True
+    update_values: ValueDtype = ValueDtype.FLOAT32
+    error_feedback: bool = True
+    base_round: int | None = None
 
     def __post_init__(self) -> None:
         validate_id(self.federation, "federation")
@@ -165,6 +174,12 @@ class RoundTask:
             validate_id(device, "selected device")
         if type(self.include_masks) is not bool:
             raise TypeError("include_masks must be a bool")
+        if not isinstance(self.update_values, ValueDtype):
+            raise TypeError("update_values must be a ValueDtype")
+        if type(self.error_feedback) is not bool:
+            raise TypeError("error_feedback must be a bool")
+        if self.base_round is not None:
+            _int(self.base_round, "base_round", 0, self.round - 1)
 
     @property
     def layout(self) -> ModelLayout:
@@ -276,6 +291,11 @@ class ModelRelease:
     @classmethod
     def of(cls, version: int, onnx: bytes, metadata: dict[str, str | int | float] | None = None) -> "ModelRelease":
         return cls(version, hashlib.sha256(onnx).hexdigest(), dict(metadata or {}), onnx)
+
+
+# A Status(DECLINED) reason the coordinator acts on: the device does not hold the weights of the
+# task a change was sent against (RoundTask.base_round); the re-announcement sends it full weights.
+MISSING_BASE = "missing_base"
 
 
 @dataclass(frozen=True)

@@ -29,21 +29,12 @@ import numpy as np
 
 from fedprune.protocol.errors import DecodeError, UnknownMask
 from fedprune.protocol.layout import ModelLayout, TensorSpec
+from fedprune.protocol.quantise import F16_MAX, Masks, Params, ValueDtype, int8_scaled
 from fedprune.protocol.wire import (
     DEFAULT_LIMITS, Limits, TailReader, TailWriter, as_bytes, as_float, as_int, as_list, fail, frame, pack, unframe, unpack,
 )
 
-Params = dict[str, np.ndarray]
-Masks = dict[str, np.ndarray]
-
-F16_MAX = float(np.finfo(np.float16).max)
 F32_MAX = float(np.finfo(np.float32).max)
-
-
-class ValueDtype(enum.IntEnum):
-    FLOAT32 = 0
-    FLOAT16 = 1
-    INT8 = 2
 
 
 class MaskCode(enum.IntEnum):
@@ -195,11 +186,7 @@ def values_to_wire(values: np.ndarray, dtype: ValueDtype, tail: TailWriter) -> l
         if overflow.any():
             raise ValueError(f"values up to {float(np.abs(v[overflow]).max()):.3g} overflow float16 (max {F16_MAX})")
         return [code, tail.add(half.tobytes())]
-    if not np.isfinite(v).all():
-        raise ValueError("int8 values must be finite")
-    peak = float(np.abs(v).max()) if v.size else 0.0
-    scale = float(np.float32(peak / 127.0))
-    q = np.zeros(v.shape, np.int8) if scale == 0.0 else np.clip(np.rint(v / np.float32(scale)), -127, 127).astype(np.int8)
+    scale, q = int8_scaled(v)
     return [code, scale, tail.add(q.tobytes())]
 
 

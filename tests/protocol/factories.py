@@ -82,10 +82,15 @@ def rewrite_meta(body: bytes | memoryview, edit: Callable[[dict], object]) -> by
     return join_body(meta, tail)
 
 
+def task_body_at_minor_4(t: RoundTask) -> bytes:
+    """``t`` as a 1.3 or 1.4 coordinator encoded it: without the keys ``uv``, ``ef`` and ``base``."""
+    return rewrite_meta(codec.encode_body(t), lambda meta: (meta.pop("uv"), meta.pop("ef"), meta.pop("base")))
+
+
 def task_body_at_minor_2(t: RoundTask) -> bytes:
     """``t`` as a 1.1 or 1.2 coordinator encoded it: with the class-loss medians key ``clm``
     (a 1.0 one also left out ``hp``'s ``max_sparse_lr_factor``)."""
-    return rewrite_meta(codec.encode_body(t), lambda meta: meta.__setitem__("clm", [[0, 1.5], [2, 0.25]]))
+    return rewrite_meta(task_body_at_minor_4(t), lambda meta: meta.__setitem__("clm", [[0, 1.5], [2, 0.25]]))
 
 
 def task_world(rng: np.random.Generator) -> tuple[RoundTask, MaskStore, Masks]:

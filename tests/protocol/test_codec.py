@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -9,7 +11,7 @@ from fedprune.protocol.sparse import MaskStore, ValueDtype
 from fedprune.protocol.wire import Limits, TailWriter, as_map, frame
 from tests.protocol.factories import (
     FED, LAYOUT, MODEL, T0, assert_sparse_equal, register, release, reject, rewrite_meta, status, task,
-    split_body, task_body_at_minor_2, update,
+    split_body, task_body_at_minor_2, task_body_at_minor_4, update,
 )
 
 
@@ -113,13 +115,28 @@ def test_a_minor_0_task_without_the_sparse_lr_factor_means_the_plain_rule(rng):
         decode_task_at(0, task_body_at_minor_2(t))
 
 
+def test_a_task_names_the_update_encoding_and_its_base_and_a_minor_4_task_means_float32_full(rng):
+    t = replace(task(rng), update_values=ValueDtype.INT8, error_feedback=False, base_round=2)
+    got = decode_task_at(MINOR, codec.encode_body(t))
+    assert (got.update_values, got.error_feedback, got.base_round) == (ValueDtype.INT8, False, 2)
+    old = decode_task_at(4, task_body_at_minor_4(t))
+    assert (old.update_values, old.error_feedback, old.base_round) == (ValueDtype.FLOAT32, True, None)
+    with pytest.raises(DecodeError, match=r"missing keys \['base', 'ef', 'uv'\]"):
+        decode_task_at(MINOR, task_body_at_minor_4(t))
+    with pytest.raises(DecodeError, match="update values"):
+        decode_task_at(MINOR, rewrite_meta(codec.encode_body(t), lambda meta: meta.__setitem__("uv", 7)))
+    with pytest.raises(DecodeError, match="task ef"):
+        decode_task_at(MINOR, rewrite_meta(codec.encode_body(t), lambda meta: meta.__setitem__("ef", 1)))
+
+
 def test_the_class_loss_medians_key_stays_on_the_wire_empty_and_is_never_read(rng):
     """RoundTask lost the field in 1.3; 1.2 agents require the key, so it is written nil until the next major."""
     t = task(rng)
     body = codec.encode_body(t)
     assert split_body(body)[0]["clm"] is None
-    legacy = task_body_at_minor_2(t)  # clm = [[0, 1.5], [2, 0.25]]
-    for minor in (1, 2, MINOR, MINOR + 1):
+    with_medians = rewrite_meta(body, lambda meta: meta.__setitem__("clm", [[0, 1.5], [2, 0.25]]))
+    for minor, legacy in ((1, task_body_at_minor_2(t)), (2, task_body_at_minor_2(t)), (MINOR, with_medians),
+                          (MINOR + 1, with_medians)):
         got = decode_task_at(minor, legacy)
         assert_sparse_equal(got.weights, t.weights)
         assert (got.deadline, got.selected) == (t.deadline, t.selected)

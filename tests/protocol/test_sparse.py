@@ -9,6 +9,7 @@ from fedprune.protocol.sparse import (
     MaskCode, MaskStore, SparseParams, ValueDtype, decode_masks, decode_values, encode_masks, encode_values,
     mask_from_wire, mask_to_wire, masks_from_wire, masks_to_wire, values_from_wire, values_to_wire,
 )
+from fedprune.protocol.quantise import quantise
 from fedprune.protocol.wire import DEFAULT_LIMITS, TailReader, TailWriter, pack, unpack
 
 shapes = hnp.array_shapes(min_dims=1, max_dims=3, min_side=1, max_side=40)
@@ -114,6 +115,24 @@ def test_int8_error_is_within_half_a_step_of_the_per_tensor_scale(v):
     entry, out = _values_round_trip(v, ValueDtype.INT8)
     scale = entry[1]
     assert (np.abs(out.astype(np.float64) - v) <= scale * (0.5 + 1e-5) + 1e-30).all()
+
+
+@given(v=hnp.arrays(np.float32, st.integers(0, 200), elements=st.floats(-2.0**60, 2.0**60, width=32)),
+       dtype=st.sampled_from(ValueDtype))
+def test_quantise_is_what_the_receiver_decodes_and_survives_a_second_send(v, dtype):
+    """The sender's error feedback keeps v - quantise(v): exact only if quantise is the decode."""
+    q = quantise(v, dtype)
+    assert q.dtype == np.float32 and q.shape == (v.size,)
+    if dtype != ValueDtype.FLOAT16 or np.all(np.abs(v) <= 65504):
+        _, decoded = _values_round_trip(v, dtype)
+        np.testing.assert_array_equal(q, decoded.astype(np.float32))
+    _, again = _values_round_trip(q, dtype)  # the agent sends the quantised values as the task asks
+    np.testing.assert_array_equal(again.astype(np.float32), q)  # bit for bit: both sides hold the same
+
+
+def test_float16_quantise_saturates_where_sending_would_refuse():
+    np.testing.assert_array_equal(quantise(np.array([1e6, -1e6, 1.0], np.float32), ValueDtype.FLOAT16),
+                                  np.array([65504, -65504, 1.0], np.float32))
 
 
 def test_lossy_dtypes_refuse_values_they_cannot_represent():

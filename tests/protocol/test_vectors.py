@@ -7,9 +7,11 @@ minor's group vectors and leaves the older files alone: the current reader still
 signed only. ``group.json`` pins 1.2: tasks and releases encrypted under the federation key, and
 the key grant that carries it to a member; ``group_1_3.json`` the same at 1.3, whose task has
 no class-loss medians; ``group_1_4.json`` the same at 1.4, plus sealed statuses with and without
-the release and epsilon left that 1.4 added (and invalid ones, to the coordinator). A body of an
-older minor must decode to its stored summary less the fields removed since (``VESTIGES``) and
-with the fields added since None (``ADDITIONS``), and re-encode to its bytes with those keys nil.
+the release and epsilon left that 1.4 added (and invalid ones, to the coordinator);
+``group_1_5.json`` the same at 1.5, plus a task asking for int8 updates without error feedback
+whose weights are the change since the previous round's (and tasks with a bad or missing key). A body of an older minor must decode to its
+stored summary less the fields removed since (``VESTIGES``) and with the fields added since at
+what its sender meant (``ADDITIONS``), and re-encode to its bytes with those keys at that value.
 ``valid.json`` and ``invalid.json`` are no longer generated: this build's encoder cannot write a
 1.1 task (its generator is in the history before schema 1.3).
 """
@@ -48,9 +50,12 @@ GROUP_SINCE_MINOR = 2
 # Body keys whose field a later minor removed: (kind, meta key, message field). They stay on the
 # wire, written nil, so a body re-encodes with them nil.
 VESTIGES = ((Kind.TASK, "clm", "class_loss_medians"),)
-# Body keys a later minor added: (kind, meta key, message field, minor). An older body lacks them,
-# decodes with the field None, and re-encodes with them nil (appended, in this order).
-ADDITIONS = ((Kind.STATUS, "rel", "release", 4), (Kind.STATUS, "eps", "epsilon_left", 4))
+# Body keys a later minor added: (kind, meta key, message field, minor, value). An older body
+# lacks them, decodes with the field at what its sender meant (``value``, as summarised), and
+# re-encodes with the key at that value (appended, in this order; None is nil).
+ADDITIONS = ((Kind.STATUS, "rel", "release", 4, None), (Kind.STATUS, "eps", "epsilon_left", 4, None),
+             (Kind.TASK, "uv", "update_values", 5, int(ValueDtype.FLOAT32)), (Kind.TASK, "ef", "error_feedback", 5, True),
+             (Kind.TASK, "base", "base_round", 5, None))
 
 
 def group_file(minor: int) -> Path:
@@ -61,13 +66,14 @@ def group_file(minor: int) -> Path:
 def assert_current_reading(h: Header, msg, summary: dict, body: bytes, encoded: bytes, name: str) -> None:
     """``msg`` decoded from ``body`` (schema 1.<h.minor>) is the stored ``summary`` and re-encodes to
     ``body``, both less the fields later minors removed and plus those they added (their keys
-    re-encode nil, and the added fields read None)."""
-    gone = [(key, field) for kind, key, field in VESTIGES if kind is h.kind]
-    added = [(key, field) for kind, key, field, since in ADDITIONS if kind is h.kind and h.minor < since]
-    expected_summary = {k: v for k, v in summary.items() if k not in {f for _, f in gone}}
-    assert summarize(msg) == expected_summary | {field: None for _, field in added}, name
-    nil = gone + added
-    expected = rewrite_meta(body, lambda meta: [meta.__setitem__(key, None) for key, _ in nil]) if nil else bytes(body)
+    re-encode at the value the added field reads: what the older sender meant)."""
+    gone = [(key, field, None) for kind, key, field in VESTIGES if kind is h.kind]
+    added = [(key, field, value) for kind, key, field, since, value in ADDITIONS if kind is h.kind and h.minor < since]
+    expected_summary = {k: v for k, v in summary.items() if k not in {f for _, f, _ in gone}}
+    assert summarize(msg) == expected_summary | {field: value for _, field, value in added}, name
+    keys = gone + added
+    expected = (rewrite_meta(body, lambda meta: [meta.__setitem__(key, value) for key, _, value in keys]) if keys
+                else bytes(body))
     assert encoded == expected, name
 
 
@@ -231,7 +237,10 @@ def generate_group() -> None:  # pragma: no cover - run by hand after a delibera
         ("status_unset", Status("dev-a", State.TRAINING, 5, "", f.T0 + 4)),
     )
     messages, envelopes = {}, {}
-    for i, (name, msg) in enumerate((("task", t), ("release", f.release()), ("key_grant", None), *statuses)):
+    # 1.5: the update encoding, and a task whose weights are the change since an earlier task's
+    quantised = dataclasses.replace(t, update_values=ValueDtype.INT8, error_feedback=False, base_round=t.round - 1)
+    for i, (name, msg) in enumerate((("task", t), ("release", f.release()), ("key_grant", None), *statuses,
+                                     ("task_int8_change", quantised))):
         seq, sent_at = 1_900_000_000_000_000 + i, f.T0 + i
         if isinstance(msg, Status):
             h = Header(msg.KIND, Suite.SEALED_AES256_GCM, f.FED, msg.device, 5, seq, sent_at)
@@ -271,7 +280,15 @@ def generate_group() -> None:  # pragma: no cover - run by hand after a delibera
         h = Header(Kind.STATUS, Suite.SEALED_AES256_GCM, f.FED, "dev-a", 5, 1_900_000_000_000_100 + i, f.T0 + 3)
         return chunk(_envelope(h, rewrite_meta(codec.encode_body(statuses[0][1]), edit), ids, eph_hex))
 
+    def task_with(i: int, edit) -> str:
+        """The task's body with its meta edited, encrypted at this minor (a fresh seq)."""
+        h = Header(Kind.TASK, Suite.GROUP_AES256_GCM, f.FED, COORDINATOR, 5, 1_900_000_000_000_200 + i, f.T0 + 3)
+        return chunk(encrypt_broadcast(h, rewrite_meta(codec.encode_body(t), edit), key, f.COORD))
+
     cases = [
+        ("task_unknown_update_values", task_topic, task_with(0, lambda m: m.__setitem__("uv", 7)), "decode"),
+        (f"task_without_ef_at_minor_{MINOR}", task_topic, task_with(1, lambda m: m.pop("ef")), "decode"),
+        ("task_base_round_not_before_it", task_topic, task_with(2, lambda m: m.__setitem__("base", t.round)), "decode"),
         ("swapped_key_id", task_topic, chunk(swapped), "bad_signature"),
         ("truncated_ciphertext", task_topic, chunk(task_env[:-100]), "bad_signature"),
         ("key_not_held", task_topic, chunk(under_other), "unknown_key"),
