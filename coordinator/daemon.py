@@ -31,6 +31,8 @@ from typing import Any, Callable
 import numpy as np
 
 from fedprune.coordinator.config import CoordinatorConfig, model_spec
+from fedprune.coordinator.core.config import VALUE_ENCODINGS
+from fedprune.coordinator.core.downlink import Downlink
 from fedprune.coordinator.core.federation_key import FederationKey
 from fedprune.coordinator.fleet_view import EventFeed, FleetView, LiveRound, RoundTrail, ViewInputs, build_view
 from fedprune.coordinator.metrics import Metrics
@@ -49,7 +51,7 @@ from fedprune.protocol.channel import CoordinatorChannel, Publication
 from fedprune.protocol.crypto import PublicIdentity
 from fedprune.protocol.errors import ProtocolError
 from fedprune.protocol.layout import ModelLayout
-from fedprune.protocol.messages import ModelRef, ModelRelease, Register, RoundTask, State, Status, Update
+from fedprune.protocol.messages import MISSING_BASE, ModelRef, ModelRelease, Register, RoundTask, State, Status, Update
 from fedprune.protocol.sparse import SparseParams
 
 log = logging.getLogger("fedprune.coordinator")
@@ -104,6 +106,7 @@ class CoordinatorDaemon:
             federation=config.federation.id, identity=self.identity, devices=self._device_key, layout=self.layout,
             max_chunk=config.broker.max_message_kib * 1024,
         )
+        self.downlink = Downlink(config.strategy.task_values)
         self.federation_key = FederationKey(self.channel, self.registry)
         # Updates queued at the broker while this process was down name the current mask version.
         self.channel.remember_masks(self.state.mask_version, self.state.masks)
@@ -260,6 +263,7 @@ class CoordinatorDaemon:
                 self.holders.pop(message.device, None)
             else:
                 self.holders[message.device] = message.cached_mask_version
+            self.downlink.lost(message.device)  # it may have missed tasks while it was away
             self._registry_dirty = True
             emit(log, logging.INFO, "registered", device=message.device, examples=message.n_examples)
             self._grant_key(message.device, now)
@@ -273,6 +277,7 @@ class CoordinatorDaemon:
                                                                              message.epsilon_left):
                 self._registry_dirty = True
             if message.state is State.OFFLINE:
+                self.downlink.lost(message.device)
                 self._note(logging.INFO, "device_offline", device=message.device, reason=message.reason)
             if message.state is State.DECLINED:
                 self._on_declined(message, now)
@@ -291,6 +296,8 @@ class CoordinatorDaemon:
         ``data_mismatch: <detail>`` decline is final for this model: the device leaves the open
         round (it no longer holds up quorum) and is not selected until it registers again."""
         reason, _, detail = status.reason.partition(":")
+        if reason == MISSING_BASE:  # the next re-announcement carries the full weights
+            self.downlink.lost(status.device)
         if self.declines.get(status.device) != (status.round, reason):
             self.declines[status.device] = (status.round, reason)
             self.metrics.inc("rounds_declined_total", reason=reason)
@@ -406,10 +413,14 @@ class CoordinatorDaemon:
         self.plan = self.strategy.plan_round(self.state, online, self.rng)
         deadline = now + self.config.rounds.deadline_s
         include_masks = any(self.holders.get(d) != self.state.mask_version for d in self.plan.selected)
-        self._task = RoundTask(
+        masters = SparseParams.from_dense(self.layout, self.state.params, self.state.masks)
+        self.downlink.open(self.plan.round, masters, self.state.params)
+        self._task = RoundTask(  # its weights are the masters; each publication takes the downlink's
             federation=self.config.federation.id, round=self.plan.round, mask_version=self.state.mask_version,
-            model=self.model_ref, weights=SparseParams.from_dense(self.layout, self.state.params, self.state.masks),
+            model=self.model_ref, weights=masters,
             hyper=self.plan.hyper, deadline=deadline, selected=self.plan.selected, include_masks=include_masks,
+            update_values=VALUE_ENCODINGS[self.config.strategy.update_values],
+            error_feedback=self.config.strategy.error_feedback,
         )
         self.rounds.open(self.plan.round, self.plan.selected, now)
         self._round_update_bytes, self._quorum_seen = {}, False
@@ -431,8 +442,10 @@ class CoordinatorDaemon:
         do not resend; the round machine keeps the full selection."""
         self.next_announce = now + self.config.rounds.reannounce_s
         self._follow_members(now)
+        chosen = self.downlink.weights_for(task.selected, self.registry.online(now))
+        task = replace(task, weights=chosen.weights, base_round=chosen.base_round)
         try:
-            for publication in self.channel.send(task, now):
+            for publication in self.channel.send(task, now, value_dtype=chosen.values):
                 self.link.publish(publication.topic, publication.payload, qos=1)
                 self.metrics.inc("bytes_out_total", len(publication.payload))
         except MqttError as exc:
@@ -495,6 +508,7 @@ class CoordinatorDaemon:
         change = self.registry.replace_allow_list(document)
         for device in change.withdrawn:
             self.early_updates.pop(device, None)
+            self.downlink.lost(device)
             in_round = self.rounds.discard(device)
             self.metrics.inc("revocations_applied_total")
             self._note(logging.WARNING, "device_revoked", device=device, open_round=self.rounds.open_round,

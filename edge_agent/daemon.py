@@ -31,9 +31,10 @@ import numpy as np
 
 from fedprune.edge_agent import sysfs, worker
 from fedprune.edge_agent.core.agent import (
-    AgentCore, Decline, Ignore, Phase, PrivacyStep, ReportStatus, Resend, Tamper, Train, Upload,
+    AgentCore, Decline, Ignore, KeepResidual, Phase, PrivacyStep, ReportStatus, Resend, Tamper, Train, Upload,
 )
 from fedprune.edge_agent.audit import AuditLog, DeclineLog
+from fedprune.edge_agent.feedback_store import ResidualStore
 from fedprune.common.bundle import Bundle, EnrollmentError, load_bundle
 from fedprune.edge_agent.config import AgentConfig
 from fedprune.common.configkit import ConfigError
@@ -41,6 +42,7 @@ from fedprune.common.data import DATA_MISMATCH, DataSummary, data_mismatch, load
 from fedprune.common.events import emit
 from fedprune.common.fsutil import atomic_write, ensure_writable_dir
 from fedprune.edge_agent.core.guard import Governor
+from fedprune.edge_agent.core.held_weights import HeldWeights
 from fedprune.edge_agent.ledger import PrivacyLedger, ledger_path
 from fedprune.common.link import Link
 from fedprune.common.mqtt import LastWill, LinkConfig, MqttError, MqttLink
@@ -49,7 +51,9 @@ from fedprune.protocol.channel import AgentChannel, Publication
 from fedprune.protocol.errors import BadSignature, ProtocolError, Replayed, Stale, UnknownKey, UnknownMask
 from fedprune.protocol.layout import ModelLayout
 from fedprune.edge_agent.release_store import ReleaseRejected, ReleaseStore
-from fedprune.protocol.messages import KeyGrant, ModelRef, ModelRelease, Register, RoundTask, State, Status
+from fedprune.protocol.messages import (
+    MISSING_BASE, KeyGrant, ModelRef, ModelRelease, Register, RoundTask, State, Status,
+)
 
 log = logging.getLogger("fedprune.agent")
 
@@ -110,8 +114,11 @@ class AgentDaemon:
         if self.ledger is not None:
             rng = np.random.default_rng() if privacy_rng is None else privacy_rng
             privacy = PrivacyStep(self.ledger.clip_norm, self.ledger.noise_multiplier, rng)
+        self.held = HeldWeights()
+        self.residuals = ResidualStore(self.state_dir, self.bundle.federation)
         self.core = AgentCore(self.bundle.device_id, privacy=privacy,
-                              report_class_losses=config.privacy.report_class_losses, tamper=tamper)
+                              report_class_losses=config.privacy.report_class_losses, tamper=tamper,
+                              residual=self.residuals.load())
         self._layouts: dict[ModelRef, ModelLayout] = {}
         self.channel = AgentChannel(
             federation=self.bundle.federation, device=self.bundle.device_id, identity=self.bundle.identity,
@@ -403,9 +410,16 @@ class AgentDaemon:
         self._tasks_seen = True
         self._last_model = task.model
         mismatch = self._data_mismatch(task.model)
+        resolved = self.held.resolve(task)
         reason = None
         if self.bundle.device_id in task.selected:
-            reason = f"{DATA_MISMATCH}: {mismatch}"[:256] if mismatch else self._decline_reason()
+            reason = f"{DATA_MISMATCH}: {mismatch}"[:256] if mismatch else None
+            if reason is None and resolved is None:
+                emit(log, logging.INFO, "task_not_applicable", round=task.round, base_round=task.base_round,
+                     reason=MISSING_BASE, action="declined; the coordinator sends the full weights next")
+                reason = MISSING_BASE
+            reason = reason or self._decline_reason()
+        task = resolved or task
         for action in self.core.on_task(task, self.clock(), decline_reason=reason, received_at=received_at):
             self._carry_out(action, task)
 
@@ -450,6 +464,11 @@ class AgentDaemon:
             self._train(action)
         elif isinstance(action, Upload):
             self._upload(task, action)
+        elif isinstance(action, KeepResidual):
+            try:
+                self.residuals.save(action.residual)
+            except OSError as exc:  # a restart would then feed back an older residual: rounding, not data
+                emit(log, logging.WARNING, "residual_not_saved", round=task.round, file=self.residuals.path, error=exc)
         elif isinstance(action, Resend):
             emit(log, logging.INFO, "resend", round=action.round, reason="coordinator_still_waiting")
             try:
@@ -507,7 +526,7 @@ class AgentDaemon:
             if upload.update.mask_changed:
                 emit(log, logging.WARNING, "privacy_not_covered", round=task.round, reason="client_readjust",
                      detail="the grown mask depends on local data and is sent without noise (docs/PRIVACY.md)")
-        publications = self.channel.send(upload.update, self.clock())
+        publications = self.channel.send(upload.update, self.clock(), value_dtype=task.update_values)
         self._sent = {task.round: publications}
         try:
             self._publish(publications, "update", task.round, wait=True)

@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 # Bump when the simulator changes what a run measures for the same config (2: the daemons over an
-# in-memory broker, bytes as the links carried them).
-ENGINE = 2
+# in-memory broker, bytes as the links carried them; 3: the curves carry the downlink too).
+ENGINE = 3
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
@@ -106,7 +106,7 @@ def run_one(job: tuple[dict[str, Any], str]) -> dict[str, Any]:
         "uplink_bytes_per_client": result.uplink_bytes / n, "downlink_bytes_per_client": result.downlink_bytes / n,
         "macs_per_client_round": float(np.mean([r["local_macs"] for r in result.rounds])) / n,
         "density": result.density, "seconds": time.perf_counter() - start,
-        "curve": [[r["round"], r["accuracy"], r["cum_uplink_bytes"] / n] for r in evald],
+        "curve": [[r["round"], r["accuracy"], r["cum_uplink_bytes"] / n, r["cum_downlink_bytes"] / n] for r in evald],
         "r_trace": {c: [[rec["round"], rec["scores"][c]["r"]] for rec in result.rounds if c in rec["scores"]]
                     for c in result.client_sizes},
         "final_psi": {c: s["psi"] for c, s in _last_scores(result).items()},
@@ -197,10 +197,10 @@ def plot(results: list[dict[str, Any]], grid: dict[str, Any], out: Path) -> None
             rs = [r for r in results if r["setting"] == setting and r["method"] == method]
             if not rs:
                 continue
-            curves = np.array([r["curve"] for r in rs])  # seeds × rounds × (round, acc, cum uplink)
+            curves = np.array([r["curve"] for r in rs])  # seeds × rounds × (round, acc, cum uplink, cum downlink)
             mean = curves.mean(axis=0)
             axes[0].plot(mean[:, 0], 100 * mean[:, 1], label=method)
-            axes[1].plot(mean[:, 2] / 1e6, 100 * mean[:, 1], label=method)
+            axes[1].plot((mean[:, 2] + mean[:, 3]) / 1e6, 100 * mean[:, 1], label=method)
             if method == grid.get("plot_scores_of", "fedprune-0.8"):
                 r0 = rs[0]
                 for cid, pts in r0["r_trace"].items():
@@ -212,7 +212,7 @@ def plot(results: list[dict[str, Any]], grid: dict[str, Any], out: Path) -> None
                     axes[2].plot([], [], color="tab:red", label="noisy")
                 axes[2].set_title(f"r_n of {method}, seed {r0['seed']}")
         axes[0].set(xlabel="round", ylabel="test accuracy (%)", title=setting)
-        axes[1].set(xlabel="cumulative uplink per client (MB)", ylabel="test accuracy (%)")
+        axes[1].set(xlabel="cumulative bytes per client, uplink + downlink (MB)", ylabel="test accuracy (%)")
         axes[2].set(xlabel="round", ylabel="importance r_n")
         for ax in axes:
             ax.grid(alpha=0.3)

@@ -17,8 +17,12 @@ from typing import Any
 
 import fedprune.coordinator.core.contribution as contribution
 import fedprune.coordinator.core.masks as masks_mod
+from fedprune.coordinator.core.downlink import TASK_VALUES
 from fedprune.coordinator.core.methods import METHODS, QUALITY_SIGNALS, STEPS
 from fedprune.protocol.hyperparams import HyperParams
+from fedprune.protocol.sparse import ValueDtype
+
+VALUE_ENCODINGS = {"float32": ValueDtype.FLOAT32, "float16": ValueDtype.FLOAT16, "int8": ValueDtype.INT8}
 
 Check = Callable[[Any], "str | None"]
 
@@ -125,6 +129,11 @@ class StrategyConfig:
     sybil_cos: float = _setting(0.99, "leave out updates with a twin at cosine >= this; 0: off", _span(0, 1))
     centered_clip: float = _setting(0.0, "clip deviations from the trimmed mean at this × their median; 0: off", OFF_OR_POSITIVE)
     chance_gate: float = _setting(4.0, "leave out updates no other one correlates with beyond this / sqrt(nnz); 0: off", OFF_OR_POSITIVE)
+    # The links (docs/PROTOCOL.md, "Sparse encodings"): int8 both ways costs a quarter of float32
+    # at the same accuracy (docs/RESULTS.md, "Quantised links"). update_values is carried in every signed task.
+    update_values: str = _setting("int8", "how devices send update values: float32, float16, or int8 (one scale per tensor)", _choice(VALUE_ENCODINGS))
+    error_feedback: bool = _setting(True, "devices keep what rounding their update values left off and add it to their next update", FLAG)
+    task_values: str = _setting("int8_delta", "how tasks carry the global values: float32, float16, or int8_delta (the change since the last task, to devices that hold it); the coordinator keeps float32", _choice(TASK_VALUES))
     # contribution-adaptive density (§6)
     adaptive_density: bool = _setting(False, "give low-quality devices nested sub-masks (kept fraction rho); refused by run and simulate until tasks per device exist (docs/DESIGN.md)", FLAG)
     adaptive_beta: float = _setting(1.0, "adaptive_density: slope β of rho = tanh(β z)", POSITIVE)

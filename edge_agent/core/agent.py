@@ -3,8 +3,9 @@
 Theory of operation. The daemon feeds it verified RoundTasks and the outcomes of the work it
 asked for; it answers with actions for the daemon to carry out. From a finished training it
 builds the Update that leaves the device: the trainable deltas on the mask, the privacy step
-(clip and noise, when the device runs client-level DP), the per-class losses only if the
-owner allows them; a diverged training becomes a decline instead. A task is trained at most once,
+(clip and noise, when the device runs client-level DP), the values rounded to the task's
+encoding with error feedback (``core/feedback.py``), the per-class losses only if the owner
+allows them; a diverged training becomes a decline instead. A task is trained at most once,
 and its update leaves the device once. The coordinator re-announces a round to the devices it
 still waits for, so a task naming this device for a round it already uploaded means "not
 received" only if the coordinator had time to receive the upload before it spoke: a task that
@@ -25,6 +26,7 @@ from typing import Callable
 
 import numpy as np
 
+from fedprune.edge_agent.core.feedback import quantise_update
 from fedprune.edge_agent.core.privacy import privatize
 from fedprune.protocol.hyperparams import HyperParams
 from fedprune.protocol.messages import RoundTask, Update
@@ -87,6 +89,13 @@ class Upload:
 
 
 @dataclass(frozen=True)
+class KeepResidual:
+    """Persist the error-feedback residual (None: there is none left) before the next round."""
+
+    residual: Params | None
+
+
+@dataclass(frozen=True)
 class Resend:
     round: int
 
@@ -109,7 +118,7 @@ class ReportStatus:
     round: int
 
 
-Action = Train | Upload | Resend | Ignore | Decline | ReportStatus
+Action = Train | Upload | KeepResidual | Resend | Ignore | Decline | ReportStatus
 
 
 @dataclass(frozen=True)
@@ -125,7 +134,7 @@ class _Sent:
 class AgentCore:
     def __init__(self, device_id: str, resend_holdoff_s: float = RESEND_HOLDOFF_S, *,
                  privacy: PrivacyStep | None = None, report_class_losses: bool = True,
-                 tamper: Tamper | None = None) -> None:
+                 tamper: Tamper | None = None, residual: Params | None = None) -> None:
         self.device_id = device_id
         self.resend_holdoff_s = resend_holdoff_s
         self.privacy = privacy
@@ -135,6 +144,8 @@ class AgentCore:
         self.active_round: int | None = None
         self.uploaded: _Sent | None = None
         self.failed_round: int | None = None
+        self.residual = residual  # error feedback: what quantising earlier updates left behind
+        self._next_residual: Params | None = None  # this upload's, kept once the broker has it
 
     def on_task(self, task: RoundTask, now: float, decline_reason: str | None = None,
                 received_at: float | None = None) -> list[Action]:
@@ -170,6 +181,10 @@ class AgentCore:
                                     self.privacy.rng)
         if self.tamper is not None:  # a hostile device sends what it likes: its own privacy step is no bound on it
             delta = self.tamper(task, delta, trained.masks)
+        # After the privacy step: the noise is in what gets rounded, and the residual is a
+        # function of released, privatised deltas only (post-processing; the accountant holds).
+        quantised = quantise_update(delta, trained.masks, task.update_values, self.residual, task.error_feedback)
+        delta, self._next_residual = quantised.delta, quantised.residual
         update = Update(
             round=task.round, device=self.device_id, mask_version=task.mask_version, n_examples=trained.n_examples,
             metrics={"train_loss": trained.train_loss, "steps": trained.steps, "train_seconds": trained.seconds,
@@ -186,7 +201,11 @@ class AgentCore:
         self._expect(Phase.UPLOADING, round_number)
         self.phase, self.active_round = Phase.IDLE, None
         self.uploaded = _Sent(round_number, mask_version, now, self.resend_holdoff_s)
-        return [ReportStatus(Phase.IDLE, round_number)]
+        actions: list[Action] = [ReportStatus(Phase.IDLE, round_number)]
+        if self._next_residual is not None or self.residual is not None:
+            self.residual = self._next_residual
+            actions.insert(0, KeepResidual(self.residual))
+        return actions
 
     def _repeated(self, task: RoundTask, now: float, received_at: float) -> list[Action]:
         sent = self.uploaded
