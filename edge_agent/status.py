@@ -37,6 +37,7 @@ DECLINE_REASONS = {
     "upload_failed": "the update could not be sent",
     "privacy_ledger_unwritable": "the privacy ledger could not be written",
     "data_mismatch": "this device's data does not fit the model",
+    "missing_base": "it lacked the previous task's weights (the coordinator then sent them whole)",
 }
 MAX_ROUNDS_LEFT = 100_000
 

@@ -44,6 +44,10 @@ class HeldWeights:
         return replace(task, weights=SparseParams.from_dense(task.layout, weights, task.masks, check=False),
                        base_round=None)
 
+    def of_round(self, round_number: int) -> Params | None:
+        """The weights this device holds of round ``round_number``'s task, if it still keeps them."""
+        return self._by_round.get(round_number)
+
     def _keep(self, round_number: int, weights: Params) -> None:
         self._by_round[round_number] = weights
         self._by_round.move_to_end(round_number)

@@ -6,11 +6,14 @@ back, gets the full weights (it holds none) and keeps its error-feedback residua
 from __future__ import annotations
 
 import statistics
+import time
 from pathlib import Path
 
 import pytest
 
 from fedprune.coordinator.lab.localfed import LocalFederation
+from fedprune.edge_agent.core.held_weights import HeldWeights
+from tests.integration import daemons
 from tests.integration.mosquitto import MosquittoBroker, start_mosquitto
 
 pytestmark = pytest.mark.slow
@@ -74,3 +77,30 @@ def test_int8_links_cost_a_quarter_and_survive_an_agent_killed_mid_federation(
     update, task = steady(history)
     assert update < 0.3 * plain_update and task < 0.3 * plain_task
     assert history[-1]["accuracy"] >= plain_history[-1]["accuracy"] - 0.05
+
+
+def test_a_device_that_lost_the_base_of_a_change_declines_and_is_sent_the_whole_weights(
+        mosquitto: MosquittoBroker, tmp_path: Path) -> None:
+    """The coordinator believes the device holds the last task's weights (it never registered
+    again), but the device lost them: it declines with missing_base, and the re-announcement
+    carries the held weights in float32, from which it trains."""
+    fed = daemons.federation(mosquitto, tmp_path, total=4, deadline_s=60.0)
+    coordinator = daemons.connected_coordinator(fed)
+    agent = daemons.connected_agent(fed, "dev-0")
+    try:
+        deadline = time.monotonic() + 60
+        while coordinator.completed < 2:
+            assert time.monotonic() < deadline, "rounds 1-2 did not complete"
+            daemons.step(coordinator, agent)
+        assert "dev-0" in coordinator.downlink.holders
+        agent.held = HeldWeights()  # as if the broker had dropped the last task on its way
+        while coordinator.completed < 3:
+            assert time.monotonic() < deadline, "round 3 did not complete"
+            daemons.step(coordinator, agent)
+        assert coordinator.metrics.value("rounds_declined_total", reason="missing_base") == 1
+        assert coordinator.state_dir.read_history()[-1]["received"] == 1
+        held = agent.held.of_round(3)
+        assert all(held[name].tobytes() == coordinator.downlink.held[name].tobytes() for name in held)
+    finally:
+        agent.link.close()
+        coordinator.link.close()
