@@ -1,5 +1,5 @@
 # The two commands of the README. Each bootstraps itself on a fresh Debian machine.
-.PHONY: demo test test-fast bench clean
+.PHONY: demo test test-fast test-arm64 bench clean
 
 demo:
 	@scripts/demo.sh
@@ -9,6 +9,10 @@ test:
 
 test-fast:
 	@scripts/test.sh -m "not slow"
+
+# The agent as aarch64 code under qemu (an emulated Raspberry Pi OS user space; CI runs it too).
+test-arm64:
+	@scripts/test.sh --arm64 tests/integration/test_arm64.py
 
 clean:
 	rm -rf .venv .pytest_cache build *.egg-info

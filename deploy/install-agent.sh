@@ -22,7 +22,7 @@ options:
   --data-dir DIR       local training data; the service gets read-only access to it
   --torch-spec SPEC    what pip installs for torch: a requirement ("torch==2.13.0"), a wheel path or
                        URL. Required on Jetson: NVIDIA's wheel for your JetPack (see
-                       firmware_notes/jetson.md). Default: torch==2.13.0 (CPU wheel)
+                       firmware_notes/jetson.md). Default: torch==2.13.0, CPU wheel (aarch64: 2.10.0)
   --package SPEC       what pip installs for fedprune (default: the source tree this script is in)
   --platform NAME      auto (default), pi, jetson or generic
   --python PATH        interpreter for the venv (default: python3; JetPack 5 needs >= 3.10, see notes)
@@ -41,6 +41,9 @@ source_tree=$(dirname "$script_dir")
 bundle="" config="" data_dir="" torch_spec="" package="$source_tree" platform="auto"
 python="python3" start=1 force=0 dry_run=0
 torch_version="2.13.0"
+# From 2.11 on PyPI's aarch64 torch is a CUDA build that pulls 2-3 GB of NVIDIA libraries a Pi
+# cannot use; 2.10.0 is the newest CPU-only aarch64 wheel (checked by scripts/arm64.sh).
+torch_version_aarch64="2.10.0"
 torch_cpu_index="https://download.pytorch.org/whl/cpu"
 
 while [ $# -gt 0 ]; do
@@ -122,8 +125,9 @@ if [ -z "$torch_spec" ]; then
   [ "$platform" != jetson ] || die "on Jetson pass --torch-spec with NVIDIA's torch wheel for your JetPack \
 (a file path or URL; see firmware_notes/jetson.md): PyPI's aarch64 wheels have no CUDA support for Jetson"
   torch_spec="torch==$torch_version"
-  # PyPI's aarch64 wheels are CPU builds; on x86_64 PyPI would resolve a multi-GB CUDA build.
+  # On x86_64 PyPI would resolve a multi-GB CUDA build: the CPU index instead.
   if [ "$arch" = x86_64 ]; then torch_args=(--index-url "$torch_cpu_index"); fi
+  if [ "$arch" = aarch64 ]; then torch_spec="torch==$torch_version_aarch64"; fi
 fi
 
 if [ "$dry_run" -eq 0 ] && [ "$(id -u)" -ne 0 ]; then

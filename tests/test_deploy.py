@@ -138,10 +138,22 @@ def inputs(tmp_path: Path) -> dict[str, Path]:
     return {"bundle": bundle, "config": config}
 
 
-def dry_run(inputs: dict[str, Path], *extra: str) -> subprocess.CompletedProcess[str]:
+def dry_run(inputs: dict[str, Path], *extra: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     args = ["bash", str(INSTALLER), "--bundle", str(inputs["bundle"]), "--config", str(inputs["config"]),
             "--python", shutil.which("python3") or "python3", "--dry-run", *extra]
-    return subprocess.run(args, capture_output=True, text=True, timeout=60)
+    return subprocess.run(args, capture_output=True, text=True, timeout=60, env=env)
+
+
+def test_an_arm64_pi_gets_the_newest_cpu_only_torch_from_pypi(inputs: dict[str, Path], tmp_path: Path) -> None:
+    """From 2.11 on PyPI's aarch64 torch is a CUDA build (2-3 GB of NVIDIA libraries a Pi cannot use)."""
+    shim = tmp_path / "bin"
+    shim.mkdir()
+    (shim / "uname").write_text('#!/bin/sh\n[ "$1" = -m ] && echo aarch64 || exec /usr/bin/uname "$@"\n')
+    (shim / "uname").chmod(0o755)
+    result = dry_run(inputs, "--platform", "pi", env={**os.environ, "PATH": f"{shim}:{os.environ['PATH']}"})
+    assert result.returncode == 0, result.stderr
+    assert "torch==2.10.0" in result.stdout and "torch==2.13.0" not in result.stdout
+    assert "download.pytorch.org" not in result.stdout
 
 
 def test_dry_run_on_a_pi_prints_every_step_and_changes_nothing(inputs: dict[str, Path]) -> None:

@@ -60,6 +60,8 @@ class LocalFederation:
     settings: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     agent_sections: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     device_sections: Mapping[str, Mapping[str, Mapping[str, Any]]] = field(default_factory=dict)
+    # A device's own command in place of the fedprune-agent script (an emulated arm64 Python).
+    agent_commands: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     processes: dict[str, subprocess.Popen] = field(default_factory=dict, init=False)
 
     @property
@@ -123,7 +125,8 @@ class LocalFederation:
         return self._spawn("coordinator", [BIN / "fedprune-coordinator", "run", "--config", self.config_path])
 
     def start_agent(self, name: str) -> subprocess.Popen:
-        return self._spawn(name, [BIN / "fedprune-agent", "run", "--config", self.root / "devices" / name / "agent.toml"])
+        command = self.agent_commands.get(name, (BIN / "fedprune-agent",))
+        return self._spawn(name, [*command, "run", "--config", self.root / "devices" / name / "agent.toml"])
 
     def start(self, timeout: float = 120.0) -> None:
         """The coordinator first, agents once its MQTT session exists (so none registers into the void)."""
@@ -198,7 +201,8 @@ class LocalFederation:
             time.sleep(0.1)
 
     def infer(self, name: str, input_path: Path) -> subprocess.CompletedProcess:
-        return subprocess.run([str(BIN / "fedprune-agent"), "infer", "--config",
+        command = self.agent_commands.get(name, (BIN / "fedprune-agent",))
+        return subprocess.run([*map(str, command), "infer", "--config",
                                str(self.root / "devices" / name / "agent.toml"), "--input", str(input_path),
                                "--output", str(self.root / "devices" / name / "predictions.csv")],
                               capture_output=True, text=True, check=False)
