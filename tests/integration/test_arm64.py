@@ -1,8 +1,9 @@
 """The agent as aarch64 code, in an emulated Raspberry Pi user space (scripts/arm64.sh: Debian
 bookworm arm64, Python 3.11, the agent installed from aarch64 wheels, run by qemu-aarch64-static
 without binfmt): the protocol and training unit tests, and a real federation in which an emulated
-agent trains beside native ones with a native coordinator over Mosquitto with TLS, installs the
-release and serves it with ONNX Runtime, predicting what the native agents predict.
+agent (training in a child process, as installed on a Pi) trains beside native ones with a native
+coordinator over Mosquitto with TLS, installs the release and serves it with ONNX Runtime,
+predicting what the native agents predict.
 
 Run by `make test-arm64`, which builds the root first (about 2 minutes, then cached); skipped
 when it is not built (FEDPRUNE_ARM64 names another directory than .cache/arm64).
@@ -39,10 +40,10 @@ def emulated_root() -> None:
         pytest.skip(message)
 
 
-def record(name: str, seconds: float) -> None:
-    """Each check's wall time beside the build's (report.json), for firmware_notes/."""
+def record(name: str, value: object) -> None:
+    """Each check's wall time and the federation's outcome beside the build's (report.json), for firmware_notes/."""
     timings = json.loads(TIMINGS.read_text()) if TIMINGS.exists() else {}
-    timings[name] = round(seconds, 1)
+    timings[name] = round(value, 1) if isinstance(value, float) else value
     TIMINGS.write_text(json.dumps(timings, indent=1) + "\n")
 
 
@@ -73,6 +74,8 @@ def test_an_emulated_agent_trains_beside_native_ones_and_serves_the_release(
     fed = LocalFederation(
         root=tmp_path, broker=mosquitto.access(), devices=tuple(d.username for d in mosquitto.devices), rounds=4,
         federation=mosquitto.federation, partition="iid", agent_commands={emulated: (str(PYTHON), "-m", "fedprune.edge_agent.cli")},
+        # As the installer sets it up on a Pi: training in a short-lived child, started emulated too.
+        device_sections={emulated: {"agent": {"train_in_subprocess": True}}},
         settings={"broker": {"username": mosquitto.coordinator.username}, "metrics": {"port": -1},
                   "rounds": {"deadline_s": 600.0, "reannounce_s": 30.0}})
     fed.prepare()
@@ -93,6 +96,8 @@ def test_an_emulated_agent_trains_beside_native_ones_and_serves_the_release(
     assert "aarch64" not in fed.log("coordinator")
     assert all(entry["received"] == 3 and emulated in entry["update_bytes"] for entry in history), history
     scores = history[-1]["scores"]
+    record("final_scores", {d: {"q": round(s["q"], 4), "r": round(s["r"], 4)} for d, s in scores.items()})
+    record("final_accuracy", history[-1]["accuracy"])
     native_q = [scores[d]["q"] for d in scores if d != emulated]
     assert scores[emulated]["q"] >= min(native_q) - 0.1, scores  # its updates count like the native ones'
     assert codes[emulated] == 0, fed.log(emulated)[-3000:]
