@@ -16,12 +16,11 @@ import subprocess
 import time
 import urllib.request
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
 from fedprune.coordinator.lab.localfed import BIN, LocalFederation
-from tests.integration.mosquitto import MosquittoBroker, start_mosquitto
+from tests.integration.mosquitto import MosquittoBroker
 
 pytestmark = pytest.mark.slow
 
@@ -49,17 +48,6 @@ def browser():
             chromium.close()
 
 
-@pytest.fixture
-def broker() -> Iterator[MosquittoBroker]:
-    if shutil.which("mosquitto") is None:
-        pytest.fail("mosquitto is not installed: run scripts/bootstrap.sh --test-tools")
-    server = start_mosquitto(federation="fed1", devices=3)
-    try:
-        yield server
-    finally:
-        server.close()
-
-
 def metric(text: str, name: str, **labels: str) -> float | None:
     rendered = ",".join(f'{k}="{v}"' for k, v in labels.items())
     pattern = rf"^fedprune_{name}{{{re.escape(rendered)}}} (\S+)$" if labels else rf"^fedprune_{name} (\S+)$"
@@ -72,19 +60,19 @@ def field(page, name: str, scope: str = "") -> str:
 
 
 def test_the_status_page_shows_a_live_federation_as_status_and_metrics_do(
-        broker: MosquittoBroker, browser, tmp_path: Path) -> None:
-    access = broker.access()
-    fed = LocalFederation(root=tmp_path, broker=access, devices=tuple(d.username for d in broker.devices), rounds=5000,
-                          federation=broker.federation, noisy=(broker.devices[2].username,), noise_rate=0.8,
-                          settings={"broker": {"username": broker.coordinator.username},
+        mosquitto: MosquittoBroker, browser, tmp_path: Path) -> None:
+    access = mosquitto.access()
+    fed = LocalFederation(root=tmp_path, broker=access, devices=tuple(d.username for d in mosquitto.devices), rounds=5000,
+                          federation=mosquitto.federation, noisy=(mosquitto.devices[2].username,), noise_rate=0.8,
+                          settings={"broker": {"username": mosquitto.coordinator.username},
                                     "rounds": {"deadline_s": 20.0}, "export": {"every_rounds": 2}})
     fed.prepare()
     fed.start()
-    agents = [fed.processes[d.username] for d in broker.devices]
+    agents = [fed.processes[d.username] for d in mosquitto.devices]
     try:
         fed.wait_for_round(3, timeout=180)
         deadline = time.monotonic() + 30  # a heartbeat after the release reports its version
-        while not all("event=release_installed version=1 " in fed.log(d.username) for d in broker.devices):
+        while not all("event=release_installed version=1 " in fed.log(d.username) for d in mosquitto.devices):
             assert time.monotonic() < deadline, "release 1 was not installed"
             time.sleep(0.2)
         time.sleep(6)  # one more heartbeat (5 s) carries the installed release
@@ -113,7 +101,7 @@ def test_the_status_page_shows_a_live_federation_as_status_and_metrics_do(
         assert int(field(page, "online")) == metric(metrics, "devices_online") == 3
         assert int(field(page, "enrolled")) == metric(metrics, "devices_enrolled") == 3
         by_device = {d["device"]: d for d in offline_view["devices"]}
-        for device in broker.devices:
+        for device in mosquitto.devices:
             row = f'tr[data-device="{device.username}"]'
             expected = by_device[device.username]
             assert int(field(page, "rounds", row)) == expected["rounds"] > 0
@@ -122,8 +110,8 @@ def test_the_status_page_shows_a_live_federation_as_status_and_metrics_do(
             assert page.locator(f'{row} [data-field="bytes_sent"]').get_attribute("title") == f"{expected['bytes_sent']} bytes"
             assert field(page, "release", row) != "–"  # reported in its heartbeat
         assert len(page.locator("svg polyline").all()) >= 3  # accuracy, loss, bytes
-        noisy = broker.devices[2].username
-        assert by_device[noisy]["quality"] < min(by_device[d.username]["quality"] for d in broker.devices[:2])
+        noisy = mosquitto.devices[2].username
+        assert by_device[noisy]["quality"] < min(by_device[d.username]["quality"] for d in mosquitto.devices[:2])
 
         shot = tmp_path / "status.png"
         page.screenshot(path=str(shot), full_page=True)
