@@ -323,8 +323,7 @@ class CoordinatorDaemon:
             self.metrics.observe("update_size_bytes", size)
             if "train_seconds" in update.metrics:
                 self.metrics.observe("device_training_seconds", update.metrics["train_seconds"])
-            expected = len(self.plan.selected) if self.plan is not None else 0
-            if not self._quorum_seen and len(self.rounds.received) >= min(self.config.rounds.quorum, expected):
+            if not self._quorum_seen and len(self.rounds.received) >= self._quorum():
                 self._quorum_seen = True
                 self.metrics.observe("time_to_quorum_seconds", now - self.round_started)
             emit(log, logging.INFO, "update_accepted", device=update.device, round=update.round, bytes=size)
@@ -585,17 +584,23 @@ class CoordinatorDaemon:
             return "paused"
         return "waiting_for_devices" if self.rounds.open_round is None else "training"
 
+    def _selected(self) -> int:
+        return len(self.plan.selected) if self.rounds.open_round is not None and self.plan is not None else 0
+
+    def _quorum(self) -> int:
+        """Updates the open round waits for: [rounds] quorum, or every selected device if fewer."""
+        selected = self._selected()
+        return min(self.config.rounds.quorum, selected) if selected else self.config.rounds.quorum
+
     def _publish_view(self, now: float) -> None:
         """Rebuild the operator's view and swap it in whole (the HTTP thread only reads the reference)."""
         self._next_view = now + VIEW_REFRESH_S
         records = self.registry.devices()
         self.metrics.set("devices_enrolled", sum(1 for r in records if not r.revoked))
         open_round = self.rounds.open_round
-        selected = len(self.plan.selected) if open_round is not None and self.plan is not None else 0
         live = LiveRound(round=open_round if open_round is not None else self.state.round, phase=self._phase(),
-                         deadline=self.rounds.deadline, quorum=min(self.config.rounds.quorum, selected or
-                                                                   self.config.rounds.quorum),
-                         selected=selected, received=len(self.rounds.received) if open_round is not None else 0)
+                         deadline=self.rounds.deadline, quorum=self._quorum(), selected=self._selected(),
+                         received=len(self.rounds.received) if open_round is not None else 0)
         self.view = build_view(ViewInputs(
             federation=self.config.federation.id, total_rounds=self.config.rounds.total,
             completed_rounds=self.completed, records=records, online=self.registry.online(now), trail=self.trail,

@@ -146,7 +146,7 @@ def _plain(value: Any) -> Any:
     return value if isinstance(value, (int, float, str, bool, type(None))) else str(value)
 
 
-def device_rows(records: Iterable[DeviceRecord], now: float, online: Iterable[str], excluded: Iterable[str],
+def device_rows(records: Iterable[DeviceRecord], online: Iterable[str], excluded: Iterable[str],
                 trail: RoundTrail, importance: Mapping[str, float], quality: Mapping[str, float]) -> tuple[DeviceRow, ...]:
     online, excluded = set(online), set(excluded)
     rows = []
@@ -207,7 +207,7 @@ def build_view(inputs: ViewInputs, now: float, running: bool) -> FleetView:
     return FleetView(
         federation=inputs.federation, generated_at=now, running=running, completed_rounds=inputs.completed_rounds,
         total_rounds=inputs.total_rounds, live=inputs.live, rounds=tuple(inputs.trail.points),
-        devices=device_rows(inputs.records, now, inputs.online, inputs.excluded, inputs.trail, inputs.importance,
+        devices=device_rows(inputs.records, inputs.online, inputs.excluded, inputs.trail, inputs.importance,
                             inputs.quality),
         releases=inputs.releases, events=inputs.events,
     )
