@@ -28,6 +28,29 @@ class ConfigError(Exception):
     """A configuration value is missing, malformed or out of range; the message names the key."""
 
 
+class FreeTable(Mapping):
+    """A table whose keys the program does not know in advance (a model factory's arguments):
+    kept as read, read-only; its owner checks the values."""
+
+    def __init__(self, items: Mapping[str, Any] | None = None) -> None:
+        self._items = dict(items or {})
+
+    def __getitem__(self, key: str) -> Any:
+        return self._items[key]
+
+    def __iter__(self):
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __repr__(self) -> str:
+        return repr(self._items)
+
+    def __hash__(self) -> int:  # read-only, so a frozen section may hold one as a default
+        return hash(repr(sorted(self._items.items())))
+
+
 def setting(default: Any, help: str, check: Check | None = None, secret: bool = False) -> Any:
     """A config field: ``check(value)`` returns None when valid, else what is expected."""
     metadata = {"help": help, "check": check, "secret": secret}
@@ -65,6 +88,15 @@ def _coerce(value: Any, annotation: Any, where: str, base: Any = None) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where} {value!r}: expected a list")
         return tuple(_coerce(v, args[0], where) for v in value)
+    if annotation is FreeTable:
+        if isinstance(value, str):  # an environment variable or --set: a TOML inline table
+            try:
+                value = tomllib.loads(f"value = {value}")["value"]
+            except tomllib.TOMLDecodeError:
+                raise ConfigError(f"{where} {value!r}: expected a TOML inline table such as {{ width = 64 }}") from None
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where} {value!r}: expected a table")
+        return FreeTable(value)
     if dataclasses.is_dataclass(annotation):
         if not isinstance(value, dict):
             raise ConfigError(f"{where} {value!r}: expected a table")
@@ -251,6 +283,8 @@ def _render_table(lines: list[str], name: str, table_cls: type, given: Mapping[s
 def _toml_literal(value: Any) -> str | None:
     if value is None:
         return None
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{k} = {_toml_literal(v)}" for k, v in value.items()) + "}"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):

@@ -1,20 +1,23 @@
 """Local data: what a device trains on and the coordinator evaluates on, read and checked.
 
-``load_local_data`` reads a .npz (X, y) or CSV file, or a directory of them, with limits on size
-and shape and a message naming the file for every problem; ``data_mismatch`` says, without
-torch, why loaded data cannot train a model spec. ``X`` is float32 (N, *input_shape) and labels
-are int64 in [0, num_classes); models flatten as they need (``fedprune.common.models``).
+``load_local_data`` reads a .npz (X, y) or CSV file, or a directory of them, an image folder, a
+sensor recording or what a user's factory returns (``DataSource`` says which), with limits on
+size and shape and a message naming the file for every problem. ``X`` is float32
+(N, *input_shape); ``y`` is read as it is (int64 when every value is an integer, else float32;
+(N,) or (N, T)), because the device learns the task kind only from the round task: the fit
+check ``data_mismatch`` (``fedprune.common.data_fit``) judges y per task kind, without torch.
 """
 
 from __future__ import annotations
 
-import math
 import zipfile
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from fedprune.common.data_fit import DataSummary, data_mismatch  # noqa: F401  # re-exported: callers import them from here
+from fedprune.common.data_source import DataSource
 
 MAX_FILE_BYTES = 512 << 20
 MAX_FEATURES = 1 << 20
@@ -26,28 +29,43 @@ class LocalDataError(ValueError):
     """A local data file is missing, unreadable or malformed; the message names the file."""
 
 
-def load_local_data(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """Read local training data: one ``.npz`` (arrays X, y) or CSV file (last column = label), or a
-    directory whose ``*.npz`` and ``*.csv`` files are concatenated in name order.
+def load_local_data(path: str | Path, source: DataSource | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Read local training data as ``source`` (default: format auto) says: ``auto`` reads one
+    ``.npz`` (arrays X, y) or CSV file (the last ``label_columns`` columns are targets), or a
+    directory whose ``*.npz`` and ``*.csv`` files are concatenated in name order; ``npz`` and
+    ``csv`` read only that kind.
 
-    Returns X as float32 (N, ...) and y as int64 (N,). Raises LocalDataError naming the file.
+    Returns X as float32 (N, ...) and y as int64 or float32, (N,) or (N, T). Raises
+    LocalDataError naming the file.
     """
-    path = Path(path)
+    path, source = Path(path), source or DataSource()
+    kind = source.kind
+    if kind in ("image_folder", "sensor_csv", "factory"):
+        from fedprune.common import data_factory, data_images, data_sensor
+
+        reader = {"image_folder": data_images.read_image_folder, "sensor_csv": data_sensor.read_sensor_csv,
+                  "factory": data_factory.call_factory}[kind]
+        X, y = reader(path, source)
+        return validated(path, X, y)
+    suffixes = (".npz", ".csv") if kind == "auto" else (f".{kind}",)
+    listed = " or ".join(suffixes)
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in (".npz", ".csv") and p.is_file())
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in suffixes and p.is_file())
         if not files:
-            raise LocalDataError(f"{path}: no .npz or .csv files in this directory")
+            raise LocalDataError(f"{path}: no {listed} files in this directory")
         _refuse_same_stem(path, files)
     elif path.is_file():
         files = [path]
     else:
         raise LocalDataError(f"{path}: no such file or directory")
-    parts = [_read_file(f) for f in files]
-    shapes = {X.shape[1:] for X, _ in parts}
-    if len(shapes) > 1:
-        detail = ", ".join(f"{f.name}: {X.shape[1:]}" for f, (X, _) in zip(files, parts))
-        raise LocalDataError(f"{path}: files disagree on the sample shape ({detail})")
-    return np.concatenate([X for X, _ in parts]), np.concatenate([y for _, y in parts])
+    parts = [_read_file(f, suffixes, source.label_columns) for f in files]
+    for what, axis in (("sample", 0), ("target", 1)):
+        shapes = {part[axis].shape[1:] for part in parts}
+        if len(shapes) > 1:
+            detail = ", ".join(f"{f.name}: {part[axis].shape[1:]}" for f, part in zip(files, parts))
+            raise LocalDataError(f"{path}: files disagree on the {what} shape ({detail})")
+    y = np.concatenate([y for _, y in parts])
+    return np.concatenate([X for X, _ in parts]), y.astype(np.float32) if y.dtype.kind == "f" else y
 
 
 def _refuse_same_stem(directory: Path, files: list[Path]) -> None:
@@ -63,25 +81,29 @@ def _refuse_same_stem(directory: Path, files: list[Path]) -> None:
                              "concatenated as shards)")
 
 
-def _read_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def _read_file(path: Path, suffixes: tuple[str, ...], label_columns: int) -> tuple[np.ndarray, np.ndarray]:
     suffix = path.suffix.lower()
-    if suffix not in (".npz", ".csv"):
-        raise LocalDataError(f"{path}: unsupported file type {suffix!r}; expected .npz or .csv")
-    size = path.stat().st_size
-    if size > MAX_FILE_BYTES:
-        raise LocalDataError(f"{path}: {size} bytes exceeds the {MAX_FILE_BYTES}-byte limit")
+    if suffix not in suffixes:
+        raise LocalDataError(f"{path}: unsupported file type {suffix!r}; expected {' or '.join(suffixes)}")
+    check_size(path)
     if suffix == ".npz":
         arrays = _read_npz(path)
         X, y = arrays["X"], arrays["y"]
     else:
-        X, y = _read_csv(path)
-    return _validated(path, X, y)
+        X, y = _read_csv(path, label_columns)
+    return validated(path, X, y)
+
+
+def check_size(path: Path) -> None:
+    size = path.stat().st_size
+    if size > MAX_FILE_BYTES:
+        raise LocalDataError(f"{path}: {size} bytes exceeds the {MAX_FILE_BYTES}-byte limit")
 
 
 def load_inputs(path: str | Path, labelled: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
     """Inputs to predict on: a .npz with X (and y, if there), or a CSV file (an optional header
     row, then numbers) whose last column is a label when ``labelled``. Returns X as float32 and
-    y as int64 or None; raises LocalDataError naming the file."""
+    y as int64 (float32 for fractional targets) or None; raises LocalDataError naming the file."""
     path = Path(path)
     if not path.is_file():
         raise LocalDataError(f"{path}: no such file")
@@ -92,9 +114,9 @@ def load_inputs(path: str | Path, labelled: bool = False) -> tuple[np.ndarray, n
         table = _read_table(path)
         X, y = (table[:, :-1], table[:, -1]) if labelled else (table, None)
     if y is None:  # the same checks on X alone, against placeholder labels
-        X, _ = _validated(path, X, np.zeros(len(X), dtype=np.int64))
+        X, _ = validated(path, X, np.zeros(len(X), dtype=np.int64))
         return X, None
-    return _validated(path, X, y)
+    return validated(path, X, y)
 
 
 _ZIP_MAGIC = b"PK\x03\x04"
@@ -120,11 +142,13 @@ def _read_npz(path: Path, required: tuple[str, ...] = ("X", "y")) -> dict[str, n
         raise LocalDataError(f"{path}: damaged or truncated .npz archive ({exc}); copy or export it again") from exc
 
 
-def _read_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def _read_csv(path: Path, label_columns: int = 1) -> tuple[np.ndarray, np.ndarray]:
     table = _read_table(path)
-    if table.shape[1] < 2:
-        raise LocalDataError(f"{path}: need at least one feature column and a label column")
-    return table[:, :-1], table[:, -1]
+    if table.shape[1] < label_columns + 1:
+        what = "a label column" if label_columns == 1 else f"{label_columns} target columns ([data] label_columns)"
+        raise LocalDataError(f"{path}: need at least one feature column and {what}")
+    y = table[:, -label_columns:]
+    return table[:, :-label_columns], y[:, 0] if label_columns == 1 else y
 
 
 def _read_table(path: Path) -> np.ndarray:
@@ -146,55 +170,26 @@ def _is_numeric_row(line: str) -> bool:
     return True
 
 
-def _validated(path: Path, X: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    if X.dtype.kind not in "fiu" or y.dtype.kind not in "fiu":
+def validated(path: Path, X: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The checks every loader's output passes: numeric, (N, ...) and (N,) or (N, T), finite, within
+    limits. y is returned as int64 when every value is an integer (class labels, 0/1 multi-label
+    targets), else float32 (regression targets); whether it fits the task is ``data_mismatch``'s call."""
+    if X.dtype.kind not in "fiu" or y.dtype.kind not in "fiub":
         raise LocalDataError(f"{path}: X and y must be numeric, got {X.dtype} and {y.dtype}")
-    if X.ndim < 2 or y.ndim != 1 or len(X) != len(y):
-        raise LocalDataError(f"{path}: expected X of shape (N, ...) and y of shape (N,), got {X.shape} and {y.shape}")
-    if len(y) == 0:
+    if X.ndim < 2 or y.ndim not in (1, 2) or len(X) != len(y):
+        raise LocalDataError(f"{path}: expected X of shape (N, ...) and y of shape (N,) or (N, T), "
+                             f"got {X.shape} and {y.shape}")
+    if len(y) == 0 or y.size == 0:
         raise LocalDataError(f"{path}: no samples")
     if int(np.prod(X.shape[1:])) > MAX_FEATURES:
         raise LocalDataError(f"{path}: {X.shape[1:]} features per sample exceeds the limit {MAX_FEATURES}")
     X = X.astype(np.float32)
     if not np.all(np.isfinite(X)):
         raise LocalDataError(f"{path}: X contains NaN or infinite values")
-    if y.dtype.kind == "f" and not np.all(np.isfinite(y) & (y == np.round(y))):
-        raise LocalDataError(f"{path}: labels must be integers")
-    if y.min() < 0:
-        raise LocalDataError(f"{path}: labels must be non-negative, found {y.min()}")
+    if y.dtype.kind == "f":
+        if not np.all(np.isfinite(y)):
+            raise LocalDataError(f"{path}: y contains NaN or infinite values; drop or fill those rows")
+        if not np.all(y == np.round(y)):
+            return X, y.astype(np.float32)
     return X, y.astype(np.int64)
 
-
-# ---- does a device's data fit a model
-
-
-@dataclass(frozen=True)
-class DataSummary:
-    """What the fit check needs from local data, kept instead of the arrays (the idle agent stays small)."""
-
-    sample_shape: tuple[int, ...]
-    n_examples: int
-    labels: tuple[int, ...]  # distinct, ascending
-
-    @classmethod
-    def of(cls, X: np.ndarray, y: np.ndarray) -> "DataSummary":
-        return cls(tuple(int(d) for d in X.shape[1:]), int(len(y)), tuple(int(c) for c in np.unique(y)))
-
-
-def data_mismatch(summary: DataSummary, input_shape: tuple[int, ...], num_classes: int) -> str | None:
-    """Why this data cannot train a model with ``input_shape`` and ``num_classes``, in a few
-    words (e.g. "13 features, model expects 64"), or None. The shape rule is the trainer's
-    (``fedprune.common.models.as_model_input``): samples of exactly ``input_shape``, or flat rows of
-    its size. Checking it here, without torch, saves a training run that can only fail."""
-    problems = []
-    shape, expected = summary.sample_shape, tuple(input_shape)
-    if shape != expected and not (len(shape) == 1 and shape[0] == math.prod(expected)):
-        if math.prod(shape) != math.prod(expected):
-            problems.append(f"{math.prod(shape)} features, model expects {math.prod(expected)}")
-        else:
-            problems.append(f"samples of shape {shape}, model expects {expected} or flat rows")
-    outside = [c for c in summary.labels if c >= num_classes]
-    if outside:
-        shown = ", ".join(map(str, outside[:4])) + (f" and {len(outside) - 4} more" if len(outside) > 4 else "")
-        problems.append(f"labels {shown} outside 0..{num_classes - 1}")
-    return "; ".join(problems) or None

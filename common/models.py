@@ -1,137 +1,131 @@
-"""Model zoo by name: the only way a model enters fedprune (no code ever comes over the wire).
+"""Models by factory: the only way a model enters fedprune (no code ever comes over the wire).
 
-A ``ModelSpec`` names a built-in architecture and its input/output sizes; both the coordinator and
-every device derive the same ``ModelLayout`` from it. The layout order is the contract for masks,
-sparse values and updates: ``named_parameters()`` in module order, then ``named_buffers()``.
-Weights of Linear/Conv layers (dim >= 2) are masked (prunable); biases and normalisation
-parameters are dense; BatchNorm running statistics are non-trainable buffers (docs/ALGORITHM.md §3.1).
+A ``ModelSpec`` names a factory (an import path, or a built-in alias, ``fedprune.common.zoo``),
+its keyword arguments, the sample shape, the number of outputs and the task kind; the
+coordinator and every device call the same factory with the same arguments (they travel in the
+signed round task) and derive the same ``ModelLayout``. The layout order is the contract for
+masks, sparse values and updates: ``named_parameters()`` in module order, then ``named_buffers()``.
 
-Inputs are float32 arrays of shape ``(N, *input_shape)``. Datasets give a canonical shape with a
-channel axis (digits: (1, 8, 8); mnist1d: (1, 40)); the MLP flattens whatever it gets, the CNNs
-need (C, H, W) or (C, L). ``as_model_input`` also accepts flat rows (N, prod(input_shape)), the
-shape a CSV file yields, and reshapes them.
+Which tensors are masked (prunable): the weights of Linear, Conv1d/2d/3d (grouped and depthwise
+included), ConvTranspose and Embedding layers and the weight matrices of LSTM/GRU/RNN layers;
+biases, normalisation parameters and buffers (BatchNorm running statistics, travelling as
+non-trainable values) stay dense. A factory overrides this by setting ``fedprune_masked`` on the
+module it returns: the complete collection of parameter names to mask.
 
-Every model is a plain ``nn.Sequential`` of standard layers without data-dependent control flow,
-so ``torch.onnx.export`` can trace it.
+Inputs are float32 arrays of shape ``(N, *input_shape)``; ``as_model_input`` also accepts flat
+rows (N, prod(input_shape)), the shape a CSV file yields, and reshapes them.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
+import inspect
 import math
-from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from fedprune.common.model_rules import MODEL_NAMES, input_shape_problem
+from fedprune.common import objectives
+from fedprune.common.model_rules import ModelArgs, factory_path, normalise_args, task_problem
+from fedprune.common.objectives import Evaluation
 from fedprune.protocol.layout import ModelLayout, TensorSpec
 
 Params = dict[str, np.ndarray]
 Masks = dict[str, np.ndarray]
 
-NORMS = ("none", "group", "batch")
 TRAINING_DEVICES = ("cpu", "cuda", "auto")  # resolved by fedprune.edge_agent.training.resolve_device
-_DEFAULT_HIDDEN = {"mlp": (256, 128), "cnn2d": (), "cnn1d": ()}
-DEFAULT_CHANNELS = (32, 64)
 _MAX_UNITS = 1 << 16
+MASKED_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+                  nn.ConvTranspose3d, nn.Embedding, nn.EmbeddingBag)
+RECURRENT_MODULES = (nn.LSTM, nn.GRU, nn.RNN)
+
+
+class ModelFactoryError(ValueError):
+    """The factory cannot be imported or called, or returned no usable module; the message names
+    the factory and the fix."""
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A built-in architecture and its sizes.
+    """A model: factory reference, its sizes and arguments, and what it learns.
 
-    ``hidden``: widths of the fully connected hidden layers (None = the model's default: 256-128
-    for the MLP, none for the CNNs). ``channels``: output channels of the CNNs' two conv blocks;
-    32-64 by default because pruning needs width: at (16, 32) ERK left the 1-D CNN's middle conv
-    6 % dense at 80 % sparsity and sparse trailed dense by 11 points, at (32, 64) by 1 on the
-    validation split (while sending fewer bytes than the dense (16, 32) model;
-    docs/ALGORITHM_NOTES.md §7).
-    ``norm``: normalisation after each conv ("none", "group" or "batch"; the MLP has none).
-    GroupNorm is preferred over BatchNorm for small, label-skewed local batches (docs/ALGORITHM.md §9.4).
+    ``name``: a built-in alias ("mlp", "cnn2d", "cnn1d") or ``"package.module:factory"``.
+    ``num_classes``: the number of outputs (classes, labels, or regression targets).
+    ``args``: the factory's keyword arguments (a mapping, stored as a sorted tuple so that specs
+    hash); the factory also gets ``input_shape`` and ``num_outputs`` when its signature names them.
+    ``task``: "classification", "regression" or "multilabel" (``fedprune.common.objectives``).
     """
 
     name: str
     input_shape: tuple[int, ...]
     num_classes: int
-    hidden: tuple[int, ...] | None = None
-    channels: tuple[int, int] = DEFAULT_CHANNELS
-    norm: str = "none"
+    args: ModelArgs = ()
+    task: str = "classification"
 
     def __post_init__(self) -> None:
-        if self.name not in MODEL_NAMES:
-            raise ValueError(f"unknown model {self.name!r}: expected one of {MODEL_NAMES}")
+        factory_path(self.name)
         shape = tuple(self.input_shape)
         if not shape or any(not isinstance(d, int) or not 1 <= d <= _MAX_UNITS for d in shape):
             raise ValueError(f"input_shape={self.input_shape!r}: expected positive ints")
         object.__setattr__(self, "input_shape", shape)
-        if not (isinstance(self.num_classes, int) and 2 <= self.num_classes <= _MAX_UNITS):
-            raise ValueError(f"num_classes={self.num_classes!r}: expected an int >= 2")
-        for field, widths in (("hidden", self.hidden or ()), ("channels", self.channels)):
-            if any(not isinstance(w, int) or not 1 <= w <= _MAX_UNITS for w in widths):
-                raise ValueError(f"{field}={widths!r}: expected positive ints")
-        if self.hidden is not None:
-            object.__setattr__(self, "hidden", tuple(self.hidden))
-        object.__setattr__(self, "channels", tuple(self.channels))
-        if len(self.channels) != 2:
-            raise ValueError(f"channels={self.channels!r}: expected two conv widths")
-        if self.norm not in NORMS:
-            raise ValueError(f"norm={self.norm!r}: expected one of {NORMS}")
-        if self.name == "mlp" and self.norm != "none":
-            raise ValueError("the mlp has no normalisation layers: use norm='none'")
-        problem = input_shape_problem(self.name, shape)
+        if not (isinstance(self.num_classes, int) and 1 <= self.num_classes <= _MAX_UNITS):
+            raise ValueError(f"num_classes={self.num_classes!r}: expected an int >= 1")
+        problem = task_problem(self.task, self.num_classes)
         if problem:
             raise ValueError(problem)
+        object.__setattr__(self, "args", normalise_args(self.args))
 
     @property
-    def hidden_sizes(self) -> tuple[int, ...]:
-        return _DEFAULT_HIDDEN[self.name] if self.hidden is None else self.hidden
+    def factory(self) -> str:
+        return factory_path(self.name)
+
+    @property
+    def kwargs(self) -> dict[str, object]:
+        return {key: list(value) if isinstance(value, tuple) else value for key, value in self.args}
 
 
-@dataclass(frozen=True)
-class EvalResult:
-    accuracy: float
-    loss: float
-
-
-def _norm(kind: str, channels: int, dims: int) -> nn.Module:
-    if kind == "group":
-        return nn.GroupNorm(math.gcd(channels, 8), channels)
-    return nn.BatchNorm2d(channels) if dims == 2 else nn.BatchNorm1d(channels)
-
-
-def _head(layers: OrderedDict, n_in: int, spec: ModelSpec) -> None:
-    for i, width in enumerate(spec.hidden_sizes):
-        layers[f"fc{i}"] = nn.Linear(n_in, width)
-        layers[f"relu_fc{i}"] = nn.ReLU()
-        n_in = width
-    layers["out"] = nn.Linear(n_in, spec.num_classes)
+def _load_factory(path: str):
+    module_name, _, attribute = path.partition(":")
+    try:
+        target = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ModelFactoryError(f"model {path!r}: cannot import {module_name} ({exc}); install the package that "
+                                "provides it here (pip install ...) or fix [federation] model") from None
+    for part in attribute.split("."):
+        if not hasattr(target, part):
+            raise ModelFactoryError(f"model {path!r}: {module_name} has no attribute {attribute!r}; fix [federation] "
+                                    "model or update the package that provides it")
+        target = getattr(target, part)
+    if not callable(target):
+        raise ModelFactoryError(f"model {path!r}: {attribute} is not callable; name a function or class that "
+                                "returns a torch.nn.Module")
+    return target
 
 
 def build_model(spec: ModelSpec) -> nn.Module:
-    """A freshly initialised module (torch's standard init, drawn from torch's global RNG)."""
-    layers: OrderedDict[str, nn.Module] = OrderedDict()
-    if spec.name == "mlp":
-        layers["flatten"] = nn.Flatten()
-        _head(layers, math.prod(spec.input_shape), spec)
-        return nn.Sequential(layers)
-    dims = 2 if spec.name == "cnn2d" else 1
-    conv, pool = (nn.Conv2d, nn.MaxPool2d) if dims == 2 else (nn.Conv1d, nn.MaxPool1d)
-    kernel, pad = (3, 1) if dims == 2 else (5, 2)
-    c_in, spatial = spec.input_shape[0], list(spec.input_shape[1:])
-    for i, c_out in enumerate(spec.channels):
-        layers[f"conv{i}"] = conv(c_in, c_out, kernel, padding=pad)
-        if spec.norm != "none":
-            layers[f"norm{i}"] = _norm(spec.norm, c_out, dims)
-        layers[f"relu{i}"] = nn.ReLU()
-        layers[f"pool{i}"] = pool(2)
-        spatial = [s // 2 for s in spatial]
-        c_in = c_out
-    layers["flatten"] = nn.Flatten()
-    _head(layers, c_in * math.prod(spatial), spec)
-    return nn.Sequential(layers)
+    """A freshly initialised module from the spec's factory (drawing on torch's global RNG)."""
+    factory = _load_factory(spec.factory)
+    kwargs = spec.kwargs
+    try:
+        parameters = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        parameters = {}
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    for key, value in (("input_shape", list(spec.input_shape)), ("num_outputs", spec.num_classes)):
+        if takes_any or key in parameters:
+            kwargs[key] = value
+    try:
+        module = factory(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ModelFactoryError(f"model {spec.name!r} with arguments {spec.kwargs}: {exc}; fix "
+                                "[federation.model_args] (or input_shape/num_classes)") from None
+    if not isinstance(module, nn.Module):
+        raise ModelFactoryError(f"model {spec.name!r} returned {type(module).__name__}, not a torch.nn.Module")
+    return module
 
 
 def _new_module(spec: ModelSpec, seed: int | None = None) -> nn.Module:
@@ -145,10 +139,8 @@ def _new_module(spec: ModelSpec, seed: int | None = None) -> nn.Module:
 @functools.lru_cache(maxsize=64)
 def model_layout(spec: ModelSpec) -> ModelLayout:
     module = _new_module(spec, seed=0)
-    tensors = [
-        TensorSpec(name, tuple(p.shape), masked=p.dim() >= 2 and _is_prunable(module, name))
-        for name, p in module.named_parameters()
-    ]
+    masked = masked_names(module)
+    tensors = [TensorSpec(name, tuple(p.shape), masked=name in masked) for name, p in module.named_parameters()]
     tensors += [
         TensorSpec(name, tuple(b.shape), masked=False, trainable=False)
         for name, b in module.named_buffers()
@@ -156,10 +148,26 @@ def model_layout(spec: ModelSpec) -> ModelLayout:
     return ModelLayout(tuple(tensors))
 
 
-def _is_prunable(module: nn.Module, param_name: str) -> bool:
-    owner_name, _, leaf = param_name.rpartition(".")
-    owner = module.get_submodule(owner_name)
-    return leaf == "weight" and isinstance(owner, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))
+def masked_names(module: nn.Module) -> frozenset[str]:
+    """The parameters sparse training masks: the module's own ``fedprune_masked`` if it sets one,
+    else the weight matrices of the layers in MASKED_MODULES and RECURRENT_MODULES (see above)."""
+    params = dict(module.named_parameters())
+    override = getattr(module, "fedprune_masked", None)
+    if override is not None:
+        chosen = frozenset(override)
+        unknown = sorted(chosen - set(params))
+        if unknown or isinstance(override, str):
+            raise ModelFactoryError(f"fedprune_masked names {unknown or override!r}, which are not parameters of the "
+                                    f"model; expected names from {sorted(params)[:8]}...")
+        return chosen
+    out = set()
+    for name in params:
+        owner_name, _, leaf = name.rpartition(".")
+        owner = module.get_submodule(owner_name)
+        if (isinstance(owner, MASKED_MODULES) and leaf == "weight") or (
+                isinstance(owner, RECURRENT_MODULES) and leaf.startswith(("weight_ih_l", "weight_hh_l"))):
+            out.add(name)
+    return frozenset(out)
 
 
 def init_params(spec: ModelSpec, seed: int) -> Params:
@@ -212,57 +220,61 @@ def as_model_input(spec: ModelSpec, X: np.ndarray) -> np.ndarray:
 
 
 def check_labels(spec: ModelSpec, X: np.ndarray, y: np.ndarray) -> np.ndarray:
-    y = np.asarray(y)
-    if y.ndim != 1 or len(y) != len(X):
-        raise ValueError(f"y must be 1-D with one label per sample: X has {len(X)}, y shape {y.shape}")
-    if not np.issubdtype(y.dtype, np.integer):
-        raise ValueError(f"y must hold integer class labels, got dtype {y.dtype}")
-    if len(y) and (y.min() < 0 or y.max() >= spec.num_classes):
-        raise ValueError(f"labels must lie in [0, {spec.num_classes}), got [{y.min()}, {y.max()}]")
-    return y.astype(np.int64, copy=False)
+    """``y`` checked against the spec's task and outputs (``fedprune.common.objectives``)."""
+    return objectives.check_targets(spec.task, spec.num_classes, len(X), y)
 
 
-def evaluate(spec: ModelSpec, params: Params, X: np.ndarray, y: np.ndarray, batch_size: int = 512) -> EvalResult:
-    """Accuracy and mean cross-entropy of the model on (X, y), in eval mode on the CPU."""
+def evaluate(spec: ModelSpec, params: Params, X: np.ndarray, y: np.ndarray, batch_size: int = 512) -> Evaluation:
+    """Loss and the task's metrics (``.score``: accuracy, f1 or R²) of the model on (X, y), in
+    eval mode on the CPU."""
     X = as_model_input(spec, X)
     y = check_labels(spec, X, y)
-    if len(y) == 0:
-        raise ValueError("cannot evaluate on an empty set")
     module = module_from_params(spec, params).eval()
-    correct, loss_sum = 0, 0.0
-    with torch.no_grad():
-        for start in range(0, len(y), batch_size):
-            xb = torch.from_numpy(X[start : start + batch_size])
-            yb = torch.from_numpy(y[start : start + batch_size])
-            logits = module(xb)
-            loss_sum += float(nn.functional.cross_entropy(logits, yb, reduction="sum").double())
-            correct += int((logits.argmax(1) == yb).sum())
-    return EvalResult(accuracy=correct / len(y), loss=loss_sum / len(y))
+    return objectives.evaluate(spec.task, module, torch.from_numpy(X), torch.from_numpy(y), batch_size)
 
 
 @functools.lru_cache(maxsize=64)
 def _positions_per_weight(spec: ModelSpec) -> dict[str, int]:
-    """For each prunable weight, how many output positions each weight entry is applied at."""
+    """For each masked weight, how many times per example each of its entries multiplies: once
+    per output position of a Linear or conv, per input position of a transposed conv, per time
+    step of a recurrent layer; an embedding looks up, it does not multiply (0)."""
     module = _new_module(spec, seed=0).eval()
-    layout = model_layout(spec)
     positions: dict[str, int] = {}
     hooks = []
-    for name in (t.name for t in layout.masked):
+    for name in (t.name for t in model_layout(spec).masked):
         owner = module.get_submodule(name.rpartition(".")[0])
 
         def record(mod, inputs, output, name=name):
-            positions[name] = math.prod(output.shape[2:]) if output.dim() > 2 else 1
+            positions[name] = _applications(mod, inputs[0] if inputs else None, output)
 
         hooks.append(owner.register_forward_hook(record))
-    with torch.no_grad():
-        module(torch.zeros((1, *spec.input_shape)))
-    for hook in hooks:
-        hook.remove()
+    try:
+        with torch.no_grad():
+            module(torch.zeros((1, *spec.input_shape)))
+    finally:
+        for hook in hooks:
+            hook.remove()
     return positions
 
 
+def _applications(module: nn.Module, given: object, output: object) -> int:
+    if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+        return 0
+    if isinstance(module, RECURRENT_MODULES) and isinstance(given, torch.Tensor):
+        if given.dim() < 3:
+            return given.shape[0]
+        return given.shape[1] if module.batch_first else given.shape[0]
+    if isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)) and isinstance(given, torch.Tensor):
+        return math.prod(given.shape[2:])
+    if isinstance(module, nn.Linear) and isinstance(output, torch.Tensor):
+        return output.numel() // max(1, output.shape[-1])
+    if isinstance(output, torch.Tensor) and output.dim() > 2:
+        return math.prod(output.shape[2:])
+    return 1
+
+
 def count_macs(spec: ModelSpec, masks: Masks | None = None) -> int:
-    """Forward multiply-accumulates per example in the Linear/Conv layers, counting only active
+    """Forward multiply-accumulates per example in the masked layers, counting only active
     weights when ``masks`` is given (norms, pooling, activations and biases are not counted)."""
     total = 0
     for name, positions in _positions_per_weight(spec).items():

@@ -16,8 +16,8 @@ from typing import Mapping
 from urllib.parse import urlsplit
 
 from fedprune.coordinator.core.config import StrategyConfig
-from fedprune.common.configkit import ConfigError, in_range, load, one_of, render_example, setting
-from fedprune.common.model_rules import MODEL_NAMES, input_shape_problem
+from fedprune.common.configkit import ConfigError, FreeTable, in_range, load, one_of, render_example, setting
+from fedprune.common.model_rules import TASK_KINDS, normalise_args, reference_problem, task_problem
 from fedprune.protocol.topics import is_valid_id
 
 ENV_PREFIX = "FEDPRUNE_COORDINATOR_"
@@ -68,16 +68,23 @@ class FederationSection:
     """Which federation this coordinator runs and which model it trains."""
 
     id: str = setting("demo", "federation id; part of every topic", check=_valid_id)
-    model: str = setting("mlp", "built-in model name: mlp, cnn2d or cnn1d", check=one_of(*MODEL_NAMES))
+    model: str = setting("mlp", "model factory: a built-in (mlp, cnn2d, cnn1d) or an import path such as \"mypkg.nets:make_model\", installed here and on every device", check=reference_problem)
+    model_args: FreeTable = setting(FreeTable(), "keyword arguments of the model factory (they travel in the signed round task), e.g. { hidden = [64, 32] }")
+    task: str = setting("classification", "what the model learns: classification, regression or multilabel", check=one_of(*TASK_KINDS))
     input_shape: tuple[int, ...] = setting((64,), "shape of one input sample (digits: [64] for mlp, [1, 8, 8] for cnn2d)", check=_positive_dims)
-    num_classes: int = setting(10, "number of classes", check=in_range(2, 100_000))
+    num_classes: int = setting(10, "number of outputs: classes, labels (multilabel) or targets (regression)", check=in_range(1, 100_000))
     seed: int = setting(0, "seed of the initial model, masks and device selection", check=in_range(0, 2**31 - 1))
 
     def __post_init__(self) -> None:
-        """Checked at load, so every command refuses a model that cannot be built, not only ``run``."""
-        problem = input_shape_problem(self.model, tuple(self.input_shape))
+        """The rules that need no torch, checked at load so every command refuses them; whether
+        the factory builds is checked where the model is built (``run``)."""
+        problem = reference_problem(self.model) or task_problem(self.task, self.num_classes)
         if problem:
-            raise ValueError(f"model {self.model!r} with input_shape {list(self.input_shape)}: {problem}")
+            raise ValueError(problem)
+        try:
+            normalise_args(self.model_args)
+        except ValueError as exc:
+            raise ValueError(f"model_args: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -194,4 +201,4 @@ def model_spec(config: CoordinatorConfig):
     from fedprune.common.models import ModelSpec
 
     f = config.federation
-    return ModelSpec(f.model, tuple(f.input_shape), f.num_classes)
+    return ModelSpec(f.model, tuple(f.input_shape), f.num_classes, args=f.model_args, task=f.task)

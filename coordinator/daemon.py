@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import re
 import signal
 import time
 from dataclasses import asdict, replace
@@ -43,7 +44,9 @@ from fedprune.coordinator.fleet.registry_store import RegistryStore
 from fedprune.coordinator.core.rounds import Accepted, CloseRound, RetryRound, RoundMachine, RoundPolicy
 from fedprune.coordinator.state import Checkpoint, StateDir, StateError, load_identity
 from fedprune.coordinator.core.strategy import ClientUpdate, RoundPlan, Strategy
+from fedprune.common.configkit import ConfigError
 from fedprune.common.data import DATA_MISMATCH
+from fedprune.common.model_rules import LAYOUT_MISMATCH
 from fedprune.common.events import emit
 from fedprune.common.link import Link
 from fedprune.common.mqtt import LinkConfig, MqttError, MqttLink
@@ -61,13 +64,15 @@ REGISTRY_SAVE_S = 5
 MEMBERS_CHECK_S = 1.0  # how often the allow-list is compared with the federation key's members
 VIEW_REFRESH_S = 1.0  # how often the operator's view (status page, /status.json) is rebuilt
 # INFO events the status page lists beside every WARNING and ERROR.
+UNFIT_REASONS = (DATA_MISMATCH, LAYOUT_MISMATCH)  # final for this model: out of selection until registered again
 FEED_EVENTS = frozenset({"round_closed", "update_gated", "release_published", "device_enrolled", "device_readmitted",
                          "device_offline", "declined", "rounds_resumed", "resumed", "start"})
 
 
 class CoordinatorDaemon:
     def __init__(self, config: CoordinatorConfig, clock: Callable[[], float] = time.time) -> None:
-        from fedprune.common.models import init_params, model_layout
+        from fedprune.common.model_rules import package_version
+        from fedprune.common.models import ModelFactoryError, init_params, model_layout
 
         self.config = config
         self.clock = clock
@@ -78,8 +83,13 @@ class CoordinatorDaemon:
         self.registry_store = RegistryStore(self.state_dir.root)
         self.registry = self.registry_store.load(config.rounds.heartbeat_timeout_s)
         self.spec = model_spec(config)
-        self.layout: ModelLayout = model_layout(self.spec)
-        self.model_ref = ModelRef(self.spec.name, tuple(self.spec.input_shape), self.spec.num_classes)
+        try:
+            self.layout: ModelLayout = model_layout(self.spec)
+        except ModelFactoryError as exc:
+            raise ConfigError(f"[federation] {exc}") from None
+        self.model_ref = ModelRef(self.spec.name, tuple(self.spec.input_shape), self.spec.num_classes,
+                                  args=self.spec.args, task=self.spec.task, package=package_version(self.spec.name),
+                                  tensor_digests=self.layout.tensor_digests())
         self.strategy = Strategy(config.strategy)
         self.metrics = Metrics()
         self.metrics.set("round_deadline_seconds", config.rounds.deadline_s)
@@ -129,7 +139,7 @@ class CoordinatorDaemon:
         self._next_drop_log = 0.0
         self._next_members_check = 0.0
         self.declines: dict[str, tuple[int, str]] = {}  # device -> (round, reason) last counted
-        self.unfit: dict[str, str] = {}  # device -> why its data does not fit the model (not selected)
+        self.unfit: dict[str, str] = {}  # device -> its decline: data or layout that do not fit the model (not selected)
         self.trail = RoundTrail(self.state_dir.read_history())
         self.releases = list(releases_on_disk(self.state_dir.root))
         self._upload_bytes: dict[str, int] = {}  # device -> bytes of its update transfer so far
@@ -267,8 +277,8 @@ class CoordinatorDaemon:
             self._registry_dirty = True
             emit(log, logging.INFO, "registered", device=message.device, examples=message.n_examples)
             self._grant_key(message.device, now)
-            if self.unfit.pop(message.device, None) is not None:  # restarted, perhaps with other data
-                self.metrics.set("devices_excluded", len(self.unfit), reason=DATA_MISMATCH)
+            if self.unfit.pop(message.device, None) is not None:  # restarted, perhaps with other data or model
+                self._count_excluded()
                 self._note(logging.INFO, "device_readmitted", device=message.device, reason="registered")
             self._announce_to_late_joiner(message.device)
         elif isinstance(message, Status):
@@ -305,14 +315,31 @@ class CoordinatorDaemon:
             self._registry_dirty = True
             self._note(logging.INFO, "declined", device=status.device, round=status.round, reason=reason,
                        **({"detail": detail.strip()} if detail else {}))
-        if reason != DATA_MISMATCH or status.device in self.unfit:
+        if reason not in UNFIT_REASONS or status.device in self.unfit:
             return
-        self.unfit[status.device] = detail.strip()
-        self.metrics.set("devices_excluded", len(self.unfit), reason=DATA_MISMATCH)
+        self.unfit[status.device] = status.reason
+        self._count_excluded()
         self.rounds.withdraw(status.device, status.round)
-        self._note(logging.ERROR, "device_excluded", device=status.device, reason=DATA_MISMATCH, detail=detail.strip(),
-                   until="registered_again",
-                   fix="give the device data that fits [federation] model/input_shape/num_classes, or fix those keys")
+        self._note(logging.ERROR, "device_excluded", device=status.device, reason=reason, detail=detail.strip(),
+                   until="registered_again", **self._unfit_context(reason, detail))
+
+    def _count_excluded(self) -> None:
+        for reason in UNFIT_REASONS:
+            self.metrics.set("devices_excluded", sum(1 for r in self.unfit.values() if r.startswith(reason)),
+                             reason=reason)
+
+    def _unfit_context(self, reason: str, detail: str) -> dict[str, str]:
+        """What the operator needs beside the device's words: the fix and, for a layout that
+        differs at tensor i, this side's tensor i."""
+        if reason == DATA_MISMATCH:
+            return {"fix": "give the device data that fits [federation] model/input_shape/num_classes, or fix those keys"}
+        found = re.match(r"\s*tensor (\d+) differs", detail)
+        here = {}
+        if found and int(found.group(1)) < len(self.layout):
+            tensor = self.layout.tensors[int(found.group(1))]
+            here = {"coordinator_tensor": f"{tensor.name} {tensor.shape}"}
+        return {**here, "fix": "install the same version of the model's package on the device as here "
+                               f"({self.model_ref.package or 'not an installed package'})"}
 
     def _offer_update(self, update: Update, now: float) -> None:
         verdict = self.rounds.on_update(update.device, update.round, update, now)
@@ -484,11 +511,14 @@ class CoordinatorDaemon:
             from fedprune.common.models import evaluate
 
             ev = evaluate(self.spec, self.state.params, *self.evaluation)
-            entry.update(accuracy=ev.accuracy, loss=ev.loss)
-            self.metrics.set("global_accuracy", ev.accuracy)
+            entry.update(ev.metrics, score=ev.score, score_name=ev.score_name)  # loss and the task's metrics
+            self.metrics.set("global_score", ev.score)
+            if "accuracy" in ev.metrics:
+                self.metrics.set("global_accuracy", ev.metrics["accuracy"])
             self.metrics.set("global_loss", ev.loss)
         entry["close_s"] = self.clock() - now
-        self._pending_commit = (closed.round, entry, self._maybe_release(closed.round, entry.get("accuracy")))
+        score = (entry["score_name"], entry["score"]) if "score" in entry else None
+        self._pending_commit = (closed.round, entry, self._maybe_release(closed.round, score))
         self._commit_round()
 
     def _follow_allow_list(self) -> None:
@@ -556,7 +586,7 @@ class CoordinatorDaemon:
         self.trail.add(entry)
         self._save_registry(self.clock())
         self._note(logging.INFO, "round_closed", round=completed, received=entry["received"],
-                   selected=entry["selected"], accuracy=round(entry["accuracy"], 4) if "accuracy" in entry else None,
+                   selected=entry["selected"], **({entry["score_name"]: round(entry["score"], 4)} if "score" in entry else {}),
                    duration_s=round(entry["duration_s"], 2))
         if release is not None:
             self._publish_release(release)
@@ -644,7 +674,7 @@ class CoordinatorDaemon:
             self._note(logging.WARNING, "key_grant_not_published", error=str(exc))
 
     # ---- releases -------------------------------------------------------------------------------
-    def _maybe_release(self, round_number: int, accuracy: float | None) -> ModelRelease | None:
+    def _maybe_release(self, round_number: int, score: tuple[str, float] | None) -> ModelRelease | None:
         """Export before the checkpoint (so the version is persisted with the round), publish after."""
         if not release_due(self.config, round_number):
             return None
@@ -653,13 +683,13 @@ class CoordinatorDaemon:
             release, path = make_release(self.spec, self.state.params, version=version, variant=self.config.export.variant,
                                          opset=self.config.export.opset, state_root=self.state_dir.root,
                                          metadata=release_metadata(self.config, round_number, self.state.mask_version,
-                                                                   accuracy))
+                                                                   score))
         except OSError as exc:
             self._note(logging.ERROR, "release_failed", version=version, round=round_number, error=repr(exc))
             return None
         self.release_version = version
         self.releases.append(release_row(version, release_metadata(self.config, round_number, self.state.mask_version,
-                                                                   accuracy), len(release.onnx), self.clock()))
+                                                                   score), len(release.onnx), self.clock()))
         emit(log, logging.INFO, "release_exported", version=version, round=round_number, bytes=len(release.onnx),
              file=path)
         return release

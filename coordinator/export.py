@@ -45,10 +45,10 @@ INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 MIN_OPSET, MAX_OPSET = 13, 20
 REQUIRED_KEYS = ("federation", "round", "mask_version")
-DERIVED_KEYS = ("model", "input_shape", "num_classes", "sparsity", "weights_sha256", "opset", "variant")
+DERIVED_KEYS = ("model", "task", "input_shape", "num_classes", "sparsity", "weights_sha256", "opset", "variant")
 VARIANTS = ("dense", "compact", "int8")
 _INT_KEYS = {"round", "mask_version", "num_classes", "opset"}
-_FLOAT_KEYS = {"sparsity", "val_accuracy"}
+_FLOAT_KEYS = {"sparsity", "val_accuracy", "val_f1", "val_r2"}
 # Storing a tensor compactly costs a few nodes and shape constants; below this saving, keep it dense.
 _MIN_SAVING = 256
 # Decoder tensors are named "~/<constant>" (shared) and "~<k>/<step>" (k-th decoded tensor), and
@@ -94,6 +94,7 @@ def export_onnx(
     module = module_from_params(spec, params).eval()
     props.update(
         model=spec.name,
+        task=spec.task,
         input_shape=",".join(map(str, spec.input_shape)),
         num_classes=str(spec.num_classes),
         sparsity=f"{masked_sparsity(spec, params):.6f}",
@@ -103,7 +104,11 @@ def export_onnx(
     )
     buffer = io.BytesIO()
     with warnings.catch_warnings():
+        # The exporter's deprecation notice, and its tracer's notes on recurrent layers (their
+        # shape checks become constants; the batch axis stays dynamic, as the parity tests show).
         warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message="Exporting a model to ONNX with a batch_size other than 1")
         torch.onnx.export(
             module,
             (torch.zeros((1, *spec.input_shape)),),

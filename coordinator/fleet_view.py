@@ -26,7 +26,7 @@ class RoundPoint:
     round: int
     received: int
     selected: int
-    accuracy: float | None
+    score: float | None  # the headline metric: accuracy, f1 or r2 (FleetView.score_name)
     loss: float | None
     bytes_in: int  # uplink of this round (all devices, all messages)
     bytes_out: int
@@ -80,10 +80,11 @@ class FleetView:
     devices: tuple[DeviceRow, ...]
     releases: tuple[dict[str, Any], ...]
     events: tuple[Event, ...]
+    score_name: str  # what RoundPoint.score is: accuracy (classification), f1 (multilabel), r2 (regression)
 
     @property
-    def last_accuracy(self) -> float | None:
-        return next((p.accuracy for p in reversed(self.rounds) if p.accuracy is not None), None)
+    def last_score(self) -> float | None:
+        return next((p.score for p in reversed(self.rounds) if p.score is not None), None)
 
     @property
     def online(self) -> int:
@@ -95,7 +96,7 @@ class FleetView:
 
     def to_dict(self) -> dict[str, Any]:
         document = asdict(self)
-        document.update(last_accuracy=self.last_accuracy, online=self.online, enrolled=self.enrolled)
+        document.update(last_score=self.last_score, online=self.online, enrolled=self.enrolled)
         return document
 
 
@@ -104,6 +105,7 @@ class RoundTrail:
 
     def __init__(self, entries: Iterable[Mapping[str, Any]] = ()) -> None:
         self.points: list[RoundPoint] = []
+        self.score_name = "accuracy"  # history before 1.6 had classification only
         self.rounds_taken: dict[str, int] = {}
         self.bytes_sent: dict[str, int] = {}
         for entry in entries:
@@ -111,11 +113,12 @@ class RoundTrail:
 
     def add(self, entry: Mapping[str, Any]) -> None:
         previous = self.points[-1] if self.points else None
+        self.score_name = entry.get("score_name", self.score_name)
         cum_in, cum_out = int(entry.get("cum_bytes_in", 0)), int(entry.get("cum_bytes_out", 0))
         before_in, before_out = (previous.cum_bytes_in, previous.cum_bytes_out) if previous else (0, 0)
         self.points.append(RoundPoint(
             round=int(entry["round"]), received=int(entry.get("received", 0)), selected=int(entry.get("selected", 0)),
-            accuracy=entry.get("accuracy"), loss=entry.get("loss"),
+            score=entry.get("score", entry.get("accuracy")), loss=entry.get("loss"),  # history before 1.6: accuracy
             # a restart starts the byte counters again: a drop means "since the restart"
             bytes_in=cum_in - before_in if cum_in >= before_in else cum_in,
             bytes_out=cum_out - before_out if cum_out >= before_out else cum_out,
@@ -209,5 +212,5 @@ def build_view(inputs: ViewInputs, now: float, running: bool) -> FleetView:
         total_rounds=inputs.total_rounds, live=inputs.live, rounds=tuple(inputs.trail.points),
         devices=device_rows(inputs.records, inputs.online, inputs.excluded, inputs.trail, inputs.importance,
                             inputs.quality),
-        releases=inputs.releases, events=inputs.events,
+        releases=inputs.releases, events=inputs.events, score_name=inputs.trail.score_name,
     )

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from fedprune.common.fsutil import atomic_write
+from fedprune.coordinator.state import entry_score, score_name
 
 PLOT_FILES = ("accuracy_vs_round.png", "accuracy_vs_uplink.png", "importance_vs_round.png")
 FIGSIZE = (5, 3.5)
@@ -46,8 +47,11 @@ def write_plots(entries: Iterable[Mapping[str, Any]], out: str | Path, flagged: 
     entries = list(entries)
     out = Path(out)
     flagged = set(flagged)
-    evaluated = [e for e in entries if e.get("accuracy") is not None]
-    acc = [100 * float(e["accuracy"]) for e in evaluated]
+    evaluated = [e for e in entries if entry_score(e) is not None]
+    name = score_name(entries)
+    percent = name == "accuracy"  # accuracy in %; F1 and R² as they are
+    acc = [(100 if percent else 1) * float(entry_score(e)) for e in evaluated]
+    metric_label = "test accuracy (%)" if percent else {"r2": "test R²", "f1": "test F1"}.get(name, f"test {name}")
 
     def save(name: str, draw) -> Path:
         fig = Figure(figsize=FIGSIZE)
@@ -68,14 +72,14 @@ def write_plots(entries: Iterable[Mapping[str, Any]], out: str | Path, flagged: 
 
     def accuracy_vs_round(ax) -> None:
         ax.plot([e["round"] for e in evaluated], acc)
-        ax.set(xlabel="round", ylabel="test accuracy (%)")
+        ax.set(xlabel="round", ylabel=metric_label)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if not evaluated:
             nothing_yet(ax, "no evaluated round yet")
 
     def accuracy_vs_uplink(ax) -> None:
         ax.plot([e.get(uplink_key, 0) / 1e6 for e in evaluated], acc)
-        ax.set(xlabel=uplink_label, ylabel="test accuracy (%)")
+        ax.set(xlabel=uplink_label, ylabel=metric_label)
         if not evaluated:
             nothing_yet(ax, "no evaluated round yet")
 

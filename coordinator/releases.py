@@ -16,6 +16,7 @@ from fedprune.common.fsutil import atomic_write
 from fedprune.protocol.messages import ModelRelease
 
 _RELEASE_FILE = re.compile(r"^model-v(\d+)\.onnx$")
+VAL_KEYS = ("val_accuracy", "val_f1", "val_r2")  # release_metadata's headline metric, one per task kind
 
 
 def release_dir(state_root: Path) -> Path:
@@ -48,12 +49,13 @@ def release_due(config: Any, round_number: int) -> bool:
 
 
 def release_metadata(config: Any, round_number: int, mask_version: int,
-                     accuracy: float | None) -> dict[str, str | int | float]:
-    """What a release says about itself (ONNX metadata): federation, round, masks, held-out accuracy."""
+                     score: tuple[str, float] | None) -> dict[str, str | int | float]:
+    """What a release says about itself (ONNX metadata): federation, round, masks and the held-out
+    headline metric ``(name, value)`` as ``val_<name>``: val_accuracy, val_f1 or val_r2."""
     metadata: dict[str, str | int | float] = {"federation": config.federation.id, "round": round_number,
                                               "mask_version": mask_version}
-    if accuracy is not None:
-        metadata["val_accuracy"] = float(accuracy)
+    if score is not None:
+        metadata[f"val_{score[0]}"] = float(score[1])
     return metadata
 
 
@@ -69,13 +71,13 @@ def export_checkpoint(config: Any, out: Path, *, variant: str) -> tuple[int, dic
     """``fedprune-coordinator export``: the newest checkpoint's global model to an ONNX file."""
     from fedprune.coordinator.config import model_spec
     from fedprune.coordinator.export import read_metadata
-    from fedprune.coordinator.state import StateDir, StateError, latest_accuracy
+    from fedprune.coordinator.state import StateDir, StateError, latest_score
 
     checkpoint = StateDir(config.state.dir).load_latest_checkpoint()
     if checkpoint is None:
         raise StateError(f"{config.state.dir} has no checkpoint yet: run the coordinator first")
     metadata = release_metadata(config, int(checkpoint["round"]), int(checkpoint["mask_version"]),
-                                latest_accuracy(checkpoint))
+                                latest_score(checkpoint))
     blob = export_variant(model_spec(config), checkpoint["params"], variant=variant, opset=config.export.opset,
                           metadata=metadata)
     atomic_write(Path(out), blob, mode=0o644)
@@ -106,6 +108,6 @@ def releases_on_disk(state_root: Path) -> tuple[dict[str, Any], ...]:
 
 
 def release_row(version: int, metadata: dict[str, Any], size: int, exported_at: float) -> dict[str, Any]:
-    accuracy = metadata.get("val_accuracy")
+    score = next((float(v) for k, v in metadata.items() if k in VAL_KEYS), None)
     return {"version": version, "round": int(metadata["round"]) if "round" in metadata else None,
-            "accuracy": None if accuracy is None else float(accuracy), "bytes": size, "time": exported_at}
+            "score": score, "bytes": size, "time": exported_at}

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from fedprune.common.fsutil import atomic_write
 from fedprune.coordinator.plots import write_plots
-from fedprune.coordinator.state import StateDir, StateError
+from fedprune.coordinator.state import StateDir, StateError, entry_score, score_name
 
 if TYPE_CHECKING:
     from fedprune.coordinator.config import CoordinatorConfig
@@ -119,16 +119,17 @@ def cumulative_bytes(entries: list[dict[str, Any]], key: str) -> list[int]:
 
 
 def summarize(entries: list[dict[str, Any]], state_dir: Path, skipped: int) -> dict[str, Any]:
-    evaluated = [e for e in entries if e.get("accuracy") is not None]
+    evaluated = [e for e in entries if entry_score(e) is not None]
     gated = gated_rounds(entries)
     uplink, downlink = cumulative_bytes(entries, "cum_bytes_in"), cumulative_bytes(entries, "cum_bytes_out")
     return {
         "state_dir": str(state_dir),
         "rounds": len(entries),
         "last_round": entries[-1]["round"] if entries else None,
-        "final_accuracy": evaluated[-1]["accuracy"] if evaluated else None,
-        "final_accuracy_round": evaluated[-1]["round"] if evaluated else None,
-        "best_accuracy": max(e["accuracy"] for e in evaluated) if evaluated else None,
+        "score_name": score_name(entries),  # accuracy, f1 or r2
+        "final_score": entry_score(evaluated[-1]) if evaluated else None,
+        "final_score_round": evaluated[-1]["round"] if evaluated else None,
+        "best_score": max(entry_score(e) for e in evaluated) if evaluated else None,
         "cum_uplink_bytes": uplink[-1] if entries else 0,  # received by the coordinator
         "cum_downlink_bytes": downlink[-1] if entries else 0,  # published by the coordinator
         "devices": {device: {"r": s.get("r"), "q": s.get("q"), "round": s["round"],

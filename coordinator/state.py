@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -90,13 +91,28 @@ def _history_line(entry: dict[str, Any]) -> bytes:
     return (json.dumps(entry, sort_keys=True) + "\n").encode()
 
 
-def latest_accuracy(checkpoint: dict[str, Any] | None) -> float | None:
-    """The newest evaluated accuracy a checkpoint records (its round's entry; older checkpoints
-    carried the whole trail)."""
+def entry_score(entry: dict[str, Any]) -> float | None:
+    """A history entry's headline metric (``score``; entries before 1.6 had ``accuracy``)."""
+    return entry.get("score", entry.get("accuracy"))
+
+
+def score_name(entries: Iterable[dict[str, Any]]) -> str:
+    """What the entries' scores are: accuracy, f1 or r2 (entries before 1.6: accuracy)."""
+    return next((e["score_name"] for e in reversed(list(entries)) if "score_name" in e), "accuracy")
+
+
+def latest_score(checkpoint: dict[str, Any] | None) -> tuple[str, float] | None:
+    """The newest evaluated headline metric a checkpoint records, (name, value) (its round's
+    entry; older checkpoints carried the whole trail, and only accuracy)."""
     if checkpoint is None:
         return None
     entries = checkpoint.get("history") or [checkpoint.get("last_entry") or {}]
-    return next((h["accuracy"] for h in reversed(entries) if "accuracy" in h), None)
+    for entry in reversed(entries):
+        if "score" in entry:
+            return entry.get("score_name", "accuracy"), entry["score"]
+        if "accuracy" in entry:
+            return "accuracy", entry["accuracy"]
+    return None
 
 
 @dataclass(frozen=True)

@@ -32,11 +32,11 @@ def view_from_state(config: CoordinatorConfig, now: float | None = None) -> Flee
 
 
 def render_text(view: FleetView) -> str:
-    accuracy = view.last_accuracy
+    score = view.last_score
     last = view.rounds[-1] if view.rounds else None
     lines = [
-        f"federation {view.federation}: {view.completed_rounds}/{view.total_rounds} rounds, last accuracy "
-        + (f"{accuracy:.4f}" if accuracy is not None else "n/a")
+        f"federation {view.federation}: {view.completed_rounds}/{view.total_rounds} rounds, last {view.score_name} "
+        + (f"{score:.4f}" if score is not None else "n/a")
         + f", {view.online} of {view.enrolled} devices online",
         f"uplink {last.cum_bytes_in:,} bytes, downlink {last.cum_bytes_out:,} bytes since the coordinator started"
         if last else "no round completed yet",

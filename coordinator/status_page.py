@@ -126,9 +126,8 @@ def _summary(view: FleetView, now: float) -> str:
     if live:
         cards.append(("Updates", f'<span data-field="received">{live.received}</span> of {live.selected} selected '
                                  f'· quorum <span data-field="quorum">{live.quorum}</span>'))
-    accuracy = view.last_accuracy
     cards += [
-        ("Accuracy", f'<span data-field="last_accuracy">{_fmt(accuracy, "{:.4f}")}</span>'),
+        (_title(view.score_name), f'<span data-field="last_score">{_fmt(view.last_score, "{:.4f}")}</span>'),
         ("Devices", f'<span data-field="online">{view.online}</span> online of '
                     f'<span data-field="enrolled">{view.enrolled}</span>'),
         ("Uplink", f'<span data-field="uplink_bytes">{_bytes(view.rounds[-1].cum_bytes_in if view.rounds else 0)}</span>'),
@@ -137,14 +136,19 @@ def _summary(view: FleetView, now: float) -> str:
         f'<div class="card"><span class="muted">{title}</span><b>{body}</b></div>' for title, body in cards) + "</section>"
 
 
+def _title(score_name: str) -> str:
+    """accuracy -> Accuracy, f1 -> F1, r2 -> R²: the headline metric's card and chart title."""
+    return {"r2": "R²", "f1": "F1"}.get(score_name, score_name.capitalize())
+
+
 def _charts(view: FleetView) -> str:
     points = thin(view.rounds)
     if not points:
         return '<h2>Rounds</h2><p class="muted">No round completed yet.</p>'
     rounds = [p.round for p in points]
-    evaluated = [p for p in points if p.accuracy is not None]
-    quality = (_line_chart("Accuracy", [p.round for p in evaluated],
-                           [("accuracy", "var(--acc)", [p.accuracy for p in evaluated])], "{:.3f}")
+    evaluated = [p for p in points if p.score is not None]
+    quality = (_line_chart(_title(view.score_name), [p.round for p in evaluated],
+                           [(view.score_name, "var(--acc)", [p.score for p in evaluated])], "{:.3f}")
                if evaluated else "")
     losses = [p for p in points if p.loss is not None]
     loss = (_line_chart("Loss", [p.round for p in losses], [("loss", "var(--loss)", [p.loss for p in losses])],
@@ -221,11 +225,12 @@ def _releases(view: FleetView) -> str:
         return '<h2>Releases</h2><p class="muted">No release yet.</p>'
     rows = "".join(
         f'<tr><td class="num">{r["version"]}</td><td class="num">{_fmt(r.get("round"), "{}")}</td>'
-        f'<td class="num">{_fmt(r.get("accuracy"), "{:.4f}")}</td><td class="num">{_bytes(r["bytes"])}</td>'
+        f'<td class="num">{_fmt(r.get("score"), "{:.4f}")}</td><td class="num">{_bytes(r["bytes"])}</td>'
         f'<td>{_iso(r.get("time"))}</td></tr>' for r in view.releases[::-1][:RELEASES_SHOWN])
     return (f'<h2>Releases</h2>{_more(len(view.releases), RELEASES_SHOWN, "releases")}'
             '<div class="scroll"><table id="releases"><thead><tr><th class=num>version</th>'
-            '<th class=num>round</th><th class=num>accuracy</th><th class=num>size</th><th>exported</th></tr></thead>'
+            f'<th class=num>round</th><th class=num>{escape(view.score_name)}</th><th class=num>size</th>'
+            '<th>exported</th></tr></thead>'
             f"<tbody>{rows}</tbody></table></div>")
 
 

@@ -83,17 +83,30 @@ def _run_infer(args: argparse.Namespace) -> int:
     except ValueError as exc:
         hint = "" if args.labels else " (if its last column is a label, pass --labels)"
         raise LocalDataError(f"{args.input}: {exc}{hint}") from None
-    predictions = predictor.predict_classes(X)
-    lines = [f"{i},{int(p)}" for i, p in enumerate(predictions)]
+    predictions = predictor.predictions(X)
+    rows = predictions.reshape(len(predictions), -1)
+    integral = predictions.dtype.kind == "i"
+    lines = [f"{i}," + ",".join(str(int(v)) if integral else f"{float(v):.6g}" for v in row) for i, row in enumerate(rows)]
+    header = "row," + (",".join(f"prediction{j}" for j in range(rows.shape[1])) if rows.shape[1] > 1 else "prediction")
     if args.output:
-        args.output.write_text("row,prediction\n" + "\n".join(lines) + "\n")
+        args.output.write_text(header + "\n" + "\n".join(lines) + "\n")
     else:
-        print("row,prediction", *lines, sep="\n")
-    summary = f"model release {version}: {len(predictions)} predictions"
+        print(header, *lines, sep="\n")
+    summary = f"model release {version} ({predictor.task}): {len(predictions)} predictions"
     if y is not None:
-        summary += f", accuracy {float(np.mean(predictions == y)):.4f}"
+        summary += ", " + _label_score(predictor.task, predictions, y)
     print(summary, file=sys.stderr)
     return 0
+
+
+def _label_score(task: str, predictions, y) -> str:
+    """Accuracy of classes, RMSE of one regression target, exact-match rate of label sets."""
+    import numpy as np
+
+    y = np.asarray(y)
+    if task == "regression":
+        return f"rmse {float(np.sqrt(np.mean((predictions.reshape(y.shape) - y) ** 2))):.6g}"
+    return f"accuracy {float(np.mean(np.all(predictions.reshape(len(y), -1) == y.reshape(len(y), -1), axis=1))):.4f}"
 
 
 def _run_status(args: argparse.Namespace) -> int:

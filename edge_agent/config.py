@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Mapping
 
 from fedprune.common.configkit import in_range, load, one_of, render_example, setting
+from fedprune.common.data_source import DataSource
 from fedprune.common.models import TRAINING_DEVICES
 from fedprune.edge_agent.core.guard import GovernanceConfig
 
@@ -24,7 +25,7 @@ class AgentSection:
     """Where the agent finds its enrollment, its data and its state."""
 
     bundle: Path = setting(Path("/etc/fedprune/bundle.json"), "enrollment bundle made by `fedprune-coordinator enroll`")
-    data: Path = setting(Path("/var/lib/fedprune-agent/data"), "local training data: a .npz (X, y) or CSV file, or a directory of them")
+    data: Path = setting(Path("/var/lib/fedprune-agent/data"), "local training data: a .npz (X, y) or CSV file, or a directory of them; [data] says how to read other kinds")
     state_dir: Path = setting(Path("/var/lib/fedprune-agent"), "state directory (audit log, models, cached updates)")
     device: str = setting("cpu", "where to train: cpu, cuda (Jetson) or auto", check=one_of(*TRAINING_DEVICES))
     train_in_subprocess: bool = setting(True, "train in a short-lived child so the idle agent never holds torch (small RSS)")
@@ -99,6 +100,7 @@ class PrivacySection:
 @dataclass(frozen=True)
 class AgentConfig:
     agent: AgentSection = field(default_factory=AgentSection)
+    data: DataSource = field(default_factory=DataSource)
     broker: BrokerOverride = field(default_factory=BrokerOverride)
     inference: InferenceSection = field(default_factory=InferenceSection)
     governance: GovernanceSection = field(default_factory=GovernanceSection)

@@ -39,6 +39,7 @@ from fedprune.common.bundle import Bundle, EnrollmentError, load_bundle
 from fedprune.edge_agent.config import AgentConfig
 from fedprune.common.configkit import ConfigError
 from fedprune.common.data import DATA_MISMATCH, DataSummary, data_mismatch, load_local_data
+from fedprune.common.model_rules import LAYOUT_MISMATCH, package_version
 from fedprune.common.events import emit
 from fedprune.common.fsutil import atomic_write, ensure_writable_dir
 from fedprune.edge_agent.core.guard import Governor
@@ -48,7 +49,9 @@ from fedprune.common.link import Link
 from fedprune.common.mqtt import LastWill, LinkConfig, MqttError, MqttLink
 from fedprune.edge_agent.core.privacy import PRIVACY_BUDGET_EXHAUSTED
 from fedprune.protocol.channel import AgentChannel, Publication
-from fedprune.protocol.errors import BadSignature, ProtocolError, Replayed, Stale, UnknownKey, UnknownMask
+from fedprune.protocol.errors import (
+    BadSignature, LayoutMismatch, ProtocolError, Replayed, Stale, UnknownKey, UnknownMask,
+)
 from fedprune.protocol.layout import ModelLayout
 from fedprune.edge_agent.release_store import ReleaseRejected, ReleaseStore
 from fedprune.protocol.messages import (
@@ -104,7 +107,7 @@ class AgentDaemon:
                               "directory") from None
         self.audit = AuditLog(self.state_dir / "audit.jsonl")
         self.declines = DeclineLog(self.state_dir / "declines.json")
-        self.data = DataSummary.of(*load_local_data(section.data))
+        self.data = DataSummary.of(*load_local_data(section.data, config.data))
         self.n_examples = self.data.n_examples
         self._mismatch: dict[ModelRef, str | None] = {}  # per model spec: why the data does not fit it
         self._last_model: ModelRef | None = None
@@ -373,6 +376,24 @@ class AgentDaemon:
         self._key_missing = self._key_missing or isinstance(exc, UnknownKey)
         if isinstance(exc, BadSignature):
             self._foreign_broadcast()
+        if isinstance(exc, LayoutMismatch) and exc.round is not None:
+            self._layout_mismatch(exc)
+
+    def _layout_mismatch(self, exc: LayoutMismatch) -> None:
+        """A task for a model this device builds differently (another version of the factory's
+        package, usually) or cannot build: declined, with where the layouts part and both
+        versions, so the operator sees what to align; one ERROR line per model here."""
+        model = exc.model
+        here = package_version(model.name) or "no installed package"
+        detail = exc.detail or "its layout differs from the coordinator's"
+        reason = f"{LAYOUT_MISMATCH}: {detail}; {here} here, {model.package or 'unknown'} on the coordinator"
+        if model not in self._mismatch:
+            self._mismatch[model] = reason
+            emit(log, logging.ERROR, "layout_mismatch", model=model.name, detail=detail, package_here=here,
+                 package_coordinator=model.package or "unknown", action="decline_every_round",
+                 fix="install the same version of the model's package here as on the coordinator")
+        if self.bundle.device_id in exc.selected:
+            self._publish_status(State.DECLINED, reason[:256], exc.round)
 
     def _on_key(self, grant: KeyGrant, now: float) -> None:
         """A federation key arrived: the task and release that waited for it decode now."""
@@ -396,7 +417,8 @@ class AgentDaemon:
             return
         if self.server is not None:
             self._serve(release.version, path)
-        said = {key: release.metadata[key] for key in ("round", "val_accuracy") if key in release.metadata}
+        said = {key: release.metadata[key] for key in ("round", "val_accuracy", "val_f1", "val_r2")
+                if key in release.metadata}
         emit(log, logging.INFO, "release_installed", version=release.version, bytes=len(release.onnx), **said)
 
     def _serve(self, version: int, path: Path) -> None:
@@ -429,7 +451,7 @@ class AgentDaemon:
         can only fail. The data is fixed while the agent runs, so a mismatch is final for that
         spec: every round is declined with it, and one error line says why."""
         if model not in self._mismatch:
-            detail = self._mismatch[model] = data_mismatch(self.data, model.input_shape, model.num_classes)
+            detail = self._mismatch[model] = data_mismatch(self.data, model.input_shape, model.num_classes, model.task)
             if detail:
                 emit(log, logging.ERROR, "data_mismatch", model=model.name, input_shape=list(model.input_shape),
                      num_classes=model.num_classes, data=self.config.agent.data, detail=detail,
@@ -493,7 +515,7 @@ class AgentDaemon:
         task, section = action.task, self.config.agent
         job = worker.TrainJob(
             model=task.model, params=task.params(), masks=task.masks, hyper=action.hyper,
-            data_path=section.data, device=section.device,
+            data_path=section.data, data_source=self.config.data, device=section.device,
             threads=self.config.training_threads(os.cpu_count() or 1),
         )
         try:

@@ -122,6 +122,22 @@ class Predictor:
         """Most likely class per row, int64 (N,)."""
         return self.predict(X).argmax(axis=1).astype(np.int64)
 
+    @property
+    def task(self) -> str:
+        """What the model learnt (release metadata ``task``; releases before it: classification)."""
+        return self.metadata.get("task", "classification")
+
+    def predictions(self, X: np.ndarray) -> np.ndarray:
+        """What the model's outputs mean for its task: the class, int64 (N,); the labels that
+        apply (logit > 0, i.e. probability > 0.5), int64 0/1 (N, L); or the regression values,
+        float32 (N,) for one target, (N, T) for several."""
+        if self.task == "classification":
+            return self.predict_classes(X)
+        out = self.predict(X)
+        if self.task == "multilabel":
+            return (out > 0).astype(np.int64)
+        return out[:, 0] if out.shape[1] == 1 else out
+
     def _run(self, X: np.ndarray) -> np.ndarray:
         if len(X) == 0:
             return np.zeros((0, self.num_classes), dtype=np.float32)
@@ -245,10 +261,11 @@ class InferenceHTTP:
         if served is None:
             return HTTPStatus.SERVICE_UNAVAILABLE, {"error": "no model loaded yet"}
         try:
-            classes = served.predictor.predict_classes(X)
+            predictions = served.predictor.predictions(X)
         except ValueError as exc:
             return HTTPStatus.BAD_REQUEST, {"error": str(exc)}
-        return HTTPStatus.OK, {"predictions": classes.tolist(), "model_version": served.version}
+        return HTTPStatus.OK, {"predictions": predictions.tolist(), "model_version": served.version,
+                               "task": served.predictor.task}
 
     def handle_model(self) -> tuple[int, dict]:
         served = self.model_server.current()

@@ -37,6 +37,7 @@ DECLINE_REASONS = {
     "upload_failed": "the update could not be sent",
     "privacy_ledger_unwritable": "the privacy ledger could not be written",
     "data_mismatch": "this device's data does not fit the model",
+    "layout_mismatch": "this device builds the model differently from the coordinator (another package version?)",
     "missing_base": "it lacked the previous task's weights (the coordinator then sent them whole)",
 }
 MAX_ROUNDS_LEFT = 100_000
@@ -142,8 +143,9 @@ def _release(models: Path, keep: int) -> dict[str, Any] | None:
     if current is None:
         return None
     metadata = store.metadata()
+    validation = {key: metadata[key] for key in ("val_accuracy", "val_f1", "val_r2") if key in metadata}
     return {"version": current[0], "path": str(current[1]), "round": metadata.get("round"),
-            "val_accuracy": metadata.get("val_accuracy"), "federation": metadata.get("federation")}
+            "federation": metadata.get("federation"), **validation}
 
 
 def render(status: dict[str, Any], as_json: bool = False) -> str:
@@ -183,6 +185,9 @@ def render(status: dict[str, Any], as_json: bool = False) -> str:
             about.append(f"from round {release['round']}")
         if isinstance(release.get("val_accuracy"), (int, float)):
             about.append(f"accuracy {100 * release['val_accuracy']:.1f} %")
+        for key, name in (("val_f1", "F1"), ("val_r2", "R²")):
+            if isinstance(release.get(key), (int, float)):
+                about.append(f"{name} {release[key]:.3f}")
         lines.append(f"model release:   version {release['version']}" + (f" ({', '.join(about)})" if about else "")
                      + f", {release['path']}")
 

@@ -1,19 +1,21 @@
 """Masked local training and the client readjust step (docs/ALGORITHM.md §3.4, §3.6, §4.6).
 
 Theory of operation. The client receives theta^t (exact zeros outside the global mask m^t) and
-trains it for K = E * ceil(|D_n| / B) SGD steps. The mask is not part of the autograd graph
+trains it for K = E * ceil(|D_n| / B) steps of SGD or AdamW (``hp.optimizer``) on the loss of the
+spec's task kind (``fedprune.common.objectives``). The mask is not part of the autograd graph
 (§9.2): pruned entries are zeros in ``W.data``, so ``W.grad`` is the dense gradient that growth
 needs. Sparsity is kept by the optimiser, not the forward pass: g <- g * m before each step (so
-weight decay and momentum see zeros there: momentum buffers stay exactly 0 at pruned positions)
-and W <- W * m after it. On readjust rounds, after ceil(K/2) steps, every masked layer drops the
+weight decay and the optimiser's moments see zeros there: SGD's momentum and AdamW's first and
+second moments stay exactly 0 at pruned positions) and W <- W * m after it. On readjust rounds, after ceil(K/2) steps, every masked layer drops the
 c = min(floor(p_t * k), #inactive) active weights of smallest |w| and grows c positions that
 were inactive before this step, by largest |dense gradient| on the next local minibatch (or
 uniformly at random, seeded, for growth="random"); ties go to the lower flat index (stable sort,
 never torch.topk, §9.6), so nnz per layer is preserved exactly and server and client agree bit for
-bit. Grown and dropped positions restart at weight 0 and momentum 0. The remaining steps then
+bit. Grown and dropped positions restart at weight 0 and moments 0. The remaining steps then
 train with the new mask, so grown weights reach the server with a trained value (§2 [OURS]).
 
-Before any step the received model is evaluated on the local data, per class (§4.6 loss quality).
+Before any step the received model is evaluated on the local data, per group (per class for
+classification; ``objectives.group_losses``), for the loss quality of §4.6.
 Everything is deterministic from ``hp.seed`` (a private torch.Generator drives shuffling and
 random growth), and the same code runs on CPU or CUDA.
 """
@@ -27,23 +29,20 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional as F
 
+from fedprune.common import objectives
 from fedprune.common.models import TRAINING_DEVICES
 from fedprune.common.models import (
     Masks,
     ModelSpec,
     Params,
     as_model_input,
-    check_labels,
     count_macs,
     model_layout,
     module_from_params,
 )
 from fedprune.protocol.hyperparams import HyperParams
 from fedprune.protocol.layout import ModelLayout
-
-_EVAL_BATCH = 1024
 
 
 @dataclass(frozen=True)
@@ -55,7 +54,7 @@ class LocalResult:
     n_examples: int
     steps: int
     train_loss: float
-    class_losses: dict[int, tuple[float, int]]
+    class_losses: dict[int, tuple[float, int]]  # per group of the task kind (objectives.group_losses)
     flops: int
 
 
@@ -113,26 +112,6 @@ def readjust_masks(
     return {name: readjust_layer(masks[name], weights[name], grow_scores[name], fraction) for name in masks}
 
 
-def class_losses(model: nn.Module, X: torch.Tensor, y: torch.Tensor, num_classes: int) -> dict[int, tuple[float, int]]:
-    """Mean cross-entropy of ``model`` (eval mode) on the samples of each class present in y.
-
-    A class whose loss overflows (a diverged or poisoned global model) is left out: the protocol
-    carries finite numbers only, and the coordinator reads a missing class as "no evidence"."""
-    was_training = model.training
-    model.eval()
-    sums = torch.zeros(num_classes, dtype=torch.float64, device=X.device)
-    with torch.no_grad():
-        for start in range(0, len(y), _EVAL_BATCH):
-            yb = y[start : start + _EVAL_BATCH]
-            losses = F.cross_entropy(model(X[start : start + _EVAL_BATCH]), yb, reduction="none")
-            sums.index_add_(0, yb, losses.double())
-    model.train(was_training)
-    counts = torch.bincount(y, minlength=num_classes).cpu().numpy()
-    sums_np = sums.cpu().numpy()
-    means = {int(c): (float(sums_np[c] / counts[c]), int(counts[c])) for c in np.flatnonzero(counts)}
-    return {c: pair for c, pair in means.items() if np.isfinite(pair[0])}
-
-
 def _check_state(layout: ModelLayout, params: Params, masks: Masks) -> None:
     if set(params) != set(layout.names):
         missing, extra = sorted(set(layout.names) - set(params)), sorted(set(params) - set(layout.names))
@@ -162,20 +141,37 @@ def _batch_stream(n: int, batch_size: int, generator: torch.Generator, device: t
             yield order[start : start + batch_size]
 
 
-class MaskedSGD:
-    """SGD with momentum and coupled weight decay (torch.optim.SGD) whose mask holds on the
-    weights, the gradients and the momentum buffers of the masked tensors (§3.4).
+# The optimiser's per-position state: what the mask must hold on and readjust restarts at 0.
+_MOMENTS = {"sgd": ("momentum_buffer",), "adamw": ("exp_avg", "exp_avg_sq")}
+ADAMW_BETAS = (0.9, 0.999)
+
+
+class MaskedOptimizer:
+    """SGD (momentum, coupled weight decay) or AdamW (decoupled weight decay) from torch.optim,
+    whose mask holds on the weights, the gradients and the optimiser's moments of the masked
+    tensors (§3.4): ``hp.optimizer`` picks one, on the loss of ``task``.
 
     ``masks`` maps each masked parameter name of ``model`` to a bool tensor on the model's device;
     the weights must already be zero outside it. An optional FedProx term pulls every trainable
-    tensor towards its value at construction (theta^t). A masked tensor of density d trains at
-    lr * min(1/d, hp.max_sparse_lr_factor); readjusting keeps d, so the rate holds all round.
+    tensor towards its value at construction (theta^t).
+
+    A masked tensor of density d trains at lr * min(1/d, hp.max_sparse_lr_factor), for both
+    optimisers; readjusting keeps d, so the rate holds all round. The rule compensates that a step
+    moves a sparse layer's output ∝ d (its active inputs, docs/ALGORITHM_NOTES.md §5). AdamW's
+    step per weight is scale-free (≈ lr whatever the gradient's size), but the output still moves
+    by the sum over the active inputs, ∝ d, so the same correction applies; set the factor to 1
+    for the plain rule. AdamW takes betas ADAMW_BETAS (``hp.momentum`` is SGD's only) and its bias
+    correction counts the tensor's steps: a position grown at readjust starts from moments 0 under
+    an already-advanced count, so its first steps are up to (1 - b1)/sqrt(1 - b2) ≈ 3.2 lr, as in
+    RigL with Adam.
     """
 
-    def __init__(self, model: nn.Module, masks: dict[str, torch.Tensor], hp: HyperParams) -> None:
+    def __init__(self, model: nn.Module, masks: dict[str, torch.Tensor], hp: HyperParams,
+                 task: str = "classification") -> None:
         named = dict(model.named_parameters())
         self.model = model
         self.hp = hp
+        self.task = objectives.check_task(task)
         self.names = list(masks)
         self.masks = dict(masks)
         self._masked = [named[name] for name in self.names]
@@ -187,11 +183,15 @@ class MaskedSGD:
         for param, mask in zip(self._masked, self._mask_float):
             density = max(float(mask.mean()), 1.0 / mask.numel())
             groups.append({"params": [param], "lr": hp.lr * min(1.0 / density, hp.max_sparse_lr_factor)})
-        self.optimizer = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+        if hp.optimizer == "adamw":
+            self.optimizer: torch.optim.Optimizer = torch.optim.AdamW(
+                groups, lr=hp.lr, betas=ADAMW_BETAS, weight_decay=hp.weight_decay)
+        else:
+            self.optimizer = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
 
     def step(self, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-        """One masked SGD step on a minibatch; returns its (detached) cross-entropy."""
-        loss = F.cross_entropy(self.model(xb), yb)
+        """One masked step on a minibatch; returns its (detached) loss."""
+        loss = objectives.loss(self.task, self.model(xb), yb)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self._theta_t:
@@ -203,18 +203,22 @@ class MaskedSGD:
             torch._foreach_mul_(self._masked, self._mask_float)
         return loss.detach()
 
-    def momentum(self, name: str) -> torch.Tensor | None:
-        return self.optimizer.state.get(dict(self.model.named_parameters())[name], {}).get("momentum_buffer")
+    def moments(self, name: str) -> dict[str, torch.Tensor]:
+        """The optimiser's per-position state of parameter ``name`` (empty before its first step,
+        and for SGD without momentum)."""
+        state = self.optimizer.state.get(dict(self.model.named_parameters())[name], {})
+        return {key: state[key] for key in _MOMENTS[self.hp.optimizer] if state.get(key) is not None}
 
     def readjust(
         self, xb: torch.Tensor, yb: torch.Tensor, fraction: float, growth: str, generator: torch.Generator
     ) -> None:
-        """Drop/grow every masked layer (§3.6); weights and momentum restart at 0 where the mask
-        changed. Growth scores: |dense gradient| on (xb, yb), or uniform noise from ``generator``."""
+        """Drop/grow every masked layer (§3.6); weights and moments restart at 0 where the mask
+        changed. Growth scores: |dense gradient| of the task's loss on (xb, yb), or uniform noise
+        from ``generator``."""
         named = dict(self.model.named_parameters())
         if growth == "gradient":
             self.optimizer.zero_grad(set_to_none=True)
-            F.cross_entropy(self.model(xb), yb).backward()
+            objectives.loss(self.task, self.model(xb), yb).backward()
             scores = {name: named[name].grad.abs() for name in self.names}
             self.optimizer.zero_grad(set_to_none=True)
         elif growth == "random":
@@ -228,9 +232,8 @@ class MaskedSGD:
             for name in self.names:
                 changed = new[name] ^ self.masks[name]
                 named[name].masked_fill_(changed, 0.0)
-                buf = self.momentum(name)
-                if buf is not None:
-                    buf.masked_fill_(changed, 0.0)
+                for moment in self.moments(name).values():
+                    moment.masked_fill_(changed, 0.0)
         self.masks = new
         self._mask_float = [new[name].to(torch.float32) for name in self.names]
 
@@ -258,27 +261,29 @@ def train_local(
     hp: HyperParams,
     device: str = "cpu",
 ) -> LocalResult:
-    """Train the received global model on local data with masked SGD (see the module docstring).
+    """Train the received global model on local data with a masked optimiser (see the module docstring).
 
     ``params`` must be zero outside ``masks``; ``masks`` must hold a bool array for every masked
-    tensor (all True for dense training). X is (N, *input_shape) or flat rows; y int labels.
+    tensor (all True for dense training). X is (N, *input_shape) or flat rows; y as
+    ``objectives.check_targets`` takes it for ``spec.task``.
     """
     layout = model_layout(spec)
     _check_state(layout, params, masks)
     X = as_model_input(spec, X)
-    y = check_labels(spec, X, y)
+    y = objectives.check_targets(spec.task, spec.num_classes, len(X), y)
     n = len(y)
     if n == 0:
         raise ValueError("no local training data")
     dev = torch.device(device)
     model = module_from_params(spec, params, dev)
     Xt, yt = torch.from_numpy(X).to(dev), torch.from_numpy(y).to(dev)
-    losses_before = class_losses(model, Xt, yt, spec.num_classes)
+    losses_before = objectives.group_losses(spec.task, model, Xt, yt, spec.num_classes)
 
     model.train()
     masked_names = [t.name for t in layout.masked]
-    trainer = MaskedSGD(
-        model, {name: torch.as_tensor(np.array(masks[name], dtype=bool)).to(dev) for name in masked_names}, hp
+    trainer = MaskedOptimizer(
+        model, {name: torch.as_tensor(np.array(masks[name], dtype=bool)).to(dev) for name in masked_names}, hp,
+        spec.task,
     )
     named = dict(model.named_parameters())
     trainable_specs = [t for t in layout if t.trainable]

@@ -20,6 +20,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
+from fedprune.common.data_source import DataSource
 from fedprune.edge_agent.core.agent import Trained
 from fedprune.protocol.hyperparams import HyperParams
 from fedprune.protocol.layout import ModelLayout, TensorSpec
@@ -37,6 +38,7 @@ class TrainJob:
     data_path: Path
     device: str  # cpu, cuda or auto: resolved where training runs, so the daemon never imports torch
     threads: int
+    data_source: DataSource = DataSource()  # how data_path is read: the daemon's [data], so both read the same
 
 
 class WorkerError(RuntimeError):
@@ -74,11 +76,21 @@ def _arrays_in(packed: dict[str, Any]) -> Params:
 def _model_spec(model: ModelRef):
     from fedprune.common.models import ModelSpec
 
-    return ModelSpec(model.name, tuple(model.input_shape), model.num_classes)
+    return ModelSpec(model.name, tuple(model.input_shape), model.num_classes, args=model.args, task=model.task)
+
+
+def _model_out(model: ModelRef) -> list[Any]:
+    return [model.name, list(model.input_shape), model.num_classes, dict(model.args), model.task]
+
+
+def _model_in(packed: list[Any]) -> ModelRef:
+    name, shape, classes, args, task = packed
+    return ModelRef(name, tuple(shape), classes, args=args, task=task)
 
 
 def layout_for(model: ModelRef) -> ModelLayout:
-    """The layout of a built-in model; imports torch (cached per model by the caller)."""
+    """The layout of the model the reference names; imports torch and the factory's package
+    (cached per model by the caller). ValueError (ModelFactoryError) when it cannot be built."""
     from fedprune.common.models import model_layout
 
     return model_layout(_model_spec(model))
@@ -86,8 +98,10 @@ def layout_for(model: ModelRef) -> ModelLayout:
 
 def layout_in_child(model: ModelRef, python: str = sys.executable) -> ModelLayout:
     """Same as :func:`layout_for` without loading torch into this process."""
-    specs = msgpack.unpackb(_in_child({"op": "layout", "model": [model.name, list(model.input_shape), model.num_classes]},
-                                      python))
+    try:
+        specs = msgpack.unpackb(_in_child({"op": "layout", "model": _model_out(model)}, python))
+    except WorkerError as exc:  # the factory's own words, e.g. "cannot import mypkg.nets"
+        raise ValueError(str(exc)) from None
     return ModelLayout(tuple(TensorSpec(n, tuple(s), m, t) for n, s, m, t in specs))
 
 
@@ -134,7 +148,7 @@ def train(job: TrainJob) -> Trained:
 
     if job.threads > 0:
         torch.set_num_threads(job.threads)
-    X, y = load_local_data(job.data_path)
+    X, y = load_local_data(job.data_path, job.data_source)
     started = time.perf_counter()
     result = train_local(_model_spec(job.model), job.params, job.masks, X, y, job.hyper,
                          device=resolve_device(job.device))
@@ -147,9 +161,10 @@ def train(job: TrainJob) -> Trained:
 
 def train_in_child(job: TrainJob, python: str = sys.executable, timeout_s: float | None = None) -> Trained:
     out = msgpack.unpackb(_in_child({
-        "op": "train", "model": [job.model.name, list(job.model.input_shape), job.model.num_classes],
+        "op": "train", "model": _model_out(job.model),
         "params": _arrays_out(job.params), "masks": _arrays_out(job.masks), "hyper": job.hyper.to_dict(),
-        "data": str(job.data_path), "device": job.device, "threads": job.threads,
+        "data": str(job.data_path), "data_source": job.data_source.to_dict(), "device": job.device,
+        "threads": job.threads,
     }, python, timeout_s=timeout_s, what="training"), raw=False, strict_map_key=False)
     return Trained(
         delta=_arrays_in(out["delta"]), buffers=_arrays_in(out["buffers"]),
@@ -178,17 +193,20 @@ def _main() -> int:
 
         sys.stdout.buffer.write(msgpack.packb(model_problem(request["onnx"])))
         return 0
-    name, shape, classes = request["model"]
-    model = ModelRef(name, tuple(shape), classes)
+    model = _model_in(request["model"])
     if request["op"] == "layout":
-        layout = layout_for(model)
+        try:
+            layout = layout_for(model)
+        except ValueError as exc:  # the message names the factory and the fix: it is the last word
+            sys.stderr.write(f"{exc}\n")
+            return 1
         sys.stdout.buffer.write(msgpack.packb([[s.name, list(s.shape), s.masked, s.trainable] for s in layout]))
         return 0
     job = TrainJob(
         model=model, params=_arrays_in(request["params"]),
         masks={k: v.astype(bool) for k, v in _arrays_in(request["masks"]).items()},
         hyper=HyperParams.from_dict(request["hyper"]), data_path=Path(request["data"]),
-        device=request["device"], threads=request["threads"],
+        data_source=DataSource.from_dict(request["data_source"]), device=request["device"], threads=request["threads"],
     )
     outcome = train(job)
     sys.stdout.buffer.write(msgpack.packb({

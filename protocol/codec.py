@@ -20,9 +20,10 @@ from typing import Any, Callable
 import numpy as np
 
 from fedprune.protocol.envelope import MINOR, Header
-from fedprune.protocol.errors import DecodeError, ProtocolError, TooLarge
+from fedprune.protocol.errors import DecodeError, LayoutMismatch, ProtocolError, TooLarge
 from fedprune.protocol.hyperparams import HyperParams
 from fedprune.protocol.layout import ModelLayout
+from fedprune.protocol.model_args import MAX_ARGS
 from fedprune.protocol.crypto import KEY_ID_LEN
 from fedprune.protocol.messages import (
     WRAPPED_KEY_LEN, KeyGrant, Kind, Message, ModelRef, ModelRelease, Register, Reject, RoundTask, State, Status, Update,
@@ -49,7 +50,7 @@ LayoutFor = Callable[[ModelRef], ModelLayout]
 _HP_TYPES = {f.name: {"int": int, "float": float, "bool": bool, "str": str}[str(f.type)] for f in fields(HyperParams)}
 # Hyper-parameters added after minor 0, by the minor that added them: a sender of an older minor
 # leaves them out, and the receiver takes the dataclass default (what that sender meant).
-_HP_SINCE_MINOR = {"max_sparse_lr_factor": 1}
+_HP_SINCE_MINOR = {"max_sparse_lr_factor": 1, "optimizer": 6}
 
 _TASK_KEYS = frozenset({"fed", "round", "mv", "model", "lfp", "masks", "w", "hp", "deadline", "sel"})
 # Status keys added after minor 3, by the minor that added them: a sender of an older minor leaves
@@ -59,6 +60,9 @@ _STATUS_SINCE_MINOR = {"rel": 4, "eps": 4}
 # Task keys added after minor 4, by the minor that added them, with what a sender of an older
 # minor meant: float32 updates (it knew no other), error feedback on (moot for float32), full weights.
 _TASK_SINCE_MINOR = {"uv": (5, int(ValueDtype.FLOAT32)), "ef": (5, True), "base": (5, None)}
+# Since minor 6 the task's model carries its factory's arguments, task kind, the sender's package
+# and per-tensor digests; a 1.5 sender meant a built-in without arguments, classification.
+_MODEL_SINCE_MINOR = {"margs": (6, {}), "kind": (6, "classification"), "pkg": (6, ""), "tdig": (6, b"")}
 # Task keys without a field since a minor, still written (empty) and required, never read: a 1.2
 # agent requires them in every task. Dropped at the next major.
 _TASK_VESTIGES = {"clm": None}  # class-loss medians: never set, never read; no field since 1.3
@@ -85,6 +89,8 @@ def encode_body(msg: Message, *, value_dtype: ValueDtype = ValueDtype.FLOAT32, b
             "hp": {k: _HP_TYPES[k](v) for k, v in msg.hyper.to_dict().items()},
             "deadline": msg.deadline, "sel": list(msg.selected), **_TASK_VESTIGES,
             "uv": int(msg.update_values), "ef": msg.error_feedback, "base": msg.base_round,
+            "margs": dict(msg.model.args), "kind": msg.model.task, "pkg": msg.model.package,
+            "tdig": msg.model.tensor_digests,
         }
     elif isinstance(msg, Update):
         obj = {
@@ -176,29 +182,50 @@ def _layout_checked(
     try:
         layout = layout_for(model)  # type: ignore[arg-type]
     except (KeyError, ValueError) as exc:
-        raise DecodeError(f"model {model!r} is not known here: {exc}") from None
+        if model is None:
+            raise DecodeError(f"no model layout here: {exc}") from None
+        raise LayoutMismatch(f"model {model.name!r} cannot be built here: {exc}",
+                             detail=f"cannot build it here: {exc}"[:200]) from None
     covered = layout.trainable_layout if trainable_only else layout
     if as_bytes(fingerprint, "layout fingerprint", 8) != covered.fingerprint():
-        raise DecodeError("tensors were encoded for a different model layout (fingerprint mismatch)")
+        detail = covered.first_difference(model.tensor_digests) if model is not None and model.tensor_digests else ""
+        raise LayoutMismatch("tensors were encoded for a different model layout (fingerprint mismatch)"
+                             + (f": {detail}" if detail else ""), detail=detail)
     return layout
+
+
+def _model_ref(m: dict, since: dict) -> ModelRef:
+    name, shape, ncls = as_list(m["model"], "model", 3, length=3)
+    args, kind, package, digests = (m[k] if k in since else default for k, (_, default) in _MODEL_SINCE_MINOR.items())
+    if type(args) is not dict or len(args) > MAX_ARGS:
+        raise fail("model args", f"a map of at most {MAX_ARGS} entries", args)
+    if type(digests) is not bytes or len(digests) > 2 * 4096:
+        raise fail("tensor digests", "binary of at most 8192 bytes", digests)
+    return construct("model", lambda: ModelRef(
+        as_str(name, "model name", 64),
+        tuple(as_int(d, "input dimension", 1, 2**32 - 1) for d in as_list(shape, "input_shape", 8)),
+        as_int(ncls, "num_classes", 1, 1_000_000),
+        args=args, task=as_str(kind, "task kind", 32), package=as_str(package, "package", 128),
+        tensor_digests=digests,
+    ))
 
 
 def _task(
     obj: Any, minor: int, limits: Limits, layout_for: LayoutFor | None, store: MaskStore, tail: TailReader
 ) -> RoundTask:
-    since = {k: default for k, (first, default) in _TASK_SINCE_MINOR.items() if first <= minor}
+    since = {k: first for k, (first, _) in (_TASK_SINCE_MINOR | _MODEL_SINCE_MINOR).items() if first <= minor}
     keys = _TASK_KEYS | _TASK_VESTIGES.keys() | since.keys()
     m = as_map(obj, "task", keys, lenient=minor > MINOR)
     uv, ef, base = (m[k] if k in since else default for k, (_, default) in _TASK_SINCE_MINOR.items())
     if type(ef) is not bool:
         raise fail("task ef", "bool", ef)
-    name, shape, ncls = as_list(m["model"], "model", 3, length=3)
-    model = construct("model", lambda: ModelRef(
-        as_str(name, "model name", 64),
-        tuple(as_int(d, "input dimension", 1, 2**32 - 1) for d in as_list(shape, "input_shape", 8)),
-        as_int(ncls, "num_classes", 1, 1_000_000),
-    ))
-    layout = _layout_checked(layout_for, model, m["lfp"])
+    model = _model_ref(m, since)
+    round_number = as_int(m["round"], "round", 0, 2**32 - 1)
+    selected = tuple(as_str(d, "selected device", 64) for d in as_list(m["sel"], "selected", limits.max_selected))
+    try:
+        layout = _layout_checked(layout_for, model, m["lfp"])
+    except LayoutMismatch as exc:
+        raise LayoutMismatch(str(exc), model=model, round=round_number, selected=selected, detail=exc.detail) from None
     if len(layout) > limits.max_tensors:
         raise TooLarge(f"layout of {len(layout)} tensors exceeds max_tensors={limits.max_tensors}")
     mv = as_int(m["mv"], "mask_version", 0, 2**32 - 1)
@@ -212,9 +239,8 @@ def _task(
         if type(hp_map[key]) is not typ:
             raise fail(f"hyper {key}", typ.__name__, hp_map[key])
         hp[key] = hp_map[key]
-    selected = tuple(as_str(d, "selected device", 64) for d in as_list(m["sel"], "selected", limits.max_selected))
     return construct("task", lambda: RoundTask(
-        federation=as_str(m["fed"], "federation", 64), round=as_int(m["round"], "round", 0, 2**32 - 1),
+        federation=as_str(m["fed"], "federation", 64), round=round_number,
         mask_version=mv, model=model, weights=weights, hyper=HyperParams(**hp),
         deadline=as_float(m["deadline"], "deadline"), selected=selected, include_masks=included,
         update_values=ValueDtype(as_int(uv, "update values", 0, len(ValueDtype) - 1)), error_feedback=ef,

@@ -41,8 +41,9 @@ MAJOR = 1
 # 1: RoundTask hyper-parameters gained max_sparse_lr_factor; 2: suite 4 and KeyGrant;
 # 3: RoundTask lost class_loss_medians (meta key clm); 4: Status gained release and epsilon_left
 # (meta keys rel, eps); 5: RoundTask gained update_values, error_feedback and base_round (meta keys uv, ef,
-# base)
-MINOR = 5
+# base); 6: RoundTask's model gained factory arguments, task kind, package and tensor digests (meta keys
+# margs, kind, pkg, tdig) and its hyper-parameters the optimizer
+MINOR = 6
 _FIXED = struct.Struct(">2sBBBBBxIQd")
 FLAG_LAST_WILL = 0x01
 _KNOWN_FLAGS = FLAG_LAST_WILL

@@ -50,6 +50,22 @@ class UnknownKey(DecodeError):
     reason = "unknown_key"
 
 
+class LayoutMismatch(DecodeError):
+    """Tensors encoded for a model layout other than the one this side builds from the same model
+    reference: different package versions, usually. ``detail`` says where the layouts part; a
+    task's ``model``, ``round`` and ``selected`` let the device decline it with that detail."""
+
+    reason = "layout_mismatch"
+
+    def __init__(self, message: str, *, detail: str = "", model: object = None, round: int | None = None,
+                 selected: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.detail = detail
+        self.model = model
+        self.round = round
+        self.selected = selected
+
+
 class BadSignature(ProtocolError):
     """A broadcast whose Ed25519 signature does not verify against the pinned coordinator key."""
 

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 GROWTH_MODES = ("gradient", "random")
+OPTIMIZERS = ("sgd", "adamw")
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,10 @@ class HyperParams:
     # moves a sparse layer's output ∝ d (its active inputs), so sparse layers learn d times
     # slower than dense ones. 1.0 = the plain rule (docs/ALGORITHM_NOTES.md §5).
     max_sparse_lr_factor: float = 1.0
+    # "sgd" (momentum, coupled weight decay) or "adamw" (betas (0.9, 0.999): ``momentum`` is
+    # SGD's only; decoupled weight decay). The mask holds on either's moments
+    # (fedprune.edge_agent.training.MaskedOptimizer). AdamW wants a far smaller lr (≈ 1e-3).
+    optimizer: str = "sgd"
 
     def __post_init__(self) -> None:
         if not (isinstance(self.epochs, int) and 1 <= self.epochs <= 1000):
@@ -44,6 +49,8 @@ class HyperParams:
             raise ValueError(f"max_sparse_lr_factor={factor!r}: expected a number in [1, 1000]")
         if not (0.0 <= self.prune_fraction <= 1.0):
             raise ValueError(f"prune_fraction={self.prune_fraction!r}: expected a number in [0, 1]")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer={self.optimizer!r}: expected one of {OPTIMIZERS}")
         if self.growth not in GROWTH_MODES:
             raise ValueError(f"growth={self.growth!r}: expected one of {GROWTH_MODES}")
         if not isinstance(self.readjust, bool):

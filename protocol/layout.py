@@ -15,6 +15,8 @@ from functools import cached_property
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
+DIGEST_LEN = 2  # bytes per tensor in ModelLayout.tensor_digests: enough to point at a difference
+
 
 @dataclass(frozen=True)
 class TensorSpec:
@@ -93,6 +95,25 @@ class ModelLayout:
         """8 bytes identifying names, shapes and roles, so both sides can tell they share a layout."""
         return self._fingerprint
 
+    def tensor_digests(self) -> bytes:
+        """``DIGEST_LEN`` bytes per tensor (name, shape, roles), in layout order: sent beside the
+        fingerprint so that a receiver whose layout differs can say where (``first_difference``)."""
+        return b"".join(hashlib.sha256(_canonical(t).encode()).digest()[:DIGEST_LEN] for t in self.tensors)
+
+    def first_difference(self, digests: bytes) -> str:
+        """Where this layout departs from the one ``digests`` describe, in words."""
+        theirs = [digests[i:i + DIGEST_LEN] for i in range(0, len(digests), DIGEST_LEN)]
+        if not theirs:
+            return "the sender named no tensors"
+        for i, tensor in enumerate(self.tensors):
+            if i >= len(theirs):
+                return f"{len(theirs)} tensors there, {len(self.tensors)} here; the first extra here is {_described(tensor)}"
+            if hashlib.sha256(_canonical(tensor).encode()).digest()[:DIGEST_LEN] != theirs[i]:
+                return f"tensor {i} differs: {_described(tensor)} here"
+        if len(theirs) > len(self.tensors):
+            return f"{len(theirs)} tensors there, {len(self.tensors)} here (after {self.tensors[-1].name})"
+        return "no tensor differs"
+
     @cached_property
     def trainable_layout(self) -> "ModelLayout":
         """The trainable tensors alone: what an update's delta covers."""
@@ -100,7 +121,14 @@ class ModelLayout:
 
     @cached_property
     def _fingerprint(self) -> bytes:
-        canon = ";".join(
-            f"{t.name}:{'x'.join(map(str, t.shape))}:{int(t.masked)}{int(t.trainable)}" for t in self.tensors
-        )
+        canon = ";".join(_canonical(t) for t in self.tensors)
         return hashlib.sha256(canon.encode()).digest()[:8]
+
+
+def _canonical(t: TensorSpec) -> str:
+    return f"{t.name}:{'x'.join(map(str, t.shape))}:{int(t.masked)}{int(t.trainable)}"
+
+
+def _described(t: TensorSpec) -> str:
+    role = "masked" if t.masked else ("dense" if t.trainable else "buffer")
+    return f"{t.name} {t.shape} {role}"

@@ -22,7 +22,8 @@ import numpy as np
 
 from fedprune.protocol.crypto import KEY_ID_LEN, KEY_LEN, SEAL_OVERHEAD
 from fedprune.protocol.hyperparams import HyperParams
-from fedprune.protocol.layout import ModelLayout
+from fedprune.protocol.model_args import TASK_KINDS, ModelArgs, normalise_args
+from fedprune.protocol.layout import DIGEST_LEN, ModelLayout
 from fedprune.protocol.sparse import Masks, Params, SparseParams, ValueDtype
 from fedprune.protocol.topics import validate_id
 
@@ -89,11 +90,20 @@ def _label(value: object, what: str) -> str:
 
 @dataclass(frozen=True)
 class ModelRef:
-    """Which built-in model to train (by name; no code ever travels)."""
+    """Which model to train: a factory's import path (or built-in alias); no code ever travels.
+
+    Since 1.6: ``args`` (the factory's keyword arguments, ``protocol.model_args``), ``task``, the
+    sender's ``package`` ("name version" or "") and ``tensor_digests`` of its layout, so a receiver
+    whose layout differs names the first tensor that does. A 1.5 sender meant none of these.
+    """
 
     name: str
     input_shape: tuple[int, ...]
     num_classes: int
+    args: ModelArgs = ()
+    task: str = "classification"
+    package: str = ""
+    tensor_digests: bytes = b""
 
     def __post_init__(self) -> None:
         _label(self.name, "model name")
@@ -102,6 +112,12 @@ class ModelRef:
         for d in self.input_shape:
             _int(d, "input_shape dimension", 1, U32)
         _int(self.num_classes, "num_classes", 1, 1_000_000)
+        object.__setattr__(self, "args", normalise_args(self.args))
+        if self.task not in TASK_KINDS:
+            raise ValueError(f"task={self.task!r}: expected one of {TASK_KINDS}")
+        _text(self.package, "package", 128)
+        if type(self.tensor_digests) is not bytes or len(self.tensor_digests) % DIGEST_LEN:
+            raise ValueError(f"tensor_digests must be bytes, {DIGEST_LEN} per tensor")
 
 
 @dataclass(frozen=True)

@@ -102,7 +102,7 @@ def run_one(job: tuple[dict[str, Any], str]) -> dict[str, Any]:
     evald = [r for r in result.rounds if "accuracy" in r]
     out = {
         "setting": run["setting"], "method": run["method"], "seed": run["seed"], "doc": run["doc"],
-        "final_accuracy": result.final_accuracy, "best_accuracy": result.best_accuracy,
+        "final_accuracy": result.final_score, "best_accuracy": result.best_score,
         "uplink_bytes_per_client": result.uplink_bytes / n, "downlink_bytes_per_client": result.downlink_bytes / n,
         "macs_per_client_round": float(np.mean([r["local_macs"] for r in result.rounds])) / n,
         "density": result.density, "seconds": time.perf_counter() - start,

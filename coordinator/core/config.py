@@ -30,15 +30,16 @@ Check = Callable[[Any], "str | None"]
 LOCAL_HELP: dict[str, str] = {
     "epochs": "local epochs per round (E)",
     "batch_size": "local minibatch size",
-    "lr": "local SGD learning rate",
-    "momentum": "local SGD momentum",
-    "weight_decay": "local SGD weight decay",
+    "lr": "local learning rate (0.05 suits sgd; adamw wants about 1e-3)",
+    "momentum": "local SGD momentum (adamw uses betas 0.9, 0.999)",
+    "weight_decay": "local weight decay (coupled for sgd, decoupled for adamw)",
     "readjust": "decided by the coordinator every round (the ΔT schedule); a value here is replaced",
     "prune_fraction": "decided by the coordinator every round (p^t); a value here is replaced",
     "growth": "how a device regrows weights on readjust rounds: gradient (largest dense gradient) or random",
     "prox_mu": "FedProx proximal term μ; 0: off",
     "seed": "decided by the coordinator every round (the round's seed); a value here is replaced",
     "max_sparse_lr_factor": "a sparse layer of density d trains at lr × min(1/d, this); 1: the plain rule",
+    "optimizer": "local optimiser: sgd or adamw (the mask holds on its moments too)",
 }
 
 

@@ -22,6 +22,12 @@ Params = dict[str, np.ndarray]
 Masks = dict[str, np.ndarray]
 
 DISTRIBUTIONS = ("erk", "er", "uniform")
+# ERK keeps dense a masked tensor whose output units have fewer weights than this each (a
+# depthwise 3x3 kernel: 9; a first conv on one input channel; an LSTM reading 3 sensor channels).
+# ERK's density grows with such a layer's sum/product of dims but falls below 1 at high sparsity:
+# pruning a 9-tap kernel to 2-3 taps silences whole channels, which no regrowth brings back
+# reliably, and the layer is a few hundred weights, under 1 % of the budget.
+MIN_FAN_IN = 16
 
 
 def _raw_density(spec: TensorSpec, distribution: str) -> float:
@@ -39,8 +45,9 @@ def erk_densities(
 ) -> dict[str, float]:
     """Density d_l of every masked tensor for target sparsity α over the prunable weights.
 
-    ``dense`` names masked tensors forced dense (config ``exclude``). Layers whose ERK density
-    would exceed 1 are made dense and ε is solved again, so the total budget stays (1-α)·ΣN_l.
+    ``dense`` names masked tensors forced dense (config ``exclude``), as are tensors of fan-in
+    below ``MIN_FAN_IN`` where the budget leaves room for them. Layers whose ERK density would exceed 1 are made dense and ε is solved
+    again, so the total budget stays (1-α)·ΣN_l.
     """
     if not (0.0 <= sparsity < 1.0):
         raise ValueError(f"sparsity={sparsity!r}: expected a number in [0, 1)")
@@ -57,6 +64,14 @@ def erk_densities(
         forced.add(masked[0].name)
         dens = {s.name: (1.0 if s.name in forced else 1.0 - sparsity) for s in masked}
         return dens
+    narrow = {s.name for s in masked if math.prod(s.shape[1:]) < MIN_FAN_IN}
+    if narrow - forced and sum(s.size for s in masked if s.name in forced | narrow) < (1.0 - sparsity) * sum(
+            s.size for s in masked):
+        forced |= narrow  # only where the budget affords it: a tiny model may be all narrow layers
+    return _solve_erk(masked, sparsity, distribution, forced)
+
+
+def _solve_erk(masked: Sequence[TensorSpec], sparsity: float, distribution: str, forced: set[str]) -> dict[str, float]:
     total = sum(s.size for s in masked)
     raw = {s.name: _raw_density(s, distribution) for s in masked}
     dense_set = set(forced)

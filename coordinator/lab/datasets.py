@@ -4,17 +4,24 @@ clients and label noise.
 Every dataset has a canonical ``input_shape`` with a channel axis (digits (1, 8, 8), mnist1d
 (1, 40)); ``X`` is float32 (N, *input_shape), labels int64. Randomness arrives as a seeded
 ``numpy.random.Generator`` (or an int seed for the datasets), so every split, partition and noisy
-label set is reproducible. sklearn and mnist1d are coordinator extras, imported only when a
+label set is reproducible. ``own_dataset`` reads the user's files with the agent's loader.
+sklearn and mnist1d are coordinator extras, imported only when a
 dataset is requested: a device never loads this module.
 """
 
 from __future__ import annotations
 
+import csv
 import functools
 import random
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
+
+from fedprune.common.configkit import ConfigError
+from fedprune.common.data import LocalDataError, check_size, load_local_data, validated
+from fedprune.common.data_source import DataSource
 
 DATASET_NAMES = ("digits", "mnist1d")
 DATASET_SHAPES = {"digits": (1, 8, 8), "mnist1d": (1, 40)}  # the canonical input_shape of each
@@ -207,4 +214,121 @@ def add_label_noise(
     return noisy
 
 
-# ---- a device's local data
+def corrupt_targets(y: np.ndarray, rate: float, task: str, rng: np.random.Generator) -> np.ndarray:
+    """The noisy device of a regression or multi-label task: each row is hit with probability
+    ``rate``; a regression row takes another hit row's targets (the hit rows' targets shuffled:
+    plausible values, wrong rows, as a mislabelled log is), a multi-label row has each of its
+    labels flipped with probability ``rate``."""
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"rate={rate!r}: expected a number in [0, 1]")
+    noisy = np.array(y, copy=True)
+    if task == "multilabel":
+        flips = rng.random(noisy.shape) < rate
+        noisy[flips] = 1 - noisy[flips]
+        return noisy
+    hit = np.flatnonzero(rng.random(len(y)) < rate)
+    noisy[hit] = noisy[rng.permutation(hit)]
+    return noisy
+
+
+# ---- the user's own data
+
+
+def own_dataset(data: Path, source: DataSource, *, per_device: bool, test_data: Path | None, test_fraction: float,
+                column: str | None, rng: np.random.Generator,
+                task: str = "classification") -> tuple[Dataset, list[np.ndarray] | None]:
+    """The lab's run on the user's files, read with the agent's loader (``source`` is the agent's
+    [data] table). ``per_device``: ``data`` holds one subdirectory per device, each read as that
+    device would read it; ``column``: ``data`` is one CSV whose column of that name (a site, a
+    user) says whose row it is. Returns the dataset and, when the files decide them, each device's
+    indices into its training part (else None: a partitioner splits it). The test part is
+    ``test_data``, or a ``test_fraction`` held out of each device's data (stratified by class for a
+    classifier, so that no device loses a class it holds to the test set alone). ``num_classes``
+    is the number of outputs: classes, labels (multilabel) or targets (regression). Raises
+    ConfigError naming the key."""
+    holdout = ((lambda y, key: _stratified_holdout(_classes_of(y, key), test_fraction, rng)) if task == "classification"
+               else (lambda y, key: np.sort(rng.permutation(len(y))[:max(1, round(test_fraction * len(y)))])))
+    try:
+        if per_device:
+            folders = sorted(p for p in data.iterdir() if p.is_dir()) if data.is_dir() else []
+            if not folders:
+                raise ConfigError(f"[simulation] data_dir {str(data)!r}: expected a directory with one subdirectory "
+                                  "per device, each holding that device's data")
+            shards = [load_local_data(folder, source) for folder in folders]
+        elif column is not None:
+            shards = _split_by_column(data, column, source)
+        else:
+            shards = [load_local_data(data, source)]
+    except LocalDataError as exc:
+        raise ConfigError(f"[simulation] {'data_dir' if per_device else 'data'}: {exc}") from None
+    if test_data is not None:
+        try:
+            X_test, y_test = load_local_data(test_data, source)
+        except LocalDataError as exc:
+            raise ConfigError(f"[simulation] test_data: {exc}") from None
+    elif per_device or column is not None:
+        cuts = [holdout(y, "data") for _, y in shards]
+        X_test, y_test = (np.concatenate(a) for a in zip(*[(X[c], y[c]) for (X, y), c in zip(shards, cuts)]))
+        shards = [(np.delete(X, c, axis=0), np.delete(y, c, axis=0)) for (X, y), c in zip(shards, cuts)]
+    else:
+        (X, y), = shards
+        cut = holdout(y, "data")
+        X_test, y_test = X[cut], y[cut]
+        shards = [(np.delete(X, cut, axis=0), np.delete(y, cut, axis=0))]
+    shapes = sorted({X.shape[1:] for X, _ in shards})
+    if len(shapes) > 1:
+        raise ConfigError(f"[simulation] data_dir: the devices' samples differ in shape ({', '.join(map(str, shapes))}); "
+                          "every device must read samples of one shape (see [data] image_size)")
+    X_train, y_train = np.concatenate([X for X, _ in shards]), np.concatenate([y for _, y in shards])
+    if X_test.shape[1:] != X_train.shape[1:]:
+        raise ConfigError(f"[simulation] test_data: samples of shape {X_test.shape[1:]}, the training data's are "
+                          f"{X_train.shape[1:]}")
+    sizes = np.cumsum([len(y) for _, y in shards])[:-1]
+    parts = np.split(np.arange(len(y_train)), sizes) if (per_device or column is not None) else None
+    if task == "classification":
+        y_train, y_test = _classes_of(y_train, "data"), _classes_of(y_test, "test_data")
+        num_classes = int(max(y_train.max(), y_test.max())) + 1
+    else:
+        num_classes = 1 if y_train.ndim == 1 else int(y_train.shape[1])
+    return Dataset(X_train, y_train, X_test, y_test, tuple(X_train.shape[1:]), num_classes), parts
+
+
+def _classes_of(y: np.ndarray, key: str) -> np.ndarray:
+    """The simulation's federation is a classifier: y must be class indices."""
+    if y.ndim != 1 or y.dtype.kind != "i" or y.min() < 0:
+        raise ConfigError(f"[simulation] {key}: the simulation trains a classifier, so targets must be one "
+                          f"non-negative integer label per sample; got y of shape {y.shape} ({y.dtype})")
+    return y
+
+
+def _split_by_column(path: Path, column: str, source: DataSource) -> list[tuple[np.ndarray, np.ndarray]]:
+    """One (X, y) per distinct value of ``column`` (in name order) of one CSV file with a header;
+    the column says whose row it is, so it is not a feature."""
+    if source.kind not in ("auto", "csv") or not path.is_file() or path.suffix.lower() != ".csv":
+        raise ConfigError(f"[simulation] partition 'column:{column}': needs data = one CSV file with a header "
+                          f"(and [data] format auto or csv); got {str(path)!r}")
+    check_size(path)
+    try:
+        with path.open("r", encoding="utf-8", newline="") as handle:
+            rows = list(csv.reader(handle))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise LocalDataError(f"{path}: not a readable CSV file ({exc})") from exc
+    header = [name.strip() for name in rows[0]] if rows else []
+    if column not in header:
+        raise ConfigError(f"[simulation] partition 'column:{column}': {path} has no column {column!r}; "
+                          f"its header has {', '.join(header)}")
+    where = header.index(column)
+    owners = np.asarray([row[where].strip() if len(row) > where else "" for row in rows[1:]])
+    try:
+        table = np.asarray([[float(c) for i, c in enumerate(row) if i != where] for row in rows[1:]], dtype=np.float64)
+    except ValueError as exc:
+        raise LocalDataError(f"{path}: a cell outside column {column!r} is not a number ({exc})") from exc
+    if table.ndim != 2 or table.shape[1] < source.label_columns + 1:
+        raise LocalDataError(f"{path}: need feature columns and {source.label_columns} label column(s) beside {column!r}")
+    L = source.label_columns
+    shards = []
+    for owner in sorted(set(owners)):
+        rows_of = table[owners == owner]
+        y = rows_of[:, -L:]
+        shards.append(validated(path, rows_of[:, :-L], y[:, 0] if L == 1 else y))
+    return shards

@@ -188,8 +188,8 @@ def _coordinator_config(root: Path, sim: Any, dataset: Dataset) -> CoordinatorCo
     """What an operator would write for this federation; the clock is virtual, so waits are long."""
     rounds = sim.strategy.rounds
     settings: dict[str, dict[str, Any]] = {
-        "federation": {"model": sim.model, "input_shape": tuple(dataset.input_shape),
-                       "num_classes": dataset.num_classes, "seed": sim.seed},
+        "federation": {"model": sim.model, "model_args": dict(sim.model_args), "task": sim.task,
+                       "input_shape": tuple(dataset.input_shape), "num_classes": dataset.num_classes, "seed": sim.seed},
         "rounds": {"total": rounds, "min_devices": 1, "quorum": 1, "deadline_s": 3600.0, "reannounce_s": 600.0,
                    "on_missed_quorum": "close", "heartbeat_timeout_s": 86_400.0},
         "metrics": {"port": -1},

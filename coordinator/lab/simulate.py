@@ -30,15 +30,17 @@ import numpy as np
 
 from fedprune.coordinator.lab import datasets
 from fedprune.common.configkit import ConfigError, load_section, tomllib
-from fedprune.common.model_rules import MODEL_NAMES, input_shape_problem
+from fedprune.common.model_rules import TASK_KINDS, normalise_args, reference_problem
 from fedprune.coordinator.config import ADAPTIVE_DENSITY_REFUSED
+from fedprune.common.data_source import DataSource
 from fedprune.coordinator.core.strategy import StrategyConfig
+from fedprune.coordinator.state import entry_score, score_name
 from fedprune.coordinator.lab import attacks
 from fedprune.coordinator.lab.federation import SimulatedFederation
 from fedprune.edge_agent.config import PrivacySection
 from fedprune.edge_agent.training import resolve_device
 
-PARTITIONS = ("dirichlet", "iid", "quantity")
+PARTITIONS = ("dirichlet", "iid", "quantity")  # and "column:<name>" for own data: the CSV column says whose row it is
 EVAL_SPLITS = ("test", "validation")
 
 
@@ -48,7 +50,9 @@ class SimulationConfig:
 
     name: str = "simulation"
     dataset: str = "digits"
-    model: str = "mlp"
+    model: str = "mlp"  # as [federation] model: a built-in or "package.module:factory"
+    model_args: Mapping[str, Any] = field(default_factory=dict)  # as [federation.model_args]
+    task: str = "classification"  # as [federation] task
     n_clients: int = 20
     partition: str = "dirichlet"
     beta: float = 0.5
@@ -64,6 +68,13 @@ class SimulationConfig:
     eval_split: str = "test"
     validation_fraction: float = 0.2
     eval_every: int = 1
+    # Own data instead of `dataset` (docs/DATA.md): data_dir = one subdirectory per device, or data = one data
+    # set split by `partition`; read with the agent's loader as the [data] table (`source`) says.
+    data_dir: str = ""
+    data: str = ""
+    test_data: str = ""  # the held-out test set; empty: a stratified test_fraction of the data
+    test_fraction: float = 0.2
+    source: DataSource = field(default_factory=DataSource)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     privacy: PrivacySection = field(default_factory=PrivacySection)
 
@@ -73,8 +84,8 @@ class SimulationConfig:
 
         if self.dataset not in datasets.DATASET_NAMES:
             raise bad("dataset", f"one of {datasets.DATASET_NAMES}")
-        if self.partition not in PARTITIONS:
-            raise bad("partition", f"one of {PARTITIONS}")
+        if self.partition not in PARTITIONS and not (self.partition.startswith("column:") and self.partition[7:]):
+            raise bad("partition", f"one of {PARTITIONS} or 'column:<name>' (with data = a CSV file)")
         if self.noise_kind not in datasets.NOISE_KINDS:
             raise bad("noise_kind", f"one of {datasets.NOISE_KINDS}")
         if self.attack not in attacks.ATTACKS:
@@ -99,35 +110,61 @@ class SimulationConfig:
             raise bad("attack_fraction", "room for the attackers beside the noisy clients (rounded counts)")
         if not (isinstance(self.beta, (int, float)) and self.beta > 0):
             raise bad("beta", "a number > 0")
-        if self.model not in MODEL_NAMES:
-            raise bad("model", f"one of {MODEL_NAMES}")
-        problem = input_shape_problem(self.model, datasets.DATASET_SHAPES[self.dataset])
+        problem = reference_problem(self.model) or (None if self.task in TASK_KINDS else f"task={self.task!r}: "
+                                                     f"expected one of {TASK_KINDS}")
         if problem:
-            raise ConfigError(f"[simulation] model: {problem}")
+            raise ConfigError(f"[simulation] {problem}")
+        try:
+            object.__setattr__(self, "model_args", dict(normalise_args(self.model_args)))
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"[simulation] model_args: {exc}") from None
+        self._check_own_data(bad)
+
+    def _check_own_data(self, bad: Any) -> None:
+        if self.task != "classification":
+            if not (self.data or self.data_dir):
+                raise bad("task", "'classification' with the built-in datasets, or your own data (data or data_dir) "
+                          "with regression or multi-label targets")
+            if self.partition == "dirichlet" and not self.data_dir:
+                raise bad("partition", "'iid', 'quantity' or 'column:<name>' for a regression or multi-label task "
+                          "(dirichlet skews class labels)")
+            if self.attack == "label_flip":
+                raise bad("attack", "an attack other than label_flip for a regression or multi-label task")
+        if self.data and self.data_dir:
+            raise bad("data_dir", "either data_dir (one subdirectory per device) or data (one data set), not both")
+        if self.partition.startswith("column:") and not self.data:
+            raise bad("partition", "data = a CSV file with that column (partition by column splits one data set)")
+        if self.test_data and not (self.data or self.data_dir):
+            raise bad("test_data", "data or data_dir beside it (it is the held-out part of your own data)")
+        if not (isinstance(self.test_fraction, (int, float)) and 0 < self.test_fraction < 1):
+            raise bad("test_fraction", "a number in (0, 1)")
+        if self.eval_split == "validation" and (self.data_dir or self.partition.startswith("column:")):
+            raise bad("eval_split", "'test' when the files decide the devices (data_dir, partition by column); "
+                      "hold out a test set with test_data or test_fraction")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "SimulationConfig":
         """From a parsed TOML document with tables [simulation], [strategy] (+ [strategy.local]) and
         [privacy] (every device's, as in its agent.toml)."""
-        unknown_tables = sorted(set(data) - {"simulation", "strategy", "privacy"})
+        unknown_tables = sorted(set(data) - {"simulation", "strategy", "privacy", "data"})
         if unknown_tables:
-            raise ConfigError(f"unknown tables {unknown_tables}: expected [simulation], [strategy] and [privacy]")
+            raise ConfigError(f"unknown tables {unknown_tables}: expected [simulation], [strategy], [privacy] and [data]")
         sim = dict(data.get("simulation", {}))
-        known = {f.name for f in fields(cls)} - {"strategy", "privacy"}
+        known = {f.name for f in fields(cls)} - {"strategy", "privacy", "source"}
         unknown = sorted(set(sim) - known)
         retired = sorted(set(unknown) & {"hidden", "channels", "norm"})
         if retired:
-            raise ConfigError(f"[simulation] {', '.join(retired)}: no longer a simulation setting; the simulation "
-                              "builds the model a fleet can name ([federation] model, at its built-in widths), so "
-                              "remove the key")
+            raise ConfigError(f"[simulation] {', '.join(retired)}: a model argument; set it in [simulation.model_args] "
+                              "(as a fleet does in [federation.model_args])")
         if unknown:
             raise ConfigError(f"[simulation] unknown keys {unknown}; expected some of {sorted(known)}")
         strategy = load_section(StrategyConfig, data.get("strategy", {}), "strategy")  # as `run` reads it
         if strategy.adaptive_density:
             raise ConfigError(ADAPTIVE_DENSITY_REFUSED)
         privacy = load_section(PrivacySection, data.get("privacy", {}), "privacy")
+        source = load_section(DataSource, data.get("data", {}), "data")  # as an agent.toml's [data]
         try:
-            return cls(**sim, strategy=strategy, privacy=privacy)
+            return cls(**sim, strategy=strategy, privacy=privacy, source=source)
         except TypeError as exc:
             raise ConfigError(f"[simulation] {exc}") from exc
 
@@ -143,18 +180,19 @@ class SimulationConfig:
         return cls.from_dict(doc)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {**dataclasses.asdict(self), "source": self.source.to_dict()}
 
 
 @dataclass(frozen=True)
 class SimulationResult:
     config: dict[str, Any]
-    rounds: list[dict[str, Any]]  # one record per round: accuracy, loss, bytes, flops, scores
+    rounds: list[dict[str, Any]]  # one record per round: score (and the task's metrics), loss, bytes, flops, scores
     noisy_clients: list[str]
     attackers: list[str]
     client_sizes: dict[str, int]
-    final_accuracy: float
-    best_accuracy: float
+    score_name: str  # the headline metric: accuracy, f1 (multilabel) or r2 (regression)
+    final_score: float
+    best_score: float
     uplink_bytes: int  # cumulative, all clients: updates, status, registrations as sent
     downlink_bytes: int  # cumulative, all clients: tasks and key grants as received
     release_bytes: int  # the signed ONNX releases as received, all clients
@@ -165,9 +203,13 @@ class SimulationResult:
         return dataclasses.asdict(self)
 
 
-def _clients(cfg: SimulationConfig, dataset: datasets.Dataset, rng: np.random.Generator):
+def _clients(cfg: SimulationConfig, dataset: datasets.Dataset, rng: np.random.Generator,
+             parts: list[np.ndarray] | None = None):
+    """``parts``: each client's indices when the files decide them (data_dir, partition by column)."""
     y = dataset.y_train
-    if cfg.partition == "dirichlet":
+    if parts is not None:
+        cfg = dataclasses.replace(cfg, n_clients=len(parts))
+    elif cfg.partition == "dirichlet":
         parts = datasets.partition_dirichlet(y, cfg.n_clients, cfg.beta, rng, min_size=cfg.min_size)
     elif cfg.partition == "iid":
         parts = datasets.partition_iid(y, cfg.n_clients, rng)
@@ -182,7 +224,9 @@ def _clients(cfg: SimulationConfig, dataset: datasets.Dataset, rng: np.random.Ge
     shards = {}
     for cid, idx in zip(ids, parts):
         labels = y[idx]
-        if cid in noisy:
+        if cid in noisy and cfg.task != "classification":
+            labels = datasets.corrupt_targets(labels, cfg.noise_rate, cfg.task, rng)
+        elif cid in noisy:
             labels = datasets.add_label_noise(labels, cfg.noise_rate, dataset.num_classes, rng, cfg.noise_kind)
         if cid in attackers and cfg.attack == "label_flip":
             labels = attacks.flip_labels(labels, dataset.num_classes)
@@ -190,22 +234,40 @@ def _clients(cfg: SimulationConfig, dataset: datasets.Dataset, rng: np.random.Ge
     return ids, shards, sorted(noisy), sorted(attackers)
 
 
+@dataclass(frozen=True)
+class FinalModel:
+    """The global model a simulation ended with (``run_simulation(..., with_model=True)``)."""
+
+    spec: Any  # fedprune.common.models.ModelSpec
+    params: dict[str, np.ndarray]
+    masks: dict[str, np.ndarray]
+
+
 def run_simulation(config: SimulationConfig, progress: bool = False, device: str = "cpu",
-                   workdir: str | Path | None = None) -> SimulationResult:
+                   workdir: str | Path | None = None, with_model: bool = False):
     """Run the federation; deterministic for a given config (seed included) and device (cpu,
     cuda or auto); the devices' privacy noise is seeded from it too. Where training runs is not
     part of the config: it changes rounding only. ``workdir`` keeps the federation's files (the
     coordinator's state and history, each device's audit log and installed release); by default
-    they live in a temporary directory."""
+    they live in a temporary directory. Returns the SimulationResult, with ``with_model`` a pair
+    (result, FinalModel)."""
     try:
         resolve_device(device)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     seed = config.seed
-    dataset = datasets.load_dataset(config.dataset, seed)
+    parts = None
+    if config.data or config.data_dir:
+        column = config.partition[len("column:"):] if config.partition.startswith("column:") else None
+        dataset, parts = datasets.own_dataset(
+            Path(config.data_dir or config.data), config.source, per_device=bool(config.data_dir),
+            test_data=Path(config.test_data) if config.test_data else None, test_fraction=config.test_fraction,
+            column=column, rng=np.random.default_rng([seed, 2]), task=config.task)
+    else:
+        dataset = datasets.load_dataset(config.dataset, seed)
     if config.eval_split == "validation":
         dataset = datasets.split_validation(dataset, config.validation_fraction, np.random.default_rng(seed + 1))
-    ids, shards, noisy, attackers = _clients(config, dataset, np.random.default_rng([seed, 1]))
+    ids, shards, noisy, attackers = _clients(config, dataset, np.random.default_rng([seed, 1]), parts)
     with tempfile.TemporaryDirectory(prefix="fedprune-sim-") as scratch:
         root = Path(workdir) if workdir is not None else Path(scratch)
         world = SimulatedFederation.build(root, config, dataset, shards, attackers, device)
@@ -217,21 +279,23 @@ def run_simulation(config: SimulationConfig, progress: bool = False, device: str
                 bar.close()
         layout = world.coordinator.layout
         masks = world.coordinator.state.masks
-    accs = [r["accuracy"] for r in rounds if "accuracy" in r]
-    return SimulationResult(
+        final = FinalModel(world.coordinator.spec, dict(world.coordinator.state.params), dict(masks))
+    scores = [entry_score(r) for r in rounds if entry_score(r) is not None]
+    result = SimulationResult(
         config=config.to_dict(), rounds=rounds, noisy_clients=noisy, attackers=attackers,
         client_sizes={c: int(len(shards[c][1])) for c in ids},
-        final_accuracy=accs[-1], best_accuracy=max(accs),
+        score_name=score_name(rounds), final_score=scores[-1], best_score=max(scores),
         uplink_bytes=rounds[-1]["cum_uplink_bytes"], downlink_bytes=rounds[-1]["cum_downlink_bytes"],
         release_bytes=world.release_bytes(),
         density=sum(int(m.sum()) for m in masks.values()) / max(1, sum(s.size for s in layout.masked)),
         model_parameters=layout.num_parameters,
     )
+    return (result, final) if with_model else result
 
 
 def _advance(bar, record: dict[str, Any]) -> None:
-    if "accuracy" in record:
-        bar.set_postfix(acc=f"{record['accuracy']:.3f}")
+    if entry_score(record) is not None:
+        bar.set_postfix({record.get("score_name", "accuracy"): f"{entry_score(record):.3f}"})
     bar.update(1)
 
 
@@ -304,6 +368,6 @@ def main(config_path: str | Path, out_dir: str | Path | None = None, progress: b
     result = run_simulation(config, progress=progress, device=device,
                             workdir=out / "federation" if keep_federation else None)
     paths = write_outputs(result, out)
-    print(f"{config.name}: final accuracy {100 * result.final_accuracy:.2f}% (best {100 * result.best_accuracy:.2f}%), "
+    print(f"{config.name}: final {result.score_name} {result.final_score:.4f} (best {result.best_score:.4f}), "
           f"uplink {result.uplink_bytes / 1e6:.2f} MB, downlink {result.downlink_bytes / 1e6:.2f} MB; wrote {paths[0]}")
     return 0

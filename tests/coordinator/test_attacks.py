@@ -99,8 +99,8 @@ def test_defences_hold_a_small_federation_under_sign_flip():
 
     undefended = run(norm_clip=0.0, direction_gate="off", sybil_cos=0.0)
     defended = run(direction_gate="memory")
-    print(f"undefended {undefended.final_accuracy:.3f} defended {defended.final_accuracy:.3f}")
-    assert defended.final_accuracy > 0.6 and defended.final_accuracy > undefended.final_accuracy + 0.1
+    print(f"undefended {undefended.final_score:.3f} defended {defended.final_score:.3f}")
+    assert defended.final_score > 0.6 and defended.final_score > undefended.final_score + 0.1
     late = [(c in defended.attackers, bool(s["gated_by"])) for r in defended.rounds[6:] for c, s in r["scores"].items()]
     gated_bad = np.mean([g for bad, g in late if bad])
     gated_good = np.mean([g for bad, g in late if not bad])

@@ -27,10 +27,14 @@ from fedprune.edge_agent.training import train_local
 from fedprune.protocol.hyperparams import HyperParams
 
 SPECS = {
-    "mlp": ModelSpec("mlp", (1, 8, 8), 10, hidden=(64, 32)),
-    "cnn2d": ModelSpec("cnn2d", (1, 8, 8), 10, channels=(8, 16)),
-    "cnn1d": ModelSpec("cnn1d", (1, 40), 10, channels=(8, 16)),
-    "cnn2d-batchnorm": ModelSpec("cnn2d", (1, 8, 8), 10, channels=(8, 16), norm="batch"),
+    "mlp": ModelSpec("mlp", (1, 8, 8), 10, args={"hidden": (64, 32)}),
+    "cnn2d": ModelSpec("cnn2d", (1, 8, 8), 10, args={"channels": (8, 16)}),
+    "cnn1d": ModelSpec("cnn1d", (1, 40), 10, args={"channels": (8, 16)}),
+    "cnn2d-batchnorm": ModelSpec("cnn2d", (1, 8, 8), 10, args={"channels": (8, 16), "norm": "batch"}),
+    "depthwise": ModelSpec("tests.nets:depthwise", (3, 8, 8), 5, args={"width": 32}),
+    "gru": ModelSpec("tests.nets:recurrent", (3, 12), 4, args={"cell": "gru", "hidden": 32}),
+    "lstm": ModelSpec("tests.nets:recurrent", (3, 12), 4, args={"cell": "lstm", "hidden": 32}),
+    "embedding": ModelSpec("tests.nets:tokens", (6,), 3, args={"vocabulary": 64, "dim": 32}),
 }
 META = {"federation": "fed-1", "round": 7, "mask_version": 3}
 
@@ -54,6 +58,8 @@ def test_onnx_and_compact_match_torch_on_1000_inputs(name, sparsity, rng):
     spec = SPECS[name]
     params = pruned_params(spec, sparsity, rng)
     X = rng.standard_normal((1000, *spec.input_shape)).astype(np.float32)
+    if name == "embedding":  # token ids, as floats
+        X = rng.integers(0, 64, size=(1000, *spec.input_shape)).astype(np.float32)
     with torch.no_grad():
         expected = module_from_params(spec, params).eval()(torch.from_numpy(X)).numpy()
     dense = export_onnx(spec, params, metadata=META)
@@ -85,6 +91,7 @@ def test_metadata_describes_the_model_and_its_weights(rng):
         "val_accuracy": 0.875,
         "note": "nightly",
         "model": "cnn1d",
+        "task": "classification",
         "input_shape": "1,40",
         "num_classes": 10,
         "sparsity": pytest.approx(0.8, abs=0.01),
@@ -140,13 +147,13 @@ def test_compact_shrinks_with_sparsity_and_keeps_dense_models_dense(rng):
 
 def test_int8_keeps_digits_accuracy_within_one_point():
     data = load_dataset("digits", seed=0)
-    spec = ModelSpec("mlp", data.input_shape, data.num_classes, hidden=(128, 64))
+    spec = ModelSpec("mlp", data.input_shape, data.num_classes, args={"hidden": (128, 64)})
     params = init_params(spec, seed=0)
     layout = model_layout(spec)
     masks = {t.name: np.ones(t.shape, dtype=bool) for t in layout.masked}
     result = train_local(spec, params, masks, data.X_train, data.y_train, HyperParams(epochs=8, lr=0.05, seed=0))
     trained = {k: v + result.delta[k] if k in result.delta else v for k, v in params.items()}
-    float_acc = evaluate(spec, trained, data.X_test, data.y_test).accuracy
+    float_acc = evaluate(spec, trained, data.X_test, data.y_test).metrics["accuracy"]
     assert float_acc > 0.9
     dense = export_onnx(spec, trained, metadata=META)
     int8 = quantize_int8(dense)

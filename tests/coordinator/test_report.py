@@ -81,8 +81,8 @@ def test_report_writes_what_simulate_writes_and_a_summary_of_history(federation:
     entries = history(federation / "federation" / "state" / "history.jsonl")
     summary = json.loads((out / SUMMARY_FILE).read_text())
     assert summary["rounds"] == len(entries) == 6 and summary["last_round"] == 6
-    assert summary["final_accuracy"] == entries[-1]["accuracy"] and summary["final_accuracy_round"] == 6
-    assert summary["best_accuracy"] == max(e["accuracy"] for e in entries if "accuracy" in e)
+    assert summary["final_score"] == entries[-1]["accuracy"] and summary["final_score_round"] == 6
+    assert summary["best_score"] == max(e["accuracy"] for e in entries if "accuracy" in e)
     assert summary["cum_uplink_bytes"] == entries[-1]["cum_bytes_in"] > 0
     assert summary["cum_downlink_bytes"] == entries[-1]["cum_bytes_out"] > 0
     assert summary["devices"] == {d: {"r": s["r"], "q": s["q"], "round": 6, "gated_rounds": 0}
@@ -106,7 +106,7 @@ def test_a_torn_last_line_is_skipped_while_the_daemon_appends(federation: Path, 
     summary = json.loads((out / SUMMARY_FILE).read_text())
     entries = history(federation / "federation" / "state" / "history.jsonl")[:3]
     assert (summary["rounds"], summary["last_round"], summary["skipped_lines"]) == (3, 3, 1)
-    assert summary["final_accuracy"] == entries[1]["accuracy"] and summary["final_accuracy_round"] == 2
+    assert summary["final_score"] == entries[1]["accuracy"] and summary["final_score_round"] == 2
     assert summary["cum_uplink_bytes"] == entries[-1]["cum_bytes_in"]
     for name in PLOT_FILES:
         assert_png(out / name)
@@ -118,7 +118,7 @@ def test_a_federation_with_no_evaluated_round_yet_still_gets_every_plot(federati
     config = federation / "federation" / "coordinator.toml"
     assert report("--config", config, "--set", f"state.dir={state}") == 0
     summary = json.loads((state / "report" / SUMMARY_FILE).read_text())
-    assert summary["rounds"] == 1 and summary["final_accuracy"] is None and summary["flagged"] == {}
+    assert summary["rounds"] == 1 and summary["final_score"] is None and summary["flagged"] == {}
     for name in PLOT_FILES:
         assert_png(state / "report" / name)
 

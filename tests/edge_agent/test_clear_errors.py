@@ -22,7 +22,7 @@ from fedprune.common.models import ModelSpec, init_params
 from fedprune.edge_agent.release_store import ReleaseStore
 
 BIN = Path(sys.executable).parent
-SPEC = ModelSpec("mlp", (1, 8, 8), 10, hidden=(16,))
+SPEC = ModelSpec("mlp", (1, 8, 8), 10, args={"hidden": (16,)})
 
 
 def dead_port() -> int:

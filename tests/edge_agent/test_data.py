@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fedprune.common.data import DataSummary, LocalDataError, data_mismatch, load_inputs, load_local_data
+from fedprune.common.data_source import DataSource
 from fedprune.coordinator.lab.datasets import add_label_noise, load_dataset, partition_dirichlet, partition_iid, partition_quantity, split_validation
 
 
@@ -159,9 +160,8 @@ def test_local_data_reads_npz_and_csv_files_and_directories(tmp_path, rng):
         ("nox.npz", lambda p: np.savez(p, y=np.arange(3)), "missing"),
         ("len.npz", lambda p: np.savez(p, X=np.zeros((3, 2)), y=np.arange(4)), "expected X of shape"),
         ("nan.npz", lambda p: np.savez(p, X=np.full((2, 2), np.nan), y=np.arange(2)), "NaN"),
-        ("neg.npz", lambda p: np.savez(p, X=np.zeros((2, 2)), y=np.array([0, -1])), "non-negative"),
+        ("ynan.npz", lambda p: np.savez(p, X=np.zeros((2, 2)), y=np.array([0, np.nan])), "y contains NaN"),
         ("obj.npz", lambda p: np.savez(p, X=np.array(["a", "b"]).reshape(2, 1), y=np.arange(2)), "numeric"),
-        ("frac.csv", lambda p: p.write_text("1,2,0.5\n"), "integers"),
         ("text.csv", lambda p: p.write_text("a,b\nx,y\n"), "not a numeric CSV"),
         ("one.csv", lambda p: p.write_text("1\n2\n"), "feature column"),
         ("data.json", lambda p: p.write_text("{}"), "unsupported file type"),
@@ -247,7 +247,7 @@ def test_inputs_to_predict_on_accept_a_header_and_name_the_file_when_wrong(tmp_p
 ])
 def test_data_mismatch_names_features_and_labels_that_do_not_fit(shape, labels, input_shape, expected):
     summary = DataSummary(shape, 100, labels)
-    problem = data_mismatch(summary, input_shape, num_classes=10)
+    problem = data_mismatch(summary, input_shape, 10)  # the 3-argument call: classification
     if expected is None:
         assert problem is None
     else:
@@ -257,3 +257,62 @@ def test_data_mismatch_names_features_and_labels_that_do_not_fit(shape, labels, 
 def test_data_summary_keeps_shape_count_and_distinct_labels():
     summary = DataSummary.of(np.zeros((5, 13), np.float32), np.array([3, 1, 3, 99, 1]))
     assert summary == DataSummary((13,), 5, (1, 3, 99))
+
+
+def test_targets_are_read_as_they_are_and_judged_by_the_fit_check(tmp_path):
+    """Fractional and negative targets load (regression); only the task kind says they cannot be labels."""
+    (tmp_path / "frac.csv").write_text("1,2,0.5\n3,4,-1.25\n")
+    X, y = load_local_data(tmp_path / "frac.csv")
+    assert X.shape == (2, 2) and y.dtype == np.float32 and y.tolist() == [0.5, -1.25]
+    summary = DataSummary.of(X, y)
+    assert summary.fractional and summary.labels == ()
+    assert data_mismatch(summary, (2,), 10) == "labels must be integers, found fractional targets (for those: task regression)"
+    assert data_mismatch(summary, (2,), 1, "regression") is None
+    np.savez(tmp_path / "neg.npz", X=np.zeros((2, 2)), y=np.array([0, -1]))
+    X, y = load_local_data(tmp_path / "neg.npz")
+    assert y.dtype == np.int64
+    assert data_mismatch(DataSummary.of(X, y), (2,), 10) == "labels must be non-negative, found -1"
+
+
+def test_label_columns_make_a_csv_multi_target_and_npz_or_csv_formats_read_only_their_kind(tmp_path):
+    (tmp_path / "a.csv").write_text("f0,f1,cat,dog\n0.5,1,1,0\n1.5,2,1,1\n")
+    np.savez(tmp_path / "b.npz", X=np.zeros((3, 2)), y=np.zeros((3, 2)))
+    X, y = load_local_data(tmp_path / "a.csv", DataSource(label_columns=2))
+    assert X.shape == (2, 2) and y.shape == (2, 2) and y.dtype == np.int64 and y.tolist() == [[1, 0], [1, 1]]
+    X, y = load_local_data(tmp_path, DataSource(format="csv", label_columns=2))
+    assert len(X) == 2  # b.npz is not read
+    X, y = load_local_data(tmp_path, DataSource(format="npz"))
+    assert X.shape == (3, 2) and y.shape == (3, 2)
+    X, y = load_local_data(tmp_path, DataSource(label_columns=2))
+    assert X.shape == (5, 2) and y.shape == (5, 2)
+    with pytest.raises(LocalDataError, match=r"a\.csv: unsupported file type '\.csv'; expected \.npz"):
+        load_local_data(tmp_path / "a.csv", DataSource(format="npz"))
+    with pytest.raises(LocalDataError, match=r"a\.csv: need at least one feature column and 4 target columns \(\[data\] label_columns\)"):
+        load_local_data(tmp_path / "a.csv", DataSource(label_columns=4))
+    np.savez(tmp_path / "c.npz", X=np.zeros((1, 2)), y=np.zeros(1))
+    with pytest.raises(LocalDataError, match=r"files disagree on the target shape \(a\.csv: \(2,\), b\.npz: \(2,\), c\.npz: \(\)\)"):
+        load_local_data(tmp_path, DataSource(label_columns=2))
+
+
+@pytest.mark.parametrize("y, input_shape, outputs, task, expected", [
+    (np.array([0.5, 1.5]), (13,), 1, "regression", None),
+    (np.zeros((2, 3)), (13,), 1, "regression", "targets have 3 columns, model has 1 output"),
+    (np.zeros(2), (13,), 2, "regression", "targets have 1 column, model has 2 outputs"),
+    (np.zeros((2, 1)), (13,), 1, "regression", None),
+    (np.array([[0, 1, 1], [1, 0, 0]]), (13,), 3, "multilabel", None),
+    (np.array([[0, 2, 1], [5, 0, 0]]), (13,), 3, "multilabel", "multi-label targets must be 0 or 1, found 2, 5"),
+    (np.array([[0, 0.5], [1, 0]]), (13,), 2, "multilabel", "multi-label targets must be 0 or 1, found fractional values"),
+    (np.array([[0, 1], [1, 0]]), (64,), 3, "multilabel", "13 features, model expects 64; targets have 2 columns, model has 3 outputs"),
+    (np.array([[0, 1], [1, 0]]), (13,), 10, "classification", "targets have 2 columns, classification needs one label per sample"),
+])
+def test_the_fit_check_judges_targets_by_the_task_kind(y, input_shape, outputs, task, expected):
+    problem = data_mismatch(DataSummary.of(np.zeros((len(y), 13), np.float32), y), input_shape, outputs, task)
+    assert problem == expected if expected is None or ";" in expected else problem.startswith(expected), problem
+
+
+def test_the_fit_check_refuses_an_unknown_task_and_counts_labels_it_does_not_keep():
+    with pytest.raises(ValueError, match="task 'ranking'"):
+        data_mismatch(DataSummary((13,), 1, (0,)), (13,), 10, "ranking")
+    summary = DataSummary.of(np.zeros((3000, 1), np.float32), np.arange(3000))
+    assert len(summary.labels) == 1024 and summary.more_labels == 1976  # the idle agent keeps a bounded summary
+    assert data_mismatch(summary, (1,), 1000) == "labels 1000, 1001, 1002, 1003 and 1996 more outside 0..999"

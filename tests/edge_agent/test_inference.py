@@ -14,7 +14,7 @@ from fedprune.coordinator.export import compact_onnx, export_onnx
 from fedprune.edge_agent.inference import InferenceHTTP, ModelServer, NoModel, Predictor, Served, providers_for
 from fedprune.common.models import ModelSpec, init_params, module_from_params
 
-SPEC = ModelSpec("mlp", (1, 8, 8), 10, hidden=(32,))
+SPEC = ModelSpec("mlp", (1, 8, 8), 10, args={"hidden": (32,)})
 META = {"federation": "fed-1", "round": 1, "mask_version": 0}
 
 
@@ -154,7 +154,8 @@ def test_http_round_trip_and_errors(models, rng):
         server.swap(Served(2, predictor))
         status, reply = request(address, "POST", "/predict", body)
         assert status == 200
-        assert reply == {"predictions": predictor.predict_classes(X).tolist(), "model_version": 2}
+        assert reply == {"predictions": predictor.predict_classes(X).tolist(), "model_version": 2,
+                         "task": "classification"}
         status, reply = request(address, "GET", "/model")
         assert status == 200 and reply["model_version"] == 2 and reply["input_shape"] == [1, 8, 8]
         assert reply["metadata"]["model"] == "mlp"

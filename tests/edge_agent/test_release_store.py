@@ -17,7 +17,7 @@ from fedprune.protocol.errors import BadSignature, ProtocolError
 from fedprune.protocol.messages import ModelRelease
 from tests.protocol.factories import GROUP
 
-SPEC = ModelSpec("mlp", (1, 8, 8), 10, hidden=(16,))
+SPEC = ModelSpec("mlp", (1, 8, 8), 10, args={"hidden": (16,)})
 FED = "fed-1"
 T0 = 1_800_000_000.0
 

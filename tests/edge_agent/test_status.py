@@ -27,7 +27,7 @@ BIN = Path(sys.executable).parent
 FED = "fed1"
 DAY1 = calendar.timegm((2026, 12, 6, 23, 59, 0))  # 2026-12-06T23:59:00Z
 DAY2 = calendar.timegm((2026, 12, 7, 7, 3, 0))  # 2026-12-07T07:03:00Z
-SPEC = ModelSpec("mlp", (1, 8, 8), 10, hidden=(16,))
+SPEC = ModelSpec("mlp", (1, 8, 8), 10, args={"hidden": (16,)})
 
 
 def write_config(tmp_path: Path, state: Path, **privacy: object) -> Path:

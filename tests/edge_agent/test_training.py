@@ -1,4 +1,5 @@
-"""Masked local training: the mask holds on weights, gradients and momentum; readjust invariants."""
+"""Masked local training: the mask holds on weights, gradients and the optimiser's moments (SGD and
+AdamW); readjust invariants; regression and multi-label tasks train."""
 
 from __future__ import annotations
 
@@ -13,10 +14,12 @@ from hypothesis.extra import numpy as hnp
 
 from fedprune.coordinator.lab.datasets import load_dataset
 from fedprune.common.models import ModelSpec, evaluate, init_params, model_layout, module_from_params
-from fedprune.edge_agent.training import MaskedSGD, first_smallest, readjust_layer, readjust_masks, resolve_device, train_local
+from fedprune.edge_agent.training import (
+    MaskedOptimizer, first_smallest, readjust_layer, readjust_masks, resolve_device, train_local,
+)
 from fedprune.protocol.hyperparams import HyperParams
 
-MLP = ModelSpec("mlp", (1, 8, 8), 10, hidden=(32, 16))
+MLP = ModelSpec("mlp", (1, 8, 8), 10, args={"hidden": (32, 16)})
 
 
 def sparse_state(spec, density, seed):
@@ -98,36 +101,48 @@ def test_readjust_masks_handles_every_layer_and_validates_fraction():
         readjust_layer(masks["a"], weights["a"], scores["a"], 1.5)
 
 
-# ---- MaskedSGD: the mask holds on weights, gradients and momentum
+# ---- MaskedOptimizer: the mask holds on weights, gradients and the moments
 
 
 def _trainer(spec, density, hp, seed=0):
     params, masks = sparse_state(spec, density, seed)
     model = module_from_params(spec, params).train()
-    return MaskedSGD(model, {k: torch.from_numpy(v) for k, v in masks.items()}, hp), masks
+    return MaskedOptimizer(model, {k: torch.from_numpy(v) for k, v in masks.items()}, hp, spec.task), masks
 
 
-def test_masked_sgd_never_moves_a_pruned_weight_or_its_momentum(digits):
+MOMENT_KEYS = {"sgd": ("momentum_buffer",), "adamw": ("exp_avg", "exp_avg_sq")}
+OPTIMIZER_HP = {"sgd": dict(lr=0.1, momentum=0.9), "adamw": dict(lr=0.01, optimizer="adamw")}
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_a_pruned_weight_and_its_moments_stay_exactly_zero(digits, optimizer):
     X, y = torch.from_numpy(digits[0]), torch.from_numpy(digits[1])
-    trainer, masks = _trainer(MLP, 0.3, HyperParams(lr=0.1, momentum=0.9, weight_decay=0.01, prox_mu=0.1))
+    hp = HyperParams(**OPTIMIZER_HP[optimizer], weight_decay=0.01, prox_mu=0.1)
+    trainer, masks = _trainer(MLP, 0.3, hp)
     named = dict(trainer.model.named_parameters())
     bias_before = named["fc0.bias"].detach().clone()
     for step in range(30):
         trainer.step(X[step * 6 : step * 6 + 16], y[step * 6 : step * 6 + 16])
     for name, mask in masks.items():
-        assert torch.all(named[name].detach()[~torch.from_numpy(mask)] == 0)
-        assert torch.all(trainer.momentum(name)[~torch.from_numpy(mask)] == 0)
-        assert torch.any(named[name].detach()[torch.from_numpy(mask)] != 0)
+        inside = torch.from_numpy(mask)
+        assert torch.all(named[name].detach()[~inside] == 0)
+        assert torch.any(named[name].detach()[inside] != 0)
+        moments = trainer.moments(name)
+        assert set(moments) == set(MOMENT_KEYS[optimizer])
+        for moment in moments.values():
+            assert torch.all(moment[~inside] == 0) and torch.any(moment[inside] != 0)
     assert not torch.equal(named["fc0.bias"].detach(), bias_before)
 
 
-def test_a_sparse_layer_steps_by_min_of_inverse_density_and_the_cap(digits):
-    """One plain SGD step: masked tensors move min(1/d, cap) times as far, the rest as before."""
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_a_sparse_layer_steps_by_min_of_inverse_density_and_the_cap(digits, optimizer):
+    """One plain step: masked tensors move min(1/d, cap) times as far, the rest as before (AdamW's
+    step per weight is scale-free, but its output still moves ∝ d: the same rule)."""
     X, y = torch.from_numpy(digits[0][:16]), torch.from_numpy(digits[1][:16])
     moves = {}
     for cap in (1.0, 3.0, 1000.0):
         trainer, masks = _trainer(MLP, 0.3, HyperParams(lr=0.01, momentum=0.0, weight_decay=0.0,
-                                                        max_sparse_lr_factor=cap))
+                                                        max_sparse_lr_factor=cap, optimizer=optimizer))
         named = dict(trainer.model.named_parameters())
         before = {k: p.detach().clone() for k, p in named.items()}
         trainer.step(X, y)
@@ -139,9 +154,10 @@ def test_a_sparse_layer_steps_by_min_of_inverse_density_and_the_cap(digits):
             assert torch.allclose(moves[cap][name], expected * p, rtol=1e-4, atol=1e-7), (name, cap)
 
 
-def test_readjust_zeroes_weights_and_momentum_where_the_mask_changed(digits):
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_readjust_zeroes_weights_and_moments_where_the_mask_changed(digits, optimizer):
     X, y = torch.from_numpy(digits[0]), torch.from_numpy(digits[1])
-    trainer, masks = _trainer(MLP, 0.3, HyperParams(lr=0.1, momentum=0.9))
+    trainer, masks = _trainer(MLP, 0.3, HyperParams(**OPTIMIZER_HP[optimizer]))
     for step in range(5):
         trainer.step(X[step * 16 : step * 16 + 16], y[step * 16 : step * 16 + 16])
     named = dict(trainer.model.named_parameters())
@@ -153,9 +169,18 @@ def test_readjust_zeroes_weights_and_momentum_where_the_mask_changed(digits):
         grown, kept = new & ~old, new & old
         assert int(new.sum()) == int(old.sum()) and changed.any()
         assert torch.all(named[name].detach()[changed] == 0)
-        assert torch.all(trainer.momentum(name)[changed] == 0)
+        for moment in trainer.moments(name).values():
+            assert torch.all(moment[changed] == 0) and torch.all(moment[~new] == 0)
         assert torch.equal(named[name].detach()[kept], before[name][kept])
         assert torch.all(before[name][grown] == 0)
+        assert all(torch.any(m[kept] != 0) for m in trainer.moments(name).values())
+    for step in range(5):  # the new mask holds on the moments from here on; grown positions train
+        trainer.step(X[step * 16 : step * 16 + 16], y[step * 16 : step * 16 + 16])
+    for name, old in masks.items():
+        new, grown = trainer.masks[name], trainer.masks[name] & ~torch.from_numpy(old)
+        assert torch.all(named[name].detach()[~new] == 0) and torch.any(named[name].detach()[grown] != 0)
+        for moment in trainer.moments(name).values():
+            assert torch.all(moment[~new] == 0) and torch.any(moment[grown] != 0)
 
 
 def test_gradient_growth_picks_the_largest_dense_gradient(digits):
@@ -195,6 +220,23 @@ def test_train_local_matches_plain_torch_sgd_when_the_mask_is_full(digits):
     assert result.steps == 3 and not result.mask_changed
 
 
+def test_train_local_matches_plain_torch_adamw_when_the_mask_is_full(digits):
+    X, y = digits[0][:64], digits[1][:64]
+    params = init_params(MLP, 0)
+    masks = {t.name: np.ones(t.shape, bool) for t in model_layout(MLP).masked}
+    hp = HyperParams(epochs=3, batch_size=64, lr=0.003, weight_decay=0.01, optimizer="adamw")
+    result = train_local(MLP, params, masks, X, y, hp)
+    model = module_from_params(MLP, params).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.003, betas=(0.9, 0.999), weight_decay=0.01)
+    for _ in range(3):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(torch.from_numpy(X)), torch.from_numpy(y)).backward()
+        opt.step()
+    for name, p in model.named_parameters():
+        assert np.allclose(params[name] + result.delta[name], p.detach().numpy(), atol=1e-5)
+    assert any(np.any(d != 0) for d in result.delta.values())
+
+
 def test_delta_is_zero_outside_the_mask_and_dense_tensors_train(digits):
     params, masks = sparse_state(MLP, 0.2, 1)
     result = train_local(MLP, params, masks, *digits, HyperParams(epochs=2, batch_size=16))
@@ -208,10 +250,12 @@ def test_delta_is_zero_outside_the_mask_and_dense_tensors_train(digits):
     assert math.isfinite(result.train_loss) and result.flops > 0
 
 
-@pytest.mark.parametrize("growth", ["gradient", "random"])
-def test_readjust_round_keeps_nnz_and_is_deterministic_per_seed(digits, growth):
+@pytest.mark.parametrize("growth, optimizer", [("gradient", "sgd"), ("random", "sgd"), ("gradient", "adamw")])
+def test_readjust_round_keeps_nnz_and_is_deterministic_per_seed(digits, growth, optimizer):
     params, masks = sparse_state(MLP, 0.2, 2)
-    hp = HyperParams(epochs=2, batch_size=32, readjust=True, prune_fraction=0.3, growth=growth, seed=5)
+    lr = 0.01 if optimizer == "adamw" else 0.05
+    hp = HyperParams(epochs=2, batch_size=32, readjust=True, prune_fraction=0.3, growth=growth, seed=5, lr=lr,
+                     optimizer=optimizer)
     a = train_local(MLP, params, masks, *digits, hp)
     b = train_local(MLP, params, masks, *digits, hp)
     assert a.mask_changed
@@ -271,7 +315,7 @@ def test_fedprox_pulls_the_update_towards_theta_t(digits):
 
 
 def test_batchnorm_statistics_come_back_as_buffers_not_deltas(digits):
-    spec = ModelSpec("cnn2d", (1, 8, 8), 10, norm="batch")
+    spec = ModelSpec("cnn2d", (1, 8, 8), 10, args={"norm": "batch"})
     params, masks = sparse_state(spec, 0.5, 7)
     result = train_local(spec, params, masks, *digits, HyperParams(epochs=1))
     buffer_names = [t.name for t in model_layout(spec) if not t.trainable]
@@ -302,9 +346,9 @@ def test_bad_inputs_raise_value_errors(digits, change, message):
     "dataset, spec, n, epochs, floor",
     [
         ("digits", ModelSpec("mlp", (1, 8, 8), 10), 400, 5, 0.75),
-        ("digits", ModelSpec("cnn2d", (1, 8, 8), 10, norm="group"), 400, 5, 0.75),
+        ("digits", ModelSpec("cnn2d", (1, 8, 8), 10, args={"norm": "group"}), 400, 5, 0.75),
         ("mnist1d", ModelSpec("mlp", (1, 40), 10), 1000, 5, 0.25),
-        ("mnist1d", ModelSpec("cnn1d", (1, 40), 10, norm="group"), 1000, 5, 0.35),
+        ("mnist1d", ModelSpec("cnn1d", (1, 40), 10, args={"norm": "group"}), 1000, 5, 0.35),
     ],
     ids=lambda v: getattr(v, "name", str(v)),
 )
@@ -314,24 +358,70 @@ def test_builtin_models_learn_well_above_chance(dataset, spec, n, epochs, floor)
     hp = HyperParams(epochs=epochs, batch_size=32, readjust=True, prune_fraction=0.2)
     result = train_local(spec, params, masks, ds.X_train[:n], ds.y_train[:n], hp)
     trained = {k: v + result.delta.get(k, 0) for k, v in params.items()}
-    assert evaluate(spec, trained, ds.X_test, ds.y_test).accuracy > floor
+    assert evaluate(spec, trained, ds.X_test, ds.y_test).metrics["accuracy"] > floor
+
+
+def _synthetic(task, n=400, k=3, seed=0):
+    """Learnable targets from 8 Gaussian features: a standardised non-linear regression, or labels
+    that a random linear map's sign decides."""
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((n, 8)).astype(np.float32)
+    W = rng.standard_normal((8, k))
+    if task == "regression":
+        y = np.tanh(X @ W) + 0.3 * X[:, :k] ** 2
+        return X, ((y - y.mean(0)) / y.std(0)).astype(np.float32)
+    return X, (X @ W > 0.3).astype(np.int64)
+
+
+@pytest.mark.parametrize("task, optimizer", [("regression", "sgd"), ("regression", "adamw"),
+                                             ("multilabel", "sgd"), ("multilabel", "adamw")])
+def test_regression_and_multilabel_training_reduce_the_loss(task, optimizer):
+    from fedprune.common.objectives import evaluate as evaluate_task
+
+    spec = ModelSpec("mlp", (8,), 3, args={"hidden": (32,)}, task=task)
+    X, y = _synthetic(task)
+    params, masks = sparse_state(spec, 0.5, 0)
+    lr = 0.01 if optimizer == "adamw" else 0.05
+    hp = HyperParams(epochs=10, batch_size=16, lr=lr, optimizer=optimizer, readjust=True, prune_fraction=0.2)
+    result = train_local(spec, params, masks, X, y, hp)
+    trained = {k: v + result.delta.get(k, 0) for k, v in params.items()}
+    Xt, yt = torch.from_numpy(X), torch.from_numpy(y.astype(np.float32))
+    before = evaluate_task(task, module_from_params(spec, params), Xt, yt)
+    after = evaluate_task(task, module_from_params(spec, trained), Xt, yt)
+    assert after.loss < 0.5 * before.loss and after.score > before.score
+    assert math.isfinite(result.train_loss) and result.mask_changed
+    for name, mask in result.masks.items():
+        assert mask.sum() == masks[name].sum() and np.all(result.delta[name][~mask] == 0)
+    groups = range(4 * 3) if task == "regression" else range(3)
+    assert result.class_losses and set(result.class_losses) <= set(groups)
+
+
+def test_the_optimizer_is_validated_where_an_operator_sets_it():
+    from fedprune.coordinator.core.config import StrategyConfig
+
+    with pytest.raises(ValueError, match="optimizer='adam': expected one of"):
+        HyperParams(optimizer="adam")
+    with pytest.raises(ValueError, match=r"\[strategy.local\] optimizer='adam'"):
+        StrategyConfig.from_dict({"local": {"optimizer": "adam"}})
+    local = StrategyConfig.from_dict({"local": {"optimizer": "adamw", "lr": 0.001}}).local
+    assert local.optimizer == "adamw" and local.batch_size == 16  # the other keys keep [strategy]'s defaults
 
 
 def test_class_losses_leave_out_classes_whose_loss_overflowed():
     """A diverged global model must not make an honest device send NaN (the protocol refuses it)."""
     from torch import nn
 
-    from fedprune.edge_agent.training import class_losses
+    from fedprune.common.objectives import group_losses
 
     model = nn.Linear(4, 3)
     with torch.no_grad():
         model.weight.fill_(float("inf"))
     X = torch.ones(6, 4)
     y = torch.tensor([0, 0, 1, 1, 2, 2])
-    assert class_losses(model, X, y, 3) == {}
+    assert group_losses("classification", model, X, y, 3) == {}
     with torch.no_grad():
         model.weight.fill_(0.1)
-    assert set(class_losses(model, X, y, 3)) == {0, 1, 2}
+    assert set(group_losses("classification", model, X, y, 3)) == {0, 1, 2}
 
 
 def test_auto_device_is_the_cpu_without_a_gpu_and_cuda_without_one_is_refused(monkeypatch):

@@ -82,9 +82,20 @@ def rewrite_meta(body: bytes | memoryview, edit: Callable[[dict], object]) -> by
     return join_body(meta, tail)
 
 
+def task_body_at_minor_5(t: RoundTask) -> bytes:
+    """``t`` as a 1.5 coordinator encoded it: without the model keys ``margs``, ``kind``, ``pkg``, ``tdig``
+    and the optimizer hyper-parameter."""
+    def strip(meta: dict) -> None:
+        for key in ("margs", "kind", "pkg", "tdig"):
+            meta.pop(key)
+        meta["hp"].pop("optimizer", None)
+
+    return rewrite_meta(codec.encode_body(t), strip)
+
+
 def task_body_at_minor_4(t: RoundTask) -> bytes:
     """``t`` as a 1.3 or 1.4 coordinator encoded it: without the keys ``uv``, ``ef`` and ``base``."""
-    return rewrite_meta(codec.encode_body(t), lambda meta: (meta.pop("uv"), meta.pop("ef"), meta.pop("base")))
+    return rewrite_meta(task_body_at_minor_5(t), lambda meta: (meta.pop("uv"), meta.pop("ef"), meta.pop("base")))
 
 
 def task_body_at_minor_2(t: RoundTask) -> bytes:

@@ -6,7 +6,9 @@ from fedprune.protocol.channel import AgentChannel, CoordinatorChannel, Publicat
 from fedprune.protocol.chunks import split
 from fedprune.protocol.crypto import Aead
 from fedprune.protocol.envelope import parse_header
-from fedprune.protocol.errors import BadSignature, DecodeError, OpenFailed, ProtocolError, Replayed, Stale, UnknownMask, UnknownSender
+from fedprune.protocol.errors import (
+    BadSignature, DecodeError, LayoutMismatch, OpenFailed, ProtocolError, Replayed, Stale, UnknownMask, UnknownSender,
+)
 from fedprune.protocol.messages import ModelRelease, State
 from fedprune.protocol.sparse import ValueDtype
 from fedprune.protocol.topics import update_topic
@@ -211,7 +213,7 @@ def test_layout_resolver_errors_become_decode_errors(rng):
 
     agent = AgentChannel(federation=FED, device="dev-a", identity=DEVICES["dev-a"], coordinator=COORD.public, layout=zoo)
     agent.group_keys.put(GROUP)
-    with pytest.raises(DecodeError, match="not known here"):
+    with pytest.raises(LayoutMismatch, match="cannot be built here"):
         deliver(agent, coordinator_channel().send(task(rng), T0), T0)
 
 

@@ -5,13 +5,14 @@ import pytest
 
 from fedprune.protocol import codec
 from fedprune.protocol.envelope import MINOR, Header, Suite, parse_header
-from fedprune.protocol.errors import DecodeError, TooLarge, UnknownMask, UnsupportedVersion
+from fedprune.protocol.errors import DecodeError, LayoutMismatch, TooLarge, UnknownMask, UnsupportedVersion
+from fedprune.protocol.layout import ModelLayout
 from fedprune.protocol.messages import Kind, ModelRelease, Register, Reject, RoundTask, State, Status, Update
 from fedprune.protocol.sparse import MaskStore, ValueDtype
 from fedprune.protocol.wire import Limits, TailWriter, as_map, frame
 from tests.protocol.factories import (
     FED, LAYOUT, MODEL, T0, assert_sparse_equal, register, release, reject, rewrite_meta, status, task,
-    split_body, task_body_at_minor_2, task_body_at_minor_4, update,
+    split_body, task_body_at_minor_2, task_body_at_minor_4, task_body_at_minor_5, update,
 )
 
 
@@ -121,12 +122,38 @@ def test_a_task_names_the_update_encoding_and_its_base_and_a_minor_4_task_means_
     assert (got.update_values, got.error_feedback, got.base_round) == (ValueDtype.INT8, False, 2)
     old = decode_task_at(4, task_body_at_minor_4(t))
     assert (old.update_values, old.error_feedback, old.base_round) == (ValueDtype.FLOAT32, True, None)
-    with pytest.raises(DecodeError, match=r"missing keys \['base', 'ef', 'uv'\]"):
+    with pytest.raises(DecodeError, match=r"missing keys \['base', 'ef', 'kind', 'margs', 'pkg', 'tdig', 'uv'\]"):
         decode_task_at(MINOR, task_body_at_minor_4(t))
     with pytest.raises(DecodeError, match="update values"):
         decode_task_at(MINOR, rewrite_meta(codec.encode_body(t), lambda meta: meta.__setitem__("uv", 7)))
     with pytest.raises(DecodeError, match="task ef"):
         decode_task_at(MINOR, rewrite_meta(codec.encode_body(t), lambda meta: meta.__setitem__("ef", 1)))
+
+
+def test_a_task_carries_the_factory_arguments_and_a_minor_5_task_means_a_plain_classifier(rng):
+    t = task(rng)
+    model = replace(t.model, args={"hidden": [32, 16], "dropout": 0.1, "act": "relu", "bias": True},
+                    task="regression", package="mypkg 1.2.0", tensor_digests=LAYOUT.tensor_digests())
+    got = decode_task_at(MINOR, codec.encode_body(replace(t, model=model)))
+    assert got.model == model and dict(got.model.args)["hidden"] == (32, 16)
+    old = decode_task_at(5, task_body_at_minor_5(replace(t, model=model)))
+    assert (old.model.args, old.model.task, old.model.package, old.model.tensor_digests) == ((), "classification", "", b"")
+    with pytest.raises(DecodeError, match="model"):
+        decode_task_at(MINOR, rewrite_meta(codec.encode_body(t), lambda meta: meta.__setitem__("margs", {"x": {"y": 1}})))
+    with pytest.raises(DecodeError, match="task"):
+        decode_task_at(MINOR, rewrite_meta(codec.encode_body(t), lambda meta: meta.__setitem__("kind", "ranking")))
+
+
+def test_a_task_for_another_layout_names_the_first_tensor_that_differs(rng):
+    t = task(rng)
+    model = replace(t.model, tensor_digests=LAYOUT.tensor_digests())
+    body = codec.encode_body(replace(t, model=model))
+    other = ModelLayout(tuple(replace(spec, shape=(spec.shape[0] + 1, *spec.shape[1:])) if i == 1 else spec
+                              for i, spec in enumerate(LAYOUT)))
+    with pytest.raises(LayoutMismatch) as caught:
+        codec.decode_body(header(Kind.TASK, minor=MINOR), body, layout_for=lambda _m: other)
+    assert caught.value.round == t.round and caught.value.selected == t.selected and caught.value.model == model
+    assert caught.value.detail.startswith(f"tensor 1 differs: {other.tensors[1].name}")
 
 
 def test_the_class_loss_medians_key_stays_on_the_wire_empty_and_is_never_read(rng):

@@ -9,7 +9,10 @@ the key grant that carries it to a member; ``group_1_3.json`` the same at 1.3, w
 no class-loss medians; ``group_1_4.json`` the same at 1.4, plus sealed statuses with and without
 the release and epsilon left that 1.4 added (and invalid ones, to the coordinator);
 ``group_1_5.json`` the same at 1.5, plus a task asking for int8 updates without error feedback
-whose weights are the change since the previous round's (and tasks with a bad or missing key). A body of an older minor must decode to its
+whose weights are the change since the previous round's (and tasks with a bad or missing key);
+``group_1_6.json`` the same at 1.6, plus a task for a factory's regression model with arguments,
+package, tensor digests and AdamW (and tasks with a nested argument, an unknown task kind or
+optimizer, or no arguments key). A body of an older minor must decode to its
 stored summary less the fields removed since (``VESTIGES``) and with the fields added since at
 what its sender meant (``ADDITIONS``), and re-encode to its bytes with those keys at that value.
 ``valid.json`` and ``invalid.json`` are no longer generated: this build's encoder cannot write a
@@ -18,6 +21,7 @@ what its sender meant (``ADDITIONS``), and re-encode to its bytes with those key
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import enum
 import hashlib
@@ -50,12 +54,25 @@ GROUP_SINCE_MINOR = 2
 # Body keys whose field a later minor removed: (kind, meta key, message field). They stay on the
 # wire, written nil, so a body re-encodes with them nil.
 VESTIGES = ((Kind.TASK, "clm", "class_loss_medians"),)
-# Body keys a later minor added: (kind, meta key, message field, minor, value). An older body
-# lacks them, decodes with the field at what its sender meant (``value``, as summarised), and
-# re-encodes with the key at that value (appended, in this order; None is nil).
-ADDITIONS = ((Kind.STATUS, "rel", "release", 4, None), (Kind.STATUS, "eps", "epsilon_left", 4, None),
-             (Kind.TASK, "uv", "update_values", 5, int(ValueDtype.FLOAT32)), (Kind.TASK, "ef", "error_feedback", 5, True),
-             (Kind.TASK, "base", "base_round", 5, None))
+# Body keys a later minor added: (kind, meta key, message field, minor, wire value, summary value);
+# a dotted key or field is nested (``hp.optimizer`` in the meta's ``hp`` map, ``model.args`` in the
+# summary's ``model``). An older body lacks them, decodes with the field at what its sender meant
+# (the summary value), and re-encodes with the key at the wire value (appended, in this order).
+ADDITIONS = ((Kind.STATUS, "rel", "release", 4, None, None), (Kind.STATUS, "eps", "epsilon_left", 4, None, None),
+             (Kind.TASK, "uv", "update_values", 5, int(ValueDtype.FLOAT32), int(ValueDtype.FLOAT32)),
+             (Kind.TASK, "ef", "error_feedback", 5, True, True), (Kind.TASK, "base", "base_round", 5, None, None),
+             (Kind.TASK, "hp.optimizer", "hyper.optimizer", 6, "sgd", "sgd"),
+             (Kind.TASK, "margs", "model.args", 6, {}, []), (Kind.TASK, "kind", "model.task", 6, "classification",
+                                                              "classification"),
+             (Kind.TASK, "pkg", "model.package", 6, "", ""),
+             (Kind.TASK, "tdig", "model.tensor_digests", 6, b"", hashlib.sha256(b"").hexdigest()))
+
+
+def _put(tree: dict, path: str, value) -> None:
+    *parents, leaf = path.split(".")
+    for key in parents:
+        tree = tree[key]
+    tree[leaf] = value
 
 
 def group_file(minor: int) -> Path:
@@ -67,12 +84,15 @@ def assert_current_reading(h: Header, msg, summary: dict, body: bytes, encoded: 
     """``msg`` decoded from ``body`` (schema 1.<h.minor>) is the stored ``summary`` and re-encodes to
     ``body``, both less the fields later minors removed and plus those they added (their keys
     re-encode at the value the added field reads: what the older sender meant)."""
-    gone = [(key, field, None) for kind, key, field in VESTIGES if kind is h.kind]
-    added = [(key, field, value) for kind, key, field, since, value in ADDITIONS if kind is h.kind and h.minor < since]
-    expected_summary = {k: v for k, v in summary.items() if k not in {f for _, f, _ in gone}}
-    assert summarize(msg) == expected_summary | {field: value for _, field, value in added}, name
+    gone = [(key, field, None, None) for kind, key, field in VESTIGES if kind is h.kind]
+    added = [(key, field, wire, read) for kind, key, field, since, wire, read in ADDITIONS
+             if kind is h.kind and h.minor < since]
+    expected_summary = copy.deepcopy({k: v for k, v in summary.items() if k not in {f for _, f, _, _ in gone}})
+    for _, field, _, read in added:
+        _put(expected_summary, field, read)
+    assert summarize(msg) == expected_summary, name
     keys = gone + added
-    expected = (rewrite_meta(body, lambda meta: [meta.__setitem__(key, value) for key, _, value in keys]) if keys
+    expected = (rewrite_meta(body, lambda meta: [_put(meta, key, wire) for key, _, wire, _ in keys]) if keys
                 else bytes(body))
     assert encoded == expected, name
 
@@ -239,8 +259,13 @@ def generate_group() -> None:  # pragma: no cover - run by hand after a delibera
     messages, envelopes = {}, {}
     # 1.5: the update encoding, and a task whose weights are the change since an earlier task's
     quantised = dataclasses.replace(t, update_values=ValueDtype.INT8, error_feedback=False, base_round=t.round - 1)
+    # 1.6: a factory's model with its arguments, task kind, package and tensor digests; AdamW
+    own_model = dataclasses.replace(
+        t, model=dataclasses.replace(t.model, args={"hidden": [32, 16], "dropout": 0.25, "act": "gelu", "bias": False},
+                                     task="regression", package="mypkg 1.2.0", tensor_digests=f.LAYOUT.tensor_digests()),
+        hyper=dataclasses.replace(t.hyper, optimizer="adamw"))
     for i, (name, msg) in enumerate((("task", t), ("release", f.release()), ("key_grant", None), *statuses,
-                                     ("task_int8_change", quantised))):
+                                     ("task_int8_change", quantised), ("task_own_model", own_model))):
         seq, sent_at = 1_900_000_000_000_000 + i, f.T0 + i
         if isinstance(msg, Status):
             h = Header(msg.KIND, Suite.SEALED_AES256_GCM, f.FED, msg.device, 5, seq, sent_at)
@@ -289,6 +314,10 @@ def generate_group() -> None:  # pragma: no cover - run by hand after a delibera
         ("task_unknown_update_values", task_topic, task_with(0, lambda m: m.__setitem__("uv", 7)), "decode"),
         (f"task_without_ef_at_minor_{MINOR}", task_topic, task_with(1, lambda m: m.pop("ef")), "decode"),
         ("task_base_round_not_before_it", task_topic, task_with(2, lambda m: m.__setitem__("base", t.round)), "decode"),
+        ("task_nested_model_argument", task_topic, task_with(3, lambda m: m.__setitem__("margs", {"a": {"b": 1}})), "decode"),
+        ("task_unknown_task_kind", task_topic, task_with(4, lambda m: m.__setitem__("kind", "ranking")), "decode"),
+        ("task_unknown_optimizer", task_topic, task_with(5, lambda m: m["hp"].__setitem__("optimizer", "lbfgs")), "decode"),
+        (f"task_without_margs_at_minor_{MINOR}", task_topic, task_with(6, lambda m: m.pop("margs")), "decode"),
         ("swapped_key_id", task_topic, chunk(swapped), "bad_signature"),
         ("truncated_ciphertext", task_topic, chunk(task_env[:-100]), "bad_signature"),
         ("key_not_held", task_topic, chunk(under_other), "unknown_key"),
