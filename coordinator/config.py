@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 from fedprune.coordinator.core.config import StrategyConfig
 from fedprune.common.configkit import ConfigError, FreeTable, in_range, load, one_of, render_example, setting
+from fedprune.common.data_source import DataSource
 from fedprune.common.model_rules import TASK_KINDS, normalise_args, reference_problem, task_problem
 from fedprune.protocol.topics import is_valid_id
 
@@ -129,8 +130,10 @@ class StateSection:
 class EvaluationSection:
     """Held-out data the coordinator evaluates the global model on (never used for training)."""
 
-    data: Path | None = setting(None, "a .npz (X, y) or CSV file or directory; empty: no evaluation")
+    data: Path | None = setting(None, "a .npz (X, y) or CSV file or directory, an image folder...; empty: no evaluation")
     every_rounds: int = setting(1, "evaluate every this many rounds (and after the last)", check=in_range(1, 1_000_000))
+    source: DataSource = field(default_factory=DataSource, metadata={
+        "help": "how to read [evaluation] data: the keys of an agent.toml's [data] table (docs/DATA.md)"})
 
 
 @dataclass(frozen=True)

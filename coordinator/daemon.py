@@ -179,7 +179,7 @@ class CoordinatorDaemon:
             return None
         from fedprune.common.data import load_local_data
 
-        return load_local_data(path)
+        return load_local_data(path, self.config.evaluation.source)
 
     # ---- main loop ------------------------------------------------------------------------------
     def stop(self, *_: object) -> None:

@@ -79,7 +79,8 @@ _PHASE_STATE = {Phase.IDLE: State.IDLE, Phase.TRAINING: State.TRAINING, Phase.UP
 # (every reconnect), a task of a past round; a missing mask is asked for again by registering.
 # Anything else that fails to verify or decode (a forged or foreign broadcast, another version)
 # is one for a person to look at.
-_REJECTION_LEVEL = {Replayed: logging.DEBUG, Stale: logging.INFO, UnknownMask: logging.INFO}
+# LayoutMismatch: the ERROR that says what to do is layout_mismatch, once per model.
+_REJECTION_LEVEL = {Replayed: logging.DEBUG, Stale: logging.INFO, UnknownMask: logging.INFO, LayoutMismatch: logging.DEBUG}
 
 
 def _send_failure_level(exc: Exception) -> int:

@@ -62,6 +62,17 @@ class LocalFederation:
     device_sections: Mapping[str, Mapping[str, Mapping[str, Any]]] = field(default_factory=dict)
     # A device's own command in place of the fedprune-agent script (an emulated arm64 Python).
     agent_commands: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    # Own data and model instead of `dataset`: each device's files, the coordinator's held-out set,
+    # how both are read (a [data] table), the model's arguments, task and sizes; `env` reaches
+    # every process (e.g. PYTHONPATH for the model's package).
+    device_data: Mapping[str, Path] = field(default_factory=dict)
+    holdout: Path | None = None
+    data_section: Mapping[str, Any] = field(default_factory=dict)
+    model_args: Mapping[str, Any] = field(default_factory=dict)
+    task: str = "classification"
+    input_shape: tuple[int, ...] = ()
+    num_classes: int = 0
+    env: Mapping[str, str] = field(default_factory=dict)
     processes: dict[str, subprocess.Popen] = field(default_factory=dict, init=False)
 
     @property
@@ -73,26 +84,12 @@ class LocalFederation:
         return self.root / "state"
 
     def prepare(self) -> CoordinatorConfig:
-        dataset = load_dataset(self.dataset, self.seed)
-        rng = np.random.default_rng(self.seed)
-        if self.partition == "iid":
-            parts = partition_iid(dataset.y_train, len(self.devices), rng)
-        else:
-            parts = partition_dirichlet(dataset.y_train, len(self.devices), self.beta, rng, min_size=40)
-        data_dir = self.root / "data"
-        data_dir.mkdir(parents=True, exist_ok=True)
-        for name, idx in zip(self.devices, parts):
-            y = dataset.y_train[idx]
-            if name in self.noisy:
-                y = add_label_noise(y, self.noise_rate, dataset.num_classes, rng, kind="symmetric")
-            np.savez(data_dir / f"{name}.npz", X=dataset.X_train[idx], y=y)
-        np.savez(data_dir / "holdout.npz", X=dataset.X_test, y=dataset.y_test)
+        data_paths, holdout, model = self._own_data() if self.device_data else self._split_dataset()
         settings: dict[str, dict[str, Any]] = {
-            "federation": {"model": self.model, "input_shape": tuple(dataset.input_shape),
-                           "num_classes": dataset.num_classes, "seed": self.seed},
+            "federation": {"model": self.model, "seed": self.seed, **model},
             "rounds": {"total": self.rounds, "min_devices": len(self.devices), "quorum": len(self.devices)},
             "metrics": {"port": 0},
-            "evaluation": {"data": str(data_dir / "holdout.npz")},
+            "evaluation": {"data": str(holdout), **({"source": dict(self.data_section)} if self.data_section else {})},
             "broker": {"password": self.broker.coordinator_password,
                        **({"ca_file": str(self.broker.ca_file)} if self.broker.ca_file else {})},
         }
@@ -107,9 +104,10 @@ class LocalFederation:
             bundle = device_dir / "bundle.json"
             enrollment.enroll(config, name, bundle, broker_password=self.broker.device_passwords.get(name, ""))
             sections: dict[str, dict[str, Any]] = {
-                "agent": {"bundle": str(bundle), "data": str(data_dir / f"{name}.npz"),
+                "agent": {"bundle": str(bundle), "data": str(data_paths[name]),
                           "state_dir": str(device_dir / "state"), "train_in_subprocess": False, "heartbeat_s": 5.0},
                 "governance": {"max_threads": 1},
+                **({"data": dict(self.data_section)} if self.data_section else {}),
             }
             for extra in (self.agent_sections, self.device_sections.get(name, {})):
                 for section, table in extra.items():
@@ -119,6 +117,32 @@ class LocalFederation:
                 for section, table in sections.items()))
         (self.root / "logs").mkdir(exist_ok=True)
         return config
+
+    def _own_data(self) -> tuple[Mapping[str, Path], Path, dict[str, Any]]:
+        if self.holdout is None or not self.input_shape or not self.num_classes:
+            raise ValueError("own data needs holdout, input_shape and num_classes beside device_data")
+        return self.device_data, self.holdout, {"model_args": dict(self.model_args), "task": self.task,
+                                                "input_shape": tuple(self.input_shape), "num_classes": self.num_classes}
+
+    def _split_dataset(self) -> tuple[dict[str, Path], Path, dict[str, Any]]:
+        """The built-in dataset split over the devices (Dirichlet or IID), noisy devices' labels noised."""
+        dataset = load_dataset(self.dataset, self.seed)
+        rng = np.random.default_rng(self.seed)
+        if self.partition == "iid":
+            parts = partition_iid(dataset.y_train, len(self.devices), rng)
+        else:
+            parts = partition_dirichlet(dataset.y_train, len(self.devices), self.beta, rng, min_size=40)
+        data_dir = self.root / "data"
+        data_dir.mkdir(parents=True, exist_ok=True)
+        for name, idx in zip(self.devices, parts):
+            y = dataset.y_train[idx]
+            if name in self.noisy:
+                y = add_label_noise(y, self.noise_rate, dataset.num_classes, rng, kind="symmetric")
+            np.savez(data_dir / f"{name}.npz", X=dataset.X_train[idx], y=y)
+        np.savez(data_dir / "holdout.npz", X=dataset.X_test, y=dataset.y_test)
+        model = {"model_args": dict(self.model_args), "input_shape": tuple(dataset.input_shape),
+                 "num_classes": dataset.num_classes}
+        return {name: data_dir / f"{name}.npz" for name in self.devices}, data_dir / "holdout.npz", model
 
     # ---- processes ------------------------------------------------------------------------------
     def start_coordinator(self) -> subprocess.Popen:
@@ -149,7 +173,7 @@ class LocalFederation:
 
     def _spawn(self, name: str, argv: list[Any]) -> subprocess.Popen:
         log = open(self.root / "logs" / f"{name}.log", "ab")
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        env = {**os.environ, "OMP_NUM_THREADS": "1", **self.env}
         process = subprocess.Popen([str(a) for a in argv], stdout=log, stderr=subprocess.STDOUT, env=env)
         log.close()
         self.processes[name] = process
