@@ -24,6 +24,9 @@ options:
                        URL. Required on Jetson: NVIDIA's wheel for your JetPack (see
                        firmware_notes/jetson.md). Default: torch==2.13.0, CPU wheel (aarch64: 2.10.0)
   --package SPEC       what pip installs for fedprune (default: the source tree this script is in)
+  --requirement SPEC   also install this (repeatable): the package of your model's factory or data
+                       factory, e.g. "mypkg==1.2.0", a wheel path or a directory; the same version
+                       as on the coordinator (a different layout is declined as layout_mismatch)
   --platform NAME      auto (default), pi, jetson or generic
   --python PATH        interpreter for the venv (default: python3; JetPack 5 needs >= 3.10, see notes)
   --no-start           enable the unit but do not start it
@@ -38,7 +41,7 @@ die() { echo "install-agent: $*" >&2; exit 2; }
 script_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 source_tree=$(dirname "$script_dir")
 
-bundle="" config="" data_dir="" torch_spec="" package="$source_tree" platform="auto"
+bundle="" config="" data_dir="" torch_spec="" package="$source_tree" platform="auto" requirements=()
 python="python3" start=1 force=0 dry_run=0
 torch_version="2.13.0"
 # From 2.11 on PyPI's aarch64 torch is a CUDA build that pulls 2-3 GB of NVIDIA libraries a Pi
@@ -53,6 +56,7 @@ while [ $# -gt 0 ]; do
     --data-dir) data_dir="${2:?--data-dir needs a directory}"; shift 2 ;;
     --torch-spec) torch_spec="${2:?--torch-spec needs a value}"; shift 2 ;;
     --package) package="${2:?--package needs a value}"; shift 2 ;;
+    --requirement) requirements+=("${2:?--requirement needs a value}"); shift 2 ;;
     --platform) platform="${2:?--platform needs a value}"; shift 2 ;;
     --python) python="${2:?--python needs a path}"; shift 2 ;;
     --no-start) start=0; shift ;;
@@ -157,7 +161,7 @@ else
   installed_torch="<installed version>"
 fi
 # Naming the installed torch pins it: pip must not replace NVIDIA's or the CPU build.
-run "${pip[@]}" "$package" "torch==$installed_torch"
+run "${pip[@]}" "$package" ${requirements[@]+"${requirements[@]}"} "torch==$installed_torch"
 run install -d -m 0755 "$prefix/share/deploy"
 run install -m 0644 "$script_dir/README.md" "$prefix/share/deploy/README.md"
 

@@ -253,3 +253,11 @@ def test_compose_builds_the_coordinator_beside_mosquitto_2() -> None:
         assert path.startswith("./secrets/"), path
     # The secrets directory the operator fills (deploy/README.md) is never committed.
     assert "secrets/" in (DEPLOY / "docker" / ".gitignore").read_text().split()
+
+
+def test_the_model_package_is_installed_beside_fedprune_with_torch_pinned(inputs: dict[str, Path]) -> None:
+    result = dry_run(inputs, "--platform", "generic", "--requirement", "mypkg==1.2.0",
+                     "--requirement", "/srv/wheels/sensors-0.1-py3-none-any.whl")
+    assert result.returncode == 0, result.stderr
+    line = next(line for line in result.stdout.splitlines() if "mypkg==1.2.0" in line)
+    assert str(ROOT) in line and "/srv/wheels/sensors-0.1-py3-none-any.whl" in line and "torch==" in line
