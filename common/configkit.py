@@ -292,6 +292,6 @@ def _toml_literal(value: Any) -> str | None:
     if isinstance(value, (str, Path)):
         escaped = str(value).replace("\\", "\\\\").replace('"', '\\"')
         return f'"{escaped}"'
-    if isinstance(value, tuple):
+    if isinstance(value, (tuple, list)):
         return "[" + ", ".join(_toml_literal(v) or '""' for v in value) + "]"
     raise TypeError(f"cannot render {value!r} as TOML")

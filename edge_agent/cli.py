@@ -10,7 +10,7 @@ from typing import Sequence
 from fedprune.common.bundle import EnrollmentError
 from fedprune.common.cli import new_parser, run_main
 from fedprune.common.configkit import ConfigError, parse_assignments
-from fedprune.common.data import LocalDataError, load_inputs
+from fedprune.common.data import LocalDataError, load_inputs, load_local_data
 
 EXIT_CODES = {
     0: "success, or stopped by SIGTERM/SIGINT",
@@ -35,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     infer = commands.add_parser("infer", help="predict with the newest verified model release")
     infer.add_argument("--config", type=Path, required=True, help="agent TOML file (finds the model store)")
     infer.add_argument("--input", type=Path, required=True,
-                       help=".npz (X[, y]) or CSV (optional header row; features[, label]) file")
+                       help=".npz (X[, y]) or CSV (optional header row; features[, label]) file; or, read as the "
+                            "config's [data] says (with labels), a directory, an image folder or sensor CSV")
     infer.add_argument("--output", type=Path, help="write predictions here (CSV: row,prediction); default stdout")
     infer.add_argument("--labels", action="store_true", help="the CSV's last column is a label: report accuracy")
     infer.set_defaults(handler=_run_infer)
@@ -76,7 +77,10 @@ def _run_infer(args: argparse.Namespace) -> int:
               "publishes one", file=sys.stderr)
         return 3
     version, path = current
-    X, y = load_inputs(args.input, labelled=args.labels)
+    if args.input.is_dir() or config.data.kind in ("image_folder", "sensor_csv", "factory"):
+        X, y = load_local_data(args.input, config.data)  # read as the device reads its training data
+    else:
+        X, y = load_inputs(args.input, labelled=args.labels)
     predictor = Predictor.from_file(path, accelerator=config.inference.accelerator)
     try:
         X = predictor.check_input(X)

@@ -224,12 +224,13 @@ class LocalFederation:
                 raise TimeoutError(f"release {version} not installed on {missing} within {timeout} s")
             time.sleep(0.1)
 
-    def infer(self, name: str, input_path: Path) -> subprocess.CompletedProcess:
+    def infer(self, name: str, input_path: Path, labels: bool = False) -> subprocess.CompletedProcess:
         command = self.agent_commands.get(name, (BIN / "fedprune-agent",))
         return subprocess.run([*map(str, command), "infer", "--config",
                                str(self.root / "devices" / name / "agent.toml"), "--input", str(input_path),
-                               "--output", str(self.root / "devices" / name / "predictions.csv")],
-                              capture_output=True, text=True, check=False)
+                               "--output", str(self.root / "devices" / name / "predictions.csv"),
+                               *(["--labels"] if labels else [])],
+                              capture_output=True, text=True, check=False, env={**os.environ, **self.env})
 
     def log(self, name: str) -> str:
         path = self.root / "logs" / f"{name}.log"

@@ -64,10 +64,11 @@ def test_malformed_arguments_are_config_errors_naming_the_key(kwargs, match):
 def test_coordinator_config_writes_what_init_writes_with_the_model(tmp_path):
     config = api.coordinator_config(config_path=tmp_path / "coordinator.toml", state_dir=tmp_path / "state",
                                     federation="plant-7", model="tests.nets:recurrent",
-                                    model_args={"cell": "lstm", "hidden": 24}, input_shape=(3, 50), num_classes=4,
+                                    model_args={"cell": "lstm", "hidden": 24, "widths": [8, 4]}, input_shape=(3, 50),
+                                    num_classes=4,
                                     settings={"rounds": {"total": 30}})
     again = load_config(tmp_path / "coordinator.toml", env={})
     assert again == config
     assert (config.federation.model, dict(config.federation.model_args)) == ("tests.nets:recurrent",
-                                                                             {"cell": "lstm", "hidden": 24})
+                                                                             {"cell": "lstm", "hidden": 24, "widths": [8, 4]})
     assert config.rounds.total == 30 and (tmp_path / "state").is_dir()

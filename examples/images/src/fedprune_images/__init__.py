@@ -1,0 +1,1 @@
+"""fedprune example: shape recognition on PNG image folders with a MobileNet-style CNN."""

@@ -1,0 +1,1 @@
+"""fedprune example: activity recognition from wearable IMU recordings (CSV) with a GRU."""
