@@ -434,3 +434,28 @@ def test_auto_device_is_the_cpu_without_a_gpu_and_cuda_without_one_is_refused(mo
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert resolve_device("auto") == resolve_device("cuda") == "cuda"
 
+
+
+@pytest.mark.parametrize("spec,X_shape", [
+    (ModelSpec("tests.nets:recurrent", (3, 12), 4, args={"cell": "gru"}), (3, 12)),
+    (ModelSpec("tests.nets:recurrent", (3, 12), 4, args={"cell": "lstm"}), (3, 12)),
+    (ModelSpec("tests.nets:depthwise", (3, 8, 8), 4), (3, 8, 8)),
+    (ModelSpec("tests.nets:tokens", (6,), 4), (6,)),
+], ids=["gru", "lstm", "depthwise", "embedding"])
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_every_masked_layer_kind_trains_and_readjusts_inside_its_mask(spec, X_shape, optimizer):
+    rng = np.random.default_rng(3)
+    X = rng.integers(0, 32, size=(96, *X_shape)).astype(np.float32) if spec.name.endswith("tokens") else \
+        rng.standard_normal((96, *X_shape)).astype(np.float32)
+    y = rng.integers(0, 4, size=96)
+    params, masks = sparse_state(spec, 0.3, 5)
+    hp = HyperParams(epochs=2, batch_size=16, lr=0.01 if optimizer == "adamw" else 0.05, readjust=True,
+                     prune_fraction=0.3, optimizer=optimizer)
+    result = train_local(spec, params, masks, X, y, hp)
+    assert result.mask_changed
+    for name, mask in masks.items():
+        assert result.masks[name].sum() == mask.sum(), name  # readjust keeps each layer's count
+        assert not np.any(result.delta[name][~result.masks[name]]), name
+    trained = {k: v + result.delta.get(k, 0) for k, v in params.items()}
+    assert all(np.isfinite(v).all() for v in trained.values())
+    assert any(np.any(result.delta[n]) for n in masks)
