@@ -108,21 +108,27 @@ pip_platform+=(--platform manylinux2014_aarch64)
 torch_spec=$(sed -n 's/^torch_version_aarch64="\(.*\)"$/torch==\1/p' deploy/install-agent.sh)
 [ -n "$torch_spec" ] || { echo "arm64: deploy/install-agent.sh names no torch_version_aarch64" >&2; exit 1; }
 
-agent() {
+agent_dependencies() {
   # pip evaluates environment markers for the host (x86_64), whatever --platform says, so it
   # would add torch's x86_64-only NVIDIA requirements: torch goes in without them, and the
   # agent's other requirements (pyproject's dependencies, no extras) and torch's own after it.
-  rm -rf "$site" "$dir/dist"
-  "$python" -m pip wheel -q --no-deps -w "$dir/dist" "$repo" 2>&1 | grep -v "is ignored" || true
-  local requirements
-  mapfile -t requirements < <("$python" -c 'import tomllib; print("\n".join(r for r in tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"] if not r.startswith(("torch", "tomli"))))')
-  requirements+=(filelock "typing-extensions>=4.10.0" "sympy>=1.13.3" "networkx>=2.5.1" jinja2 "fsspec>=0.8.5")
-  "$python" -m pip install -q --target "$site" "${pip_platform[@]}" --no-deps "$torch_spec" "$dir"/dist/fedprune-*.whl \
+  rm -rf "$site"
+  "$python" -m pip install -q --target "$site" "${pip_platform[@]}" --no-deps "$torch_spec" \
     2>&1 | grep -v "is ignored" || true
   "$python" -m pip install -q --target "$site" "${pip_platform[@]}" "${requirements[@]}" 2>&1 | grep -v "is ignored" || true
-  "$dir/bin/python3" -c 'import fedprune.edge_agent.daemon, torch, onnxruntime; print("agent imports, torch", torch.__version__)'
 }
-step agent agent
+mapfile -t requirements < <("$python" -c 'import tomllib; print("\n".join(r for r in tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"] if not r.startswith(("torch", "tomli"))))')
+requirements+=(filelock "typing-extensions>=4.10.0" "sympy>=1.13.3" "networkx>=2.5.1" jinja2 "fsspec>=0.8.5")
+# Named by what it installs: a changed dependency list installs them again.
+step "agent-dependencies-$(printf '%s\n' "$torch_spec" "${requirements[@]}" | sha256sum | cut -c1-12)" agent_dependencies
+
+# fedprune itself, every run (seconds): the cached root must test this tree, not an older one.
+rm -rf "$dir/dist"
+"$python" -m pip wheel -q --no-deps -w "$dir/dist" "$repo" 2>&1 | grep -v "is ignored" || true
+rm -rf "$site"/fedprune "$site"/fedprune-*.dist-info
+"$python" -m pip install -q --target "$site" "${pip_platform[@]}" --no-deps "$dir"/dist/fedprune-*.whl 2>&1 \
+  | grep -v "is ignored" || true
+"$dir/bin/python3" -c 'import fedprune.edge_agent.daemon, torch, onnxruntime; print("arm64: agent imports, torch", torch.__version__)'
 
 test_tools() {
   rm -rf "$test_site"
