@@ -174,12 +174,22 @@ class CoordinatorDaemon:
         return None if record is None else PublicIdentity(record.sign_public, record.kx_public)
 
     def _load_evaluation(self):
+        """The held-out set, read and checked against the model at start: a set that cannot be
+        read or does not fit stops ``run`` naming [evaluation] data, not the first round's close."""
         path = self.config.evaluation.data
         if path is None:
             return None
-        from fedprune.common.data import load_local_data
+        from fedprune.common.data import DataSummary, LocalDataError, data_mismatch, load_local_data
 
-        return load_local_data(path, self.config.evaluation.source)
+        try:
+            X, y = load_local_data(path, self.config.evaluation.source)
+        except LocalDataError as exc:
+            raise ConfigError(f"[evaluation] data: {exc}") from None
+        detail = data_mismatch(DataSummary.of(X, y), self.spec.input_shape, self.spec.num_classes, self.spec.task)
+        if detail:
+            raise ConfigError(f"[evaluation] data {str(path)!r} does not fit the model: {detail}; fix the file, "
+                              "[evaluation.source], or [federation] input_shape/num_classes/task")
+        return X, y
 
     # ---- main loop ------------------------------------------------------------------------------
     def stop(self, *_: object) -> None:

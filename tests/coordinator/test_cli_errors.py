@@ -114,3 +114,13 @@ def test_an_unwritable_state_dir_stops_run_and_enroll_naming_the_key(config: Pat
                       f"[state] dir {where}: cannot write", "set [state] dir to a writable directory")
     assert_user_error(coordinator("enroll", "dev-0", "--config", config, "--set", f"state.dir={where}",
                                   "--out", tmp_path / "b.json"), f"[state] dir {where}")
+
+
+def test_held_out_data_that_does_not_fit_the_model_stops_run_naming_the_key(config: Path, tmp_path: Path) -> None:
+    holdout = tmp_path / "holdout.csv"
+    holdout.write_text("a,b,label\n0.5,1.5,3.25\n1.0,2.0,1.5\n")
+    result = coordinator("run", "--config", config, "--set", f"evaluation.data={holdout}",
+                         "--set", "federation.input_shape=[2]")
+    assert_user_error(result, "[evaluation] data", "does not fit the model", "labels must be integers")
+    missing = coordinator("run", "--config", config, "--set", f"evaluation.data={tmp_path / 'none.npz'}")
+    assert_user_error(missing, "[evaluation] data:", "none.npz")
