@@ -22,7 +22,6 @@ import functools
 import importlib
 import inspect
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np

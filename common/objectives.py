@@ -22,16 +22,19 @@ whose loss means the same on every device:
   samples would mix in the negatives, whose loss follows the device's base rate of l (a device
   without positives of l has easy negatives and a low loss), i.e. label skew read as quality.
   Counting positives keeps the classification meaning: the loss on what the sample holds.
-- regression: target dimension t × the bin of the sample's value of t, at the quartiles of N(0, 1)
-  (group 4t + b, b = 0..3), with that target's squared error. Like a class, a bin compares a
+- regression: target dimension t × the bin of the sample's value of t, at the quartiles of the
+  coordinator's held-out targets, which every round task carries (``RoundTask.target_edges``;
+  group 4t + b, b = 0..3), with that target's squared error. Like a class, a bin compares a
   device's loss with other devices' on similar targets: a device holding only extreme targets is
   not read as a bad one. Measured against one group per device and one per target dimension on
   benchmarks/experiments/regression_signal.py (docs/ALGORITHM_NOTES.md §11): as good IID (every
   corrupted client flagged), better under target skew (shuffled targets: 24/30 corrupted clients
   flagged against 11/30 per target and 9/30 with one group), no clean client flagged by any.
-  The fixed edges assume standardised targets (zero mean, unit variance over the federation), as
-  the coordinator's loss offset of 0.5 does; targets far from unit scale fall into the outer
-  bins (or the two middle ones), which comes close to the per-target grouping.
+  Without held-out data the edges are the quartiles of N(0, 1), which assume standardised
+  targets: targets far from unit scale all fall into one outer bin, i.e. one group per target,
+  which reads a site whose targets differ by design as a bad one (the tabular example, raw kWh:
+  two of eight honest sites at q = 0 and R² 0.63 with N(0, 1) edges, q 0.32 and 0.72 and R² 0.82
+  with the held-out quartiles; docs/RESULTS.md).
 
 Pure functions of tensors: no I/O, the same on CPU and CUDA.
 """
@@ -39,7 +42,7 @@ Pure functions of tensors: no I/O, the same on CPU and CUDA.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -189,18 +192,24 @@ def evaluate(task: str, module: nn.Module, X: torch.Tensor, y: torch.Tensor, bat
 
 
 def group_losses(
-    task: str, module: nn.Module, X: torch.Tensor, y: torch.Tensor, num_outputs: int, batch_size: int = EVAL_BATCH
+    task: str, module: nn.Module, X: torch.Tensor, y: torch.Tensor, num_outputs: int, batch_size: int = EVAL_BATCH,
+    target_edges: Sequence[Sequence[float]] = (),
 ) -> dict[int, tuple[float, int]]:
     """{group: (mean loss, samples)} of ``module`` (eval mode) on the groups present in (X, y); the
-    groups of each kind are in the module docstring. A group whose loss overflows (a diverged or
+    groups of each kind are in the module docstring. ``target_edges``: regression's bin edges per
+    target, the same count for each (the round task's, from the coordinator's held-out targets);
+    empty: ``REGRESSION_BIN_EDGES`` for every target. A group whose loss overflows (a diverged or
     poisoned global model) is left out: the protocol carries finite numbers only, and the
     coordinator reads a missing group as "no evidence"."""
     check_task(task)
-    bins = len(REGRESSION_BIN_EDGES) + 1
+    per_target = [list(e) for e in target_edges] or [list(REGRESSION_BIN_EDGES)] * num_outputs
+    if len(per_target) != num_outputs or len({len(e) for e in per_target}) != 1:
+        raise ValueError(f"target_edges: expected one equally long list of edges per target ({num_outputs})")
+    bins = len(per_target[0]) + 1
     groups = num_outputs * bins if task == "regression" else num_outputs
     sums = torch.zeros(groups, dtype=torch.float64, device=X.device)
     counts = torch.zeros(groups, dtype=torch.float64, device=X.device)
-    edges = torch.tensor(REGRESSION_BIN_EDGES, dtype=torch.float64, device=X.device)
+    edges = torch.tensor(per_target, dtype=torch.float64, device=X.device)  # (T, bins - 1)
     first_bin = torch.arange(num_outputs, device=X.device) * bins  # group of target t's lowest bin
     for out, yb in _batches(module, X, y, batch_size):
         losses = _elementwise(task, out, yb).double()
@@ -208,7 +217,8 @@ def group_losses(
             sums.index_add_(0, yb, losses)
             counts.index_add_(0, yb, torch.ones_like(losses))
         elif task == "regression":
-            group = (first_bin + torch.bucketize(yb.double(), edges, right=True)).flatten()
+            above = (yb.double().unsqueeze(-1) >= edges).sum(-1)  # (N, T): edges at or below each value
+            group = (first_bin + above).flatten()
             sums.index_add_(0, group, losses.flatten())
             counts.index_add_(0, group, torch.ones_like(losses.flatten()))
         else:

@@ -69,6 +69,22 @@ FEED_EVENTS = frozenset({"round_closed", "update_gated", "release_published", "d
                          "device_offline", "declined", "rounds_resumed", "resumed", "start"})
 
 
+TARGET_BINS = 8  # regression group losses: octiles of the held-out targets (docs/ALGORITHM_NOTES.md §11)
+
+
+def target_edges(task: str, evaluation: tuple[np.ndarray, np.ndarray] | None) -> tuple[tuple[float, ...], ...]:
+    """A regression task's bin edges for the devices' group losses: the octiles of each target
+    over the held-out set, so that a bin means the same targets on every device whatever their
+    units (``fedprune.common.objectives``); none without held-out data (devices then use N(0, 1)'s
+    quartiles). Octiles, not quartiles: errors grow with the target, and a wide top bin reads a
+    site of large targets as a bad one (the tabular example; docs/RESULTS.md)."""
+    if task != "regression" or evaluation is None:
+        return ()
+    y = np.asarray(evaluation[1], dtype=np.float64).reshape(len(evaluation[1]), -1)
+    levels = np.arange(1, TARGET_BINS) / TARGET_BINS
+    return tuple(tuple(float(v) for v in np.quantile(y[:, t], levels)) for t in range(y.shape[1]))
+
+
 class CoordinatorDaemon:
     def __init__(self, config: CoordinatorConfig, clock: Callable[[], float] = time.time) -> None:
         from fedprune.common.model_rules import package_version
@@ -125,6 +141,7 @@ class CoordinatorDaemon:
             on_missed_quorum=config.rounds.on_missed_quorum, max_retries=config.rounds.max_retries,
         ))
         self.evaluation = self._load_evaluation()
+        self.target_edges = target_edges(self.spec.task, self.evaluation)
         self.plan: RoundPlan | None = None
         self.last_entry: dict[str, Any] | None = None  # the history entry of the last committed round
         self.round_started = 0.0
@@ -456,7 +473,7 @@ class CoordinatorDaemon:
             model=self.model_ref, weights=masters,
             hyper=self.plan.hyper, deadline=deadline, selected=self.plan.selected, include_masks=include_masks,
             update_values=VALUE_ENCODINGS[self.config.strategy.update_values],
-            error_feedback=self.config.strategy.error_feedback,
+            error_feedback=self.config.strategy.error_feedback, target_edges=self.target_edges,
         )
         self.rounds.open(self.plan.round, self.plan.selected, now)
         self._round_update_bytes, self._quorum_seen = {}, False

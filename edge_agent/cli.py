@@ -64,8 +64,6 @@ def _run_agent(args: argparse.Namespace) -> int:
 
 
 def _run_infer(args: argparse.Namespace) -> int:
-    import numpy as np
-
     from fedprune.edge_agent.config import load_config
     from fedprune.edge_agent.inference import Predictor
     from fedprune.edge_agent.release_store import ReleaseStore

@@ -517,7 +517,7 @@ class AgentDaemon:
         job = worker.TrainJob(
             model=task.model, params=task.params(), masks=task.masks, hyper=action.hyper,
             data_path=section.data, data_source=self.config.data, device=section.device,
-            threads=self.config.training_threads(os.cpu_count() or 1),
+            threads=self.config.training_threads(os.cpu_count() or 1), target_edges=task.target_edges,
         )
         try:
             run = worker.train_in_child if section.train_in_subprocess else worker.train

@@ -260,12 +260,14 @@ def train_local(
     y: np.ndarray,
     hp: HyperParams,
     device: str = "cpu",
+    target_edges: tuple[tuple[float, ...], ...] = (),
 ) -> LocalResult:
     """Train the received global model on local data with a masked optimiser (see the module docstring).
 
     ``params`` must be zero outside ``masks``; ``masks`` must hold a bool array for every masked
     tensor (all True for dense training). X is (N, *input_shape) or flat rows; y as
-    ``objectives.check_targets`` takes it for ``spec.task``.
+    ``objectives.check_targets`` takes it for ``spec.task``; ``target_edges``: the regression
+    group losses' bin edges per target (``objectives.group_losses``).
     """
     layout = model_layout(spec)
     _check_state(layout, params, masks)
@@ -277,7 +279,7 @@ def train_local(
     dev = torch.device(device)
     model = module_from_params(spec, params, dev)
     Xt, yt = torch.from_numpy(X).to(dev), torch.from_numpy(y).to(dev)
-    losses_before = objectives.group_losses(spec.task, model, Xt, yt, spec.num_classes)
+    losses_before = objectives.group_losses(spec.task, model, Xt, yt, spec.num_classes, target_edges=target_edges)
 
     model.train()
     masked_names = [t.name for t in layout.masked]

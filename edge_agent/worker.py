@@ -39,6 +39,7 @@ class TrainJob:
     device: str  # cpu, cuda or auto: resolved where training runs, so the daemon never imports torch
     threads: int
     data_source: DataSource = DataSource()  # how data_path is read: the daemon's [data], so both read the same
+    target_edges: tuple[tuple[float, ...], ...] = ()  # a regression task's bin edges (RoundTask.target_edges)
 
 
 class WorkerError(RuntimeError):
@@ -151,7 +152,7 @@ def train(job: TrainJob) -> Trained:
     X, y = load_local_data(job.data_path, job.data_source)
     started = time.perf_counter()
     result = train_local(_model_spec(job.model), job.params, job.masks, X, y, job.hyper,
-                         device=resolve_device(job.device))
+                         device=resolve_device(job.device), target_edges=job.target_edges)
     return Trained(
         delta=result.delta, buffers=result.buffers, masks=result.masks, mask_changed=result.mask_changed,
         n_examples=result.n_examples, steps=result.steps, train_loss=result.train_loss,
@@ -164,7 +165,7 @@ def train_in_child(job: TrainJob, python: str = sys.executable, timeout_s: float
         "op": "train", "model": _model_out(job.model),
         "params": _arrays_out(job.params), "masks": _arrays_out(job.masks), "hyper": job.hyper.to_dict(),
         "data": str(job.data_path), "data_source": job.data_source.to_dict(), "device": job.device,
-        "threads": job.threads,
+        "threads": job.threads, "edges": [list(row) for row in job.target_edges],
     }, python, timeout_s=timeout_s, what="training"), raw=False, strict_map_key=False)
     return Trained(
         delta=_arrays_in(out["delta"]), buffers=_arrays_in(out["buffers"]),
@@ -207,6 +208,7 @@ def _main() -> int:
         masks={k: v.astype(bool) for k, v in _arrays_in(request["masks"]).items()},
         hyper=HyperParams.from_dict(request["hyper"]), data_path=Path(request["data"]),
         data_source=DataSource.from_dict(request["data_source"]), device=request["device"], threads=request["threads"],
+        target_edges=tuple(tuple(row) for row in request["edges"]),
     )
     outcome = train(job)
     sys.stdout.buffer.write(msgpack.packb({

@@ -59,7 +59,7 @@ _STATUS_KEYS = frozenset({"dev", "state", "round", "reason", "time"})
 _STATUS_SINCE_MINOR = {"rel": 4, "eps": 4}
 # Task keys added after minor 4, by the minor that added them, with what a sender of an older
 # minor meant: float32 updates (it knew no other), error feedback on (moot for float32), full weights.
-_TASK_SINCE_MINOR = {"uv": (5, int(ValueDtype.FLOAT32)), "ef": (5, True), "base": (5, None)}
+_TASK_SINCE_MINOR = {"uv": (5, int(ValueDtype.FLOAT32)), "ef": (5, True), "base": (5, None), "tbin": (6, [])}
 # Since minor 6 the task's model carries its factory's arguments, task kind, the sender's package
 # and per-tensor digests; a 1.5 sender meant a built-in without arguments, classification.
 _MODEL_SINCE_MINOR = {"margs": (6, {}), "kind": (6, "classification"), "pkg": (6, ""), "tdig": (6, b"")}
@@ -90,7 +90,7 @@ def encode_body(msg: Message, *, value_dtype: ValueDtype = ValueDtype.FLOAT32, b
             "deadline": msg.deadline, "sel": list(msg.selected), **_TASK_VESTIGES,
             "uv": int(msg.update_values), "ef": msg.error_feedback, "base": msg.base_round,
             "margs": dict(msg.model.args), "kind": msg.model.task, "pkg": msg.model.package,
-            "tdig": msg.model.tensor_digests,
+            "tdig": msg.model.tensor_digests, "tbin": [list(row) for row in msg.target_edges],
         }
     elif isinstance(msg, Update):
         obj = {
@@ -216,9 +216,11 @@ def _task(
     since = {k: first for k, (first, _) in (_TASK_SINCE_MINOR | _MODEL_SINCE_MINOR).items() if first <= minor}
     keys = _TASK_KEYS | _TASK_VESTIGES.keys() | since.keys()
     m = as_map(obj, "task", keys, lenient=minor > MINOR)
-    uv, ef, base = (m[k] if k in since else default for k, (_, default) in _TASK_SINCE_MINOR.items())
+    uv, ef, base, tbin = (m[k] if k in since else default for k, (_, default) in _TASK_SINCE_MINOR.items())
     if type(ef) is not bool:
         raise fail("task ef", "bool", ef)
+    edges = tuple(tuple(as_float(v, "target edge") for v in as_list(row, "target edges", 15))
+                  for row in as_list(tbin, "target edges", 256))
     model = _model_ref(m, since)
     round_number = as_int(m["round"], "round", 0, 2**32 - 1)
     selected = tuple(as_str(d, "selected device", 64) for d in as_list(m["sel"], "selected", limits.max_selected))
@@ -244,7 +246,7 @@ def _task(
         mask_version=mv, model=model, weights=weights, hyper=HyperParams(**hp),
         deadline=as_float(m["deadline"], "deadline"), selected=selected, include_masks=included,
         update_values=ValueDtype(as_int(uv, "update values", 0, len(ValueDtype) - 1)), error_feedback=ef,
-        base_round=None if base is None else as_int(base, "base round", 0, 2**32 - 1),
+        base_round=None if base is None else as_int(base, "base round", 0, 2**32 - 1), target_edges=edges,
     ))
 
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from fedprune.protocol.crypto import KEY_ID_LEN, KEY_LEN, SEAL_OVERHEAD
 from fedprune.protocol.hyperparams import HyperParams
-from fedprune.protocol.model_args import TASK_KINDS, ModelArgs, normalise_args
+from fedprune.protocol.model_args import TASK_KINDS, ModelArgs, normalise_args, normalise_target_edges
 from fedprune.protocol.layout import DIGEST_LEN, ModelLayout
 from fedprune.protocol.sparse import Masks, Params, SparseParams, ValueDtype
 from fedprune.protocol.topics import validate_id
@@ -149,14 +149,14 @@ class RoundTask:
     """Round ``round`` opens: global weights, hyper-parameters, deadline, who is selected.
 
     ``weights`` covers every tensor of the model layout. ``include_masks=False`` omits the mask
-    on the wire when every selected device already holds ``mask_version``; a receiver fills it
-    in from its cache.
+    when every selected device holds ``mask_version``; a receiver fills it in from its cache.
 
     Since 1.5: ``update_values``, how the devices' update values travel (one encoding for the
     whole federation), and ``error_feedback``, whether a device keeps what that encoding rounded
     off and adds it to its next update; ``base_round``, when set, makes ``weights`` the change
     since the weights of that round's task (zero where this task's mask is off): a device adds it
     to what it holds of that task. A 1.4 sender's task reads float32, feedback on, full weights.
+    Since 1.6: ``target_edges``, a regression task's bin edges per target for its group losses.
     """
 
     KIND: ClassVar[Kind] = Kind.TASK
@@ -172,6 +172,7 @@ class RoundTask:
     update_values: ValueDtype = ValueDtype.FLOAT32
     error_feedback: bool = True
     base_round: int | None = None
+    target_edges: tuple[tuple[float, ...], ...] = ()
 
     def __post_init__(self) -> None:
         validate_id(self.federation, "federation")
@@ -196,6 +197,7 @@ class RoundTask:
             raise TypeError("error_feedback must be a bool")
         if self.base_round is not None:
             _int(self.base_round, "base_round", 0, self.round - 1)
+        object.__setattr__(self, "target_edges", normalise_target_edges(self.target_edges))
 
     @property
     def layout(self) -> ModelLayout:

@@ -7,6 +7,7 @@ them; they are stored as a sorted tuple of (key, value) pairs so that a ModelRef
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Union
 
@@ -52,3 +53,13 @@ def _scalar(key: str, value: object) -> Scalar:
         raise ValueError(f"model argument {key}={value!r:.60}: expected a bool, int, float, string or a flat list "
                          "of them")
     return value  # type: ignore[return-value]
+
+
+def normalise_target_edges(rows: object) -> tuple[tuple[float, ...], ...]:
+    """A regression task's bin edges per target (``RoundTask.target_edges``): 1-15 finite,
+    ascending floats per target, as many for each; ValueError otherwise."""
+    edges = tuple(tuple(float(v) for v in row) for row in rows)  # type: ignore[union-attr]
+    if len(edges) > 256 or len({len(r) for r in edges}) > 1 or any(
+            not 1 <= len(r) <= 15 or not all(map(math.isfinite, r)) or list(r) != sorted(r) for r in edges):
+        raise ValueError("target_edges: per target, 1-15 finite ascending bin edges, as many for each target")
+    return edges

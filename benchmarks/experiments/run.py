@@ -39,6 +39,8 @@ import tomllib  # noqa: E402
 
 import numpy as np  # noqa: E402
 
+from jobs import publish, run_jobs, save_figure  # noqa: E402  (beside this script)
+
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(base)
@@ -214,13 +216,7 @@ def plot(results: list[dict[str, Any]], grid: dict[str, Any], out: Path) -> None
         axes[0].set(xlabel="round", ylabel="test accuracy (%)", title=setting)
         axes[1].set(xlabel="cumulative bytes per client, uplink + downlink (MB)", ylabel="test accuracy (%)")
         axes[2].set(xlabel="round", ylabel="importance r_n")
-        for ax in axes:
-            ax.grid(alpha=0.3)
-            if ax.get_legend_handles_labels()[0]:
-                ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / f"{setting}.png", dpi=100)
-        plt.close(fig)
+        save_figure(fig, axes, out / f"{setting}.png")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -245,22 +241,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.summarise_only:
         paths = [cache / f"{_key(r['doc'])}.json" for r in runs]
         results = [json.loads(p.read_text()) for p in paths if p.exists()]
-    elif workers == 1:
-        results = [run_one(j) for j in jobs]
     else:
-        import multiprocessing as mp
-
-        with mp.get_context("fork").Pool(workers) as pool:
-            for i, res in enumerate(pool.imap_unordered(run_one, jobs), 1):
-                results.append(res)
-                print(f"[{i}/{len(jobs)}] {res['setting']} {res['method']} s{res['seed']}: "
-                      f"{100 * res['final_accuracy']:.1f}%", file=sys.stderr, flush=True)
+        results = run_jobs(run_one, jobs, workers, lambda i, res: print(
+            f"[{i}/{len(jobs)}] {res['setting']} {res['method']} s{res['seed']}: {100 * res['final_accuracy']:.1f}%",
+            file=sys.stderr, flush=True))
     table, summary = summarise(results, grid)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    (out / "summary.md").write_text(table)
     plot(results, grid, out)
-    print(table)
-    print(f"{len(jobs)} runs in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    publish(out, table, summary, len(jobs), start)
     return 0
 
 

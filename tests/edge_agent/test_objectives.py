@@ -152,3 +152,15 @@ def test_check_targets_converts_each_kind():
 def test_check_targets_refuses_with_the_fix(task, k, y, message):
     with pytest.raises(ValueError, match=message):
         check_targets(task, k, 2, y)
+
+
+def test_regression_bins_follow_the_edges_the_task_carries():
+    """Edges on the targets' own scale (the coordinator's held-out octiles): kWh, not N(0, 1)."""
+    out = torch.tensor([[100.0], [250.0], [30.0], [400.0]])
+    y = torch.tensor([[110.0], [240.0], [20.0], [420.0]])
+    groups = group_losses("regression", IDENTITY, out, y, 1, target_edges=((50.0, 200.0, 300.0),))
+    assert groups == {0: (100.0, 1), 1: (100.0, 1), 2: (100.0, 1), 3: (400.0, 1)}
+    assert set(group_losses("regression", IDENTITY, out, y, 1)) == {3}  # N(0, 1) quartiles: one bin
+    with pytest.raises(ValueError, match="target_edges"):
+        group_losses("regression", IDENTITY, out, y, 1, target_edges=((1.0,), (2.0,)))
+

@@ -86,7 +86,7 @@ def task_body_at_minor_5(t: RoundTask) -> bytes:
     """``t`` as a 1.5 coordinator encoded it: without the model keys ``margs``, ``kind``, ``pkg``, ``tdig``
     and the optimizer hyper-parameter."""
     def strip(meta: dict) -> None:
-        for key in ("margs", "kind", "pkg", "tdig"):
+        for key in ("margs", "kind", "pkg", "tdig", "tbin"):
             meta.pop(key)
         meta["hp"].pop("optimizer", None)
 

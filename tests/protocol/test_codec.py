@@ -122,7 +122,7 @@ def test_a_task_names_the_update_encoding_and_its_base_and_a_minor_4_task_means_
     assert (got.update_values, got.error_feedback, got.base_round) == (ValueDtype.INT8, False, 2)
     old = decode_task_at(4, task_body_at_minor_4(t))
     assert (old.update_values, old.error_feedback, old.base_round) == (ValueDtype.FLOAT32, True, None)
-    with pytest.raises(DecodeError, match=r"missing keys \['base', 'ef', 'kind', 'margs', 'pkg', 'tdig', 'uv'\]"):
+    with pytest.raises(DecodeError, match=r"missing keys \['base', 'ef', 'kind', 'margs', 'pkg', 'tbin', 'tdig', 'uv'\]"):
         decode_task_at(MINOR, task_body_at_minor_4(t))
     with pytest.raises(DecodeError, match="update values"):
         decode_task_at(MINOR, rewrite_meta(codec.encode_body(t), lambda meta: meta.__setitem__("uv", 7)))
@@ -136,8 +136,11 @@ def test_a_task_carries_the_factory_arguments_and_a_minor_5_task_means_a_plain_c
                     task="regression", package="mypkg 1.2.0", tensor_digests=LAYOUT.tensor_digests())
     got = decode_task_at(MINOR, codec.encode_body(replace(t, model=model)))
     assert got.model == model and dict(got.model.args)["hidden"] == (32, 16)
-    old = decode_task_at(5, task_body_at_minor_5(replace(t, model=model)))
+    got = decode_task_at(MINOR, codec.encode_body(replace(t, model=model, target_edges=((0.5, 1, 2),))))
+    assert got.target_edges == ((0.5, 1.0, 2.0),)
+    old = decode_task_at(5, task_body_at_minor_5(replace(t, model=model, target_edges=((0.5, 1, 2),))))
     assert (old.model.args, old.model.task, old.model.package, old.model.tensor_digests) == ((), "classification", "", b"")
+    assert old.target_edges == ()
     with pytest.raises(DecodeError, match="model"):
         decode_task_at(MINOR, rewrite_meta(codec.encode_body(t), lambda meta: meta.__setitem__("margs", {"x": {"y": 1}})))
     with pytest.raises(DecodeError, match="task"):

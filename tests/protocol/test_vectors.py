@@ -65,7 +65,8 @@ ADDITIONS = ((Kind.STATUS, "rel", "release", 4, None, None), (Kind.STATUS, "eps"
              (Kind.TASK, "margs", "model.args", 6, {}, []), (Kind.TASK, "kind", "model.task", 6, "classification",
                                                               "classification"),
              (Kind.TASK, "pkg", "model.package", 6, "", ""),
-             (Kind.TASK, "tdig", "model.tensor_digests", 6, b"", hashlib.sha256(b"").hexdigest()))
+             (Kind.TASK, "tdig", "model.tensor_digests", 6, b"", hashlib.sha256(b"").hexdigest()),
+             (Kind.TASK, "tbin", "target_edges", 6, [], []))
 
 
 def _put(tree: dict, path: str, value) -> None:
@@ -263,7 +264,7 @@ def generate_group() -> None:  # pragma: no cover - run by hand after a delibera
     own_model = dataclasses.replace(
         t, model=dataclasses.replace(t.model, args={"hidden": [32, 16], "dropout": 0.25, "act": "gelu", "bias": False},
                                      task="regression", package="mypkg 1.2.0", tensor_digests=f.LAYOUT.tensor_digests()),
-        hyper=dataclasses.replace(t.hyper, optimizer="adamw"))
+        hyper=dataclasses.replace(t.hyper, optimizer="adamw"), target_edges=((-1.5, 0.0, 2.25), (10.0, 20.0, 40.0)))
     for i, (name, msg) in enumerate((("task", t), ("release", f.release()), ("key_grant", None), *statuses,
                                      ("task_int8_change", quantised), ("task_own_model", own_model))):
         seq, sent_at = 1_900_000_000_000_000 + i, f.T0 + i
@@ -318,6 +319,7 @@ def generate_group() -> None:  # pragma: no cover - run by hand after a delibera
         ("task_unknown_task_kind", task_topic, task_with(4, lambda m: m.__setitem__("kind", "ranking")), "decode"),
         ("task_unknown_optimizer", task_topic, task_with(5, lambda m: m["hp"].__setitem__("optimizer", "lbfgs")), "decode"),
         (f"task_without_margs_at_minor_{MINOR}", task_topic, task_with(6, lambda m: m.pop("margs")), "decode"),
+        ("task_descending_target_edges", task_topic, task_with(7, lambda m: m.__setitem__("tbin", [[2.0, 1.0]])), "decode"),
         ("swapped_key_id", task_topic, chunk(swapped), "bad_signature"),
         ("truncated_ciphertext", task_topic, chunk(task_env[:-100]), "bad_signature"),
         ("key_not_held", task_topic, chunk(under_other), "unknown_key"),
