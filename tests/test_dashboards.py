@@ -49,7 +49,8 @@ def exposed_metric_names() -> frozenset[str]:
     ]
     gauges = [
         "fedprune_devices_online", "fedprune_devices_enrolled", "fedprune_device_importance",
-        "fedprune_device_quality", "fedprune_current_round", "fedprune_global_accuracy", "fedprune_global_loss",
+        "fedprune_device_quality", "fedprune_current_round", "fedprune_global_accuracy", "fedprune_global_score",
+        "fedprune_global_loss",
         "fedprune_devices_excluded", "fedprune_reassembly_buffered_bytes",
         "fedprune_last_round_completed_timestamp_seconds", "fedprune_round_deadline_seconds",
         "fedprune_broker_connected",
