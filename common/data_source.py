@@ -55,21 +55,22 @@ class DataSource:
     args: FreeTable = setting(FreeTable(), "factory: the function's keyword arguments, e.g. [data.args] scale = 2", check=_args)
 
     def __post_init__(self) -> None:
-        """Options the chosen format would ignore are refused: they are almost always a wrong format."""
+        """Options the chosen format would ignore are refused: they are almost always a wrong format.
+        Messages name the key alone: the config kit puts the table in front ([data], [evaluation.source])."""
         if self.format == "factory" and not self.factory:
-            raise ValueError('[data] factory: format = "factory" needs factory = "package.module:function"')
+            raise ValueError('factory: format = "factory" needs factory = "package.module:function"')
         if self.factory and self.format not in ("factory", "auto"):
-            raise ValueError(f'[data] factory {self.factory!r}: only read with format = "factory", not {self.format!r}')
+            raise ValueError(f'factory {self.factory!r}: only read with format = "factory", not {self.format!r}')
         if self.kind == "sensor_csv" and self.window < 1:
-            raise ValueError("[data] window: sensor_csv needs window = rows per window (e.g. 50)")
+            raise ValueError("window: sensor_csv needs window = rows per window (e.g. 50)")
         owners = {"image_size": ("image_folder", ()), "grayscale": ("image_folder", False),
                   "window": ("sensor_csv", 0), "stride": ("sensor_csv", 0), "max_gap": ("sensor_csv", None),
                   "timestamp_column": ("sensor_csv", ""), "args": ("factory", FreeTable()),
                   "label_columns": ("csv, sensor_csv", 1)}
         for key, (formats, unset) in owners.items():
             if getattr(self, key) != unset and self.kind not in formats.split(", ") + (["auto"] if key == "label_columns" else []):
-                raise ValueError(f"[data] {key}: only used with format = {formats}, not {self.format!r}; "
-                                 "remove it or set [data] format")
+                raise ValueError(f"{key}: only used with format = {formats}, not {self.format!r}; "
+                                 "remove it or set format")
 
     @property
     def kind(self) -> str:

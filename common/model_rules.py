@@ -13,9 +13,9 @@ from __future__ import annotations
 import importlib.metadata
 import re
 
-from fedprune.protocol.model_args import TASK_KINDS, ModelArgs, normalise_args
+from fedprune.protocol.model_args import HEADLINE, TASK_KINDS, ModelArgs, normalise_args
 
-__all__ = ["ALIASES", "LAYOUT_MISMATCH", "TASK_KINDS", "ModelArgs", "factory_path", "normalise_args", "package_version", "reference_problem",
+__all__ = ["ALIASES", "HEADLINE", "LAYOUT_MISMATCH", "TASK_KINDS", "ModelArgs", "factory_path", "normalise_args", "package_version", "reference_problem",
            "task_problem"]
 
 ALIASES = {
@@ -61,6 +61,8 @@ def package_version(reference: str) -> str:
     """The installed distribution that provides the factory, as "name version" ("" when its module
     is not part of one), read from package metadata without importing it: both sides name theirs
     when their layouts of one model differ."""
+    if reference_problem(reference):
+        return ""
     top = factory_path(reference).partition(":")[0].split(".")[0]
     for dist in importlib.metadata.packages_distributions().get(top, []):
         try:

@@ -93,11 +93,13 @@ def _load_factory(path: str):
         target = importlib.import_module(module_name)
     except ImportError as exc:
         raise ModelFactoryError(f"model {path!r}: cannot import {module_name} ({exc}); install the package that "
-                                "provides it here (pip install ...) or fix [federation] model") from None
+                                "provides it here (pip install ...) or fix the model reference") from None
+    except Exception as exc:  # the user's module fails as it loads (SyntaxError, NameError...)
+        raise ModelFactoryError(f"model {path!r}: importing {module_name} failed: {type(exc).__name__}: {exc}") from None
     for part in attribute.split("."):
         if not hasattr(target, part):
-            raise ModelFactoryError(f"model {path!r}: {module_name} has no attribute {attribute!r}; fix [federation] "
-                                    "model or update the package that provides it")
+            raise ModelFactoryError(f"model {path!r}: {module_name} has no attribute {attribute!r}; fix the model "
+                                    "reference or update the package that provides it")
         target = getattr(target, part)
     if not callable(target):
         raise ModelFactoryError(f"model {path!r}: {attribute} is not callable; name a function or class that "
@@ -119,12 +121,29 @@ def build_model(spec: ModelSpec) -> nn.Module:
             kwargs[key] = value
     try:
         module = factory(**kwargs)
-    except (TypeError, ValueError) as exc:
-        raise ModelFactoryError(f"model {spec.name!r} with arguments {spec.kwargs}: {exc}; fix "
-                                "[federation.model_args] (or input_shape/num_classes)") from None
+    except Exception as exc:  # the user's code: whatever it raises is a model that cannot be built
+        raise ModelFactoryError(f"model {spec.name!r} with arguments {spec.kwargs}: {type(exc).__name__}: {exc}; fix "
+                                "the model arguments (model_args) or input_shape/num_classes") from None
     if not isinstance(module, nn.Module):
         raise ModelFactoryError(f"model {spec.name!r} returned {type(module).__name__}, not a torch.nn.Module")
     return module
+
+
+def output_problem(spec: ModelSpec) -> str | None:
+    """Why the model cannot take the spec's samples or does not give one output per class, label
+    or target (a factory that ignores input_shape or num_outputs); None when it can. One forward
+    pass of two zero samples: where this fails, every evaluation and training would."""
+    module = _new_module(spec, seed=0).eval()
+    try:
+        with torch.no_grad():
+            out = module(torch.zeros((2, *spec.input_shape)))
+    except Exception as exc:  # the user's forward
+        return f"model {spec.name!r} fails on samples of shape {spec.input_shape}: {type(exc).__name__}: {exc}"
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, spec.num_classes):
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        return (f"model {spec.name!r} gives {shape} for 2 samples; num_classes = {spec.num_classes} needs "
+                f"(2, {spec.num_classes}): one output per class, label or target")
+    return None
 
 
 def _new_module(spec: ModelSpec, seed: int | None = None) -> nn.Module:

@@ -22,9 +22,9 @@ whose loss means the same on every device:
   samples would mix in the negatives, whose loss follows the device's base rate of l (a device
   without positives of l has easy negatives and a low loss), i.e. label skew read as quality.
   Counting positives keeps the classification meaning: the loss on what the sample holds.
-- regression: target dimension t × the bin of the sample's value of t, at the quartiles of the
-  coordinator's held-out targets, which every round task carries (``RoundTask.target_edges``;
-  group 4t + b, b = 0..3), with that target's squared error. Like a class, a bin compares a
+- regression: target dimension t × the bin of the sample's value of t, at the edges every round
+  task carries (``RoundTask.target_edges``: the octiles of the coordinator's held-out targets;
+  group t·B + b with B = edges + 1 bins), with that target's squared error. Like a class, a bin compares a
   device's loss with other devices' on similar targets: a device holding only extreme targets is
   not read as a bad one. Measured against one group per device and one per target dimension on
   benchmarks/experiments/regression_signal.py (docs/ALGORITHM_NOTES.md §11): as good IID (every
@@ -50,9 +50,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from fedprune.common.model_rules import TASK_KINDS
+from fedprune.common.model_rules import HEADLINE, TASK_KINDS
 
-HEADLINE = {"classification": "accuracy", "regression": "r2", "multilabel": "f1"}
 EVAL_BATCH = 1024
 REGRESSION_BIN_EDGES = (-0.6745, 0.0, 0.6745)  # quartiles of N(0, 1): group 4t + b of target t
 
@@ -110,6 +109,8 @@ def check_targets(task: str, num_outputs: int, n_samples: int, y: object) -> np.
                              "impute those rows")
         return y
     if task == "multilabel":
+        if y.ndim == 1 and num_outputs == 1:  # one label: a column, as the fit check allows
+            y = y[:, None]
         if y.ndim != 2 or y.shape != (n_samples, num_outputs):
             raise ValueError(f"multi-label targets must be (N, {num_outputs}), one 0/1 column per label: "
                              f"X has {n_samples}, y shape {y.shape}")

@@ -11,7 +11,7 @@ first, so that they reach the devices through the loader a fleet's agents use.
     run = api.simulate(model="mypkg.nets:make_model", model_args={"width": 32},
                        data=(X, y), test=(X_test, y_test), n_clients=8,
                        strategy={"rounds": 20, "sparsity": 0.8})
-    run.history[-1]["accuracy"], run.module(), run.export("model.onnx")
+    run.history[-1]["score"], run.module(), run.export("model.onnx")
 """
 
 from __future__ import annotations

@@ -46,7 +46,7 @@ from fedprune.coordinator.state import Checkpoint, StateDir, StateError, load_id
 from fedprune.coordinator.core.strategy import ClientUpdate, RoundPlan, Strategy
 from fedprune.common.configkit import ConfigError
 from fedprune.common.data import DATA_MISMATCH
-from fedprune.common.model_rules import LAYOUT_MISMATCH
+from fedprune.common.model_rules import HEADLINE, LAYOUT_MISMATCH
 from fedprune.common.events import emit
 from fedprune.common.link import Link
 from fedprune.common.mqtt import LinkConfig, MqttError, MqttLink
@@ -88,7 +88,7 @@ def target_edges(task: str, evaluation: tuple[np.ndarray, np.ndarray] | None) ->
 class CoordinatorDaemon:
     def __init__(self, config: CoordinatorConfig, clock: Callable[[], float] = time.time) -> None:
         from fedprune.common.model_rules import package_version
-        from fedprune.common.models import ModelFactoryError, init_params, model_layout
+        from fedprune.common.models import ModelFactoryError, init_params, model_layout, output_problem
 
         self.config = config
         self.clock = clock
@@ -101,8 +101,11 @@ class CoordinatorDaemon:
         self.spec = model_spec(config)
         try:
             self.layout: ModelLayout = model_layout(self.spec)
+            problem = output_problem(self.spec)
         except ModelFactoryError as exc:
             raise ConfigError(f"[federation] {exc}") from None
+        if problem:
+            raise ConfigError(f"[federation] {problem}; fix model, model_args, input_shape or num_classes")
         self.model_ref = ModelRef(self.spec.name, tuple(self.spec.input_shape), self.spec.num_classes,
                                   args=self.spec.args, task=self.spec.task, package=package_version(self.spec.name),
                                   tensor_digests=self.layout.tensor_digests())
@@ -156,8 +159,8 @@ class CoordinatorDaemon:
         self._next_drop_log = 0.0
         self._next_members_check = 0.0
         self.declines: dict[str, tuple[int, str]] = {}  # device -> (round, reason) last counted
-        self.unfit: dict[str, str] = {}  # device -> its decline: data or layout that do not fit the model (not selected)
-        self.trail = RoundTrail(self.state_dir.read_history())
+        self.unfit: dict[str, str] = {}  # device -> why it is not selected: data_mismatch or layout_mismatch
+        self.trail = RoundTrail(self.state_dir.read_history(), score_name=HEADLINE[self.spec.task])
         self.releases = list(releases_on_disk(self.state_dir.root))
         self._upload_bytes: dict[str, int] = {}  # device -> bytes of its update transfer so far
         self._round_update_bytes: dict[str, int] = {}  # device -> size of its accepted update, this round
@@ -344,7 +347,7 @@ class CoordinatorDaemon:
                        **({"detail": detail.strip()} if detail else {}))
         if reason not in UNFIT_REASONS or status.device in self.unfit:
             return
-        self.unfit[status.device] = status.reason
+        self.unfit[status.device] = reason
         self._count_excluded()
         self.rounds.withdraw(status.device, status.round)
         self._note(logging.ERROR, "device_excluded", device=status.device, reason=reason, detail=detail.strip(),
@@ -352,8 +355,7 @@ class CoordinatorDaemon:
 
     def _count_excluded(self) -> None:
         for reason in UNFIT_REASONS:
-            self.metrics.set("devices_excluded", sum(1 for r in self.unfit.values() if r.startswith(reason)),
-                             reason=reason)
+            self.metrics.set("devices_excluded", sum(1 for r in self.unfit.values() if r == reason), reason=reason)
 
     def _unfit_context(self, reason: str, detail: str) -> dict[str, str]:
         """What the operator needs beside the device's words: the fix and, for a layout that

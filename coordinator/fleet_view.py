@@ -103,9 +103,11 @@ class FleetView:
 class RoundTrail:
     """Per-round points and per-device totals, folded from history entries one at a time."""
 
-    def __init__(self, entries: Iterable[Mapping[str, Any]] = ()) -> None:
+    def __init__(self, entries: Iterable[Mapping[str, Any]] = (), score_name: str = "accuracy") -> None:
+        """``score_name``: the federation's headline metric (``HEADLINE[task]``), named before any
+        round is evaluated; each entry's own name wins (history before 1.6 had accuracy only)."""
         self.points: list[RoundPoint] = []
-        self.score_name = "accuracy"  # history before 1.6 had classification only
+        self.score_name = score_name
         self.rounds_taken: dict[str, int] = {}
         self.bytes_sent: dict[str, int] = {}
         for entry in entries:

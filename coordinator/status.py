@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import time
 
+from fedprune.common.model_rules import HEADLINE
 from fedprune.coordinator.config import CoordinatorConfig
 from fedprune.coordinator.fleet.registry_store import RegistryStore
 from fedprune.coordinator.fleet_view import FleetView, RoundTrail, ViewInputs, build_view
@@ -26,7 +27,8 @@ def view_from_state(config: CoordinatorConfig, now: float | None = None) -> Flee
     return build_view(ViewInputs(
         federation=config.federation.id, total_rounds=config.rounds.total,
         completed_rounds=int(checkpoint.get("round", 0)), records=registry.devices(), online=registry.online(now),
-        trail=RoundTrail(state.read_history()), importance=checkpoint.get("importance", {}),
+        trail=RoundTrail(state.read_history(), score_name=HEADLINE[config.federation.task]),
+        importance=checkpoint.get("importance", {}),
         quality=checkpoint.get("quality", {}), releases=releases_on_disk(state.root),
     ), now, running=False)
 

@@ -123,7 +123,7 @@ class AgentDaemon:
         self.core = AgentCore(self.bundle.device_id, privacy=privacy,
                               report_class_losses=config.privacy.report_class_losses, tamper=tamper,
                               residual=self.residuals.load())
-        self._layouts: dict[ModelRef, ModelLayout] = {}
+        self._layouts: dict[ModelRef, ModelLayout | ValueError] = {}  # a ValueError: cannot be built here
         self.channel = AgentChannel(
             federation=self.bundle.federation, device=self.bundle.device_id, identity=self.bundle.identity,
             coordinator=self.bundle.coordinator, layout=self._layout_for,
@@ -160,10 +160,19 @@ class AgentDaemon:
                              noise_multiplier=p.noise_multiplier)
 
     def _layout_for(self, model: ModelRef) -> ModelLayout:
+        """Built once per model, in a child by default; a model that cannot be built here is
+        remembered too (ValueError, as the codec expects): a re-announced task must not start
+        another child that imports torch only to fail the same way."""
         if model not in self._layouts:
             resolve = worker.layout_in_child if self.config.agent.train_in_subprocess else worker.layout_for
-            self._layouts[model] = resolve(model)
-        return self._layouts[model]
+            try:
+                self._layouts[model] = resolve(model)
+            except ValueError as exc:
+                self._layouts[model] = exc
+        found = self._layouts[model]
+        if isinstance(found, ValueError):
+            raise found
+        return found
 
     def _link_config(self) -> LinkConfig:
         override = self.config.broker
@@ -385,16 +394,16 @@ class AgentDaemon:
         package, usually) or cannot build: declined, with where the layouts part and both
         versions, so the operator sees what to align; one ERROR line per model here."""
         model = exc.model
-        here = package_version(model.name) or "no installed package"
-        detail = exc.detail or "its layout differs from the coordinator's"
-        reason = f"{LAYOUT_MISMATCH}: {detail}; {here} here, {model.package or 'unknown'} on the coordinator"
-        if model not in self._mismatch:
-            self._mismatch[model] = reason
+        if model not in self._mismatch:  # package metadata is read once per model, not per task
+            here = package_version(model.name) or "no installed package"
+            detail = exc.detail or "its layout differs from the coordinator's"
+            self._mismatch[model] = f"{LAYOUT_MISMATCH}: {detail}; {here} here, {model.package or 'unknown'} on the coordinator"
             emit(log, logging.ERROR, "layout_mismatch", model=model.name, detail=detail, package_here=here,
                  package_coordinator=model.package or "unknown", action="decline_every_round",
-                 fix="install the same version of the model's package here as on the coordinator")
+                 fix="install the same version of the model's package here as on the coordinator, then restart "
+                     "the agent")
         if self.bundle.device_id in exc.selected:
-            self._publish_status(State.DECLINED, reason[:256], exc.round)
+            self._publish_status(State.DECLINED, self._mismatch[model][:256], exc.round)
 
     def _on_key(self, grant: KeyGrant, now: float) -> None:
         """A federation key arrived: the task and release that waited for it decode now."""

@@ -42,7 +42,7 @@ MAJOR = 1
 # 3: RoundTask lost class_loss_medians (meta key clm); 4: Status gained release and epsilon_left
 # (meta keys rel, eps); 5: RoundTask gained update_values, error_feedback and base_round (meta keys uv, ef,
 # base); 6: RoundTask's model gained factory arguments, task kind, package and tensor digests (meta keys
-# margs, kind, pkg, tdig) and its hyper-parameters the optimizer
+# margs, kind, pkg, tdig), the regression bin edges (tbin) and its hyper-parameters the optimizer
 MINOR = 6
 _FIXED = struct.Struct(">2sBBBBBxIQd")
 FLAG_LAST_WILL = 0x01

@@ -91,10 +91,9 @@ def _label(value: object, what: str) -> str:
 @dataclass(frozen=True)
 class ModelRef:
     """Which model to train: a factory's import path (or built-in alias); no code ever travels.
-
-    Since 1.6: ``args`` (the factory's keyword arguments, ``protocol.model_args``), ``task``, the
-    sender's ``package`` ("name version" or "") and ``tensor_digests`` of its layout, so a receiver
-    whose layout differs names the first tensor that does. A 1.5 sender meant none of these.
+    Since 1.6: ``args`` (``protocol.model_args``), ``task``, the sender's ``package`` ("name version"
+    or "") and ``tensor_digests`` of its layout, so a receiver whose layout differs names the first
+    tensor that does. A 1.5 sender meant none of these.
     """
 
     name: str
@@ -197,7 +196,8 @@ class RoundTask:
             raise TypeError("error_feedback must be a bool")
         if self.base_round is not None:
             _int(self.base_round, "base_round", 0, self.round - 1)
-        object.__setattr__(self, "target_edges", normalise_target_edges(self.target_edges))
+        object.__setattr__(self, "target_edges", normalise_target_edges(self.target_edges, self.model.task,
+                                                                        self.model.num_classes))
 
     @property
     def layout(self) -> ModelLayout:

@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from typing import Union
 
 TASK_KINDS = ("classification", "regression", "multilabel")
+# Each kind's headline metric (fedprune.common.objectives.Evaluation.score), higher-better, 1 at best.
+HEADLINE = {"classification": "accuracy", "regression": "r2", "multilabel": "f1"}
 MAX_ARGS = 32
 MAX_ARG_ITEMS = 64
 MAX_ARG_TEXT = 128
@@ -55,11 +57,12 @@ def _scalar(key: str, value: object) -> Scalar:
     return value  # type: ignore[return-value]
 
 
-def normalise_target_edges(rows: object) -> tuple[tuple[float, ...], ...]:
-    """A regression task's bin edges per target (``RoundTask.target_edges``): 1-15 finite,
-    ascending floats per target, as many for each; ValueError otherwise."""
+def normalise_target_edges(rows: object, task: str, outputs: int) -> tuple[tuple[float, ...], ...]:
+    """A regression task's bin edges per target (``RoundTask.target_edges``): none, or for each of
+    the ``outputs`` targets 1-15 finite ascending floats, as many for each; ValueError otherwise."""
     edges = tuple(tuple(float(v) for v in row) for row in rows)  # type: ignore[union-attr]
-    if len(edges) > 256 or len({len(r) for r in edges}) > 1 or any(
-            not 1 <= len(r) <= 15 or not all(map(math.isfinite, r)) or list(r) != sorted(r) for r in edges):
-        raise ValueError("target_edges: per target, 1-15 finite ascending bin edges, as many for each target")
+    if edges and (task != "regression" or len(edges) != outputs or len({len(r) for r in edges}) > 1 or any(
+            not 1 <= len(r) <= 15 or not all(map(math.isfinite, r)) or list(r) != sorted(r) for r in edges)):
+        raise ValueError("target_edges: a regression task's 1-15 finite ascending bin edges per target, as many "
+                         "for each target")
     return edges

@@ -62,3 +62,12 @@ def head_only(input_shape, num_outputs):
 
 def not_a_module(input_shape, num_outputs):
     return "a string"
+
+
+def explodes(input_shape, num_outputs):
+    raise RuntimeError("the factory's own bug")
+
+
+def ignores_its_sizes(input_shape, num_outputs):
+    """Hard-coded widths: 10 inputs and 3 outputs whatever the federation says."""
+    return nn.Sequential(nn.Linear(10, 3))

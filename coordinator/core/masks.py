@@ -22,8 +22,10 @@ Params = dict[str, np.ndarray]
 Masks = dict[str, np.ndarray]
 
 DISTRIBUTIONS = ("erk", "er", "uniform")
-# ERK keeps dense a masked tensor whose output units have fewer weights than this each (a
-# depthwise 3x3 kernel: 9; a first conv on one input channel; an LSTM reading 3 sensor channels).
+# ERK keeps dense a masked tensor with fewer weights than this per row (prod(shape[1:])): per output
+# unit for Linear, conv and recurrent weights (a depthwise 3x3 kernel: 9; a first conv on one input
+# channel; an LSTM reading 3 sensor channels); per input channel for a transposed conv, per entry
+# for an embedding (a 8-wide embedding is kept whole).
 # ERK's density grows with such a layer's sum/product of dims but falls below 1 at high sparsity:
 # pruning a 9-tap kernel to 2-3 taps silences whole channels, which no regrowth brings back
 # reliably, and the layer is a few hundred weights, under 1 % of the budget.

@@ -140,7 +140,7 @@ class LocalFederation:
                 y = add_label_noise(y, self.noise_rate, dataset.num_classes, rng, kind="symmetric")
             np.savez(data_dir / f"{name}.npz", X=dataset.X_train[idx], y=y)
         np.savez(data_dir / "holdout.npz", X=dataset.X_test, y=dataset.y_test)
-        model = {"model_args": dict(self.model_args), "input_shape": tuple(dataset.input_shape),
+        model = {"model_args": dict(self.model_args), "task": self.task, "input_shape": tuple(dataset.input_shape),
                  "num_classes": dataset.num_classes}
         return {name: data_dir / f"{name}.npz" for name in self.devices}, data_dir / "holdout.npz", model
 

@@ -17,7 +17,7 @@ from fedprune.coordinator.fleet.broker import EmbeddedBroker
 from fedprune.common.configkit import ConfigError
 
 BIN = Path(sys.executable).parent
-CNN1D_13 = ("[federation] model 'cnn1d' with arguments {}: cnn1d needs input_shape (C, L), got (13,): "
+CNN1D_13 = ("[federation] model 'cnn1d' with arguments {}: ValueError: cnn1d needs input_shape (C, L), got (13,): "
             "e.g. [1, 13] for one channel")
 
 
@@ -82,7 +82,7 @@ def test_simulate_refuses_the_model_with_the_same_rule(tmp_path: Path) -> None:
     path = tmp_path / "sim.toml"
     path.write_text('[simulation]\ndataset = "digits"\nmodel = "cnn1d"\n')
     assert_user_error(coordinator("simulate", "--config", path, "--out", tmp_path / "out"),
-                      "[federation] model 'cnn1d' with arguments {}: cnn1d needs input_shape (C, L), got (1, 8, 8): "
+                      "[federation] model 'cnn1d' with arguments {}: ValueError: cnn1d needs input_shape (C, L), got (1, 8, 8): "
                       "e.g. [1, 64]")
 
 

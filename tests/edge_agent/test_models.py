@@ -19,6 +19,7 @@ from fedprune.common.models import (
     load_params,
     masked_names,
     model_layout,
+    output_problem,
     module_from_params,
     params_from_module,
 )
@@ -210,7 +211,8 @@ def test_macs_count_recurrent_steps_and_skip_embedding_lookups():
     ("tests.nets:missing", {}, "has no attribute 'missing'"),
     ("tests.no_such_module:make", {}, "cannot import tests.no_such_module"),
     ("tests.nets:not_a_module", {}, "returned str, not a torch.nn.Module"),
-    ("tests.nets:depthwise", {"depth": 3}, "unexpected keyword argument 'depth'.*fix \\[federation.model_args\\]"),
+    ("tests.nets:explodes", {}, "RuntimeError: the factory's own bug"),
+    ("tests.nets:depthwise", {"depth": 3}, "unexpected keyword argument 'depth'.*fix the model arguments"),
 ])
 def test_a_factory_that_cannot_build_says_what_to_fix(reference, args, match):
     with pytest.raises(ModelFactoryError, match=match):
@@ -222,3 +224,11 @@ def test_masked_names_refuses_an_override_naming_no_parameter():
     module.fedprune_masked = ("0.weight", "1.weight")
     with pytest.raises(ModelFactoryError, match="1.weight"):
         masked_names(module)
+
+
+def test_a_model_that_ignores_the_federations_sizes_is_named_before_any_round():
+    assert output_problem(ModelSpec("tests.nets:ignores_its_sizes", (10,), 3)) is None
+    wrong_outputs = output_problem(ModelSpec("tests.nets:ignores_its_sizes", (10,), 5))
+    assert "gives (2, 3) for 2 samples; num_classes = 5 needs (2, 5)" in wrong_outputs
+    wrong_inputs = output_problem(ModelSpec("tests.nets:ignores_its_sizes", (12,), 3))
+    assert "fails on samples of shape (12,): RuntimeError" in wrong_inputs

@@ -136,9 +136,14 @@ def test_a_task_carries_the_factory_arguments_and_a_minor_5_task_means_a_plain_c
                     task="regression", package="mypkg 1.2.0", tensor_digests=LAYOUT.tensor_digests())
     got = decode_task_at(MINOR, codec.encode_body(replace(t, model=model)))
     assert got.model == model and dict(got.model.args)["hidden"] == (32, 16)
-    got = decode_task_at(MINOR, codec.encode_body(replace(t, model=model, target_edges=((0.5, 1, 2),))))
-    assert got.target_edges == ((0.5, 1.0, 2.0),)
-    old = decode_task_at(5, task_body_at_minor_5(replace(t, model=model, target_edges=((0.5, 1, 2),))))
+    edges = ((0.5, 1, 2), (0, 1, 2), (-1, 0, 1))  # regression with 3 targets: 3 edges each
+    got = decode_task_at(MINOR, codec.encode_body(replace(t, model=model, target_edges=edges)))
+    assert got.target_edges == ((0.5, 1.0, 2.0), (0.0, 1.0, 2.0), (-1.0, 0.0, 1.0))
+    with pytest.raises(ValueError, match="target_edges"):
+        replace(t, target_edges=edges)  # a classifier has no bins
+    with pytest.raises(ValueError, match="target_edges"):
+        replace(t, model=model, target_edges=edges[:2])  # one row per target
+    old = decode_task_at(5, task_body_at_minor_5(replace(t, model=model, target_edges=edges)))
     assert (old.model.args, old.model.task, old.model.package, old.model.tensor_digests) == ((), "classification", "", b"")
     assert old.target_edges == ()
     with pytest.raises(DecodeError, match="model"):

@@ -264,7 +264,7 @@ def generate_group() -> None:  # pragma: no cover - run by hand after a delibera
     own_model = dataclasses.replace(
         t, model=dataclasses.replace(t.model, args={"hidden": [32, 16], "dropout": 0.25, "act": "gelu", "bias": False},
                                      task="regression", package="mypkg 1.2.0", tensor_digests=f.LAYOUT.tensor_digests()),
-        hyper=dataclasses.replace(t.hyper, optimizer="adamw"), target_edges=((-1.5, 0.0, 2.25), (10.0, 20.0, 40.0)))
+        hyper=dataclasses.replace(t.hyper, optimizer="adamw"), target_edges=((-1.5, 0.0, 2.25), (10.0, 20.0, 40.0), (0.5, 0.75, 1.0)))
     for i, (name, msg) in enumerate((("task", t), ("release", f.release()), ("key_grant", None), *statuses,
                                      ("task_int8_change", quantised), ("task_own_model", own_model))):
         seq, sent_at = 1_900_000_000_000_000 + i, f.T0 + i
