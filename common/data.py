@@ -10,6 +10,7 @@ check ``data_mismatch`` (``fedprune.common.data_fit``) judges y per task kind, w
 
 from __future__ import annotations
 
+import csv
 import zipfile
 import zlib
 from pathlib import Path
@@ -98,6 +99,16 @@ def check_size(path: Path) -> None:
     size = path.stat().st_size
     if size > MAX_FILE_BYTES:
         raise LocalDataError(f"{path}: {size} bytes exceeds the {MAX_FILE_BYTES}-byte limit")
+
+
+def read_csv_rows(path: Path) -> list[list[str]]:
+    """A CSV file's rows as text, within the size limit; LocalDataError naming the file otherwise."""
+    check_size(path)
+    try:
+        with path.open("r", encoding="utf-8", newline="") as handle:
+            return list(csv.reader(handle))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise LocalDataError(f"{path}: not a readable CSV file ({exc})") from exc
 
 
 def load_inputs(path: str | Path, labelled: bool = False) -> tuple[np.ndarray, np.ndarray | None]:

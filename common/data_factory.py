@@ -4,29 +4,24 @@ so a factory can read any format without the agent learning it."""
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 
 import numpy as np
 
 from fedprune.common.data import LocalDataError
 from fedprune.common.data_source import DataSource
+from fedprune.common.references import UnresolvedReference, resolve_callable
 
 
 def call_factory(path: Path, source: DataSource) -> tuple[np.ndarray, np.ndarray]:
     """(X, y) as the factory returns them; LocalDataError names the factory, the path and the fix."""
     spec = source.factory
     where = f"{path}: [data] factory {spec!r}"
-    module_name, _, name = spec.partition(":")
     try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise LocalDataError(f"{where}: cannot import {module_name!r} ({exc}); install it in the agent's "
-                             "environment or add its folder to PYTHONPATH") from exc
-    function = getattr(module, name, None)
-    if not callable(function):
-        raise LocalDataError(f"{where}: {module_name} has no function {name!r}; name one that takes "
-                             "(path, **args) and returns (X, y)")
+        function = resolve_callable(spec)
+    except UnresolvedReference as exc:
+        raise LocalDataError(f"{where}: {exc}; install its package in the agent's environment or add its folder "
+                             "to PYTHONPATH, and name a function that takes (path, **args) and returns (X, y)") from None
     try:
         result = function(path, **source.args)
     except Exception as exc:  # the user's code: any failure is reported as theirs, with the path

@@ -10,13 +10,12 @@ defined for regression and multi-label targets too, where a majority vote is not
 
 from __future__ import annotations
 
-import csv
 from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 
-from fedprune.common.data import LocalDataError, check_size
+from fedprune.common.data import LocalDataError, read_csv_rows
 from fedprune.common.data_source import DataSource
 
 
@@ -60,12 +59,7 @@ def _windows(path: Path, source: DataSource) -> tuple[np.ndarray, np.ndarray]:
 
 def _read(path: Path, source: DataSource) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Timestamps (float: numbers as written, ISO 8601 as seconds), channels and targets, as float64."""
-    check_size(path)
-    try:
-        with path.open("r", encoding="utf-8", newline="") as handle:
-            rows = list(csv.reader(handle))
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise LocalDataError(f"{path}: not a readable CSV file ({exc})") from exc
+    rows = read_csv_rows(path)
     if not rows:
         raise LocalDataError(f"{path}: empty file; a sensor CSV starts with a header row")
     header = [name.strip() for name in rows[0]]

@@ -19,7 +19,6 @@ rows (N, prod(input_shape)), the shape a CSV file yields, and reshapes them.
 from __future__ import annotations
 
 import functools
-import importlib
 import inspect
 import math
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from torch import nn
 from fedprune.common import objectives
 from fedprune.common.model_rules import ModelArgs, factory_path, normalise_args, task_problem
 from fedprune.common.objectives import Evaluation
+from fedprune.common.references import UnresolvedReference, resolve_callable
 from fedprune.protocol.layout import ModelLayout, TensorSpec
 
 Params = dict[str, np.ndarray]
@@ -88,23 +88,12 @@ class ModelSpec:
 
 
 def _load_factory(path: str):
-    module_name, _, attribute = path.partition(":")
     try:
-        target = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ModelFactoryError(f"model {path!r}: cannot import {module_name} ({exc}); install the package that "
-                                "provides it here (pip install ...) or fix the model reference") from None
-    except Exception as exc:  # the user's module fails as it loads (SyntaxError, NameError...)
-        raise ModelFactoryError(f"model {path!r}: importing {module_name} failed: {type(exc).__name__}: {exc}") from None
-    for part in attribute.split("."):
-        if not hasattr(target, part):
-            raise ModelFactoryError(f"model {path!r}: {module_name} has no attribute {attribute!r}; fix the model "
-                                    "reference or update the package that provides it")
-        target = getattr(target, part)
-    if not callable(target):
-        raise ModelFactoryError(f"model {path!r}: {attribute} is not callable; name a function or class that "
-                                "returns a torch.nn.Module")
-    return target
+        return resolve_callable(path)
+    except UnresolvedReference as exc:
+        raise ModelFactoryError(f"model {path!r}: {exc}; install the package that provides it here (pip install "
+                                "...), or fix the model reference; it must name a function or class that returns "
+                                "a torch.nn.Module") from None
 
 
 def build_model(spec: ModelSpec) -> nn.Module:

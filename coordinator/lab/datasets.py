@@ -11,7 +11,6 @@ dataset is requested: a device never loads this module.
 
 from __future__ import annotations
 
-import csv
 import functools
 import random
 from dataclasses import dataclass, replace
@@ -20,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from fedprune.common.configkit import ConfigError
-from fedprune.common.data import LocalDataError, check_size, load_local_data, validated
+from fedprune.common.data import LocalDataError, load_local_data, read_csv_rows, validated
 from fedprune.common.data_source import DataSource
 
 DATASET_NAMES = ("digits", "mnist1d")
@@ -307,12 +306,7 @@ def _split_by_column(path: Path, column: str, source: DataSource) -> list[tuple[
     if source.kind not in ("auto", "csv") or not path.is_file() or path.suffix.lower() != ".csv":
         raise ConfigError(f"[simulation] partition 'column:{column}': needs data = one CSV file with a header "
                           f"(and [data] format auto or csv); got {str(path)!r}")
-    check_size(path)
-    try:
-        with path.open("r", encoding="utf-8", newline="") as handle:
-            rows = list(csv.reader(handle))
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise LocalDataError(f"{path}: not a readable CSV file ({exc})") from exc
+    rows = read_csv_rows(path)
     header = [name.strip() for name in rows[0]] if rows else []
     if column not in header:
         raise ConfigError(f"[simulation] partition 'column:{column}': {path} has no column {column!r}; "

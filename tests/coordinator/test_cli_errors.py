@@ -75,7 +75,7 @@ def test_a_malformed_model_is_refused_by_every_command(config: Path, setting: st
 
 def test_a_factory_that_is_not_installed_stops_run_naming_the_fix(config: Path) -> None:
     assert_user_error(coordinator("run", "--config", config, "--set", "federation.model=no_such_pkg.nets:make"),
-                      "cannot import no_such_pkg.nets", "install the package that provides it")
+                      "cannot import 'no_such_pkg.nets'", "install the package that provides it")
 
 
 def test_simulate_refuses_the_model_with_the_same_rule(tmp_path: Path) -> None:

@@ -86,7 +86,7 @@ def test_config_errors_name_the_key(doc, match):
 
 @pytest.mark.parametrize("sim,match", [
     ({"model": "cnn1d"}, r"\[federation\] model 'cnn1d' with arguments \{\}: ValueError: cnn1d needs input_shape \(C, L\)"),
-    ({"model": "no_such_pkg.nets:make"}, r"cannot import no_such_pkg.nets .*install the package"),
+    ({"model": "no_such_pkg.nets:make"}, r"cannot import 'no_such_pkg.nets' .*install the package"),
     ({"model": "mlp", "model_args": {"widths": [8]}}, r"unexpected keyword argument 'widths'.*fix the model arguments"),
 ])
 def test_a_model_that_cannot_be_built_is_refused_before_the_first_round(sim, match):

@@ -139,7 +139,7 @@ def test_a_factory_is_called_with_the_path_and_its_args_and_checked_like_a_file(
 
 @pytest.mark.parametrize("spec, message", [
     ("nosuchpkg.data:load", r"cannot import 'nosuchpkg.data' .*add its folder to PYTHONPATH"),
-    ("userdata:missing", r"userdata has no function 'missing'"),
+    ("userdata:missing", r"userdata has no attribute 'missing'"),
     ("userdata:tensors", r"returned list of int, int; it must return a tuple \(X, y\) of numpy arrays"),
     ("userdata:broken", r"failed: RuntimeError: disk on fire"),
     ("userdata:nan", r"X contains NaN"),

@@ -209,7 +209,7 @@ def test_macs_count_recurrent_steps_and_skip_embedding_lookups():
 
 @pytest.mark.parametrize("reference,args,match", [
     ("tests.nets:missing", {}, "has no attribute 'missing'"),
-    ("tests.no_such_module:make", {}, "cannot import tests.no_such_module"),
+    ("tests.no_such_module:make", {}, "cannot import 'tests.no_such_module'"),
     ("tests.nets:not_a_module", {}, "returned str, not a torch.nn.Module"),
     ("tests.nets:explodes", {}, "RuntimeError: the factory's own bug"),
     ("tests.nets:depthwise", {"depth": 3}, "unexpected keyword argument 'depth'.*fix the model arguments"),
