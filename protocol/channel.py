@@ -49,6 +49,7 @@ from fedprune.protocol.messages import (
     KeyGrant, Kind, Message, ModelRef, ModelRelease, Register, Reject, RoundTask, State, Status, Update,
 )
 from fedprune.protocol.replay import ReplayGuard
+from fedprune.protocol.secure_messages import SECURE_DOWNLINKS, SECURE_UPLINKS, SecureMessage
 from fedprune.protocol.sparse import Masks, MaskStore, ValueDtype, check_masks
 from fedprune.protocol.topics import Topic, TopicKind
 from fedprune.protocol.wire import DEFAULT_LIMITS, Limits
@@ -61,9 +62,13 @@ _TOPIC_OF = {
     Kind.UPDATE: TopicKind.UPDATE,
     Kind.STATUS: TopicKind.STATUS,
     Kind.KEY: TopicKind.INBOX,
+    **{cls.KIND: TopicKind.UPDATE for cls in SECURE_UPLINKS},  # the topic the broker ACL lets a device write
+    **{cls.KIND: TopicKind.INBOX for cls in SECURE_DOWNLINKS},
 }
-# Broadcasts encrypted to the members; a coordinator older than this minor sent them signed only.
-_GROUP_KINDS = frozenset({Kind.TASK, Kind.RELEASE})
+# Encrypted to the members (the broker reads none of them); a coordinator older than minor 2 sent
+# tasks and releases signed only.
+_GROUP_KINDS = frozenset({Kind.TASK, Kind.RELEASE, *(cls.KIND for cls in SECURE_DOWNLINKS)})
+_ROUND_UPLINKS = frozenset({Kind.UPDATE, *(cls.KIND for cls in SECURE_UPLINKS)})
 _GROUP_SINCE_MINOR = 2
 
 
@@ -229,12 +234,12 @@ class AgentChannel(_Channel):
     def subscriptions(self) -> tuple[str, ...]:
         return topics.agent_filters(self.federation, self.device)
 
-    def send(self, msg: Register | Update | Status, now: float, *,
+    def send(self, msg: Register | Update | Status | SecureMessage, now: float, *,
              value_dtype: ValueDtype | None = None) -> list[Publication]:
         """Seal ``msg`` to the coordinator and chunk it for this device's own topic; an update's
         values travel as ``value_dtype`` (the task's ``update_values``), else as the channel's."""
-        if not isinstance(msg, (Register, Update, Status)):
-            raise TypeError(f"an agent sends Register, Update or Status, not {type(msg).__name__}")
+        if not isinstance(msg, (Register, Update, Status, *SECURE_UPLINKS)):
+            raise TypeError(f"an agent sends Register, Update, Status or a secure stage, not {type(msg).__name__}")
         if msg.device != self.device:
             raise ValueError(f"message names device {msg.device!r}, but this channel is {self.device!r}")
         base = None
@@ -258,7 +263,7 @@ class AgentChannel(_Channel):
                         seq: int | None = None, value_dtype: ValueDtype | None = None) -> list[Publication]:
         dtype = self.value_dtype if value_dtype is None else ValueDtype(value_dtype)
         body = codec.encode_body(msg, value_dtype=dtype, base_masks=base_masks)
-        rnd = msg.round if isinstance(msg, (Update, Status)) else self.replay.current_round
+        rnd = self.replay.current_round if isinstance(msg, Register) else msg.round
         seq = self._next_seq(now) if seq is None else seq
         header = Header(msg.KIND, self.suite, self.federation, self.device, rnd, seq, float(now), flags)
         envelope = seal_envelope(header, body, self.identity, self.coordinator)
@@ -320,7 +325,7 @@ class AgentChannel(_Channel):
         return self._layout(model)
 
     def _accepted(self, msg: Message, header: Header) -> None:
-        if isinstance(msg, (Reject, KeyGrant)) and msg.device != self.device:
+        if isinstance(msg, (Reject, KeyGrant, *SECURE_DOWNLINKS)) and msg.device != self.device:
             raise DecodeError(f"{header.kind.name.lower()} for {msg.device!r} delivered to {self.device!r}")
         if isinstance(msg, KeyGrant):
             self.group_keys.put(unwrap_group_key(header.pack(), msg.key_id, msg.wrapped, self.identity, self.coordinator))
@@ -396,13 +401,13 @@ class CoordinatorChannel(_Channel):
         (chunk,) = self._chunks(sign_envelope(header, codec.encode_body(grant), self.identity), seq)
         return Retained(topics.inbox_topic(self.federation, device), chunk)
 
-    def send(self, msg: RoundTask | ModelRelease | Reject, now: float, *,
+    def send(self, msg: RoundTask | ModelRelease | Reject | SecureMessage, now: float, *,
              value_dtype: ValueDtype | None = None) -> list[Publication]:
-        """Encrypt a task or release under the federation key and sign it (a reject: sign only),
-        then chunk it. A RoundTask also opens its round for replay checks; its weights travel as
-        ``value_dtype``, else as the channel's."""
-        if isinstance(msg, (RoundTask, ModelRelease)) and self.group_key is None:
-            raise ValueError("no federation key yet: rekey(members) before sending a task or release")
+        """Encrypt a task, release or secure stage under the federation key and sign it (a
+        reject: sign only), then chunk it. A RoundTask also opens its round for replay checks; its
+        weights travel as ``value_dtype``, else as the channel's."""
+        if isinstance(msg, (RoundTask, ModelRelease, *SECURE_DOWNLINKS)) and self.group_key is None:
+            raise ValueError("no federation key yet: rekey(members) before sending a task, release or secure stage")
         if isinstance(msg, RoundTask):
             if msg.federation != self.federation:
                 raise ValueError(f"task for federation {msg.federation!r} on channel {self.federation!r}")
@@ -412,12 +417,12 @@ class CoordinatorChannel(_Channel):
             self.masks.put(msg.mask_version, msg.masks)
             self.replay.advance(msg.round)
             rnd = msg.round
-        elif isinstance(msg, Reject):
+        elif isinstance(msg, (Reject, *SECURE_DOWNLINKS)):
             rnd = msg.round
         elif isinstance(msg, ModelRelease):
             rnd = self.replay.current_round
         else:
-            raise TypeError(f"a coordinator sends RoundTask, ModelRelease or Reject, not {type(msg).__name__}")
+            raise TypeError(f"a coordinator sends RoundTask, ModelRelease, Reject or a secure stage, not {type(msg).__name__}")
         body = codec.encode_body(msg, value_dtype=self.value_dtype if value_dtype is None else ValueDtype(value_dtype))
         seq = self._next_seq(now)
         if isinstance(msg, Reject):
@@ -427,7 +432,7 @@ class CoordinatorChannel(_Channel):
             header = Header(msg.KIND, Suite.GROUP_AES256_GCM, self.federation, COORDINATOR, rnd, seq, float(now))
             envelope = encrypt_broadcast(header, body, self.group_key, self.identity)
         chunks = self._chunks(envelope, seq)
-        if isinstance(msg, Reject):
+        if isinstance(msg, (Reject, *SECURE_DOWNLINKS)):
             return [Publication(topics.inbox_topic(self.federation, msg.device), c) for c in chunks]
         if isinstance(msg, RoundTask):
             return [Publication(topics.task_topic(self.federation), c) for c in chunks]
@@ -451,7 +456,7 @@ class CoordinatorChannel(_Channel):
         return open_envelope(envelope, header, header_len, self.identity, sender)
 
     def _check_replay(self, header: Header, now: float) -> None:
-        if header.kind is Kind.UPDATE:
+        if header.kind in _ROUND_UPLINKS:
             self.replay.check(header.sender, header.round, header.seq, header.sent_at, now)
         elif header.last_will:  # sealed at connect time, delivered whenever the link drops
             self.replay.check_latest(header.sender, "will", header.seq, header.sent_at, now, check_time=False)

@@ -28,6 +28,9 @@ from fedprune.protocol.crypto import KEY_ID_LEN
 from fedprune.protocol.messages import (
     WRAPPED_KEY_LEN, KeyGrant, Kind, Message, ModelRef, ModelRelease, Register, Reject, RoundTask, State, Status, Update,
 )
+from fedprune.protocol import secure_codec
+from fedprune.protocol.secure_messages import SECURE_DOWNLINKS, SECURE_UPLINKS, SecureMessage
+from fedprune.protocol.secure_setup import SESSION_LEN, SecureSetup
 from fedprune.protocol.sparse import MaskStore, SparseParams, ValueDtype, masks_from_wire, masks_to_wire, values_from_wire
 from fedprune.protocol.wire import (
     DEFAULT_LIMITS,
@@ -59,19 +62,21 @@ _STATUS_KEYS = frozenset({"dev", "state", "round", "reason", "time"})
 _STATUS_SINCE_MINOR = {"rel": 4, "eps": 4}
 # Task keys added after minor 4, by the minor that added them, with what a sender of an older
 # minor meant: float32 updates (it knew no other), error feedback on (moot for float32), full weights.
-_TASK_SINCE_MINOR = {"uv": (5, int(ValueDtype.FLOAT32)), "ef": (5, True), "base": (5, None), "tbin": (6, [])}
+_TASK_SINCE_MINOR = {"uv": (5, int(ValueDtype.FLOAT32)), "ef": (5, True), "base": (5, None), "tbin": (6, []),
+                     "sec": (7, None)}
 # Since minor 6 the task's model carries its factory's arguments, task kind, the sender's package
 # and per-tensor digests; a 1.5 sender meant a built-in without arguments, classification.
 _MODEL_SINCE_MINOR = {"margs": (6, {}), "kind": (6, "classification"), "pkg": (6, ""), "tdig": (6, b"")}
 # Task keys without a field since a minor, still written (empty) and required, never read: a 1.2
 # agent requires them in every task. Dropped at the next major.
+SECURE_TYPES = SECURE_UPLINKS + SECURE_DOWNLINKS
 _TASK_VESTIGES = {"clm": None}  # class-loss medians: never set, never read; no field since 1.3
 
 
 # ------------------------------------------------------------------------------------ encoding
 
 
-def encode_body(msg: Message, *, value_dtype: ValueDtype = ValueDtype.FLOAT32, base_masks: dict | None = None) -> bytes:
+def encode_body(msg: Message | SecureMessage, *, value_dtype: ValueDtype = ValueDtype.FLOAT32, base_masks: dict | None = None) -> bytes:
     """Framed body of ``msg``. ``base_masks``: the mask an Update trained from (for XOR coding)."""
     tail = TailWriter()
     if isinstance(msg, Register):
@@ -91,6 +96,8 @@ def encode_body(msg: Message, *, value_dtype: ValueDtype = ValueDtype.FLOAT32, b
             "uv": int(msg.update_values), "ef": msg.error_feedback, "base": msg.base_round,
             "margs": dict(msg.model.args), "kind": msg.model.task, "pkg": msg.model.package,
             "tdig": msg.model.tensor_digests, "tbin": [list(row) for row in msg.target_edges],
+            "sec": None if msg.secure is None else [msg.secure.session, msg.secure.bits, msg.secure.degree,
+                                                    msg.secure.threshold],
         }
     elif isinstance(msg, Update):
         obj = {
@@ -111,6 +118,8 @@ def encode_body(msg: Message, *, value_dtype: ValueDtype = ValueDtype.FLOAT32, b
         obj = {"round": msg.round, "dev": msg.device, "reason": msg.reason, "detail": msg.detail}
     elif isinstance(msg, KeyGrant):
         obj = {"dev": msg.device, "kid": msg.key_id, "wk": msg.wrapped}
+    elif msg.KIND in secure_codec.SECURE_KINDS:
+        obj = secure_codec.encode(msg, tail)
     else:
         raise TypeError(f"not a protocol message: {type(msg).__name__}")
     return frame(obj, tail)
@@ -136,8 +145,11 @@ def decode_body(
     try:
         what = f"{header.kind.name.lower()} body"
         obj, tail = unframe(body, limits, what)
-        decoder = _DECODERS[header.kind]
-        msg = decoder(obj, header.minor, limits, layout_for, masks if masks is not None else MaskStore(), tail)
+        if header.kind in secure_codec.SECURE_KINDS:
+            msg = secure_codec.decode(header.kind, obj, header.minor > MINOR, limits, tail)
+        else:
+            decoder = _DECODERS[header.kind]
+            msg = decoder(obj, header.minor, limits, layout_for, masks if masks is not None else MaskStore(), tail)
         tail.finish(what)
         _check_matches_header(msg, header)
         return msg
@@ -155,7 +167,7 @@ def _check_matches_header(msg: Message, header: Header) -> None:
     if header.sender and device != header.sender:
         raise DecodeError(f"body names device {device!r} but the envelope was sent by {header.sender!r}")
     rnd = getattr(msg, "round", None)
-    if rnd is not None and isinstance(msg, (RoundTask, Update, Reject)) and rnd != header.round:
+    if rnd is not None and isinstance(msg, (RoundTask, Update, Reject, *SECURE_TYPES)) and rnd != header.round:
         raise DecodeError(f"body is for round {rnd} but the envelope says round {header.round}")
     if isinstance(msg, RoundTask) and msg.federation != header.federation:
         raise DecodeError(f"task for federation {msg.federation!r} arrived in {header.federation!r}")
@@ -216,7 +228,7 @@ def _task(
     since = {k: first for k, (first, _) in (_TASK_SINCE_MINOR | _MODEL_SINCE_MINOR).items() if first <= minor}
     keys = _TASK_KEYS | _TASK_VESTIGES.keys() | since.keys()
     m = as_map(obj, "task", keys, lenient=minor > MINOR)
-    uv, ef, base, tbin = (m[k] if k in since else default for k, (_, default) in _TASK_SINCE_MINOR.items())
+    uv, ef, base, tbin, sec = (m[k] if k in since else default for k, (_, default) in _TASK_SINCE_MINOR.items())
     if type(ef) is not bool:
         raise fail("task ef", "bool", ef)
     edges = tuple(tuple(as_float(v, "target edge") for v in as_list(row, "target edges", 15))
@@ -247,7 +259,17 @@ def _task(
         deadline=as_float(m["deadline"], "deadline"), selected=selected, include_masks=included,
         update_values=ValueDtype(as_int(uv, "update values", 0, len(ValueDtype) - 1)), error_feedback=ef,
         base_round=None if base is None else as_int(base, "base round", 0, 2**32 - 1), target_edges=edges,
+        secure=_secure_setup(sec),
     ))
+
+
+def _secure_setup(sec: Any) -> SecureSetup | None:
+    if sec is None:
+        return None
+    session, bits, degree, threshold = as_list(sec, "secure setup", 4, length=4)
+    return construct("secure setup", lambda: SecureSetup(
+        as_bytes(session, "session", SESSION_LEN), as_int(bits, "bits", 0, 64), as_int(degree, "degree", 0, 4096),
+        as_int(threshold, "threshold", 0, 4096)))
 
 
 def _update(

@@ -42,8 +42,9 @@ MAJOR = 1
 # 3: RoundTask lost class_loss_medians (meta key clm); 4: Status gained release and epsilon_left
 # (meta keys rel, eps); 5: RoundTask gained update_values, error_feedback and base_round (meta keys uv, ef,
 # base); 6: RoundTask's model gained factory arguments, task kind, package and tensor digests (meta keys
-# margs, kind, pkg, tdig), the regression bin edges (tbin) and its hyper-parameters the optimizer
-MINOR = 6
+# margs, kind, pkg, tdig), the regression bin edges (tbin) and its hyper-parameters the optimizer;
+# 7: the secure-aggregation kinds 8-14 (protocol/secure_messages.py) and RoundTask.secure (sec)
+MINOR = 7
 _FIXED = struct.Struct(">2sBBBBBxIQd")
 FLAG_LAST_WILL = 0x01
 _KNOWN_FLAGS = FLAG_LAST_WILL

@@ -82,11 +82,16 @@ def rewrite_meta(body: bytes | memoryview, edit: Callable[[dict], object]) -> by
     return join_body(meta, tail)
 
 
+def task_body_at_minor_6(t: RoundTask) -> bytes:
+    """``t`` as a 1.6 coordinator encoded it: without the secure-aggregation key ``sec``."""
+    return rewrite_meta(codec.encode_body(t), lambda meta: meta.pop("sec"))
+
+
 def task_body_at_minor_5(t: RoundTask) -> bytes:
     """``t`` as a 1.5 coordinator encoded it: without the model keys ``margs``, ``kind``, ``pkg``, ``tdig``
     and the optimizer hyper-parameter."""
     def strip(meta: dict) -> None:
-        for key in ("margs", "kind", "pkg", "tdig", "tbin"):
+        for key in ("margs", "kind", "pkg", "tdig", "tbin", "sec"):
             meta.pop(key)
         meta["hp"].pop("optimizer", None)
 

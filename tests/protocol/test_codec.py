@@ -98,7 +98,7 @@ def test_missing_keys_and_non_maps_are_decode_errors():
 
 def test_a_newer_minor_version_may_add_fields():
     body = _body(**REG, future="ignored")
-    got = codec.decode_body(header(Kind.REGISTER, "dev-a", minor=7), body)
+    got = codec.decode_body(header(Kind.REGISTER, "dev-a", minor=MINOR + 1), body)
     assert got == Register("dev-a", 4, 2048, "none", 10, "1")
 
 
@@ -122,7 +122,7 @@ def test_a_task_names_the_update_encoding_and_its_base_and_a_minor_4_task_means_
     assert (got.update_values, got.error_feedback, got.base_round) == (ValueDtype.INT8, False, 2)
     old = decode_task_at(4, task_body_at_minor_4(t))
     assert (old.update_values, old.error_feedback, old.base_round) == (ValueDtype.FLOAT32, True, None)
-    with pytest.raises(DecodeError, match=r"missing keys \['base', 'ef', 'kind', 'margs', 'pkg', 'tbin', 'tdig', 'uv'\]"):
+    with pytest.raises(DecodeError, match=r"missing keys \['base', 'ef', 'kind', 'margs', 'pkg', 'sec', 'tbin', 'tdig', 'uv'\]"):
         decode_task_at(MINOR, task_body_at_minor_4(t))
     with pytest.raises(DecodeError, match="update values"):
         decode_task_at(MINOR, rewrite_meta(codec.encode_body(t), lambda meta: meta.__setitem__("uv", 7)))

@@ -12,7 +12,8 @@ the release and epsilon left that 1.4 added (and invalid ones, to the coordinato
 whose weights are the change since the previous round's (and tasks with a bad or missing key);
 ``group_1_6.json`` the same at 1.6, plus a task for a factory's regression model with arguments,
 package, tensor digests and AdamW (and tasks with a nested argument, an unknown task kind or
-optimizer, or no arguments key). A body of an older minor must decode to its
+optimizer, or no arguments key); ``group_1_7.json`` the same at 1.7, plus a task for a round under
+secure aggregation. A body of an older minor must decode to its
 stored summary less the fields removed since (``VESTIGES``) and with the fields added since at
 what its sender meant (``ADDITIONS``), and re-encode to its bytes with those keys at that value.
 ``valid.json`` and ``invalid.json`` are no longer generated: this build's encoder cannot write a
@@ -44,6 +45,7 @@ from fedprune.protocol.errors import ProtocolError
 from fedprune.protocol.hyperparams import HyperParams
 from fedprune.protocol.messages import KeyGrant, Kind, State, Status
 from fedprune.protocol.layout import ModelLayout, TensorSpec
+from fedprune.protocol.secure_setup import SecureSetup
 from fedprune.protocol.sparse import MaskStore, SparseParams, ValueDtype
 from tests.protocol.factories import rewrite_meta
 
@@ -66,7 +68,7 @@ ADDITIONS = ((Kind.STATUS, "rel", "release", 4, None, None), (Kind.STATUS, "eps"
                                                               "classification"),
              (Kind.TASK, "pkg", "model.package", 6, "", ""),
              (Kind.TASK, "tdig", "model.tensor_digests", 6, b"", hashlib.sha256(b"").hexdigest()),
-             (Kind.TASK, "tbin", "target_edges", 6, [], []))
+             (Kind.TASK, "tbin", "target_edges", 6, [], []), (Kind.TASK, "sec", "secure", 7, None, None))
 
 
 def _put(tree: dict, path: str, value) -> None:
@@ -265,8 +267,11 @@ def generate_group() -> None:  # pragma: no cover - run by hand after a delibera
         t, model=dataclasses.replace(t.model, args={"hidden": [32, 16], "dropout": 0.25, "act": "gelu", "bias": False},
                                      task="regression", package="mypkg 1.2.0", tensor_digests=f.LAYOUT.tensor_digests()),
         hyper=dataclasses.replace(t.hyper, optimizer="adamw"), target_edges=((-1.5, 0.0, 2.25), (10.0, 20.0, 40.0), (0.5, 0.75, 1.0)))
+    # 1.7: a round under secure aggregation
+    secure = dataclasses.replace(t, secure=SecureSetup(bytes.fromhex("0102030405060708"), 16, 4, 3))
     for i, (name, msg) in enumerate((("task", t), ("release", f.release()), ("key_grant", None), *statuses,
-                                     ("task_int8_change", quantised), ("task_own_model", own_model))):
+                                     ("task_int8_change", quantised), ("task_own_model", own_model),
+                                     ("task_secure", secure))):
         seq, sent_at = 1_900_000_000_000_000 + i, f.T0 + i
         if isinstance(msg, Status):
             h = Header(msg.KIND, Suite.SEALED_AES256_GCM, f.FED, msg.device, 5, seq, sent_at)

@@ -1,0 +1,35 @@
+"""What a RoundTask carries when its round runs under secure aggregation (docs/PRIVACY.md).
+
+The coordinator fixes these per opened round; ``session`` is fresh for every opening, so that a
+round the coordinator opens again (after a restart) never reuses a device's round keys: SecAgg
+is safe only if a device never reveals both its self-mask seed and its mask key of one session.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SESSION_LEN = 8
+MIN_BITS, MAX_BITS = 8, 32
+
+
+@dataclass(frozen=True)
+class SecureSetup:
+    """``bits``: the modulus 2**bits of the masked sums; ``degree``: neighbours per device in the
+    masking graph; ``threshold``: shares that reconstruct a device's secret."""
+
+    session: bytes
+    bits: int
+    degree: int
+    threshold: int
+
+    def __post_init__(self) -> None:
+        if type(self.session) is not bytes or len(self.session) != SESSION_LEN:
+            raise ValueError(f"session must be {SESSION_LEN} bytes")
+        for name, lo, hi in (("bits", MIN_BITS, MAX_BITS), ("degree", 1, 4096), ("threshold", 1, 4096)):
+            value = getattr(self, name)
+            if type(value) is not int or not lo <= value <= hi:
+                raise ValueError(f"secure {name}={value!r}: expected an int in {lo}..{hi}")
+        if self.threshold > self.degree + 1:
+            raise ValueError(f"secure threshold={self.threshold} exceeds degree + 1 = {self.degree + 1}: "
+                             "no device would hold enough shares")
