@@ -1,8 +1,12 @@
 # The two commands of the README. Each bootstraps itself on a fresh Debian machine.
-.PHONY: demo test test-fast test-arm64 bench clean
+.PHONY: demo demo-secure test test-fast test-arm64 bench clean
 
 demo:
 	@scripts/demo.sh
+
+# The same federation under secure aggregation: the coordinator learns only the weighted sum.
+demo-secure:
+	@scripts/demo.sh --secure
 
 test:
 	@scripts/test.sh

@@ -24,6 +24,7 @@ from fedprune.protocol.topics import is_valid_id
 ENV_PREFIX = "FEDPRUNE_COORDINATOR_"
 # Refused by `run` and `simulate` alike: a sub-mask per device needs a task per device, and the
 # task is one broadcast encrypted to the members (N tasks would multiply every device's downlink).
+SECURE_MIN_DEVICES = 3
 ADAPTIVE_DENSITY_REFUSED = ("[strategy] adaptive_density = true: per-device sub-masks need a task per device, "
                             "which the coordinator does not send (the task is one broadcast); set it to false")
 
@@ -178,6 +179,10 @@ class CoordinatorConfig:
             )
         if self.strategy.adaptive_density:
             raise ConfigError(ADAPTIVE_DENSITY_REFUSED)
+        if self.strategy.secure and min(self.rounds.min_devices, self.rounds.quorum) < SECURE_MIN_DEVICES:
+            raise ConfigError(f"[rounds] min_devices {self.rounds.min_devices} and quorum {self.rounds.quorum}: "
+                              f"[strategy] secure = true needs both >= {SECURE_MIN_DEVICES} (with fewer devices the sum "
+                              "would give away each device's update)")
         if self.strategy.rounds != self.rounds.total:
             object.__setattr__(self, "strategy", _with_rounds(self.strategy, self.rounds.total))
 

@@ -22,6 +22,7 @@ key members). The decisions are elsewhere (``core/``, ``releases``,
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import re
 import signal
@@ -42,6 +43,7 @@ from fedprune.coordinator.releases import (latest_release, make_release, release
                                            releases_on_disk)
 from fedprune.coordinator.fleet.registry_store import RegistryStore
 from fedprune.coordinator.core.rounds import Accepted, CloseRound, RetryRound, RoundMachine, RoundPolicy
+from fedprune.coordinator.core.secure_round import SecureCollection, SecureFailed, SecureSum
 from fedprune.coordinator.state import Checkpoint, StateDir, StateError, load_identity
 from fedprune.coordinator.core.strategy import ClientUpdate, RoundPlan, Strategy
 from fedprune.common.configkit import ConfigError
@@ -55,6 +57,9 @@ from fedprune.protocol.crypto import PublicIdentity
 from fedprune.protocol.errors import ProtocolError
 from fedprune.protocol.layout import ModelLayout
 from fedprune.protocol.messages import MISSING_BASE, ModelRef, ModelRelease, Register, RoundTask, State, Status, Update
+from fedprune.protocol.secagg import SecAggError, SecureParams
+from fedprune.protocol.secure_messages import SecureKeys, SecureMasked, SecureReveal, SecureShares
+from fedprune.protocol.secure_setup import SecureSetup
 from fedprune.protocol.sparse import SparseParams
 
 log = logging.getLogger("fedprune.coordinator")
@@ -66,7 +71,7 @@ VIEW_REFRESH_S = 1.0  # how often the operator's view (status page, /status.json
 # INFO events the status page lists beside every WARNING and ERROR.
 UNFIT_REASONS = (DATA_MISMATCH, LAYOUT_MISMATCH)  # final for this model: out of selection until registered again
 FEED_EVENTS = frozenset({"round_closed", "update_gated", "release_published", "device_enrolled", "device_readmitted",
-                         "device_offline", "declined", "rounds_resumed", "resumed", "start"})
+                         "device_offline", "declined", "rounds_resumed", "resumed", "start", "secure_round_failed"})
 
 
 TARGET_BINS = 8  # regression group losses: octiles of the held-out targets (docs/ALGORITHM_NOTES.md §11)
@@ -166,6 +171,7 @@ class CoordinatorDaemon:
         self._round_update_bytes: dict[str, int] = {}  # device -> size of its accepted update, this round
         self._quorum_seen = False
         self._next_view = 0.0
+        self._secure: tuple[SecureCollection, CloseRound[SecureKeys], Any] | None = None  # stages 2-4 of the round
 
     # ---- state ----------------------------------------------------------------------------------
     @property
@@ -267,6 +273,11 @@ class CoordinatorDaemon:
         self.link = link
         self._note(logging.INFO, "start", federation=self.config.federation.id, completed_rounds=self.completed,
                    total_rounds=self.config.rounds.total, broker=self.config.broker.url)
+        unavailable = self.config.strategy.unavailable_defences
+        if unavailable:
+            self._note(logging.WARNING, "defences_off", reason="secure_aggregation", defences=list(unavailable),
+                       detail="they need each device's update, which a secure round hides; devices clip their own "
+                              "values to the round's range (docs/ROBUSTNESS.md)")
         self._follow_members(self.clock())  # a fresh key every start: the retained release goes out under it
         self._publish_view(self.clock())
 
@@ -321,7 +332,10 @@ class CoordinatorDaemon:
                 self._note(logging.INFO, "device_offline", device=message.device, reason=message.reason)
             if message.state is State.DECLINED:
                 self._on_declined(message, now)
-        elif isinstance(message, Update):
+        elif isinstance(message, (SecureShares, SecureMasked, SecureReveal)):
+            self.registry.seen(message.device, now)
+            self._offer_secure_stage(message)
+        elif isinstance(message, (Update, SecureKeys)):
             self.registry.seen(message.device, now)
             if self.rounds.open_round is None and message.round == self.state.round:
                 self.early_updates[message.device] = message
@@ -370,7 +384,31 @@ class CoordinatorDaemon:
         return {**here, "fix": "install the same version of the model's package on the device as here "
                                f"({self.model_ref.package or 'not an installed package'})"}
 
-    def _offer_update(self, update: Update, now: float) -> None:
+    def _offer_secure_stage(self, message: SecureShares | SecureMasked | SecureReveal) -> None:
+        size = self._upload_bytes.pop(message.device, 0)
+        collection = self._secure[0] if self._secure is not None else None
+        if collection is None or message.round != collection.round:
+            reason = "no_secure_stage"
+        else:
+            reason = collection.on_message(message)
+        if reason:
+            self.metrics.inc("updates_rejected_total", reason=reason)
+            self._note(logging.WARNING, "secure_stage_rejected", device=message.device, round=message.round,
+                       stage=type(message).__name__, reason=reason)
+            return
+        self._round_update_bytes[message.device] = self._round_update_bytes.get(message.device, 0) + size
+        emit(log, logging.DEBUG, "secure_stage_accepted", device=message.device, round=message.round,
+             stage=type(message).__name__, bytes=size)
+
+    def _offer_update(self, update: Update | SecureKeys, now: float) -> None:
+        if isinstance(update, SecureKeys) != (self.config.strategy.secure and self.rounds.open_round is not None):
+            self.metrics.inc("updates_rejected_total", reason="wrong_mode")
+            self._note(logging.WARNING, "update_rejected", device=update.device, round=update.round, reason="wrong_mode",
+                       detail="secure rounds take SecureKeys, plain rounds Update")
+            return
+        if isinstance(update, SecureKeys) and update.session != self._task.secure.session:
+            self.metrics.inc("updates_rejected_total", reason="wrong_session")
+            return
         verdict = self.rounds.on_update(update.device, update.round, update, now)
         size = self._upload_bytes.pop(update.device, 0)
         if isinstance(verdict, Accepted):
@@ -410,6 +448,9 @@ class CoordinatorDaemon:
             return
         if now >= self._next_members_check:
             self._follow_members(now)
+        if self._secure is not None:
+            self._advance_secure(now)
+            return
         if self.rounds.open_round is None:
             self._maybe_start_round(now)
             return
@@ -470,12 +511,15 @@ class CoordinatorDaemon:
         include_masks = any(self.holders.get(d) != self.state.mask_version for d in self.plan.selected)
         masters = SparseParams.from_dense(self.layout, self.state.params, self.state.masks)
         self.downlink.open(self.plan.round, masters, self.state.params)
+        secure, hyper = self._secure_setup(self.plan.selected), self.plan.hyper
+        if secure is not None:  # devices train inside the global mask; the coordinator readjusts it
+            hyper = replace(hyper, readjust=False, prune_fraction=0.0)
         self._task = RoundTask(  # its weights are the masters; each publication takes the downlink's
             federation=self.config.federation.id, round=self.plan.round, mask_version=self.state.mask_version,
             model=self.model_ref, weights=masters,
-            hyper=self.plan.hyper, deadline=deadline, selected=self.plan.selected, include_masks=include_masks,
+            hyper=hyper, deadline=deadline, selected=self.plan.selected, include_masks=include_masks,
             update_values=VALUE_ENCODINGS[self.config.strategy.update_values],
-            error_feedback=self.config.strategy.error_feedback, target_edges=self.target_edges,
+            error_feedback=self.config.strategy.error_feedback, target_edges=self.target_edges, secure=secure,
         )
         self.rounds.open(self.plan.round, self.plan.selected, now)
         self._round_update_bytes, self._quorum_seen = {}, False
@@ -487,6 +531,14 @@ class CoordinatorDaemon:
         emit(log, logging.INFO, "round_open", round=self.plan.round, selected=len(self.plan.selected),
              readjust=self.plan.readjust, p_t=round(self.plan.p_t, 3), deadline_s=self.config.rounds.deadline_s)
         self._publish_task(self._task, now)
+
+    def _secure_setup(self, selected: tuple[str, ...]) -> SecureSetup | None:
+        """A fresh session per opening: a round opened again after a restart never reuses keys."""
+        cfg = self.config.strategy
+        if not cfg.secure:
+            return None
+        params = SecureParams.for_devices(max(len(selected), 3), cfg.secure_bits, cfg.secure_degree or None)
+        return SecureSetup(os.urandom(8), params.bits, params.degree, params.threshold)
 
     def _announce_to_late_joiner(self, device: str) -> None:
         if self.rounds.open_round is not None and device in self.rounds.missing:
@@ -506,10 +558,68 @@ class CoordinatorDaemon:
         except MqttError as exc:
             self._note(logging.WARNING, "task_not_published", round=task.round, error=str(exc))
 
-    def _close_round(self, closed: CloseRound[Update], now: float) -> None:
-        plan = self.plan
+    def _close_round(self, closed: CloseRound[Update] | CloseRound[SecureKeys], now: float) -> None:
+        if self.config.strategy.secure and closed.updates:
+            self._start_secure(closed, now)
+            return
         updates = [ClientUpdate.from_update(u) for u in closed.updates.values()]
-        result = self.strategy.finish_round(self.state, plan, updates) if updates else None
+        result = self.strategy.finish_round(self.state, self.plan, updates) if updates else None
+        self._record_round(closed, result, now)
+
+    def _start_secure(self, closed: CloseRound[SecureKeys], now: float) -> None:
+        """Stage 1 closed: weigh the reporting devices, then relay their keys (stages 2-4 follow in ``tick``)."""
+        reports = closed.updates
+        weighting = self.strategy.secure_weights(self.state, {d: (r.n_examples, r.class_losses) for d, r in reports.items()})
+        try:
+            collection = SecureCollection(
+                federation=self.config.federation.id, round_number=closed.round, setup=self._task.secure,
+                layout=self.layout, masks=self.state.masks, reports=reports,
+                weights=dict(zip(weighting.ids, weighting.weights.tolist())), stage_s=self.config.rounds.deadline_s, now=now)
+        except SecAggError as exc:
+            self._secure_failed(closed, exc.reason, str(exc), now)
+            return
+        self._secure = (collection, closed, weighting)
+        emit(log, logging.INFO, "secure_stage", round=closed.round, stage="shares", devices=len(collection.expected),
+             degree=self._task.secure.degree, threshold=self._task.secure.threshold)
+        self._publish_secure(collection.neighbours(), now)
+
+    def _advance_secure(self, now: float) -> None:
+        collection, closed, weighting = self._secure
+        outcome = collection.tick(now)
+        if outcome is None:
+            return
+        if isinstance(outcome, list):
+            emit(log, logging.INFO, "secure_stage", round=closed.round, stage=collection.stage, devices=len(outcome))
+            self._publish_secure(outcome, now)
+            return
+        self._secure = None
+        if isinstance(outcome, SecureFailed):
+            self._secure_failed(closed, outcome.reason, outcome.detail, now)
+            return
+        result = self.strategy.finish_secure_round(self.state, self.plan, weighting, outcome.mean_delta,
+                                                   outcome.buffer_delta, outcome.survivors, self.rng)
+        self._record_round(closed, result, now, secure={"survivors": len(outcome.survivors),
+                                                        "dropped": list(outcome.dropped)})
+
+    def _secure_failed(self, closed: CloseRound[SecureKeys], reason: str, detail: str, now: float) -> None:
+        """The round ends without a sum: the model stays, the round counts (devices move on)."""
+        self._secure = None
+        self.metrics.inc("secure_rounds_failed_total", reason=reason)
+        self._note(logging.WARNING, "secure_round_failed", round=closed.round, reason=reason, detail=detail)
+        self._record_round(closed, None, now, secure={"failed": reason})
+
+    def _publish_secure(self, messages: list, now: float) -> None:
+        try:
+            for message in messages:
+                for publication in self.channel.send(message, now):
+                    self.link.publish(publication.topic, publication.payload, qos=1)
+                    self.metrics.inc("bytes_out_total", len(publication.payload))
+        except MqttError as exc:
+            self._note(logging.WARNING, "secure_stage_not_published", error=str(exc))
+
+    def _record_round(self, closed: CloseRound, result: Any, now: float, secure: dict[str, Any] | None = None) -> None:
+        """Evaluate, checkpoint and count a closed round, plain or secure (``result`` None: no aggregate)."""
+        plan = self.plan
         if result is not None:
             for device in closed.updates:
                 self.holders[device] = self.state.mask_version
@@ -533,6 +643,8 @@ class CoordinatorDaemon:
                     self._note(logging.INFO, "update_gated", device=device, round=closed.round, reason=score.gated_by)
             entry.update(n_valid=result.n_valid, rejected=result.rejected, mask_churn=result.mask_churn,
                          scores={d: asdict(s) for d, s in result.scores.items()})
+        if secure is not None:
+            entry["secure"] = secure
         entry["local_macs"] = int(sum(u.metrics.get("macs", 0.0) for u in closed.updates.values()))
         entry["update_bytes"] = {d: self._round_update_bytes.get(d, 0) for d in sorted(closed.updates)}
         every = self.config.evaluation.every_rounds
@@ -641,6 +753,8 @@ class CoordinatorDaemon:
             return "committing"
         if self._lost_since is not None:
             return "paused"
+        if self._secure is not None:
+            return "secure_aggregation"
         return "waiting_for_devices" if self.rounds.open_round is None else "training"
 
     def _selected(self) -> int:

@@ -53,7 +53,7 @@ class DeviceRow:
 @dataclass(frozen=True)
 class LiveRound:
     round: int
-    phase: str  # waiting_for_devices, training, committing, paused, finished
+    phase: str  # waiting_for_devices, training, secure_aggregation, committing, paused, finished
     deadline: float | None
     quorum: int
     selected: int

@@ -31,7 +31,8 @@ import numpy as np
 
 from fedprune.edge_agent import sysfs, worker
 from fedprune.edge_agent.core.agent import (
-    AgentCore, Decline, Ignore, KeepResidual, Phase, PrivacyStep, ReportStatus, Resend, Tamper, Train, Upload,
+    AgentCore, Decline, Ignore, KeepResidual, Phase, PrivacyStep, ReportStatus, Resend, SendSecure, Tamper, Train,
+    Upload,
 )
 from fedprune.edge_agent.audit import AuditLog, DeclineLog
 from fedprune.edge_agent.feedback_store import ResidualStore
@@ -57,6 +58,7 @@ from fedprune.edge_agent.release_store import ReleaseRejected, ReleaseStore
 from fedprune.protocol.messages import (
     MISSING_BASE, KeyGrant, ModelRef, ModelRelease, Register, RoundTask, State, Status,
 )
+from fedprune.protocol.secure_messages import SECURE_DOWNLINKS
 
 log = logging.getLogger("fedprune.agent")
 
@@ -373,6 +375,9 @@ class AgentDaemon:
             self._on_release(message)
         elif isinstance(message, KeyGrant):
             self._on_key(message, now)
+        elif isinstance(message, SECURE_DOWNLINKS):
+            for action in self.core.on_secure(message):
+                self._carry_out(action, None)
 
     def _rejected(self, exc: ProtocolError, topic: str) -> None:
         """Logged (an unknown key once per key: it is met by every task until a grant) and turned
@@ -488,8 +493,16 @@ class AgentDaemon:
                  available_memory_mb=readings.available_memory_mb)
         return reason
 
-    def _carry_out(self, action: object, task: RoundTask) -> None:
-        if isinstance(action, ReportStatus):
+    def _carry_out(self, action: object, task: RoundTask | None) -> None:
+        if isinstance(action, SendSecure):
+            stage = type(action.message).__name__
+            emit(log, logging.INFO, "secure_stage", round=action.message.round, stage=stage)
+            try:
+                self._publish(self.channel.send(action.message, self.clock()), "secure", action.message.round)
+            except (MqttError, OSError) as exc:  # this device drops out of the round; SecAgg+ recovers its masks
+                emit(log, _send_failure_level(exc), "secure_stage_not_sent", round=action.message.round, stage=stage,
+                     error=exc)
+        elif isinstance(action, ReportStatus):
             self._round = action.round
             self._publish_status(_PHASE_STATE[action.phase], "round")
         elif isinstance(action, Train):

@@ -112,11 +112,13 @@ class SecureKeys(_Stage):
 
 @dataclass(frozen=True, kw_only=True)
 class SecureNeighbours(_Stage):
-    """Stage 2 (coordinator): the device's neighbours' (share key, mask key), its weight and the
-    scale that turns a weighted update value into field units."""
+    """Stage 2 (coordinator): the device's neighbours' (share key, mask key), its weight, the range
+    R every device clips its update values to, and the scale that turns a weighted value into
+    field units."""
 
     KIND: ClassVar[Kind] = Kind.SECURE_NEIGHBOURS
     weight: float
+    value_range: float
     scale: float
     keys: dict[str, tuple[bytes, bytes]]
 
@@ -125,9 +127,10 @@ class SecureNeighbours(_Stage):
         object.__setattr__(self, "weight", _number(self.weight, "weight"))
         if self.weight > 1.0:
             raise ValueError(f"weight={self.weight}: weights of a round sum to 1")
-        object.__setattr__(self, "scale", _number(self.scale, "scale"))
-        if not self.scale > 0:
-            raise ValueError("scale must be positive")
+        for name in ("value_range", "scale"):
+            object.__setattr__(self, name, _number(getattr(self, name), name))
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive")
         keys = self.keys
         if not isinstance(keys, dict) or len(keys) > MAX_PEERS:
             raise ValueError(f"keys must be a dict of at most {MAX_PEERS} device -> (key, key)")

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from fedprune.protocol.secagg.params import SecureParams
+
 SESSION_LEN = 8
 MIN_BITS, MAX_BITS = 8, 32
 
@@ -30,6 +32,13 @@ class SecureSetup:
             value = getattr(self, name)
             if type(value) is not int or not lo <= value <= hi:
                 raise ValueError(f"secure {name}={value!r}: expected an int in {lo}..{hi}")
-        if self.threshold > self.degree + 1:
-            raise ValueError(f"secure threshold={self.threshold} exceeds degree + 1 = {self.degree + 1}: "
-                             "no device would hold enough shares")
+        self.params  # the graph and threshold rules (a SecAggError is a ValueError)
+
+    def context(self, federation: str, round_number: int) -> bytes:
+        """What every key, share and mask of the round is bound to: no other federation, round or
+        opening of this round can reuse them."""
+        return b"|".join((b"fedprune-secagg-1", federation.encode(), str(round_number).encode(), self.session))
+
+    @property
+    def params(self) -> SecureParams:
+        return SecureParams(degree=self.degree, threshold=self.threshold, bits=self.bits)

@@ -135,6 +135,10 @@ class StrategyConfig:
     update_values: str = _setting("int8", "how devices send update values: float32, float16, or int8 (one scale per tensor)", _choice(VALUE_ENCODINGS))
     error_feedback: bool = _setting(True, "devices keep what rounding their update values left off and add it to their next update", FLAG)
     task_values: str = _setting("int8_delta", "how tasks carry the global values: float32, float16, or int8_delta (the change since the last task, to devices that hold it); the coordinator keeps float32", _choice(TASK_VALUES))
+    # secure aggregation (docs/PRIVACY.md): the coordinator learns only the weighted sum
+    secure: bool = _setting(False, "secure aggregation (SecAgg+): devices mask their weighted updates and the coordinator learns only the sum", FLAG)
+    secure_bits: int = _setting(16, "secure: bits of the fixed-point sums (modulus 2**bits), 8..32", _span(8, 32))
+    secure_degree: int = _setting(0, "secure: neighbours per device in the masking graph, even; 0: 2·ceil(log2 n)", _int_from(0))
     # contribution-adaptive density (§6)
     adaptive_density: bool = _setting(False, "give low-quality devices nested sub-masks (kept fraction rho); refused by run and simulate until tasks per device exist (docs/DESIGN.md)", FLAG)
     adaptive_beta: float = _setting(1.0, "adaptive_density: slope β of rho = tanh(β z)", POSITIVE)
@@ -160,6 +164,29 @@ class StrategyConfig:
             raise self._bad("rel_full", f"a number below rel_zero ({self.rel_zero!r})")
         if self.centered_clip > 0 and self.step != "plain":
             raise self._bad("centered_clip", "0 unless step = 'plain' (the centre is built from the plain updates)")
+        if self.secure:
+            self._check_secure()
+
+    def _check_secure(self) -> None:
+        """What needs each device's update cannot run when the coordinator sees only the sum."""
+        if type(self.secure_bits) is not int:
+            raise self._bad("secure_bits", "an int in 8..32")
+        if self.secure_degree % 2:
+            raise self._bad("secure_degree", "an even number (each device links to degree/2 on either side), or 0")
+        needs_updates = {"method": self.method in ("median", "trimmed_mean", "krum"), "step": self.step != "plain",
+                         "centered_clip": self.centered_clip > 0, "direction_gate": self.direction_gate != "off"}
+        for key, refused in needs_updates.items():
+            if refused:
+                raise ValueError(f"[strategy] {key} {getattr(self, key)!r} needs each device's update, which "
+                                 "secure = true hides from the coordinator; use method fedprune, fedavg or feddst with "
+                                 "step 'plain', centered_clip 0 and direction_gate 'off', or set secure = false")
+
+    @property
+    def unavailable_defences(self) -> tuple[str, ...]:
+        """The defences a secure round cannot run, of those this configuration turns on."""
+        if not (self.secure and METHODS[self.method].defended):
+            return ()
+        return tuple(k for k in ("norm_clip", "sybil_cos", "chance_gate") if getattr(self, k) > 0)
 
     def _bad(self, key: str, expected: str) -> ValueError:
         return ValueError(f"[strategy] {key} {getattr(self, key)!r}: expected {expected}")

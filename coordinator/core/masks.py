@@ -184,6 +184,29 @@ def merge_and_reprune(
     return new, (changed / total if total else 0.0)
 
 
+def prune_and_regrow(
+    values: Mapping[str, np.ndarray], prev_masks: Mapping[str, np.ndarray], p_t: float, rng: np.random.Generator
+) -> tuple[Masks, float]:
+    """The secure round's readjust: per layer drop the ⌊p_t·k_l⌋ held positions of smallest |θ| and
+    grow as many at random among the positions held by neither mask (SET, Mocanu et al. 2018);
+    k_l stays. Returns (masks, churn), churn as in ``merge_and_reprune``."""
+    new: Masks = {}
+    changed = total = 0
+    for name, prev in prev_masks.items():
+        old = prev.ravel()
+        held = np.flatnonzero(old)
+        n = min(int(math.floor(p_t * held.size)), int(old.size - held.size))
+        flat = old.copy()
+        if n > 0:
+            mag = np.abs(values[name].astype(np.float64).ravel()[held])
+            flat[held[np.argsort(mag, kind="stable")[:n]]] = False
+            flat[rng.choice(np.flatnonzero(~old), size=n, replace=False)] = True
+        new[name] = flat.reshape(prev.shape)
+        changed += n
+        total += held.size
+    return new, (changed / total if total else 0.0)
+
+
 def nested_submask(
     params: Mapping[str, np.ndarray], masks: Mapping[str, np.ndarray], keep_fraction: float
 ) -> Masks:

@@ -84,7 +84,7 @@ class ClientScore:
     w: float
     quality_x: float | None  # this round's quality observation x_n; None: no signal
     loss_ratio: float | None
-    update_norm: float
+    update_norm: float | None  # None in a secure round: the coordinator never sees one update
     clip_factor: float = 1.0
     gated_by: str = ""  # "sybil", "chance" or "direction" when this round left the update out
 
@@ -97,3 +97,16 @@ class RoundResult:
     n_valid: int
     rejected: dict[str, str]  # client_id -> reason
     aggregated: bool
+
+
+@dataclass(frozen=True)
+class SecureWeighting:
+    """A secure round's weights, fixed before any device masks: one per reporting device (``ids``
+    order), with the quality state and sizes they came from."""
+
+    ids: tuple[str, ...]
+    weights: np.ndarray
+    quality: dict[str, float]
+    sizes: dict[str, int]
+    quality_x: tuple[float, ...] | None
+    ratios: tuple[float | None, ...]

@@ -36,7 +36,7 @@ import fedprune.coordinator.core.masks as masks_mod
 from fedprune.coordinator.core.config import StrategyConfig
 from fedprune.coordinator.core.methods import METHODS, QUALITY_SIGNALS, STEPS
 from fedprune.coordinator.core.records import (ClientScore, ClientUpdate, GlobalState, Masks, Params, RoundPlan,
-                                               RoundResult)
+                                               RoundResult, SecureWeighting)
 from fedprune.protocol.layout import ModelLayout
 
 __all__ = ["ClientScore", "ClientUpdate", "GlobalState", "Masks", "Params", "RoundPlan", "RoundResult", "Strategy",
@@ -218,15 +218,21 @@ class Strategy:
             ref = np.array([state.importance.get(u.client_id, 0.0) for u in valid])
             sigma = s_v if ref.sum() <= contribution.EPS else ref / ref.sum()
         psi = contribution.loo_cosine(g, sigma) if cfg.leave_one_out else contribution.self_cosine(g, sigma)
+        x_obs, ratios = self._quality_observation([u.class_losses for u in valid])
+        return psi, x_obs, ratios
+
+    def _quality_observation(self, reports: Sequence[Mapping[int, tuple[float, int]]]
+                             ) -> tuple[np.ndarray | None, list[float | None]]:
+        """The round's quality observation x (None: no signal) and the clients' loss ratios."""
+        cfg = self.config
         signal = QUALITY_SIGNALS[cfg.quality] if self.method.quality_weights else None
         if signal is None:
-            return psi, None, ratios
-        reports = [u.class_losses for u in valid]
+            return None, [None] * len(reports)
         medians = contribution.class_medians(reports)
         totals = contribution.class_totals(reports) if cfg.loss_max_share < 1.0 else None
-        ratios = [contribution.loss_ratio(u.class_losses, medians, cfg.loss_weighted, cfg.loss_offset,
-                                          cfg.loss_reduce, totals, cfg.loss_max_share) for u in valid]
-        return psi, signal(ratios, cfg), ratios
+        ratios = [contribution.loss_ratio(r, medians, cfg.loss_weighted, cfg.loss_offset,
+                                          cfg.loss_reduce, totals, cfg.loss_max_share) for r in reports]
+        return signal(ratios, cfg), ratios
 
     def _weights(self, ids: Sequence[str], s_v: np.ndarray, quality: Mapping[str, float]) -> np.ndarray:
         """w ∝ s·q for a quality-weighted method (data shares s if Σ s·q ≈ 0), else w = s."""
@@ -280,3 +286,64 @@ class Strategy:
             version += 1
         new_params = masks_mod.apply_masks(new_params, new_masks)
         return new_params, new_masks, churn, version
+
+    # ---- secure rounds (docs/PRIVACY.md) ------------------------------------------------------
+    def secure_weights(self, state: GlobalState, reports: Mapping[str, tuple[int, Mapping[int, tuple[float, int]]]]
+                       ) -> SecureWeighting:
+        """w ∝ s·q from what the devices report before they mask (examples, per-class losses of
+        the received model): the same quality signal as a plain round, without ψ (it needs the
+        updates). Every device that reported is weighted; its weight goes out in its stage-2 message."""
+        cfg = self.config
+        ids = sorted(reports)
+        sizes, quality = dict(state.data_sizes), dict(state.quality)
+        for c in ids:
+            quality.setdefault(c, contribution.neutral_quality(state.quality))
+            sizes[c] = int(reports[c][0])
+        s_v = np.array([max(sizes[c], 0) for c in ids], dtype=np.float64)
+        s_v = s_v / s_v.sum() if s_v.sum() > 0 else np.full(len(ids), 1.0 / len(ids))
+        x_obs, ratios = self._quality_observation([reports[c][1] for c in ids]) if len(ids) > 1 else (None, [None] * len(ids))
+        if x_obs is not None and state.round > cfg.warmup_rounds:
+            for c, x in zip(ids, x_obs):
+                quality[c] = contribution.update_quality(quality[c], float(x), cfg.gamma, cfg.q_min)
+        w = self._weights(ids, s_v, quality)
+        return SecureWeighting(ids=tuple(ids), weights=w, quality=quality, sizes=sizes,
+                               quality_x=None if x_obs is None else tuple(float(x) for x in x_obs), ratios=tuple(ratios))
+
+    def finish_secure_round(self, state: GlobalState, plan: RoundPlan, weighting: SecureWeighting,
+                            mean_delta: Params, buffer_delta: Params, survivors: Sequence[str],
+                            rng: np.random.Generator) -> RoundResult:
+        """θ += η_g · (the weighted mean of the survivors' updates, all the coordinator learns);
+        on a readjust round the coordinator re-prunes from that aggregate and regrows at random
+        (SET, Mocanu et al. 2018): no device's own regrowth votes leave it (docs/ALGORITHM_NOTES.md §12)."""
+        cfg = self.config
+        new_params: Params = {}
+        for spec in state.layout:
+            base = state.params[spec.name]
+            if spec.trainable:
+                new_params[spec.name] = (base.astype(np.float64) + cfg.server_lr * mean_delta[spec.name]).astype(np.float32)
+            elif spec.name in buffer_delta:
+                new_params[spec.name] = (base.astype(np.float64) + buffer_delta[spec.name]).astype(base.dtype)
+            else:
+                new_params[spec.name] = base.copy()
+        new_masks, churn, version = state.masks, 0.0, state.mask_version
+        if plan.readjust and state.masks:
+            new_masks, churn = masks_mod.prune_and_regrow(new_params, state.masks, plan.p_t, rng)
+            version += 1
+        new_params = masks_mod.apply_masks(new_params, new_masks)
+        ids = list(weighting.ids)
+        if not all(np.all(np.isfinite(v)) for v in new_params.values()):
+            return RoundResult(state=replace(state, round=state.round + 1), scores={}, mask_churn=0.0, n_valid=0,
+                               rejected={c: "non_finite_aggregate" for c in survivors}, aggregated=False)
+        r = contribution.importance(weighting.quality, weighting.sizes)
+        summed = set(survivors)
+        scores = {
+            c: ClientScore(psi=None, q=weighting.quality[c], r=r.get(c, 0.0), w=float(weighting.weights[i]),
+                           quality_x=None if weighting.quality_x is None else weighting.quality_x[i],
+                           loss_ratio=weighting.ratios[i], update_norm=None,
+                           gated_by="" if c in summed else "dropped")
+            for i, c in enumerate(ids)
+        }
+        new_state = replace(state, round=state.round + 1, params=new_params, masks=new_masks, mask_version=version,
+                            quality=weighting.quality, data_sizes=weighting.sizes, importance=r)
+        return RoundResult(state=new_state, scores=scores, mask_churn=churn, n_valid=len(summed),
+                           rejected={}, aggregated=True)

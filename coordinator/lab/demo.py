@@ -4,7 +4,9 @@ An embedded MQTT broker, a coordinator daemon and eight agent processes (each it
 process with its own keys and its own slice of scikit-learn's digits, Dirichlet label skew,
 two devices with 80 % noisy labels) run the rounds over MQTT exactly as a deployment would.
 Then it prints per-round accuracy, bytes and each device's importance score, and writes a plot.
-Everything lands in ``demo-output/`` (the README's ``make demo`` runs this).
+Everything lands in ``demo-output/`` (the README's ``make demo`` runs this). ``--secure`` (``make
+demo-secure``) runs the same federation under secure aggregation: the coordinator learns only
+the weighted sum of the updates, and still finds the noisy devices from their loss reports.
 """
 
 from __future__ import annotations
@@ -92,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=600.0)
+    parser.add_argument("--secure", action="store_true", help="secure aggregation (SecAgg+): the coordinator sees only the sum")
     args = parser.parse_args(argv)
     out = args.out.resolve()
     if out.exists():
@@ -100,11 +103,12 @@ def main(argv: list[str] | None = None) -> int:
     names = tuple(f"pi-{i + 1}" for i in range(args.devices))
     noisy = tuple(sorted(np.random.default_rng(args.seed).choice(names, size=args.noisy, replace=False)))
     print(f"fedprune demo: {args.devices} devices ({', '.join(noisy)} with 80 % noisy labels), "
-          f"{args.rounds} rounds, in {out}")
+          f"{args.rounds} rounds{', secure aggregation' if args.secure else ''}, in {out}")
     federation = LocalFederation(
         root=out, broker=BrokerAccess(url=f"mqtt://127.0.0.1:{free_port()}", embedded=True),
         devices=names, rounds=args.rounds, noisy=noisy, seed=args.seed,
-        settings={"federation": {"model": "mlp"}, "rounds": {"quorum": args.devices - 2, "deadline_s": 30.0}},
+        settings={"federation": {"model": "mlp"}, "rounds": {"quorum": args.devices - 2, "deadline_s": 30.0},
+                  **({"strategy": {"secure": True}} if args.secure else {})},
     )
     federation.prepare()
     try:
@@ -120,6 +124,10 @@ def main(argv: list[str] | None = None) -> int:
               f"see {out / 'logs'}", file=sys.stderr)
         return 1
     report(history, list(noisy), out)
+    if args.secure:
+        summed = [h["secure"].get("survivors", 0) for h in history if "secure" in h]
+        print(f"\nsecure aggregation: every round the coordinator unmasked only the weighted sum of "
+              f"{min(summed)}-{max(summed)} devices' updates; no update left a device unmasked")
     release = sorted((out / "state" / "releases").glob("model-v*.onnx"))[-1]
     print(f"\nfinal model released to every device: {release} ({release.stat().st_size:,} bytes, compact ONNX)")
     print("on-device inference (onnxruntime) on the held-out test set:")

@@ -23,7 +23,7 @@ import numpy as np
 
 from fedprune.common.configkit import ConfigError
 from fedprune.coordinator.lab.datasets import Dataset
-from fedprune.coordinator.config import CoordinatorConfig, load_config
+from fedprune.coordinator.config import SECURE_MIN_DEVICES, CoordinatorConfig, load_config
 from fedprune.coordinator.daemon import CoordinatorDaemon
 from fedprune.coordinator.fleet import enrollment
 from fedprune.coordinator.lab.hostile import Coalition, Hostile
@@ -187,10 +187,11 @@ class SimulatedFederation:
 def _coordinator_config(root: Path, sim: Any, dataset: Dataset) -> CoordinatorConfig:
     """What an operator would write for this federation; the clock is virtual, so waits are long."""
     rounds = sim.strategy.rounds
+    least = SECURE_MIN_DEVICES if sim.strategy.secure else 1  # a secure sum of fewer would give updates away
     settings: dict[str, dict[str, Any]] = {
         "federation": {"model": sim.model, "model_args": dict(sim.model_args), "task": sim.task,
                        "input_shape": tuple(dataset.input_shape), "num_classes": dataset.num_classes, "seed": sim.seed},
-        "rounds": {"total": rounds, "min_devices": 1, "quorum": 1, "deadline_s": 3600.0, "reannounce_s": 600.0,
+        "rounds": {"total": rounds, "min_devices": least, "quorum": least, "deadline_s": 3600.0, "reannounce_s": 600.0,
                    "on_missed_quorum": "close", "heartbeat_timeout_s": 86_400.0},
         "metrics": {"port": -1},
         "evaluation": {"data": str(root / "data" / "evaluation.npz"), "every_rounds": sim.eval_every},

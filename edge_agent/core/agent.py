@@ -28,8 +28,11 @@ import numpy as np
 
 from fedprune.edge_agent.core.feedback import quantise_update
 from fedprune.edge_agent.core.privacy import privatize
+from fedprune.edge_agent.core.secure import SecureAnswer, SecureDownlink, SecureParticipant
 from fedprune.protocol.hyperparams import HyperParams
 from fedprune.protocol.messages import RoundTask, Update
+from fedprune.protocol.secagg import SecAggError
+from fedprune.protocol.secure_messages import SecureKeys
 from fedprune.protocol.sparse import SparseParams
 
 Params = dict[str, np.ndarray]
@@ -82,10 +85,18 @@ class Train:
 
 @dataclass(frozen=True)
 class Upload:
-    """Send ``update``; with DP on, the daemon charges the privacy ledger first (``norm_before_clip``)."""
+    """Send ``update`` (a secure round's first stage: ``SecureKeys``); with DP on, the daemon
+    charges the privacy ledger first (``norm_before_clip``)."""
 
-    update: Update
+    update: Update | SecureKeys
     norm_before_clip: float | None = None
+
+
+@dataclass(frozen=True)
+class SendSecure:
+    """Send the answer to a secure round's stage (``edge_agent/core/secure.py``)."""
+
+    message: SecureAnswer
 
 
 @dataclass(frozen=True)
@@ -118,7 +129,7 @@ class ReportStatus:
     round: int
 
 
-Action = Train | Upload | KeepResidual | Resend | Ignore | Decline | ReportStatus
+Action = Train | Upload | SendSecure | KeepResidual | Resend | Ignore | Decline | ReportStatus
 
 
 @dataclass(frozen=True)
@@ -129,12 +140,14 @@ class _Sent:
     mask_version: int
     at: float
     holdoff: float
+    session: bytes | None  # a secure round's: a new session for the same round is a new opening
 
 
 class AgentCore:
     def __init__(self, device_id: str, resend_holdoff_s: float = RESEND_HOLDOFF_S, *,
                  privacy: PrivacyStep | None = None, report_class_losses: bool = True,
-                 tamper: Tamper | None = None, residual: Params | None = None) -> None:
+                 tamper: Tamper | None = None, residual: Params | None = None,
+                 rng: np.random.Generator | None = None) -> None:
         self.device_id = device_id
         self.resend_holdoff_s = resend_holdoff_s
         self.privacy = privacy
@@ -146,6 +159,8 @@ class AgentCore:
         self.failed_round: int | None = None
         self.residual = residual  # error feedback: what quantising earlier updates left behind
         self._next_residual: Params | None = None  # this upload's, kept once the broker has it
+        self.secure: SecureParticipant | None = None  # the secure round after training, until it ends
+        self.rng = rng if rng is not None else np.random.default_rng()  # stochastic rounding to the field
 
     def on_task(self, task: RoundTask, now: float, decline_reason: str | None = None,
                 received_at: float | None = None) -> list[Action]:
@@ -154,7 +169,9 @@ class AgentCore:
         if self.device_id not in task.selected:
             return [Ignore(task.round, "not_selected")]
         if self.uploaded is not None and task.round == self.uploaded.round:
-            return self._repeated(task, now, now if received_at is None else received_at)
+            if task.secure is None or task.secure.session == self.uploaded.session:
+                return self._repeated(task, now, now if received_at is None else received_at)
+            self.uploaded = None  # the coordinator opened the round again (it restarted): fresh keys, once more
         if self.uploaded is not None and task.round < self.uploaded.round:
             return [Ignore(task.round, "stale_round")]
         if self.phase is not Phase.IDLE:
@@ -181,6 +198,9 @@ class AgentCore:
                                     self.privacy.rng)
         if self.tamper is not None:  # a hostile device sends what it likes: its own privacy step is no bound on it
             delta = self.tamper(task, delta, trained.masks)
+        self.phase = Phase.UPLOADING
+        if task.secure is not None:
+            return [Upload(self._secure_keys(task, trained, delta), norm)]
         # After the privacy step: the noise is in what gets rounded, and the residual is a
         # function of released, privatised deltas only (post-processing; the accountant holds).
         quantised = quantise_update(delta, trained.masks, task.update_values, self.residual, task.error_feedback)
@@ -193,14 +213,37 @@ class AgentCore:
             delta=SparseParams.from_dense(trainable, delta, trained.masks, check=_finite(delta)),
             mask_changed=trained.mask_changed, buffers=trained.buffers,
         )
-        self.phase = Phase.UPLOADING
         return [Upload(update, norm)]
+
+    def _secure_keys(self, task: RoundTask, trained: Trained, delta: Params) -> SecureKeys:
+        """Start the round's secure stages: the update stays here; its report and keys leave."""
+        base = task.params()
+        buffer_delta = {name: np.asarray(v, dtype=np.float64) - base[name] for name, v in trained.buffers.items()}
+        self.secure = SecureParticipant(device=self.device_id, federation=task.federation, round_number=task.round,
+                                        setup=task.secure, layout=task.layout, masks=task.masks, delta=delta,
+                                        buffer_delta=buffer_delta, rng=self.rng)
+        return self.secure.keys(trained.n_examples, trained.class_losses if self.report_class_losses else {},
+                                {"train_loss": trained.train_loss, "steps": trained.steps,
+                                 "train_seconds": trained.seconds, "macs": float(trained.macs)})
+
+    def on_secure(self, msg: SecureDownlink) -> list[Action]:
+        """A secure round's next stage: answered once, in order; anything else is ignored with why."""
+        if self.secure is None:
+            return [Ignore(msg.round, "no_secure_round")]
+        try:
+            answer = self.secure.answer(msg)
+        except SecAggError as exc:
+            return [Ignore(msg.round, exc.reason)]
+        if self.secure.finished:
+            self.secure = None
+        return [SendSecure(answer)]
 
     def on_uploaded(self, round_number: int, mask_version: int, now: float) -> list[Action]:
         """The broker acknowledged every chunk of the update at ``now``."""
         self._expect(Phase.UPLOADING, round_number)
         self.phase, self.active_round = Phase.IDLE, None
-        self.uploaded = _Sent(round_number, mask_version, now, self.resend_holdoff_s)
+        session = self.secure.setup.session if self.secure is not None and self.secure.round == round_number else None
+        self.uploaded = _Sent(round_number, mask_version, now, self.resend_holdoff_s, session)
         actions: list[Action] = [ReportStatus(Phase.IDLE, round_number)]
         if self._next_residual is not None or self.residual is not None:
             self.residual = self._next_residual

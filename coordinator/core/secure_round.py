@@ -1,0 +1,141 @@
+"""Stages 2-4 of a secure round at the coordinator: relay keys and shares, collect the masked
+vectors, unmask their sum. Pure: messages in, messages out, ``now`` passed in.
+
+Theory of operation. Stage 1 runs in the round machine like a plain round (``SecureKeys``
+stand in for updates: selection, quorum, deadline, retries and revocations are the same). Its
+close hands the reports here with the weights the strategy drew from them. From then on each
+stage waits until every device it expects has answered or the stage deadline passes, and a
+device that misses a stage has dropped out (SecAgg+ recovers its masks). The result is the
+weighted mean of the survivors' updates, w renormalised over them, and nothing else: a failure
+(fewer devices left than the threshold, too few shares) closes the round without it, with a
+reason the daemon logs.
+
+Fixed point: the devices report max |value| of their update; the range R is the largest report,
+but at most ``RANGE_OVER_MEDIAN`` times their median, so one device cannot coarsen everyone's
+precision by lying, and each device clips its weighted values to it. The scale leaves room for
+one unit of rounding per device: |Σ w_n x_n| <= R because the weights sum to 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedprune.protocol.layout import ModelLayout
+from fedprune.protocol.secagg import AdvertisedKeys, AggregatorSession, SecAggError, from_field
+from fedprune.protocol.secure_messages import (SecureInbox, SecureKeys, SecureMasked, SecureNeighbours, SecureReveal,
+                                               SecureShares, SecureUnmask)
+from fedprune.protocol.secure_setup import SecureSetup
+from fedprune.protocol.secure_vector import unflatten, vector_length
+
+RANGE_OVER_MEDIAN = 4.0
+Downlink = SecureNeighbours | SecureInbox | SecureUnmask
+
+
+@dataclass(frozen=True)
+class SecureSum:
+    """What a secure round lets the coordinator learn: Σ w_n Δ_n / Σ w_n over the survivors."""
+
+    mean_delta: dict[str, np.ndarray]
+    buffer_delta: dict[str, np.ndarray]
+    survivors: tuple[str, ...]
+    dropped: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class SecureFailed:
+    reason: str
+    detail: str
+
+
+def value_range(reports: Mapping[str, SecureKeys]) -> float:
+    highs = np.array([r.max_abs for r in reports.values()], dtype=np.float64)
+    if highs.size == 0 or not highs.max() > 0:
+        return 1.0
+    median = float(np.median(highs))
+    return float(highs.max()) if median <= 0 else min(float(highs.max()), RANGE_OVER_MEDIAN * median)
+
+
+def field_scale(bits: int, devices: int, value_range: float) -> float:
+    """Field units per unit of value: the sum of ``devices`` weighted values within R, plus one
+    unit of stochastic rounding each, stays below 2**(bits-1)."""
+    room = (1 << (bits - 1)) - 1 - devices
+    if room < 1:
+        raise SecAggError("bad_params", f"bits={bits} leave no room for {devices} devices")
+    return room / value_range
+
+
+class SecureCollection:
+    def __init__(self, *, federation: str, round_number: int, setup: SecureSetup, layout: ModelLayout,
+                 masks: Mapping[str, np.ndarray], reports: Mapping[str, SecureKeys], weights: Mapping[str, float],
+                 stage_s: float, now: float) -> None:
+        self.round = round_number
+        self.setup = setup
+        self.layout, self.masks = layout, masks
+        self.weights = dict(weights)
+        self.stage_s = stage_s
+        ids = sorted(reports)
+        self.aggregator = AggregatorSession(ids, setup.params, setup.session, setup.context(federation, round_number),
+                                            vector_length(layout, masks))
+        for device in ids:
+            self.aggregator.on_advertise(device, AdvertisedKeys(reports[device].share_public, reports[device].mask_public))
+        self.expected = self.aggregator.close_advertise()
+        self.value_range = value_range(reports)
+        self.scale = field_scale(setup.bits, len(ids), self.value_range)
+        self.stage = "shares"
+        self.answered: set[str] = set()
+        self.deadline = now + stage_s
+        self.dropped: frozenset[str] = frozenset()
+
+    def neighbours(self) -> list[SecureNeighbours]:
+        """Stage 2's messages: each device's neighbours' keys, its weight and the scale."""
+        return [SecureNeighbours(round=self.round, device=d, session=self.setup.session, weight=min(1.0, self.weights[d]),
+                                 value_range=self.value_range, scale=self.scale, keys={v: (k.share_public, k.mask_public)
+                                                         for v, k in self.aggregator.keys_for(d).items()})
+                for d in sorted(self.expected)]
+
+    def on_message(self, msg: SecureShares | SecureMasked | SecureReveal) -> str:
+        """'' when taken, else the reason it was not (counted by the caller)."""
+        if msg.session != self.setup.session:
+            return "wrong_session"
+        try:
+            if isinstance(msg, SecureShares):
+                self.aggregator.on_shares(msg.device, msg.ciphertexts)
+            elif isinstance(msg, SecureMasked):
+                if msg.bits != self.setup.bits:
+                    return "wrong_bits"
+                self.aggregator.on_masked(msg.device, msg.values)
+            else:
+                self.aggregator.on_reveal(msg.device, msg.shares)
+        except SecAggError as exc:
+            return exc.reason
+        self.answered.add(msg.device)
+        return ""
+
+    def tick(self, now: float) -> list[Downlink] | SecureSum | SecureFailed | None:
+        """The next stage's messages once this one is complete or overdue; the outcome at the end."""
+        if self.answered < self.expected and now <= self.deadline:
+            return None
+        self.answered, self.deadline = set(), now + self.stage_s
+        try:
+            if self.stage == "shares":
+                self.expected, self.stage = self.aggregator.close_shares(), "masked"
+                return [SecureInbox(round=self.round, device=d, session=self.setup.session,
+                                    ciphertexts=self.aggregator.inbox_for(d)) for d in sorted(self.expected)]
+            if self.stage == "masked":
+                survivors, self.dropped = self.aggregator.close_masked()
+                self.expected, self.stage = survivors, "reveal"
+                return [SecureUnmask(round=self.round, device=d, session=self.setup.session,
+                                     survivors=tuple(sorted(survivors)), dropped=tuple(sorted(self.dropped)))
+                        for d in sorted(survivors)]
+            total, survivors = self.aggregator.result()
+        except SecAggError as exc:
+            return SecureFailed(exc.reason, str(exc))
+        weight = sum(self.weights[d] for d in survivors)
+        if not weight > 0:
+            return SecureFailed("zero_weight", "every device that survived the round has weight 0")
+        vector = from_field(total, self.scale, self.setup.bits) / weight
+        delta, buffers = unflatten(self.layout, self.masks, vector)
+        return SecureSum(delta, buffers, tuple(sorted(survivors)), tuple(sorted(self.dropped)))

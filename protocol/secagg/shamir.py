@@ -1,0 +1,91 @@
+"""Shamir's t-of-m secret sharing of 32-byte secrets over the prime field GF(2**521 - 1).
+
+A secret s becomes the constant term of a random polynomial f of degree t-1; share j is
+(x_j, f(x_j)). Any t shares fix f and so f(0) = s (Lagrange interpolation); t-1 shares are
+consistent with every s equally, so they say nothing about it. The Mersenne prime is far above
+2**256, so a 32-byte secret is one field element, and a wrong combination shows itself by
+landing above 2**256 almost surely.
+
+Wire form of a share: x as 2 bytes, then y as 66 bytes, both big-endian (68 bytes).
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from fedprune.protocol.secagg.errors import SecAggError
+
+PRIME = 2**521 - 1
+SECRET_LEN = 32
+X_LEN = 2
+Y_LEN = 66
+SHARE_LEN = X_LEN + Y_LEN
+
+
+@dataclass(frozen=True)
+class Share:
+    """One point (x, y) of the sharing polynomial; x in 1..65535, y in [0, PRIME)."""
+
+    x: int
+    y: int
+
+
+def split(secret: bytes, xs: Sequence[int], threshold: int) -> list[Share]:
+    """Shares of ``secret`` at the distinct points ``xs``, any ``threshold`` of which recover it."""
+    if type(secret) is not bytes or len(secret) != SECRET_LEN:
+        raise SecAggError("bad_params", f"a shared secret is {SECRET_LEN} bytes")
+    if len(set(xs)) != len(xs) or not all(0 < x < 1 << 8 * X_LEN for x in xs):
+        raise SecAggError("bad_params", "share points must be distinct and in 1..65535")
+    if not 1 <= threshold <= len(xs):
+        raise SecAggError("bad_params", f"threshold {threshold} with {len(xs)} shares")
+    coefficients = [int.from_bytes(secret, "big")] + [secrets.randbelow(PRIME) for _ in range(threshold - 1)]
+    shares = []
+    for x in xs:
+        y = 0
+        for c in reversed(coefficients):
+            y = (y * x + c) % PRIME
+        shares.append(Share(x, y))
+    return shares
+
+
+def combine(shares: Iterable[Share]) -> int:
+    """f(0) of the polynomial through ``shares`` (Lagrange at zero): the secret if they are at least
+    t genuine shares, an unrelated field element if fewer."""
+    points = list(shares)
+    total = 0
+    for j, pj in enumerate(points):
+        num = den = 1
+        for m, pm in enumerate(points):
+            if m != j:
+                num = num * pm.x % PRIME
+                den = den * (pm.x - pj.x) % PRIME
+        total = (total + pj.y * num * pow(den, -1, PRIME)) % PRIME
+    return total
+
+
+def reconstruct(shares: Iterable[Share], threshold: int, owner: str) -> bytes:
+    """The 32-byte secret of ``owner`` from ``threshold`` of ``shares`` (lowest x first);
+    SecAggError too_few_shares when there are fewer distinct points, bad_share when they do not
+    combine to a 32-byte secret."""
+    by_x = {s.x: s for s in shares}
+    if len(by_x) < threshold:
+        raise SecAggError("too_few_shares", f"{owner}: {len(by_x)} shares, {threshold} needed")
+    value = combine(by_x[x] for x in sorted(by_x)[:threshold])
+    if value >> 8 * SECRET_LEN:
+        raise SecAggError("bad_share", f"{owner}: the shares do not combine to a {SECRET_LEN}-byte secret")
+    return value.to_bytes(SECRET_LEN, "big")
+
+
+def encode_share(share: Share) -> bytes:
+    return share.x.to_bytes(X_LEN, "big") + share.y.to_bytes(Y_LEN, "big")
+
+
+def decode_share(data: bytes) -> Share:
+    if type(data) is not bytes or len(data) != SHARE_LEN:
+        raise SecAggError("bad_share", f"a share is {SHARE_LEN} bytes")
+    x, y = int.from_bytes(data[:X_LEN], "big"), int.from_bytes(data[X_LEN:], "big")
+    if x == 0 or y >= PRIME:
+        raise SecAggError("bad_share", "share point out of range")
+    return Share(x, y)

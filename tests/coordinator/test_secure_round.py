@@ -1,0 +1,225 @@
+"""A secure round without I/O: real agent cores (``AgentCore``, the secure participant and its
+SecAgg+ session) answer a real ``SecureCollection``. The coordinator's sum equals the plain
+weighted mean to the quantisation error; a third of the devices dropping at any stage still
+completes the round or fails it with a reason; and what it receives does not give one update away."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from fedprune.coordinator.core.secure_round import (RANGE_OVER_MEDIAN, SecureCollection, SecureFailed, SecureSum,
+                                                    field_scale, value_range)
+from fedprune.edge_agent.core.agent import AgentCore, SendSecure, Trained, Upload
+from fedprune.protocol.hyperparams import HyperParams
+from fedprune.protocol.layout import ModelLayout, TensorSpec
+from fedprune.protocol.messages import ModelRef, RoundTask
+from fedprune.protocol.secagg import SecureParams
+from fedprune.protocol.secure_messages import SecureKeys, SecureMasked, SecureShares
+from fedprune.protocol.secure_setup import SecureSetup
+from fedprune.protocol.secure_vector import flatten, unflatten, vector_length
+from fedprune.protocol.sparse import SparseParams
+
+LAYOUT = ModelLayout((TensorSpec("fc.weight", (8, 12), True), TensorSpec("fc.bias", (8,), False),
+                      TensorSpec("bn.running_mean", (8,), False, trainable=False),
+                      TensorSpec("bn.num_batches_tracked", (), False, trainable=False)))
+FED = "fed"
+
+
+def make_task(n: int, rng: np.random.Generator, bits: int = 16, degree: int | None = None) -> RoundTask:
+    masks = {"fc.weight": rng.random((8, 12)) < 0.3}
+    params = {"fc.weight": np.where(masks["fc.weight"], 1.0, 0.0).astype(np.float32), "fc.bias": np.zeros(8, np.float32),
+              "bn.running_mean": np.zeros(8, np.float32), "bn.num_batches_tracked": np.zeros((), np.float32)}
+    params_ = SecureParams.for_devices(n, bits, degree)
+    return RoundTask(federation=FED, round=3, mask_version=0, model=ModelRef("mlp", (12,), 8),
+                     weights=SparseParams.from_dense(LAYOUT, params, masks), hyper=HyperParams(), deadline=1e9,
+                     selected=tuple(f"d{i:02d}" for i in range(n)),
+                     secure=SecureSetup(bytes(range(8)), params_.bits, params_.degree, params_.threshold))
+
+
+def trained(task: RoundTask, rng: np.random.Generator, noisy: bool = False) -> Trained:
+    masks = task.masks
+    delta = {"fc.weight": np.where(masks["fc.weight"], rng.normal(0, 0.05, (8, 12)), 0).astype(np.float32),
+             "fc.bias": rng.normal(0, 0.05, 8).astype(np.float32)}
+    losses = {c: (3.0 if noisy else 0.5, 10) for c in range(4)}
+    return Trained(delta=delta, buffers={"bn.running_mean": rng.normal(0, 0.1, 8).astype(np.float32),
+                                         "bn.num_batches_tracked": np.full((), 5.0, np.float32)},
+                   masks=masks, mask_changed=False, n_examples=int(rng.integers(20, 60)), steps=3, train_loss=0.5,
+                   class_losses=losses, seconds=0.1, macs=1)
+
+
+class Round:
+    """n devices through stage 1; ``run`` drives stages 2-4, leaving ``drop[stage]`` silent there."""
+
+    def __init__(self, n: int, seed: int = 0, bits: int = 16, degree: int | None = None):
+        rng = np.random.default_rng(seed)
+        self.task = make_task(n, rng, bits, degree)
+        self.cores, self.trained, self.reports = {}, {}, {}
+        for i, device in enumerate(self.task.selected):
+            core = AgentCore(device, rng=np.random.default_rng(100 + i))
+            core.on_task(self.task, 0.0)
+            self.trained[device] = trained(self.task, rng)
+            (upload,) = core.on_trained(self.task, self.trained[device])
+            assert isinstance(upload, Upload) and isinstance(upload.update, SecureKeys)
+            core.on_uploaded(self.task.round, 0, 1.0)
+            self.cores[device], self.reports[device] = core, upload.update
+        self.received: list = []
+
+    def weights(self, ids):
+        raw = {d: float(self.trained[d].n_examples) for d in ids}
+        return {d: v / sum(raw.values()) for d, v in raw.items()}
+
+    def collection(self, devices=None) -> SecureCollection:
+        reports = {d: self.reports[d] for d in (devices or self.reports)}
+        return SecureCollection(federation=FED, round_number=3, setup=self.task.secure, layout=LAYOUT,
+                                masks=self.task.masks, reports=reports, weights=self.weights(reports), stage_s=10.0,
+                                now=0.0)
+
+    def run(self, collection: SecureCollection, drop: dict[str, set[str]] | None = None):
+        drop = drop or {}
+        outgoing = collection.neighbours()
+        stage, now = "shares", 0.0
+        while True:
+            for msg in outgoing:
+                if msg.device in drop.get(stage, ()):
+                    continue
+                (action,) = self.cores[msg.device].on_secure(msg)
+                assert isinstance(action, SendSecure), action
+                self.received.append(action.message)
+                assert collection.on_message(action.message) == ""
+            now += 11.0  # past the stage deadline: who did not answer has dropped
+            outcome = collection.tick(now)
+            if not isinstance(outcome, list):
+                return outcome
+            outgoing, stage = outcome, collection.stage
+
+    def plain_mean(self, survivors) -> np.ndarray:
+        w = self.weights(self.reports)
+        base = self.task.params()
+        total = sum(w[d] * flatten(LAYOUT, self.task.masks, self.trained[d].delta,
+                                   {k: v - base[k] for k, v in self.trained[d].buffers.items()}) for d in survivors)
+        return total / sum(w[d] for d in survivors)
+
+
+def secure_mean(outcome: SecureSum, masks) -> np.ndarray:
+    return flatten(LAYOUT, masks, outcome.mean_delta, outcome.buffer_delta)
+
+
+@pytest.mark.parametrize("n", [5, 12, 30])
+def test_the_unmasked_sum_is_the_weighted_mean_to_the_quantisation_error(n):
+    r = Round(n)
+    collection = r.collection()
+    outcome = r.run(collection)
+    assert isinstance(outcome, SecureSum) and outcome.survivors == tuple(sorted(r.reports)) and outcome.dropped == ()
+    error = np.abs(secure_mean(outcome, r.task.masks) - r.plain_mean(r.reports))
+    # stochastic rounding: at most one field unit per device, divided by the scale
+    assert error.max() <= n / collection.scale + 1e-12
+    assert error.max() < 1e-3 * collection.value_range
+    assert "bn.num_batches_tracked" not in outcome.buffer_delta  # a counter, not an average: it stays with the coordinator
+
+
+@pytest.mark.parametrize("stage", ["shares", "masked", "reveal"])
+def test_a_third_dropping_at_any_stage_completes_a_round_whose_graph_can_take_it(stage):
+    """Each survivor needs t = k/2 + 1 of its k neighbours to answer: with a third gone that needs
+    k near n (here the complete graph, secure_degree = 14 of 15 devices)."""
+    r = Round(15, seed=1, degree=14)
+    gone = set(sorted(r.reports)[::3])  # 5 of 15
+    outcome = r.run(r.collection(), drop={stage: gone})
+    assert isinstance(outcome, SecureSum), outcome
+    # dropped before masking: not in the sum; dropping at reveal: in the sum, others' shares suffice
+    expected = set(r.reports) - gone if stage != "reveal" else set(r.reports)
+    assert set(outcome.survivors) == expected
+    error = np.abs(secure_mean(outcome, r.task.masks) - r.plain_mean(expected))
+    assert error.max() < 1e-3 * value_range(r.reports)
+
+
+@pytest.mark.parametrize("stage", ["shares", "masked", "reveal"])
+def test_a_third_dropping_in_a_sparse_graph_completes_or_fails_naming_the_device(stage):
+    """The default degree 2·ceil(log2 n) (8 of 15) tolerates k/2 - 1 = 3 neighbours gone; a
+    survivor with more gone around it fails the round, and the reason says whose shares ran out."""
+    r = Round(15, seed=1)
+    gone = set(sorted(r.reports)[::3])
+    outcome = r.run(r.collection(), drop={stage: gone})
+    if isinstance(outcome, SecureFailed):
+        assert outcome.reason in ("too_few_shares", "too_few_devices") and " d" in outcome.detail, outcome
+    else:
+        assert isinstance(outcome, SecureSum)
+
+
+def test_a_device_missing_stage_one_is_not_in_the_round_at_all():
+    r = Round(9, seed=2)
+    present = sorted(r.reports)[3:]
+    outcome = r.run(r.collection(present))
+    assert isinstance(outcome, SecureSum) and outcome.survivors == tuple(present)
+
+
+def test_too_many_dropping_fails_the_round_with_a_reason_not_a_wrong_sum():
+    r = Round(9, seed=3)
+    gone = set(sorted(r.reports)[:7])
+    outcome = r.run(r.collection(), drop={"reveal": gone})
+    assert isinstance(outcome, SecureFailed) and outcome.reason in ("too_few_shares", "too_few_devices")
+    assert "d0" in outcome.detail
+
+
+def test_nothing_the_coordinator_receives_gives_one_update_away():
+    r = Round(10, seed=4)
+    outcome = r.run(r.collection())
+    assert isinstance(outcome, SecureSum)
+    masked = {m.device: m.values for m in r.received if isinstance(m, SecureMasked)}
+    shares = [m for m in r.received if isinstance(m, SecureShares)]
+    collection_scale = field_scale(r.task.secure.bits, 10, value_range(r.reports))
+    for device, values in masked.items():
+        weighted = r.weights(r.reports)[device] * flatten(LAYOUT, r.task.masks, r.trained[device].delta,
+                                                          {k: v - r.task.params()[k] for k, v in r.trained[device].buffers.items()})
+        true_field = np.round(weighted * collection_scale).astype(np.int64) % (1 << r.task.secure.bits)
+        # the masked vector is as far from the update as uniform noise is
+        agree = np.mean(np.abs(values.astype(np.int64) - true_field) <= 1)
+        assert agree < 0.05, device
+    for msg in shares:  # shares leave only encrypted: no ciphertext is a plain share the coordinator could pool
+        assert all(len(c) > 2 * 68 for c in msg.ciphertexts.values())
+
+
+def test_a_stage_of_another_session_or_out_of_order_is_refused():
+    r = Round(5, seed=5)
+    collection = r.collection()
+    first = collection.neighbours()[0]
+    other = dataclasses.replace(first, session=bytes(8))
+    (action,) = r.cores[first.device].on_secure(other)
+    assert action.reason == "wrong_session"
+    inbox_first = dataclasses.replace(first)
+    r.cores[first.device].on_secure(inbox_first)
+    (again,) = r.cores[first.device].on_secure(inbox_first)
+    assert again.reason == "wrong_stage"
+    bad = SecureShares(round=3, device="d00", session=bytes(8), ciphertexts={})
+    assert collection.on_message(bad) == "wrong_session"
+
+
+def test_one_device_cannot_coarsen_the_range_for_all():
+    r = Round(9, seed=6)
+    liar = dataclasses.replace(r.reports["d00"], max_abs=1e6)
+    honest = value_range({d: v for d, v in r.reports.items() if d != "d00"})
+    got = value_range({**r.reports, "d00": liar})
+    assert got <= RANGE_OVER_MEDIAN * np.median([v.max_abs for v in {**r.reports, "d00": liar}.values()]) + 1e-12
+    assert got < 10 * honest
+
+
+def test_a_reopened_round_gets_fresh_keys_and_trains_again():
+    r = Round(5, seed=7)
+    device = "d00"
+    core = r.cores[device]
+    reopened = dataclasses.replace(r.task, secure=dataclasses.replace(r.task.secure, session=bytes(range(1, 9))))
+    actions = core.on_task(reopened, 2.0)
+    assert any(type(a).__name__ == "Train" for a in actions)
+
+
+def test_the_vector_order_round_trips():
+    rng = np.random.default_rng(8)
+    task = make_task(5, rng)
+    t = trained(task, rng)
+    vector = flatten(LAYOUT, task.masks, t.delta, {"bn.running_mean": t.buffers["bn.running_mean"]})
+    assert vector.size == vector_length(LAYOUT, task.masks)
+    delta, buffers = unflatten(LAYOUT, task.masks, vector)
+    np.testing.assert_allclose(delta["fc.weight"], t.delta["fc.weight"], atol=1e-7)
+    np.testing.assert_allclose(buffers["bn.running_mean"], t.buffers["bn.running_mean"], atol=1e-7)
