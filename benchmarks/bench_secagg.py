@@ -18,10 +18,17 @@ Measured per device and round:
   critical path: coordinator CPU + the slowest device at each stage (three more exchanges on the
   network come on top: one per extra stage, not measured here).
 
-Run (about 1 min on 2 cores):
+Dropouts: how many rounds complete when each device drops out with probability p at a random
+stage (after advertising: before sharing, before masking, or before revealing), with the
+default degree and with the complete graph, over ``--trials`` rounds of the real SecAgg+ sessions
+(``fedprune.protocol.secagg``, vectors of 8 values: only the graph and the shares matter).
+
+Run (about 3 min on 2 cores):
   .venv/bin/python benchmarks/bench_secagg.py
 Writes a table to stdout and benchmarks/results/secagg.json; with benchmarks/results/secagg_flower.json
-present (its own command is in benchmarks/flower_secagg/README.md), Flower's rows join the table.
+present (its own command is in benchmarks/flower_secagg/README.md), Flower's rows join the table:
+Flower sends the dense float32 model and its SecAgg+ masks int64 values, so its "x plain" is
+against Flower's own plain round and its device CPU is Flower's client CPU per client.
 """
 
 from __future__ import annotations
@@ -210,6 +217,56 @@ def secure_round(n: int, seed: int, bits: int) -> dict:
             "added_round_s": sum(stage_max) + coordinator_cpu}
 
 
+def dropout_trial(n: int, degree: int | None, p: float, rng: np.random.Generator) -> bool:
+    """One round in which each device drops with probability p at a random stage; True if it completes."""
+    from fedprune.protocol.secagg import AggregatorSession, DeviceSession, SecAggError
+
+    params = SecureParams.for_devices(n, 16, degree)
+    ids = [f"d{i:03d}" for i in range(n)]
+    leave = {d: int(rng.integers(1, 4)) if rng.random() < p else 4 for d in ids}  # stage before which it goes
+    context, seed = b"bench", bytes(rng.integers(0, 256, 8, dtype=np.uint8))
+    try:
+        coordinator = AggregatorSession(ids, params, seed, context, 8)
+        devices = {d: DeviceSession(d, params, context) for d in ids}
+        for d in ids:
+            coordinator.on_advertise(d, devices[d].advertise())
+        for d in coordinator.close_advertise():
+            if leave[d] > 1:
+                coordinator.on_shares(d, devices[d].share(coordinator.keys_for(d)))
+        for d in coordinator.close_shares():
+            if leave[d] > 2:
+                coordinator.on_masked(d, devices[d].mask(np.zeros(8, np.uint32), coordinator.inbox_for(d)))
+        survivors, dropped = coordinator.close_masked()
+        for d in survivors:
+            if leave[d] > 3:
+                coordinator.on_reveal(d, devices[d].reveal(survivors, dropped))
+        coordinator.result()
+    except SecAggError:
+        return False
+    return True
+
+
+def dropout_rows(sizes: list[int], rates: list[float], trials: int, seed: int) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for n in sizes:
+        for degree in (None, n - 1 + (n - 1) % 2):
+            k = SecureParams.for_devices(n, 16, degree).degree
+            for p in rates:
+                done = sum(dropout_trial(n, degree, p, rng) for _ in range(trials))
+                rows.append({"n": n, "degree": k, "dropout": p, "completed": done / trials, "trials": trials})
+    return rows
+
+
+def dropout_table(rows: list[dict]) -> str:
+    rates = sorted({r["dropout"] for r in rows})
+    lines = [f"{'n':>4} {'degree':>7} " + " ".join(f"{f'{int(100 * p)} % drop':>10}" for p in rates)]
+    for n, k in sorted({(r["n"], r["degree"]) for r in rows}):
+        done = {r["dropout"]: r["completed"] for r in rows if r["n"] == n and r["degree"] == k}
+        lines.append(f"{n:>4} {k:>7} " + " ".join(f"{done[p]:>10.2f}" for p in rates))
+    return "rounds completed (fraction):\n" + "\n".join(lines)
+
+
 def table(rows: list[dict], flower: list[dict]) -> str:
     head = (f"{'n':>4} {'mode':<16} {'k/t':>6} {'uplink B/dev':>13} {'x plain':>8} {'+down B/dev':>12} "
             f"{'coord CPU s':>12} {'device CPU s':>13} {'+round s':>9}")
@@ -220,10 +277,13 @@ def table(rows: list[dict], flower: list[dict]) -> str:
         lines.append(f"{r['n']:>4} {r['mode']:<16} {kt:>6} {r['uplink_bytes_per_device']:>13,.0f} "
                      f"{r['uplink_bytes_per_device'] / plain[r['n']]:>8.2f} {r['added_downlink_bytes_per_device']:>12,.0f} "
                      f"{r['coordinator_cpu_s']:>12.3f} {r['device_cpu_s']:>13.3f} {r['added_round_s']:>9.3f}")
+    flower_plain = {r["n"]: r for r in flower if r["mode"] == "plain"}
     for r in flower:
+        base = flower_plain[r["n"]]
         lines.append(f"{r['n']:>4} {'flower-' + r['mode']:<16} {'-':>6} {r['uplink_bytes_per_client']:>13,.0f} "
-                     f"{'':>8} {r.get('downlink_bytes_per_client', float('nan')):>12,.0f} "
-                     f"{r.get('server_cpu_seconds', float('nan')):>12.3f} {'':>13} {r.get('round_seconds', float('nan')):>9.3f}")
+                     f"{r['uplink_bytes_per_client'] / base['uplink_bytes_per_client']:>8.2f} "
+                     f"{r['downlink_bytes_per_client'] - base['downlink_bytes_per_client']:>12,.0f} "
+                     f"{r['server_cpu_seconds']:>12.3f} {r['client_cpu_seconds_per_client']:>13.3f} {'':>9}")
     return "\n".join(lines)
 
 
@@ -233,6 +293,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bits", type=int, nargs="+", default=[12, 16])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--dropout-devices", type=int, nargs="+", default=[10, 30, 50])
+    parser.add_argument("--dropout-rates", type=float, nargs="+", default=[0.05, 0.1, 0.2, 1 / 3])
+    parser.add_argument("--trials", type=int, default=50)
     args = parser.parse_args(argv)
     rows = []
     for n in args.devices:
@@ -240,10 +303,13 @@ def main(argv: list[str] | None = None) -> int:
         for bits in args.bits:
             rows.append(secure_round(n, args.seed, bits))
         print(f"  measured {n} devices", file=sys.stderr)
-    flower = json.loads(FLOWER.read_text())["rows"] if FLOWER.exists() else []
+    flower = json.loads(FLOWER.read_text()) if FLOWER.exists() else []
     print(table(rows, flower))
+    dropouts = dropout_rows(args.dropout_devices, args.dropout_rates, args.trials, args.seed)
+    print(dropout_table(dropouts))
     args.out.write_text(json.dumps({"command": "benchmarks/bench_secagg.py " + " ".join(argv or sys.argv[1:]),
-                                    "machine": platform.platform(), "rows": rows}, indent=1) + "\n")
+                                    "machine": platform.platform(), "rows": rows, "dropouts": dropouts},
+                                   indent=1) + "\n")
     print(f"wrote {args.out}")
     return 0
 

@@ -401,12 +401,13 @@ class CoordinatorDaemon:
              stage=type(message).__name__, bytes=size)
 
     def _offer_update(self, update: Update | SecureKeys, now: float) -> None:
-        if isinstance(update, SecureKeys) != (self.config.strategy.secure and self.rounds.open_round is not None):
+        if isinstance(update, SecureKeys) != self.config.strategy.secure:
             self.metrics.inc("updates_rejected_total", reason="wrong_mode")
             self._note(logging.WARNING, "update_rejected", device=update.device, round=update.round, reason="wrong_mode",
-                       detail="secure rounds take SecureKeys, plain rounds Update")
+                       detail="a secure federation takes SecureKeys (agents of protocol 1.7), a plain one Update")
             return
-        if isinstance(update, SecureKeys) and update.session != self._task.secure.session:
+        if (isinstance(update, SecureKeys) and self.rounds.open_round == update.round
+                and update.session != self._task.secure.session):  # keys made for an earlier opening of this round
             self.metrics.inc("updates_rejected_total", reason="wrong_session")
             return
         verdict = self.rounds.on_update(update.device, update.round, update, now)
@@ -574,7 +575,8 @@ class CoordinatorDaemon:
             collection = SecureCollection(
                 federation=self.config.federation.id, round_number=closed.round, setup=self._task.secure,
                 layout=self.layout, masks=self.state.masks, reports=reports,
-                weights=dict(zip(weighting.ids, weighting.weights.tolist())), stage_s=self.config.rounds.deadline_s, now=now)
+                weights=dict(zip(weighting.ids, weighting.weights.tolist())), stage_s=self.config.rounds.deadline_s, now=now,
+                noise_multiplier=self.config.strategy.secure_noise_multiplier)
         except SecAggError as exc:
             self._secure_failed(closed, exc.reason, str(exc), now)
             return
@@ -598,8 +600,10 @@ class CoordinatorDaemon:
             return
         result = self.strategy.finish_secure_round(self.state, self.plan, weighting, outcome.mean_delta,
                                                    outcome.buffer_delta, outcome.survivors, self.rng)
-        self._record_round(closed, result, now, secure={"survivors": len(outcome.survivors),
-                                                        "dropped": list(outcome.dropped)})
+        secure = {"survivors": len(outcome.survivors), "dropped": list(outcome.dropped)}
+        if collection.noise_multiplier > 0:
+            secure["noise"] = collection.noise(len(outcome.survivors))
+        self._record_round(closed, result, now, secure=secure)
 
     def _secure_failed(self, closed: CloseRound[SecureKeys], reason: str, detail: str, now: float) -> None:
         """The round ends without a sum: the model stays, the round counts (devices move on)."""

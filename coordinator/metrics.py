@@ -43,6 +43,8 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("bytes_out_total", "counter", "MQTT payload bytes published."),
     MetricSpec("rounds_declined_total", "counter", "Rounds devices declined (governance, data_mismatch), by reason; once per device and round.",
                ("reason",)),
+    MetricSpec("secure_rounds_failed_total", "counter", "Secure rounds that ended without a sum (too few devices or shares left), by reason.",
+               ("reason",)),
     MetricSpec("revocations_applied_total", "counter", "Devices the running daemon stopped accepting after the allow-list file changed (revoke)."),
     MetricSpec("checkpoint_failures_total", "counter", "Checkpoint or registry writes that failed (e.g. disk full) and were retried."),
     MetricSpec("reassembly_dropped_total", "counter", "Partial multi-chunk transfers dropped unfinished, by reason (source_transfers and source_bytes: a device over its own share; transfers and bytes: the overall bound; age: stale).",

@@ -15,6 +15,7 @@ from typing import Mapping
 from fedprune.common.configkit import in_range, load, one_of, render_example, setting
 from fedprune.common.data_source import DataSource
 from fedprune.common.models import TRAINING_DEVICES
+from fedprune.edge_agent.core.distributed_dp import DISTRIBUTED, LOCAL
 from fedprune.edge_agent.core.guard import GovernanceConfig
 
 ENV_PREFIX = "FEDPRUNE_AGENT_"
@@ -87,14 +88,26 @@ class GovernanceSection:
 
 @dataclass(frozen=True)
 class PrivacySection:
-    """Client-level differential privacy of each update (docs/PRIVACY.md): clip to C, add N(0, (σC)²), spend a budget."""
+    """Client-level differential privacy of each update (docs/PRIVACY.md): clip to C, add noise of σ·C, spend a budget.
 
-    enabled: bool = setting(False, "clip and noise every update before it is sealed, and keep the device's ε ledger")
+    ``local`` noises each update itself (N(0, (σC)²)): its ε holds against anyone who sees it.
+    ``distributed`` needs secure aggregation: each device adds a share of Skellam noise inside the
+    masked field, so that the sum the coordinator unmasks carries the noise of one central
+    mechanism (std σ·w_max·C) instead of one per device; its ε holds against the coordinator, as
+    long as the devices in the sum are honest (``fedprune.edge_agent.core.distributed_dp``).
+    """
+
+    enabled: bool = setting(False, "clip and noise every update before it leaves, and keep the device's ε ledger")
+    mechanism: str = setting("local", "local: Gaussian noise on the update itself; distributed: a share of Skellam noise inside a secure round's masked sum (plain tasks are then declined: distributed_dp_needs_secure)", check=one_of(LOCAL, DISTRIBUTED))
     clip_norm: float = setting(1.0, "C: the update's global L2 norm is clipped to this", check=_positive)
-    noise_multiplier: float = setting(1.0, "σ: Gaussian noise with standard deviation σ·C on every sent position", check=_positive)
+    noise_multiplier: float = setting(1.0, "σ: noise of standard deviation σ·C (local: on every sent position; distributed: in the sum, for the largest weighted contribution)", check=_positive)
     epsilon_budget: float = setting(8.0, "ε this device may spend in one federation; then it declines (privacy_budget_exhausted)", check=_positive)
     delta: float = setting(1e-5, "δ of the (ε, δ) guarantee", check=_probability)
     report_class_losses: bool = setting(True, "send per-class losses (they reveal which classes the device holds; not covered by DP)")
+
+    def __post_init__(self) -> None:
+        if self.mechanism == DISTRIBUTED and not self.enabled:
+            raise ValueError(f"[privacy] mechanism {DISTRIBUTED!r} needs enabled = true (or mechanism {LOCAL!r})")
 
 
 @dataclass(frozen=True)

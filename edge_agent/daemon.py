@@ -56,7 +56,7 @@ from fedprune.protocol.errors import (
 from fedprune.protocol.layout import ModelLayout
 from fedprune.edge_agent.release_store import ReleaseRejected, ReleaseStore
 from fedprune.protocol.messages import (
-    MISSING_BASE, KeyGrant, ModelRef, ModelRelease, Register, RoundTask, State, Status,
+    MISSING_BASE, KeyGrant, ModelRef, ModelRelease, Register, RoundTask, State, Status, Update,
 )
 from fedprune.protocol.secure_messages import SECURE_DOWNLINKS
 
@@ -119,7 +119,7 @@ class AgentDaemon:
         privacy = None
         if self.ledger is not None:
             rng = np.random.default_rng() if privacy_rng is None else privacy_rng
-            privacy = PrivacyStep(self.ledger.clip_norm, self.ledger.noise_multiplier, rng)
+            privacy = PrivacyStep(self.ledger.clip_norm, self.ledger.noise_multiplier, rng, config.privacy.mechanism)
         self.held = HeldWeights()
         self.residuals = ResidualStore(self.state_dir, self.bundle.federation)
         self.core = AgentCore(self.bundle.device_id, privacy=privacy,
@@ -495,6 +495,8 @@ class AgentDaemon:
 
     def _carry_out(self, action: object, task: RoundTask | None) -> None:
         if isinstance(action, SendSecure):
+            if action.cost is not None and not self._charge_secure(action):
+                return
             stage = type(action.message).__name__
             emit(log, logging.INFO, "secure_stage", round=action.message.round, stage=stage)
             try:
@@ -554,9 +556,37 @@ class AgentDaemon:
         for next_action in self.core.on_trained(task, trained):
             self._carry_out(next_action, task)
 
+    def _charge_secure(self, action: SendSecure) -> bool:
+        """Distributed DP: the masked vector leaves only once its round is on disk in the ledger. A
+        round that no longer fits (its exact cost is known only now) or cannot be recorded is
+        declined instead: this device drops out of the round, which SecAgg+ absorbs."""
+        round_number = action.message.round
+        reason = None if self.ledger.fits(action.cost) else PRIVACY_BUDGET_EXHAUSTED
+        if reason is not None:
+            budget = self.ledger.budget
+            emit(log, logging.INFO, "secure_round_left", round=round_number, reason=reason,
+                 epsilon_spent=round(budget.spent, 3), epsilon_after=round(budget.epsilon_after(action.cost), 3),
+                 epsilon_budget=budget.epsilon_budget)
+        else:
+            try:
+                self.ledger.charge(action.cost)
+            except OSError as exc:
+                emit(log, logging.ERROR, "privacy_ledger_unwritable", round=round_number, file=self.ledger.path,
+                     error=exc)
+                reason = "privacy_ledger_unwritable"
+        if reason is not None:
+            self._carry_out(Decline(round_number, reason), None)
+            return False
+        budget = self.ledger.budget
+        emit(log, logging.INFO, "privatized", round=round_number, mechanism="distributed",
+             clip_norm=self.ledger.clip_norm, epsilon_spent=round(budget.spent, 3),
+             epsilon_budget=budget.epsilon_budget, rounds=budget.rounds)
+        return True
+
     def _upload(self, task: RoundTask, upload: Upload) -> None:
-        """The privacy ledger is on disk before the update leaves; then seal, publish, wait for the broker."""
-        if self.ledger is not None:
+        """The privacy ledger is on disk before the update leaves (local DP: ``norm_before_clip``
+        is set); then seal, publish, wait for the broker."""
+        if upload.norm_before_clip is not None:
             try:
                 self.ledger.charge()
             except OSError as exc:  # the spend cannot be recorded, so the update must not leave
@@ -565,10 +595,10 @@ class AgentDaemon:
                     self._carry_out(action, task)
                 return
             budget = self.ledger.budget
-            emit(log, logging.INFO, "privatized", round=task.round, norm_before_clip=round(upload.norm_before_clip, 4),
-                 clip_norm=self.ledger.clip_norm, epsilon_spent=round(budget.spent, 3),
-                 epsilon_budget=budget.epsilon_budget, rounds=budget.rounds)
-            if upload.update.mask_changed:
+            emit(log, logging.INFO, "privatized", round=task.round, mechanism="local",
+                 norm_before_clip=round(upload.norm_before_clip, 4), clip_norm=self.ledger.clip_norm,
+                 epsilon_spent=round(budget.spent, 3), epsilon_budget=budget.epsilon_budget, rounds=budget.rounds)
+            if isinstance(upload.update, Update) and upload.update.mask_changed:  # secure rounds keep the global mask
                 emit(log, logging.WARNING, "privacy_not_covered", round=task.round, reason="client_readjust",
                      detail="the grown mask depends on local data and is sent without noise (docs/PRIVACY.md)")
         publications = self.channel.send(upload.update, self.clock(), value_dtype=task.update_values)

@@ -4,7 +4,12 @@
 the agent core applies the mechanism to each update; this shell keeps one budget per federation
 in the state directory (``privacy-<federation>.json``, 0600, replaced atomically). ``charge``
 records the round's cost and persists the ledger *before* the daemon publishes the noised
-update, so a crash after sending can only over-count, never forget a release. A ledger that cannot be read is an error, never a silent reset: resetting it
+update, so a crash after sending can only over-count, never forget a release. The file holds
+per-order RDP, so local rounds (Gaussian, ``RoundCost``) and distributed ones (Skellam,
+``distributed_dp.SkellamCost``, known only once the coordinator has announced the round's scale
+and weights) add up in one ledger of one format. Before training, ``exhausted`` asks whether a
+round at σ (the Gaussian cost) still fits; a distributed round is then checked again at its exact
+cost (``fits``) before its masked vector leaves, and the device drops out if it no longer fits. A ledger that cannot be read is an error, never a silent reset: resetting it
 would let a device spend its budget twice. The owner's current ε budget and δ apply to the RDP
 already spent, so raising or lowering the budget in the config takes effect on restart.
 """
@@ -17,6 +22,7 @@ from pathlib import Path
 
 from fedprune.common.configkit import ConfigError
 from fedprune.common.fsutil import atomic_write
+from fedprune.edge_agent.core.distributed_dp import SkellamCost
 from fedprune.edge_agent.core.privacy import PrivacyBudget, RoundCost
 
 LEDGER_GLOB = "privacy-*.json"
@@ -64,13 +70,18 @@ class PrivacyLedger:
 
     @property
     def exhausted(self) -> bool:
-        """True when one more round would exceed the budget."""
-        return not self.budget.can_participate(self.cost)
+        """True when one more round at σ (Gaussian, the local mechanism's cost) would exceed the budget."""
+        return not self.fits(self.cost)
 
-    def charge(self) -> None:
-        """Record one round's spend; on disk when this returns, before the update that spends it leaves."""
-        if self.exhausted:
-            raise RuntimeError("privacy budget exhausted: the daemon must decline before training")
-        spent = self.budget.record(self.cost)
+    def fits(self, cost: RoundCost | SkellamCost) -> bool:
+        return self.budget.can_participate(cost)
+
+    def charge(self, cost: RoundCost | SkellamCost | None = None) -> None:
+        """Record one round's spend (default: the local mechanism's); on disk when this returns,
+        before the update that spends it leaves."""
+        cost = self.cost if cost is None else cost
+        if not self.fits(cost):
+            raise RuntimeError("privacy budget exhausted: the daemon must decline before this round's release")
+        spent = self.budget.record(cost)
         atomic_write(self.path, json.dumps(spent.to_dict(), indent=1).encode(), mode=0o600)
         self.budget = spent  # only once on disk: a failed write spends nothing

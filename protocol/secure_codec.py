@@ -23,7 +23,7 @@ from fedprune.protocol.wire import (Limits, TailReader, TailWriter, as_bytes, as
 
 _KEYS = {
     Kind.SECURE_KEYS: frozenset({"round", "dev", "sid", "kc", "km", "n", "cl", "max", "metrics"}),
-    Kind.SECURE_NEIGHBOURS: frozenset({"round", "dev", "sid", "w", "range", "scale", "keys"}),
+    Kind.SECURE_NEIGHBOURS: frozenset({"round", "dev", "sid", "w", "wmax", "range", "scale", "keys"}),
     Kind.SECURE_SHARES: frozenset({"round", "dev", "sid", "ct"}),
     Kind.SECURE_INBOX: frozenset({"round", "dev", "sid", "ct"}),
     Kind.SECURE_MASKED: frozenset({"round", "dev", "sid", "bits", "len", "y"}),
@@ -54,7 +54,8 @@ def encode(msg: SecureMessage, tail: TailWriter) -> dict[str, Any]:
         obj.update(kc=msg.share_public, km=msg.mask_public, n=msg.n_examples, max=msg.max_abs, metrics=msg.metrics,
                    cl=[[c, m, n] for c, (m, n) in sorted(msg.class_losses.items())])
     elif isinstance(msg, SecureNeighbours):
-        obj.update(w=msg.weight, range=msg.value_range, scale=msg.scale, keys={d: [c, m] for d, (c, m) in msg.keys.items()})
+        obj.update(w=msg.weight, wmax=msg.max_weight, range=msg.value_range, scale=msg.scale,
+                   keys={d: [c, m] for d, (c, m) in msg.keys.items()})
     elif isinstance(msg, (SecureShares, SecureInbox)):
         obj.update(ct=msg.ciphertexts)
     elif isinstance(msg, SecureMasked):
@@ -92,8 +93,8 @@ def decode(kind: Kind, obj: Any, lenient: bool, limits: Limits, tail: TailReader
         pairs = {d: tuple(as_bytes(k, "neighbour key", KEY_LEN) for k in as_list(v, "key pair", 2, length=2))
                  for d, v in keys.items()}
         return construct(what, lambda: SecureNeighbours(
-            **head, weight=as_float(m["w"], "weight"), value_range=as_float(m["range"], "value range"),
-            scale=as_float(m["scale"], "scale"), keys=pairs))
+            **head, weight=as_float(m["w"], "weight"), max_weight=as_float(m["wmax"], "max weight"),
+            value_range=as_float(m["range"], "value range"), scale=as_float(m["scale"], "scale"), keys=pairs))
     if kind in (Kind.SECURE_SHARES, Kind.SECURE_INBOX):
         blobs = {d: as_bytes(v, "ciphertext") for d, v in _peer_map(m["ct"], "ciphertexts").items()}
         cls = SecureShares if kind is Kind.SECURE_SHARES else SecureInbox

@@ -6,9 +6,9 @@ training, four device stages, each answering one coordinator message (SecAgg+, B
 
 1. ``SecureKeys``        device -> coordinator: two round public keys, and the contribution report
                          (examples, per-class losses of the received model, max |update value|).
-2. ``SecureNeighbours``  coordinator -> device: its neighbours' keys, its weight w_n and the
-                         fixed-point scale; the device answers ``SecureShares``: its Shamir shares,
-                         each encrypted to one neighbour.
+2. ``SecureNeighbours``  coordinator -> device: its neighbours' keys, its weight w_n, the round's
+                         largest weight and the fixed-point scale; the device answers
+                         ``SecureShares``: its Shamir shares, each encrypted to one neighbour.
 3. ``SecureInbox``       coordinator -> device: the shares its neighbours encrypted to it; the
                          device answers ``SecureMasked``: its weighted, quantised, masked vector.
 4. ``SecureUnmask``      coordinator -> device: who survived and who dropped; the device answers
@@ -112,21 +112,24 @@ class SecureKeys(_Stage):
 
 @dataclass(frozen=True, kw_only=True)
 class SecureNeighbours(_Stage):
-    """Stage 2 (coordinator): the device's neighbours' (share key, mask key), its weight, the range
+    """Stage 2 (coordinator): the device's neighbours' (share key, mask key), its weight, the
+    round's largest weight (what a device adding distributed-DP noise calibrates it to), the range
     R every device clips its update values to, and the scale that turns a weighted value into
     field units."""
 
     KIND: ClassVar[Kind] = Kind.SECURE_NEIGHBOURS
     weight: float
+    max_weight: float
     value_range: float
     scale: float
     keys: dict[str, tuple[bytes, bytes]]
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        object.__setattr__(self, "weight", _number(self.weight, "weight"))
-        if self.weight > 1.0:
-            raise ValueError(f"weight={self.weight}: weights of a round sum to 1")
+        for name in ("weight", "max_weight"):
+            object.__setattr__(self, name, _number(getattr(self, name), name))
+            if getattr(self, name) > 1.0:
+                raise ValueError(f"{name}={getattr(self, name)}: weights of a round sum to 1")
         for name in ("value_range", "scale"):
             object.__setattr__(self, name, _number(getattr(self, name), name))
             if not getattr(self, name) > 0:

@@ -137,8 +137,9 @@ class StrategyConfig:
     task_values: str = _setting("int8_delta", "how tasks carry the global values: float32, float16, or int8_delta (the change since the last task, to devices that hold it); the coordinator keeps float32", _choice(TASK_VALUES))
     # secure aggregation (docs/PRIVACY.md): the coordinator learns only the weighted sum
     secure: bool = _setting(False, "secure aggregation (SecAgg+): devices mask their weighted updates and the coordinator learns only the sum", FLAG)
-    secure_bits: int = _setting(16, "secure: bits of the fixed-point sums (modulus 2**bits), 8..32", _span(8, 32))
+    secure_bits: int = _setting(12, "secure: bits of the fixed-point sums (modulus 2**bits), 8..32; 12 keeps 50 devices under 2x the plain uplink (docs/RESULTS.md)", _span(8, 32))
     secure_degree: int = _setting(0, "secure: neighbours per device in the masking graph, even; 0: 2·ceil(log2 n)", _int_from(0))
+    secure_noise_multiplier: float = _setting(0.0, "secure: σ of the devices' distributed-DP noise ([privacy] mechanism = \"distributed\"), which the fixed-point scale leaves room for; 0: none expected. Give it secure_bits of 16-20: rounding adds sqrt(vector length) field units to each device's sensitivity, which at 12 bits can outweigh its update", OFF_OR_POSITIVE)
     # contribution-adaptive density (§6)
     adaptive_density: bool = _setting(False, "give low-quality devices nested sub-masks (kept fraction rho); refused by run and simulate until tasks per device exist (docs/DESIGN.md)", FLAG)
     adaptive_beta: float = _setting(1.0, "adaptive_density: slope β of rho = tanh(β z)", POSITIVE)
@@ -166,6 +167,10 @@ class StrategyConfig:
             raise self._bad("centered_clip", "0 unless step = 'plain' (the centre is built from the plain updates)")
         if self.secure:
             self._check_secure()
+        elif self.secure_noise_multiplier > 0:
+            raise ValueError(f"[strategy] secure_noise_multiplier {self.secure_noise_multiplier!r} needs secure = true: "
+                             "distributed-DP noise hides only inside a secure round's sum; set secure = true, or "
+                             "secure_noise_multiplier = 0 (devices then use [privacy] mechanism = \"local\")")
 
     def _check_secure(self) -> None:
         """What needs each device's update cannot run when the coordinator sees only the sum."""

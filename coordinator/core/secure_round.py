@@ -14,6 +14,15 @@ Fixed point: the devices report max |value| of their update; the range R is the 
 but at most ``RANGE_OVER_MEDIAN`` times their median, so one device cannot coarsen everyone's
 precision by lying, and each device clips its weighted values to it. The scale leaves room for
 one unit of rounding per device: |Σ w_n x_n| <= R because the weights sum to 1.
+
+Distributed DP ([strategy] secure_noise_multiplier σ > 0): the devices clip their vectors to L2
+norm C and report C, so R = C, and each adds a Skellam share μ_dev = (σ·S·w_max·C)²/(2t) in field
+units (``edge_agent/core/distributed_dp.py``, point 5: t the threshold, w_max the largest weight,
+announced in stage 2). n such shares have std σ·S·w_max·C·sqrt(n/t); the scale keeps
+``NOISE_HEADROOM`` of those beside R, so the sum wraps with probability below 1e-14 a
+coordinate. The round's history records ``noise``: σ, the μ of its sum (survivors·μ_dev), S,
+w_max, C and the vector's length, all that ``distributed_dp.rdp_round`` needs for its RDP
+against the coordinator; the ε accountant lives with the devices' ledgers.
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ from fedprune.protocol.secure_setup import SecureSetup
 from fedprune.protocol.secure_vector import unflatten, vector_length
 
 RANGE_OVER_MEDIAN = 4.0
+NOISE_HEADROOM = 8.0  # standard deviations of the devices' summed noise that the field leaves room for
 Downlink = SecureNeighbours | SecureInbox | SecureUnmask
 
 
@@ -58,43 +68,58 @@ def value_range(reports: Mapping[str, SecureKeys]) -> float:
     return float(highs.max()) if median <= 0 else min(float(highs.max()), RANGE_OVER_MEDIAN * median)
 
 
-def field_scale(bits: int, devices: int, value_range: float) -> float:
+def field_scale(bits: int, devices: int, value_range: float, noise_std: float = 0.0) -> float:
     """Field units per unit of value: the sum of ``devices`` weighted values within R, plus one
-    unit of stochastic rounding each, stays below 2**(bits-1)."""
+    unit of stochastic rounding each and ``NOISE_HEADROOM`` times the summed noise's standard
+    deviation ``noise_std`` (value units), stays below 2**(bits-1)."""
     room = (1 << (bits - 1)) - 1 - devices
     if room < 1:
         raise SecAggError("bad_params", f"bits={bits} leave no room for {devices} devices")
-    return room / value_range
+    return room / (value_range + NOISE_HEADROOM * noise_std)
 
 
 class SecureCollection:
     def __init__(self, *, federation: str, round_number: int, setup: SecureSetup, layout: ModelLayout,
                  masks: Mapping[str, np.ndarray], reports: Mapping[str, SecureKeys], weights: Mapping[str, float],
-                 stage_s: float, now: float) -> None:
+                 stage_s: float, now: float, noise_multiplier: float = 0.0) -> None:
         self.round = round_number
         self.setup = setup
         self.layout, self.masks = layout, masks
         self.weights = dict(weights)
         self.stage_s = stage_s
         ids = sorted(reports)
+        self.dimension = vector_length(layout, masks)
         self.aggregator = AggregatorSession(ids, setup.params, setup.session, setup.context(federation, round_number),
-                                            vector_length(layout, masks))
+                                            self.dimension)
         for device in ids:
             self.aggregator.on_advertise(device, AdvertisedKeys(reports[device].share_public, reports[device].mask_public))
         self.expected = self.aggregator.close_advertise()
         self.value_range = value_range(reports)
-        self.scale = field_scale(setup.bits, len(ids), self.value_range)
+        self.noise_multiplier = noise_multiplier
+        self.max_weight = max(min(1.0, self.weights[d]) for d in self.expected)
+        shares = len(self.expected) / setup.threshold  # n shares: n/t times the variance the devices calibrate
+        noise_std = noise_multiplier * self.max_weight * self.value_range * shares**0.5
+        self.scale = field_scale(setup.bits, len(ids), self.value_range, noise_std)
         self.stage = "shares"
         self.answered: set[str] = set()
         self.deadline = now + stage_s
         self.dropped: frozenset[str] = frozenset()
 
     def neighbours(self) -> list[SecureNeighbours]:
-        """Stage 2's messages: each device's neighbours' keys, its weight and the scale."""
+        """Stage 2's messages: each device's neighbours' keys, its weight, the largest and the scale."""
         return [SecureNeighbours(round=self.round, device=d, session=self.setup.session, weight=min(1.0, self.weights[d]),
-                                 value_range=self.value_range, scale=self.scale, keys={v: (k.share_public, k.mask_public)
-                                                         for v, k in self.aggregator.keys_for(d).items()})
+                                 max_weight=self.max_weight, value_range=self.value_range, scale=self.scale,
+                                 keys={v: (k.share_public, k.mask_public)
+                                       for v, k in self.aggregator.keys_for(d).items()})
                 for d in sorted(self.expected)]
+
+    def noise(self, survivors: int) -> dict[str, float]:
+        """The round's distributed-DP noise as the coordinator expects it, for its history: the
+        μ of the sum's Skellam noise (field units) and what its sensitivity depends on."""
+        std = self.noise_multiplier * self.scale * self.max_weight * self.value_range
+        return {"sigma": self.noise_multiplier, "mu": survivors * std**2 / (2 * self.setup.threshold),
+                "scale": self.scale, "weight_max": self.max_weight, "clip_norm": self.value_range,
+                "dimension": self.dimension}
 
     def on_message(self, msg: SecureShares | SecureMasked | SecureReveal) -> str:
         """'' when taken, else the reason it was not (counted by the caller)."""

@@ -15,7 +15,11 @@ update (same mask version only), and each resend doubles the hold-off. A task fo
 round, for a round already in progress or already failed, past its deadline, or not selecting
 this device is ignored with a reason.
 A governance decision (thermal, battery, training window, privacy budget) arrives as
-``decline_reason`` and becomes a Status the coordinator can count, never a silent timeout.
+``decline_reason`` and becomes a Status the coordinator can count, never a silent timeout; so
+does a plain task under distributed DP, whose noise exists only inside a secure round's sum
+(``distributed_dp_needs_secure``). Under distributed DP the secure participant clips and noises
+(``core/secure.py``), and the masked vector's ``SendSecure`` names the cost the daemon charges
+before it leaves.
 """
 
 from __future__ import annotations
@@ -26,13 +30,14 @@ from typing import Callable
 
 import numpy as np
 
+from fedprune.edge_agent.core.distributed_dp import DISTRIBUTED, DISTRIBUTED_DP_NEEDS_SECURE, LOCAL, SkellamCost
 from fedprune.edge_agent.core.feedback import quantise_update
 from fedprune.edge_agent.core.privacy import privatize
-from fedprune.edge_agent.core.secure import SecureAnswer, SecureDownlink, SecureParticipant
+from fedprune.edge_agent.core.secure import DistributedDP, SecureAnswer, SecureDownlink, SecureParticipant
 from fedprune.protocol.hyperparams import HyperParams
 from fedprune.protocol.messages import RoundTask, Update
 from fedprune.protocol.secagg import SecAggError
-from fedprune.protocol.secure_messages import SecureKeys
+from fedprune.protocol.secure_messages import SecureKeys, SecureMasked
 from fedprune.protocol.sparse import SparseParams
 
 Params = dict[str, np.ndarray]
@@ -70,11 +75,13 @@ class Trained:
 
 @dataclass(frozen=True)
 class PrivacyStep:
-    """Client-level DP: clip to ``clip_norm``, add N(0, (noise_multiplier·clip_norm)²) on held positions."""
+    """Client-level DP: clip to ``clip_norm``; ``local``: add N(0, (noise_multiplier·clip_norm)²) on
+    held positions; ``distributed``: add a Skellam share inside a secure round's field instead."""
 
     clip_norm: float
     noise_multiplier: float
     rng: np.random.Generator
+    mechanism: str = LOCAL
 
 
 @dataclass(frozen=True)
@@ -85,7 +92,7 @@ class Train:
 
 @dataclass(frozen=True)
 class Upload:
-    """Send ``update`` (a secure round's first stage: ``SecureKeys``); with DP on, the daemon
+    """Send ``update`` (a secure round's first stage: ``SecureKeys``); with local DP on, the daemon
     charges the privacy ledger first (``norm_before_clip``)."""
 
     update: Update | SecureKeys
@@ -94,9 +101,11 @@ class Upload:
 
 @dataclass(frozen=True)
 class SendSecure:
-    """Send the answer to a secure round's stage (``edge_agent/core/secure.py``)."""
+    """Send the answer to a secure round's stage (``edge_agent/core/secure.py``); with a ``cost``
+    (a masked vector under distributed DP), the daemon charges the privacy ledger first."""
 
     message: SecureAnswer
+    cost: SkellamCost | None = None
 
 
 @dataclass(frozen=True)
@@ -180,6 +189,8 @@ class AgentCore:
             return [Ignore(task.round, "failed_this_round")]
         if now > task.deadline:
             return [Ignore(task.round, "past_deadline")]
+        if self._distributed and task.secure is None:  # no secure sum to hide the noise shares in
+            decline_reason = DISTRIBUTED_DP_NEEDS_SECURE
         if decline_reason is not None:
             return [Decline(task.round, decline_reason)]
         self.phase, self.active_round = Phase.TRAINING, task.round
@@ -193,7 +204,7 @@ class AgentCore:
         trainable = task.layout.subset(s.name for s in task.layout.trainable)
         delta = {s.name: trained.delta[s.name] for s in trainable}
         norm = None
-        if self.privacy is not None:
+        if self.privacy is not None and not self._distributed:
             delta, norm = privatize(delta, trained.masks, self.privacy.clip_norm, self.privacy.noise_multiplier,
                                     self.privacy.rng)
         if self.tamper is not None:  # a hostile device sends what it likes: its own privacy step is no bound on it
@@ -219,9 +230,11 @@ class AgentCore:
         """Start the round's secure stages: the update stays here; its report and keys leave."""
         base = task.params()
         buffer_delta = {name: np.asarray(v, dtype=np.float64) - base[name] for name, v in trained.buffers.items()}
+        p = self.privacy
+        dp = DistributedDP(p.clip_norm, p.noise_multiplier, p.rng) if self._distributed else None
         self.secure = SecureParticipant(device=self.device_id, federation=task.federation, round_number=task.round,
                                         setup=task.secure, layout=task.layout, masks=task.masks, delta=delta,
-                                        buffer_delta=buffer_delta, rng=self.rng)
+                                        buffer_delta=buffer_delta, rng=self.rng, dp=dp)
         return self.secure.keys(trained.n_examples, trained.class_losses if self.report_class_losses else {},
                                 {"train_loss": trained.train_loss, "steps": trained.steps,
                                  "train_seconds": trained.seconds, "macs": float(trained.macs)})
@@ -234,9 +247,14 @@ class AgentCore:
             answer = self.secure.answer(msg)
         except SecAggError as exc:
             return [Ignore(msg.round, exc.reason)]
+        cost = self.secure.cost if isinstance(answer, SecureMasked) else None
         if self.secure.finished:
             self.secure = None
-        return [SendSecure(answer)]
+        return [SendSecure(answer, cost)]
+
+    @property
+    def _distributed(self) -> bool:
+        return self.privacy is not None and self.privacy.mechanism == DISTRIBUTED
 
     def on_uploaded(self, round_number: int, mask_version: int, now: float) -> list[Action]:
         """The broker acknowledged every chunk of the update at ``now``."""

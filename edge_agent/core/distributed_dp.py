@@ -51,6 +51,15 @@ adds an integer noise share, masks the result modulo 2^bits, and the coordinator
      contributions, noise included, from the sum; an honest device is then protected only by the
      honest devices' noise, in the worst case its own Sk(μ/n): ``local_epsilon``, far weaker. With
      h honest survivors the guarantee is ``central_epsilon(mu_per_device, h, ...)``.
+5. In a secure round (``mechanism = "distributed"``, ``edge_agent/core/secure.py``). The device
+   clips its flattened vector to ||x||_2 <= C and, at the masking stage, adds Sk(``device_mu``)
+   with μ_dev = (σ·S·w_max·C)²/(2t): t is the round's SecAgg threshold (``DeviceSession.reveal``
+   refuses to unmask fewer than t survivors, so every sum holds at least t shares) and w_max the
+   round's largest weight, announced by the coordinator. Any t shares put Sk((σ·S·w_max·C)²/2)
+   into the sum, variance (σ·S·w_max·C)², std σ·w_max·C in value units: the central noise for
+   the largest contribution's sensitivity w_max·C. The device charges ``SkellamCost`` at its own
+   weight and μ = t·μ_dev; n > t survivors only add noise (the sum carries n·μ_dev, std
+   σ·w_max·C·sqrt(n/t)), which the coordinator's fixed-point scale must leave room for.
 """
 
 from __future__ import annotations
@@ -65,6 +74,9 @@ from fedprune.edge_agent.core.privacy import DEFAULT_ORDERS, epsilon_from_rdp
 
 # Largest central μ ``mu_for_epsilon`` searches; numpy's Poisson sampler refuses λ near 1e19.
 MAX_MU = 1e18
+# [privacy] mechanism: Gaussian noise on the update itself, or Skellam shares inside a secure round.
+LOCAL, DISTRIBUTED = "local", "distributed"
+DISTRIBUTED_DP_NEEDS_SECURE = "distributed_dp_needs_secure"  # the decline of a plain task under DISTRIBUTED
 
 
 def skellam_noise(shape: tuple[int, ...], mu: float, rng: np.random.Generator) -> np.ndarray:
@@ -153,6 +165,39 @@ class DistributedNoise:
     def sample(self, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
         """One device's noise share: int64 Sk(per_device()) of this shape."""
         return skellam_noise(shape, self.per_device(), rng)
+
+
+def device_mu(noise_multiplier: float, scale: float, max_weight: float, clip_norm: float, threshold: int) -> float:
+    """One device's share μ_dev = (σ·S·w_max·C)²/(2t) in a secure round: any ``threshold`` t
+    shares together carry Sk((σ·S·w_max·C)²/2), Gaussian-like noise of std σ·w_max·C in value
+    units for the largest weighted contribution (theory, point 5)."""
+    _check_positive("noise_multiplier", noise_multiplier)
+    _check_positive("scale", scale)
+    _check_positive("clip_norm", clip_norm)
+    if isinstance(max_weight, bool) or not isinstance(max_weight, (int, float)) or not 0 <= max_weight <= 1:
+        raise ValueError(f"max_weight {max_weight!r}: expected 0 <= w_max <= 1 (a round's weights sum to 1)")
+    if type(threshold) is not int or threshold < 1:
+        raise ValueError(f"threshold {threshold!r}: expected an integer >= 1 (the secure round's t)")
+    return (float(noise_multiplier) * float(scale) * float(max_weight) * float(clip_norm)) ** 2 / (2 * threshold)
+
+
+@dataclass(frozen=True)
+class SkellamCost:
+    """What releasing one share-noised, weighted vector costs a device: ``rdp_skellam`` at its
+    sensitivities (field units) and the μ its sum carries at least. It answers ``rdp(orders)``
+    like ``privacy.RoundCost``, so ``PrivacyBudget`` adds it to the same per-order RDP as the
+    Gaussian rounds of local DP."""
+
+    l1: float
+    l2: float
+    mu: float
+
+    @classmethod
+    def of_round(cls, clip_norm: float, scale: float, dimension: int, weight: float, mu: float) -> SkellamCost:
+        return cls(*sensitivities(clip_norm, scale, dimension, weight), mu)
+
+    def rdp(self, orders: tuple[float, ...] = DEFAULT_ORDERS) -> np.ndarray:
+        return rdp_skellam(self.l1, self.l2, self.mu, orders)
 
 
 def mu_for_epsilon(epsilon: float, delta: float, rounds: int, clip_norm: float, scale: float, dimension: int,

@@ -6,18 +6,23 @@ completes the round or fails it with a reason; and what it receives does not giv
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
 
-from fedprune.coordinator.core.secure_round import (RANGE_OVER_MEDIAN, SecureCollection, SecureFailed, SecureSum,
-                                                    field_scale, value_range)
-from fedprune.edge_agent.core.agent import AgentCore, SendSecure, Trained, Upload
+from fedprune.coordinator.core.secure_round import (NOISE_HEADROOM, RANGE_OVER_MEDIAN, SecureCollection, SecureFailed,
+                                                    SecureSum, field_scale, value_range)
+from fedprune.edge_agent.core.agent import AgentCore, Decline, PrivacyStep, SendSecure, Trained, Upload
+from fedprune.edge_agent.core.distributed_dp import (DISTRIBUTED, DISTRIBUTED_DP_NEEDS_SECURE, LOCAL, SkellamCost,
+                                                     central_epsilon, device_mu, rdp_skellam, sensitivities)
+from fedprune.edge_agent.core.privacy import DEFAULT_ORDERS
+from fedprune.edge_agent.ledger import PrivacyLedger, read_budget
 from fedprune.protocol.hyperparams import HyperParams
 from fedprune.protocol.layout import ModelLayout, TensorSpec
 from fedprune.protocol.messages import ModelRef, RoundTask
 from fedprune.protocol.secagg import SecureParams
-from fedprune.protocol.secure_messages import SecureKeys, SecureMasked, SecureShares
+from fedprune.protocol.secure_messages import SecureInbox, SecureKeys, SecureMasked, SecureShares
 from fedprune.protocol.secure_setup import SecureSetup
 from fedprune.protocol.secure_vector import flatten, unflatten, vector_length
 from fedprune.protocol.sparse import SparseParams
@@ -51,18 +56,25 @@ def trained(task: RoundTask, rng: np.random.Generator, noisy: bool = False) -> T
 
 
 class Round:
-    """n devices through stage 1; ``run`` drives stages 2-4, leaving ``drop[stage]`` silent there."""
+    """n devices through stage 1; ``run`` drives stages 2-4, leaving ``drop[stage]`` silent there.
+    ``privacy`` (clip_norm, noise_multiplier, mechanism) gives every device that privacy step."""
 
-    def __init__(self, n: int, seed: int = 0, bits: int = 16, degree: int | None = None):
+    def __init__(self, n: int, seed: int = 0, bits: int = 16, degree: int | None = None,
+                 privacy: tuple[float, float, str] | None = None):
         rng = np.random.default_rng(seed)
         self.task = make_task(n, rng, bits, degree)
         self.cores, self.trained, self.reports = {}, {}, {}
+        self.uploads: dict[str, Upload] = {}
+        self.costs: dict[str, SkellamCost | None] = {}  # what each masked vector's SendSecure asked to charge
         for i, device in enumerate(self.task.selected):
-            core = AgentCore(device, rng=np.random.default_rng(100 + i))
+            step = None if privacy is None else PrivacyStep(*privacy[:2], np.random.default_rng([seed, 200 + i]),
+                                                            privacy[2])
+            core = AgentCore(device, rng=np.random.default_rng(100 + i), privacy=step)
             core.on_task(self.task, 0.0)
             self.trained[device] = trained(self.task, rng)
             (upload,) = core.on_trained(self.task, self.trained[device])
             assert isinstance(upload, Upload) and isinstance(upload.update, SecureKeys)
+            self.uploads[device] = upload
             core.on_uploaded(self.task.round, 0, 1.0)
             self.cores[device], self.reports[device] = core, upload.update
         self.received: list = []
@@ -71,11 +83,11 @@ class Round:
         raw = {d: float(self.trained[d].n_examples) for d in ids}
         return {d: v / sum(raw.values()) for d, v in raw.items()}
 
-    def collection(self, devices=None) -> SecureCollection:
+    def collection(self, devices=None, noise_multiplier: float = 0.0) -> SecureCollection:
         reports = {d: self.reports[d] for d in (devices or self.reports)}
         return SecureCollection(federation=FED, round_number=3, setup=self.task.secure, layout=LAYOUT,
                                 masks=self.task.masks, reports=reports, weights=self.weights(reports), stage_s=10.0,
-                                now=0.0)
+                                now=0.0, noise_multiplier=noise_multiplier)
 
     def run(self, collection: SecureCollection, drop: dict[str, set[str]] | None = None):
         drop = drop or {}
@@ -87,6 +99,8 @@ class Round:
                     continue
                 (action,) = self.cores[msg.device].on_secure(msg)
                 assert isinstance(action, SendSecure), action
+                if isinstance(action.message, SecureMasked):
+                    self.costs[msg.device] = action.cost
                 self.received.append(action.message)
                 assert collection.on_message(action.message) == ""
             now += 11.0  # past the stage deadline: who did not answer has dropped
@@ -95,12 +109,17 @@ class Round:
                 return outcome
             outgoing, stage = outcome, collection.stage
 
-    def plain_mean(self, survivors) -> np.ndarray:
+    def plain_mean(self, survivors, clip_norm: float | None = None) -> np.ndarray:
+        """The weighted mean of the survivors' vectors (each first clipped to L2 norm ``clip_norm``)."""
         w = self.weights(self.reports)
-        base = self.task.params()
-        total = sum(w[d] * flatten(LAYOUT, self.task.masks, self.trained[d].delta,
-                                   {k: v - base[k] for k, v in self.trained[d].buffers.items()}) for d in survivors)
+        total = sum(w[d] * self.vector(d, clip_norm) for d in survivors)
         return total / sum(w[d] for d in survivors)
+
+    def vector(self, device: str, clip_norm: float | None = None) -> np.ndarray:
+        base = self.task.params()
+        v = flatten(LAYOUT, self.task.masks, self.trained[device].delta,
+                    {k: v - base[k] for k, v in self.trained[device].buffers.items()})
+        return v if clip_norm is None else v * min(1.0, clip_norm / np.linalg.norm(v))
 
 
 def secure_mean(outcome: SecureSum, masks) -> np.ndarray:
@@ -223,3 +242,124 @@ def test_the_vector_order_round_trips():
     delta, buffers = unflatten(LAYOUT, task.masks, vector)
     np.testing.assert_allclose(delta["fc.weight"], t.delta["fc.weight"], atol=1e-7)
     np.testing.assert_allclose(buffers["bn.running_mean"], t.buffers["bn.running_mean"], atol=1e-7)
+
+
+# --- distributed differential privacy ---------------------------------------------------------------
+
+C, SIGMA = 0.2, 0.5  # the vectors' norms are about 0.4: every device clips
+
+
+def dp_round(n: int, seed: int, sigma: float = SIGMA, bits: int = 24, **kw) -> tuple[Round, SecureCollection]:
+    r = Round(n, seed=seed, bits=bits, privacy=(C, sigma, DISTRIBUTED), **kw)
+    return r, r.collection(noise_multiplier=sigma)
+
+
+def test_under_distributed_dp_the_unmasked_mean_carries_noise_of_std_sigma_wmax_C_sqrt_n_over_t():
+    """Each of n devices adds Sk((σ·S·w_max·C)²/(2t)): the sum's noise has std σ·w_max·C·sqrt(n/t)
+    in value units (the weights sum to 1), centred on the weighted mean of the clipped vectors."""
+    errors, expected = [], []
+    for seed in range(3):
+        r, collection = dp_round(20, seed)
+        outcome = r.run(collection)
+        assert isinstance(outcome, SecureSum) and len(outcome.survivors) == 20
+        error = secure_mean(outcome, r.task.masks) - r.plain_mean(r.reports, clip_norm=C)
+        errors.append(error)
+        expected.append(SIGMA * collection.max_weight * C * np.sqrt(20 / r.task.secure.threshold))
+        without = r.plain_mean(r.reports)  # unclipped: farther from what the devices sent
+        assert np.linalg.norm(secure_mean(outcome, r.task.masks) - without) > np.linalg.norm(error)
+    pooled = np.concatenate([e / x for e, x in zip(errors, expected)])  # in units of the expected std
+    assert 0.75 < pooled.std() < 1.3, pooled.std()
+    assert abs(pooled.mean()) < 4 / np.sqrt(pooled.size)
+
+
+def test_devices_report_C_so_the_range_is_data_free_and_the_scale_leaves_room_for_the_noise():
+    r, collection = dp_round(12, seed=1, bits=16)
+    assert {k.max_abs for k in r.reports.values()} == {C} and collection.value_range == C
+    t = r.task.secure.threshold
+    noise_std = SIGMA * collection.max_weight * C * np.sqrt(12 / t)
+    assert collection.scale == pytest.approx(field_scale(16, 12, C, noise_std))
+    assert collection.scale * (C + NOISE_HEADROOM * noise_std) < 2**15 - 12
+    assert collection.max_weight == pytest.approx(max(r.weights(r.reports).values()))
+    assert all(m.max_weight == collection.max_weight for m in collection.neighbours())
+    outcome = r.run(collection)
+    assert isinstance(outcome, SecureSum)
+    noise = collection.noise(len(outcome.survivors))
+    share = device_mu(SIGMA, collection.scale, collection.max_weight, C, t)
+    assert noise == {"sigma": SIGMA, "mu": pytest.approx(12 * share), "scale": collection.scale,
+                     "weight_max": collection.max_weight, "clip_norm": C, "dimension": collection.dimension}
+
+
+def test_each_masked_vector_names_its_skellam_cost_and_the_ledger_charges_it(tmp_path):
+    """The cost is the device's own: its weight's sensitivities (rounding included) against the
+    t·μ_dev every unmasked sum holds at least; on disk it is per-order RDP, the local format."""
+    r, collection = dp_round(9, seed=2, bits=16)
+    r.run(collection)
+    t, d, w = r.task.secure.threshold, collection.dimension, r.weights(r.reports)
+    mu = device_mu(SIGMA, collection.scale, collection.max_weight, C, t)
+    for device, cost in r.costs.items():
+        assert cost == SkellamCost(*sensitivities(C, collection.scale, d, w[device]), t * mu)
+    device = max(w, key=w.get)  # the largest weight: its noise is calibrated to it
+    ledger = PrivacyLedger(tmp_path / "privacy-fed.json", FED, epsilon_budget=50.0, delta=1e-5, clip_norm=C,
+                           noise_multiplier=SIGMA)
+    ledger.charge(r.costs[device])
+    stored = read_budget(tmp_path / "privacy-fed.json")
+    l1, l2 = sensitivities(C, collection.scale, d, w[device])
+    np.testing.assert_allclose(stored.rdp, rdp_skellam(l1, l2, t * mu, DEFAULT_ORDERS))
+    assert stored.rounds == 1 and stored.spent == pytest.approx(
+        central_epsilon(mu, t, 1, 1e-5, C, collection.scale, d, w[device]))
+    ledger.charge()  # a local round after it adds to the same per-order RDP
+    both = read_budget(tmp_path / "privacy-fed.json")
+    np.testing.assert_allclose(both.rdp, np.asarray(stored.rdp) + ledger.cost.rdp(DEFAULT_ORDERS))
+    local = tmp_path / "privacy-local.json"
+    PrivacyLedger(local, FED, epsilon_budget=50.0, delta=1e-5, clip_norm=C, noise_multiplier=SIGMA).charge()
+    assert json.loads(local.read_text()).keys() == json.loads((tmp_path / "privacy-fed.json").read_text()).keys()
+
+
+def test_a_round_that_does_not_fit_the_budget_is_known_before_the_masked_vector_leaves(tmp_path):
+    """The ledger's ``fits`` judges the exact cost the masked vector names: at 8 bits rounding
+    makes it dearer than the Gaussian screen ``exhausted`` applies before training."""
+    r, collection = dp_round(9, seed=2, bits=8)
+    r.run(collection)
+    cost = r.costs[max(r.costs, key=lambda d: r.weights(r.reports)[d])]
+    ledger = PrivacyLedger(tmp_path / "privacy-fed.json", FED, epsilon_budget=1.0, delta=1e-5, clip_norm=C,
+                           noise_multiplier=SIGMA)
+    gaussian = ledger.budget.epsilon_after(ledger.cost)
+    exact = ledger.budget.epsilon_after(cost)
+    assert exact > 1.2 * gaussian
+    tight = PrivacyLedger(tmp_path / "privacy-tight.json", FED, epsilon_budget=(gaussian + exact) / 2, delta=1e-5,
+                          clip_norm=C, noise_multiplier=SIGMA)
+    assert not tight.exhausted and not tight.fits(cost)
+    with pytest.raises(RuntimeError, match="budget exhausted"):
+        tight.charge(cost)
+    assert not (tmp_path / "privacy-tight.json").exists()
+
+
+def test_a_weight_above_the_announced_largest_is_refused():
+    r, collection = dp_round(5, seed=3)
+    first = collection.neighbours()[0]
+    (action,) = r.cores[first.device].on_secure(dataclasses.replace(first, max_weight=first.weight / 2))
+    assert action.reason == "weight_above_max"
+    (action,) = r.cores[first.device].on_secure(first)  # the stage is still open for the real message
+    assert isinstance(action, SendSecure)
+
+
+def test_a_plain_task_is_declined_under_distributed_dp_and_local_dp_still_runs_under_secure():
+    rng = np.random.default_rng(4)
+    plain = dataclasses.replace(make_task(5, rng), secure=None)
+    core = AgentCore("d00", privacy=PrivacyStep(C, SIGMA, rng, DISTRIBUTED))
+    assert core.on_task(plain, 0.0) == [Decline(3, DISTRIBUTED_DP_NEEDS_SECURE)]
+    assert core.on_task(plain, 0.0, decline_reason="too_hot") == [Decline(3, DISTRIBUTED_DP_NEEDS_SECURE)]
+    r = Round(6, seed=4, privacy=(C, SIGMA, LOCAL))  # clip and Gaussian noise on the update, then masking
+    assert all(u.norm_before_clip is not None for u in r.uploads.values())
+    assert all(k.max_abs != C for k in r.reports.values())
+    outcome = r.run(r.collection())
+    assert isinstance(outcome, SecureSum) and set(r.costs.values()) == {None}  # charged at stage 1, as a plain round
+
+
+def test_a_scale_that_leaves_the_noise_shares_no_room_is_refused_not_crashed_on():
+    r, collection = dp_round(5, seed=5, bits=32)
+    first = collection.neighbours()[0]
+    core = r.cores[first.device]
+    core.on_secure(dataclasses.replace(first, scale=1e12))  # a share of mu above what a Poisson sampler draws
+    (action,) = core.on_secure(SecureInbox(round=3, device=first.device, session=first.session, ciphertexts={}))
+    assert action.reason == "noise_out_of_range"

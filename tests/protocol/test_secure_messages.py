@@ -38,8 +38,8 @@ def uplinks(rng):
 
 def downlinks():
     return [
-        SecureNeighbours(round=5, device="dev-a", session=SID, weight=0.125, scale=8192.0,
-                         keys={"dev-b": (bytes(32), bytes(range(32)))}),
+        SecureNeighbours(round=5, device="dev-a", session=SID, weight=0.125, max_weight=0.25, value_range=0.5,
+                         scale=8192.0, keys={"dev-b": (bytes(32), bytes(range(32)))}),
         SecureInbox(round=5, device="dev-a", session=SID, ciphertexts={"dev-b": b"z" * 170}),
         SecureUnmask(round=5, device="dev-a", session=SID, survivors=("dev-a", "dev-b"), dropped=("dev-c",)),
     ]
@@ -113,9 +113,13 @@ def test_invalid_stages_are_refused_on_construction():
         SecureMasked(round=1, device="d", session=SID, bits=8, values=np.array([256], dtype=np.uint32))
     with pytest.raises(ValueError, match="both survive and drop"):
         SecureUnmask(round=1, device="d", session=SID, survivors=("a",), dropped=("a",))
-    with pytest.raises(ValueError, match="weights of a round sum to 1"):
-        SecureNeighbours(round=1, device="d", session=SID, weight=1.5, scale=1.0, keys={})
+    with pytest.raises(ValueError, match="weight=1.5: weights of a round sum to 1"):
+        SecureNeighbours(round=1, device="d", session=SID, weight=1.5, max_weight=1.0, value_range=1.0, scale=1.0,
+                         keys={})
+    with pytest.raises(ValueError, match="max_weight=2.0: weights of a round sum to 1"):
+        SecureNeighbours(round=1, device="d", session=SID, weight=0.5, max_weight=2.0, value_range=1.0, scale=1.0,
+                         keys={})
     with pytest.raises(ValueError, match="session must be 8 bytes"):
         SecureShares(round=1, device="d", session=b"short", ciphertexts={})
-    with pytest.raises(ValueError, match="exceeds degree"):
-        SecureSetup(SID, 16, 2, 4)
+    with pytest.raises(ValueError, match="more than half the neighbours"):
+        SecureSetup(SID, 16, 4, 2)
