@@ -43,7 +43,7 @@ from fedprune.coordinator.releases import (latest_release, make_release, release
                                            releases_on_disk)
 from fedprune.coordinator.fleet.registry_store import RegistryStore
 from fedprune.coordinator.core.rounds import Accepted, CloseRound, RetryRound, RoundMachine, RoundPolicy
-from fedprune.coordinator.core.secure_round import SecureCollection, SecureFailed, SecureSum
+from fedprune.coordinator.core.secure_round import SecureCollection, SecureFailed
 from fedprune.coordinator.state import Checkpoint, StateDir, StateError, load_identity
 from fedprune.coordinator.core.strategy import ClientUpdate, RoundPlan, Strategy
 from fedprune.common.configkit import ConfigError
@@ -132,6 +132,7 @@ class CoordinatorDaemon:
             if aside is not None:
                 self._note(logging.WARNING, "history_set_aside", file=aside, reason="no_checkpoint")
             self.rng = np.random.default_rng(config.federation.seed)
+            self.central_rdp = np.zeros(0)  # the RDP of every secure sum released so far (distributed DP)
             self.state = self.strategy.initial_state(self.layout, init_params(self.spec, config.federation.seed), self.rng)
             self._checkpoint(completed=0)
         else:
@@ -192,6 +193,7 @@ class CoordinatorDaemon:
         self.state, self.history_bytes = checkpoint.state, checkpoint.history_bytes
         self.holders, self.release_version = checkpoint.holders, checkpoint.release_version
         last = checkpoint.last_entry or {}
+        self.central_rdp = np.asarray(last.get("secure", {}).get("rdp_total", []), dtype=np.float64)
         self._bytes_before = (int(last.get("cum_bytes_in", 0)), int(last.get("cum_bytes_out", 0)))
         emit(log, logging.INFO, "resumed", completed_rounds=self.completed, mask_version=self.state.mask_version)
 
@@ -329,6 +331,8 @@ class CoordinatorDaemon:
                 self._registry_dirty = True
             if message.state is State.OFFLINE:
                 self.downlink.lost(message.device)
+                if self._secure is not None:
+                    self._secure[0].forget(message.device)
                 self._note(logging.INFO, "device_offline", device=message.device, reason=message.reason)
             if message.state is State.DECLINED:
                 self._on_declined(message, now)
@@ -602,8 +606,23 @@ class CoordinatorDaemon:
                                                    outcome.buffer_delta, outcome.survivors, self.rng)
         secure = {"survivors": len(outcome.survivors), "dropped": list(outcome.dropped)}
         if collection.noise_multiplier > 0:
-            secure["noise"] = collection.noise(len(outcome.survivors))
+            secure.update(self._central_epsilon(collection.noise(len(outcome.survivors))))
         self._record_round(closed, result, now, secure=secure)
+
+    def _central_epsilon(self, noise: dict[str, float]) -> dict[str, Any]:
+        """The central ε of the sums released so far, against this coordinator alone, at the noise
+        the survivors' shares put into each sum (what every device's own ledger charges at its own
+        weight is the device's business; this is the operator's view, at the round's largest weight)."""
+        from fedprune.protocol.distributed_dp import rdp_round
+        from fedprune.protocol.rdp import DEFAULT_ORDERS, epsilon_from_rdp
+
+        rdp = rdp_round(noise["mu"], noise["clip_norm"], noise["scale"], int(noise["dimension"]), noise["weight_max"])
+        total = rdp + (self.central_rdp if self.central_rdp.shape == rdp.shape else 0.0)
+        self.central_rdp = total
+        delta = self.config.strategy.secure_delta
+        return {"noise": noise, "delta": delta, "epsilon_round": epsilon_from_rdp(rdp, delta, DEFAULT_ORDERS)[0],
+                "epsilon_total": epsilon_from_rdp(total, delta, DEFAULT_ORDERS)[0],
+                "rdp_total": [float(f"{v:.6g}") for v in total]}
 
     def _secure_failed(self, closed: CloseRound[SecureKeys], reason: str, detail: str, now: float) -> None:
         """The round ends without a sum: the model stays, the round counts (devices move on)."""
@@ -684,6 +703,8 @@ class CoordinatorDaemon:
             self.early_updates.pop(device, None)
             self.downlink.lost(device)
             in_round = self.rounds.discard(device)
+            if self._secure is not None:
+                self._secure[0].forget(device)
             self.metrics.inc("revocations_applied_total")
             self._note(logging.WARNING, "device_revoked", device=device, open_round=self.rounds.open_round,
                        dropped_from_round=in_round)

@@ -15,7 +15,7 @@ from typing import Mapping
 from fedprune.common.configkit import in_range, load, one_of, render_example, setting
 from fedprune.common.data_source import DataSource
 from fedprune.common.models import TRAINING_DEVICES
-from fedprune.edge_agent.core.distributed_dp import DISTRIBUTED, LOCAL
+from fedprune.protocol.distributed_dp import DISTRIBUTED, LOCAL
 from fedprune.edge_agent.core.guard import GovernanceConfig
 
 ENV_PREFIX = "FEDPRUNE_AGENT_"
@@ -94,7 +94,7 @@ class PrivacySection:
     ``distributed`` needs secure aggregation: each device adds a share of Skellam noise inside the
     masked field, so that the sum the coordinator unmasks carries the noise of one central
     mechanism (std σ·w_max·C) instead of one per device; its ε holds against the coordinator, as
-    long as the devices in the sum are honest (``fedprune.edge_agent.core.distributed_dp``).
+    long as the devices in the sum are honest (``fedprune.protocol.distributed_dp``).
     """
 
     enabled: bool = setting(False, "clip and noise every update before it leaves, and keep the device's ε ledger")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from fedprune.common.configkit import ConfigError
 from fedprune.common.fsutil import atomic_write
-from fedprune.edge_agent.core.distributed_dp import SkellamCost
+from fedprune.protocol.distributed_dp import SkellamCost
 from fedprune.edge_agent.core.privacy import PrivacyBudget, RoundCost
 
 LEDGER_GLOB = "privacy-*.json"

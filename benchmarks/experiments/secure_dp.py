@@ -70,7 +70,7 @@ def distributed_sigma(epsilon: float, rounds: int, devices: int, bits: int, dime
     there keeps every device within ε. S follows σ (the coordinator's headroom), hence a fixed
     point of σ -> scale -> ``mu_for_epsilon`` -> σ."""
     from fedprune.coordinator.core.secure_round import field_scale
-    from fedprune.edge_agent.core.distributed_dp import mu_for_epsilon
+    from fedprune.protocol.distributed_dp import mu_for_epsilon
     from fedprune.edge_agent.core.privacy import noise_multiplier_for
     from fedprune.protocol.secagg import SecureParams
 

@@ -17,7 +17,7 @@ one unit of rounding per device: |Σ w_n x_n| <= R because the weights sum to 1.
 
 Distributed DP ([strategy] secure_noise_multiplier σ > 0): the devices clip their vectors to L2
 norm C and report C, so R = C, and each adds a Skellam share μ_dev = (σ·S·w_max·C)²/(2t) in field
-units (``edge_agent/core/distributed_dp.py``, point 5: t the threshold, w_max the largest weight,
+units (``protocol/distributed_dp.py``, point 5: t the threshold, w_max the largest weight,
 announced in stage 2). n such shares have std σ·S·w_max·C·sqrt(n/t); the scale keeps
 ``NOISE_HEADROOM`` of those beside R, so the sum wraps with probability below 1e-14 a
 coordinate. The round's history records ``noise``: σ, the μ of its sum (survivors·μ_dev), S,
@@ -121,6 +121,11 @@ class SecureCollection:
                 "scale": self.scale, "weight_max": self.max_weight, "clip_norm": self.value_range,
                 "dimension": self.dimension}
 
+    def forget(self, device: str) -> None:
+        """Stop waiting for a device known to be gone (its last will, a revocation): the stage
+        closes without it as soon as the others have answered, not at the deadline."""
+        self.expected = frozenset(self.expected - {device})
+
     def on_message(self, msg: SecureShares | SecureMasked | SecureReveal) -> str:
         """'' when taken, else the reason it was not (counted by the caller)."""
         if msg.session != self.setup.session:
@@ -141,7 +146,7 @@ class SecureCollection:
 
     def tick(self, now: float) -> list[Downlink] | SecureSum | SecureFailed | None:
         """The next stage's messages once this one is complete or overdue; the outcome at the end."""
-        if self.answered < self.expected and now <= self.deadline:
+        if not self.expected <= self.answered and now <= self.deadline:
             return None
         self.answered, self.deadline = set(), now + self.stage_s
         try:

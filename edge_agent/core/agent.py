@@ -30,7 +30,7 @@ from typing import Callable
 
 import numpy as np
 
-from fedprune.edge_agent.core.distributed_dp import DISTRIBUTED, DISTRIBUTED_DP_NEEDS_SECURE, LOCAL, SkellamCost
+from fedprune.protocol.distributed_dp import DISTRIBUTED, DISTRIBUTED_DP_NEEDS_SECURE, LOCAL, SkellamCost
 from fedprune.edge_agent.core.feedback import quantise_update
 from fedprune.edge_agent.core.privacy import privatize
 from fedprune.edge_agent.core.secure import DistributedDP, SecureAnswer, SecureDownlink, SecureParticipant

@@ -36,15 +36,10 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from fedprune.protocol.rdp import DEFAULT_ORDERS, epsilon_from_rdp, orders_array as _orders
+
 PRIVACY_BUDGET_EXHAUSTED = "privacy_budget_exhausted"
 BUDGET_FORMAT = "fedprune-privacy-budget/1"
-
-# Fractional orders help only without subsampling (where RDP is exact for every α > 1); large
-# orders matter for large σ, where the optimal α grows like σ·sqrt(2 log(1/δ)).
-DEFAULT_ORDERS: tuple[float, ...] = (
-    1.25, 1.5, 1.75, *map(float, range(2, 65)), 80.0, 96.0, 128.0, 160.0, 192.0, 256.0, 384.0, 512.0,
-    768.0, 1024.0, 2048.0, 4096.0,
-)
 
 Arrays = Mapping[str, np.ndarray]
 
@@ -163,23 +158,6 @@ def _log_a_integer(alpha: int, q: float, sigma: float) -> float:
     terms = log_binomial + (alpha - k) * math.log1p(-q) + k * math.log(q) + (k * k - k) / (2 * sigma**2)
     top = terms.max()
     return float(top + math.log(np.sum(np.exp(terms - top))))
-
-
-def epsilon_from_rdp(rdp: np.ndarray, delta: float, orders: tuple[float, ...] = DEFAULT_ORDERS) -> tuple[float, float]:
-    """(ε, the order α that attains it) for (ε, δ)-DP, by the Canonne-Kamath-Steinke conversion."""
-    if not (isinstance(delta, float) and 0 < delta < 1):
-        raise ValueError(f"delta {delta!r}: expected a float in (0, 1), typically below 1/number of devices")
-    alphas = _orders(orders)
-    rdp = np.asarray(rdp, dtype=np.float64)
-    if rdp.shape != alphas.shape:
-        raise ValueError(f"{rdp.shape[0] if rdp.ndim else 0} RDP values for {alphas.size} orders")
-    if not np.any(rdp):
-        return 0.0, float(alphas[-1])  # nothing released yet; the conversion alone would not reach 0
-    with np.errstate(invalid="ignore"):
-        eps = rdp + np.log1p(-1.0 / alphas) - (math.log(delta) + np.log(alphas)) / (alphas - 1)
-    eps = np.where(np.isfinite(rdp), eps, np.inf)
-    best = int(np.argmin(eps))
-    return max(0.0, float(eps[best])), float(alphas[best])
 
 
 def compute_epsilon(
@@ -308,13 +286,6 @@ def _number(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{value!r} is not a number")
     return float(value)
-
-
-def _orders(orders: tuple[float, ...]) -> np.ndarray:
-    alphas = np.asarray(orders, dtype=np.float64)
-    if alphas.ndim != 1 or alphas.size == 0 or not np.all(alphas > 1) or not np.all(np.isfinite(alphas)):
-        raise ValueError("orders: expected a non-empty sequence of finite Rényi orders > 1")
-    return alphas
 
 
 def _check_positive(name: str, value: Any) -> None:

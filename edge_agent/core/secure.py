@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedprune.edge_agent.core.distributed_dp import MAX_MU, SkellamCost, device_mu, skellam_noise
+from fedprune.protocol.distributed_dp import MAX_MU, SkellamCost, device_mu, skellam_noise
 from fedprune.protocol.secagg import AdvertisedKeys, DeviceSession, SecAggError, to_field
 from fedprune.protocol.secure_messages import (SecureInbox, SecureKeys, SecureMasked, SecureNeighbours, SecureReveal,
                                                SecureShares, SecureUnmask)

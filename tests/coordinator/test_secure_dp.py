@@ -17,7 +17,8 @@ from fedprune.coordinator.api import simulate
 from fedprune.coordinator.core.config import StrategyConfig
 from fedprune.coordinator.fleet.registry_store import RegistryStore
 from fedprune.edge_agent.config import load_config
-from fedprune.edge_agent.core.distributed_dp import DISTRIBUTED_DP_NEEDS_SECURE, SkellamCost
+from fedprune.protocol.distributed_dp import DISTRIBUTED_DP_NEEDS_SECURE, SkellamCost, rdp_round
+from fedprune.protocol.rdp import epsilon_from_rdp
 from fedprune.edge_agent.core.privacy import DEFAULT_ORDERS, PRIVACY_BUDGET_EXHAUSTED, compute_epsilon
 from fedprune.edge_agent.status import device_status
 from fedprune.protocol.secagg import SecureParams
@@ -58,6 +59,13 @@ def test_every_ledger_holds_the_skellam_cost_of_its_own_weight_in_each_round(tmp
     for device, ledger in found.items():
         assert ledger["rounds"] == 2
         np.testing.assert_allclose(ledger["rdp"], expected[device], rtol=1e-9)
+    # the coordinator's report: the central ε of the sums so far, at the round's largest weight
+    first, second = (e["secure"] for e in result.history)
+    rounds_rdp = [rdp_round(e["noise"]["mu"], C, e["noise"]["scale"], e["noise"]["dimension"], e["noise"]["weight_max"])
+                  for e in (first, second)]
+    assert first["epsilon_total"] == pytest.approx(first["epsilon_round"])
+    assert second["epsilon_total"] == pytest.approx(epsilon_from_rdp(sum(rounds_rdp), 1e-5)[0], rel=1e-5)
+    assert second["epsilon_total"] > max(first["epsilon_round"], second["epsilon_round"])
 
 
 def test_a_round_that_no_longer_fits_stops_the_device_before_its_masked_vector_leaves(tmp_path):

@@ -14,7 +14,7 @@ import pytest
 from fedprune.coordinator.core.secure_round import (NOISE_HEADROOM, RANGE_OVER_MEDIAN, SecureCollection, SecureFailed,
                                                     SecureSum, field_scale, value_range)
 from fedprune.edge_agent.core.agent import AgentCore, Decline, PrivacyStep, SendSecure, Trained, Upload
-from fedprune.edge_agent.core.distributed_dp import (DISTRIBUTED, DISTRIBUTED_DP_NEEDS_SECURE, LOCAL, SkellamCost,
+from fedprune.protocol.distributed_dp import (DISTRIBUTED, DISTRIBUTED_DP_NEEDS_SECURE, LOCAL, SkellamCost,
                                                      central_epsilon, device_mu, rdp_skellam, sensitivities)
 from fedprune.edge_agent.core.privacy import DEFAULT_ORDERS
 from fedprune.edge_agent.ledger import PrivacyLedger, read_budget
@@ -363,3 +363,17 @@ def test_a_scale_that_leaves_the_noise_shares_no_room_is_refused_not_crashed_on(
     core.on_secure(dataclasses.replace(first, scale=1e12))  # a share of mu above what a Poisson sampler draws
     (action,) = core.on_secure(SecureInbox(round=3, device=first.device, session=first.session, ciphertexts={}))
     assert action.reason == "noise_out_of_range"
+
+
+def test_a_device_known_to_be_gone_is_not_waited_for():
+    r = Round(9, seed=9)
+    collection = r.collection()
+    outgoing = collection.neighbours()
+    gone = outgoing[0].device
+    for msg in outgoing[1:]:
+        (action,) = r.cores[msg.device].on_secure(msg)
+        assert collection.on_message(action.message) == ""
+    assert collection.tick(1.0) is None  # still waiting for the silent one, well before the deadline
+    collection.forget(gone)  # its last will arrived
+    nxt = collection.tick(1.0)
+    assert isinstance(nxt, list) and gone not in {m.device for m in nxt}

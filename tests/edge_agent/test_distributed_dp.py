@@ -1,4 +1,4 @@
-"""fedprune.edge_agent.core.distributed_dp: Skellam noise shares, the Skellam RDP bound against the exact
+"""fedprune.protocol.distributed_dp: Skellam noise shares, the Skellam RDP bound against the exact
 Rényi divergence of shifted Skellams, sensitivities of rounded vectors, and the central/local accountant."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from fedprune.edge_agent.core.distributed_dp import (
+from fedprune.protocol.distributed_dp import (
     DistributedNoise,
     central_epsilon,
     local_epsilon,

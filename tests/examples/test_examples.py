@@ -9,7 +9,6 @@ import dataclasses
 import importlib
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pytest

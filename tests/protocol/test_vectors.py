@@ -13,7 +13,7 @@ whose weights are the change since the previous round's (and tasks with a bad or
 ``group_1_6.json`` the same at 1.6, plus a task for a factory's regression model with arguments,
 package, tensor digests and AdamW (and tasks with a nested argument, an unknown task kind or
 optimizer, or no arguments key); ``group_1_7.json`` the same at 1.7, plus a task for a round under
-secure aggregation. A body of an older minor must decode to its
+secure aggregation and one message of each of its seven stages (uplinks sealed, downlinks encrypted). A body of an older minor must decode to its
 stored summary less the fields removed since (``VESTIGES``) and with the fields added since at
 what its sender meant (``ADDITIONS``), and re-encode to its bytes with those keys at that value.
 ``valid.json`` and ``invalid.json`` are no longer generated: this build's encoder cannot write a
@@ -45,6 +45,9 @@ from fedprune.protocol.errors import ProtocolError
 from fedprune.protocol.hyperparams import HyperParams
 from fedprune.protocol.messages import KeyGrant, Kind, State, Status
 from fedprune.protocol.layout import ModelLayout, TensorSpec
+from fedprune.protocol.secure_messages import (
+    SECURE_UPLINKS, SecureInbox, SecureKeys, SecureMasked, SecureNeighbours, SecureReveal, SecureShares, SecureUnmask,
+)
 from fedprune.protocol.secure_setup import SecureSetup
 from fedprune.protocol.sparse import MaskStore, SparseParams, ValueDtype
 from tests.protocol.factories import rewrite_meta
@@ -267,13 +270,27 @@ def generate_group() -> None:  # pragma: no cover - run by hand after a delibera
         t, model=dataclasses.replace(t.model, args={"hidden": [32, 16], "dropout": 0.25, "act": "gelu", "bias": False},
                                      task="regression", package="mypkg 1.2.0", tensor_digests=f.LAYOUT.tensor_digests()),
         hyper=dataclasses.replace(t.hyper, optimizer="adamw"), target_edges=((-1.5, 0.0, 2.25), (10.0, 20.0, 40.0), (0.5, 0.75, 1.0)))
-    # 1.7: a round under secure aggregation
-    secure = dataclasses.replace(t, secure=SecureSetup(bytes.fromhex("0102030405060708"), 16, 4, 3))
+    # 1.7: a round under secure aggregation, and one message of each of its stages
+    sid = bytes.fromhex("0102030405060708")
+    secure = dataclasses.replace(t, secure=SecureSetup(sid, 16, 4, 3))
+    head = {"round": 5, "device": "dev-a", "session": sid}
+    stages = (
+        ("secure_keys", SecureKeys(**head, share_public=bytes(range(32)), mask_public=bytes(range(32, 64)),
+                                   n_examples=40, class_losses={0: (0.5, 10), 2: (1.25, 30)}, max_abs=0.03,
+                                   metrics={"train_loss": 0.7})),
+        ("secure_neighbours", SecureNeighbours(**head, weight=0.125, max_weight=0.25, value_range=0.5, scale=8192.0,
+                                               keys={"dev-b": (bytes(range(64, 96)), bytes(range(96, 128)))})),
+        ("secure_shares", SecureShares(**head, ciphertexts={"dev-b": bytes(range(152))})),
+        ("secure_inbox", SecureInbox(**head, ciphertexts={"dev-b": bytes(range(100, 252))})),
+        ("secure_masked", SecureMasked(**head, bits=12, values=rng.integers(0, 2**12, 301, dtype=np.uint32))),
+        ("secure_unmask", SecureUnmask(**head, survivors=("dev-a", "dev-b"), dropped=("dev-c",))),
+        ("secure_reveal", SecureReveal(**head, shares={"dev-b": bytes(range(68))})),
+    )
     for i, (name, msg) in enumerate((("task", t), ("release", f.release()), ("key_grant", None), *statuses,
                                      ("task_int8_change", quantised), ("task_own_model", own_model),
-                                     ("task_secure", secure))):
+                                     ("task_secure", secure), *stages)):
         seq, sent_at = 1_900_000_000_000_000 + i, f.T0 + i
-        if isinstance(msg, Status):
+        if isinstance(msg, (Status, *SECURE_UPLINKS)):
             h = Header(msg.KIND, Suite.SEALED_AES256_GCM, f.FED, msg.device, 5, seq, sent_at)
             env = _envelope(h, codec.encode_body(msg), ids, eph_hex)
         elif msg is None:
@@ -289,7 +306,7 @@ def generate_group() -> None:  # pragma: no cover - run by hand after a delibera
         store = MaskStore()
         decoded = codec.decode_body(h, codec.encode_body(msg), layout_for=lambda _m: f.LAYOUT, masks=store)
         messages[name] = {"envelope": env.hex(), "summary": summarize(decoded)}
-        if name == "key_grant" or isinstance(msg, Status):
+        if name == "key_grant" or isinstance(msg, (Status, *SECURE_UPLINKS)):
             messages[name]["ephemeral"] = eph_hex
         envelopes[name] = env
 

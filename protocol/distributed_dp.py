@@ -24,7 +24,7 @@ adds an integer noise share, masks the result modulo 2^bits, and the coordinator
    Gaussian RDP α·Δ2²/(2σ²) at the same variance σ² = 2μ; the second vanishes as μ grows.
    The bound is proved for integer α only; at a fractional order we use ε(⌈α⌉), valid because
    the Rényi divergence is non-decreasing in its order (van Erven and Harremoës 2014, Thm. 3).
-   RDP composes by addition over rounds; ε at a target δ comes from ``privacy.epsilon_from_rdp``.
+   RDP composes by addition over rounds; ε at a target δ comes from ``protocol.rdp.epsilon_from_rdp``.
    tests/edge_agent/test_distributed_dp.py checks the bound against the exact Rényi divergence of
    two shifted Skellams, summed numerically (it is never below it, and within 5 % at μ = 50).
 3. Sensitivity. Zero-out adjacency, as in ``privacy``: one device's contribution against none.
@@ -70,7 +70,7 @@ from typing import Any
 
 import numpy as np
 
-from fedprune.edge_agent.core.privacy import DEFAULT_ORDERS, epsilon_from_rdp
+from fedprune.protocol.rdp import DEFAULT_ORDERS, epsilon_from_rdp, orders_array as _orders
 
 # Largest central μ ``mu_for_epsilon`` searches; numpy's Poisson sampler refuses λ near 1e19.
 MAX_MU = 1e18
@@ -259,13 +259,6 @@ def _shape(shape: Any) -> tuple[int, ...]:
     ):
         raise ValueError(f"shape {shape!r}: expected a tuple of integers >= 0")
     return tuple(int(n) for n in shape)
-
-
-def _orders(orders: tuple[float, ...]) -> np.ndarray:
-    alphas = np.asarray(orders, dtype=np.float64)
-    if alphas.ndim != 1 or alphas.size == 0 or not np.all(alphas > 1) or not np.all(np.isfinite(alphas)):
-        raise ValueError("orders: expected a non-empty sequence of finite Rényi orders > 1")
-    return alphas
 
 
 def _check_rounds(rounds: Any, minimum: int) -> None:
