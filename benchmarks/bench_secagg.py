@@ -178,7 +178,7 @@ def secure_round(n: int, seed: int, bits: int) -> dict:
     collection = SecureCollection(federation=FED, round_number=1, setup=setup, layout=world.layout,
                                   masks=world.state.masks, reports=reports,
                                   weights=dict(zip(weighting.ids, weighting.weights.tolist())), stage_s=60.0, now=0.0)
-    outgoing = collection.neighbours()
+    outgoing = collection.outbox()
     coordinator_cpu += time.process_time() - start
     now = 0.0
     while isinstance(outgoing, list):

@@ -22,9 +22,9 @@ from fedprune.common.model_rules import TASK_KINDS, normalise_args, reference_pr
 from fedprune.protocol.topics import is_valid_id
 
 ENV_PREFIX = "FEDPRUNE_COORDINATOR_"
+SECURE_MIN_DEVICES = 3  # a secure sum of two devices would give each the other's update
 # Refused by `run` and `simulate` alike: a sub-mask per device needs a task per device, and the
 # task is one broadcast encrypted to the members (N tasks would multiply every device's downlink).
-SECURE_MIN_DEVICES = 3
 ADAPTIVE_DENSITY_REFUSED = ("[strategy] adaptive_density = true: per-device sub-masks need a task per device, "
                             "which the coordinator does not send (the task is one broadcast); set it to false")
 

@@ -54,8 +54,10 @@ from fedprune.common.link import Link
 from fedprune.common.mqtt import LinkConfig, MqttError, MqttLink
 from fedprune.protocol.channel import CoordinatorChannel, Publication
 from fedprune.protocol.crypto import PublicIdentity
+from fedprune.protocol.distributed_dp import rdp_round
 from fedprune.protocol.errors import ProtocolError
 from fedprune.protocol.layout import ModelLayout
+from fedprune.protocol.rdp import DEFAULT_ORDERS, epsilon_from_rdp
 from fedprune.protocol.messages import MISSING_BASE, ModelRef, ModelRelease, Register, RoundTask, State, Status, Update
 from fedprune.protocol.secagg import SecAggError, SecureParams
 from fedprune.protocol.secure_messages import SecureKeys, SecureMasked, SecureReveal, SecureShares
@@ -193,7 +195,10 @@ class CoordinatorDaemon:
         self.state, self.history_bytes = checkpoint.state, checkpoint.history_bytes
         self.holders, self.release_version = checkpoint.holders, checkpoint.release_version
         last = checkpoint.last_entry or {}
-        self.central_rdp = np.asarray(last.get("secure", {}).get("rdp_total", []), dtype=np.float64)
+        self.central_rdp = np.asarray(last.get("central_rdp", []), dtype=np.float64)
+        if self.central_rdp.size not in (0, len(DEFAULT_ORDERS)):
+            raise StateError(f"checkpoint of round {self.completed}: central_rdp has {self.central_rdp.size} orders, "
+                             f"this version accounts at {len(DEFAULT_ORDERS)}; restore with the version that wrote it")
         self._bytes_before = (int(last.get("cum_bytes_in", 0)), int(last.get("cum_bytes_out", 0)))
         emit(log, logging.INFO, "resumed", completed_rounds=self.completed, mask_version=self.state.mask_version)
 
@@ -341,7 +346,7 @@ class CoordinatorDaemon:
             self._offer_secure_stage(message)
         elif isinstance(message, (Update, SecureKeys)):
             self.registry.seen(message.device, now)
-            if self.rounds.open_round is None and message.round == self.state.round:
+            if self.rounds.open_round is None and self._secure is None and message.round == self.state.round:
                 self.early_updates[message.device] = message
                 self.metrics.inc("updates_held_total")
                 emit(log, logging.INFO, "update_held", device=message.device, round=message.round,
@@ -354,6 +359,8 @@ class CoordinatorDaemon:
         ``data_mismatch: <detail>`` decline is final for this model: the device leaves the open
         round (it no longer holds up quorum) and is not selected until it registers again."""
         reason, _, detail = status.reason.partition(":")
+        if self._secure is not None and status.round == self._secure[0].round:
+            self._secure[0].forget(status.device)
         if reason == MISSING_BASE:  # the next re-announcement carries the full weights
             self.downlink.lost(status.device)
         if self.declines.get(status.device) != (status.round, reason):
@@ -413,6 +420,13 @@ class CoordinatorDaemon:
         if (isinstance(update, SecureKeys) and self.rounds.open_round == update.round
                 and update.session != self._task.secure.session):  # keys made for an earlier opening of this round
             self.metrics.inc("updates_rejected_total", reason="wrong_session")
+            emit(log, logging.INFO, "update_rejected", device=update.device, round=update.round, reason="wrong_session")
+            return
+        if isinstance(update, SecureKeys) and update.noise_multiplier not in (0.0, self._task.secure.noise_multiplier):
+            self.metrics.inc("updates_rejected_total", reason="noise_mismatch")
+            self._note(logging.WARNING, "update_rejected", device=update.device, round=update.round,
+                       reason="noise_mismatch", detail=f"declares σ={update.noise_multiplier:g}, the round's is "
+                                                       f"{self._task.secure.noise_multiplier:g}")
             return
         verdict = self.rounds.on_update(update.device, update.round, update, now)
         size = self._upload_bytes.pop(update.device, 0)
@@ -500,6 +514,9 @@ class CoordinatorDaemon:
                 if self.rounds.open_round is not None:
                     self._task = replace(self._task, deadline=self.rounds.postpone(paused))
                     self.next_announce = now
+                if self._secure is not None:  # the stage's messages may have been lost with the link
+                    self._secure[0].postpone(paused)
+                    self._publish_secure(self._secure[0].outbox(), now)
                 self._note(logging.INFO, "rounds_resumed", paused_s=round(paused, 1))
             return False
         if self._lost_since is None:
@@ -543,7 +560,7 @@ class CoordinatorDaemon:
         if not cfg.secure:
             return None
         params = SecureParams.for_devices(max(len(selected), 3), cfg.secure_bits, cfg.secure_degree or None)
-        return SecureSetup(os.urandom(8), params.bits, params.degree, params.threshold)
+        return SecureSetup(os.urandom(8), params.bits, params.degree, params.threshold, cfg.secure_noise_multiplier)
 
     def _announce_to_late_joiner(self, device: str) -> None:
         if self.rounds.open_round is not None and device in self.rounds.missing:
@@ -587,7 +604,7 @@ class CoordinatorDaemon:
         self._secure = (collection, closed, weighting)
         emit(log, logging.INFO, "secure_stage", round=closed.round, stage="shares", devices=len(collection.expected),
              degree=self._task.secure.degree, threshold=self._task.secure.threshold)
-        self._publish_secure(collection.neighbours(), now)
+        self._publish_secure(collection.outbox(), now)
 
     def _advance_secure(self, now: float) -> None:
         collection, closed, weighting = self._secure
@@ -602,27 +619,30 @@ class CoordinatorDaemon:
         if isinstance(outcome, SecureFailed):
             self._secure_failed(closed, outcome.reason, outcome.detail, now)
             return
+        for device in outcome.forgers:
+            self.metrics.inc("updates_rejected_total", reason="forged_share")
+            self.registry.rejected(device, closed.round, "forged_share", now)
+            self._registry_dirty = True
+            self._note(logging.WARNING, "secure_stage_rejected", device=device, round=closed.round,
+                       stage="SecureReveal", reason="forged_share",
+                       detail="revealed a share off its owner's polynomial; the round used genuine ones")
         result = self.strategy.finish_secure_round(self.state, self.plan, weighting, outcome.mean_delta,
                                                    outcome.buffer_delta, outcome.survivors, self.rng)
-        secure = {"survivors": len(outcome.survivors), "dropped": list(outcome.dropped)}
+        secure: dict[str, Any] = {"survivors": len(outcome.survivors), "dropped": list(outcome.dropped)}
         if collection.noise_multiplier > 0:
-            secure.update(self._central_epsilon(collection.noise(len(outcome.survivors))))
+            secure.update(self._central_epsilon(collection.noise(outcome.survivors)))
         self._record_round(closed, result, now, secure=secure)
 
     def _central_epsilon(self, noise: dict[str, float]) -> dict[str, Any]:
         """The central ε of the sums released so far, against this coordinator alone, at the noise
         the survivors' shares put into each sum (what every device's own ledger charges at its own
         weight is the device's business; this is the operator's view, at the round's largest weight)."""
-        from fedprune.protocol.distributed_dp import rdp_round
-        from fedprune.protocol.rdp import DEFAULT_ORDERS, epsilon_from_rdp
-
         rdp = rdp_round(noise["mu"], noise["clip_norm"], noise["scale"], int(noise["dimension"]), noise["weight_max"])
-        total = rdp + (self.central_rdp if self.central_rdp.shape == rdp.shape else 0.0)
+        total = rdp + self.central_rdp if self.central_rdp.size else rdp
         self.central_rdp = total
         delta = self.config.strategy.secure_delta
         return {"noise": noise, "delta": delta, "epsilon_round": epsilon_from_rdp(rdp, delta, DEFAULT_ORDERS)[0],
-                "epsilon_total": epsilon_from_rdp(total, delta, DEFAULT_ORDERS)[0],
-                "rdp_total": [float(f"{v:.6g}") for v in total]}
+                "epsilon_total": epsilon_from_rdp(total, delta, DEFAULT_ORDERS)[0]}
 
     def _secure_failed(self, closed: CloseRound[SecureKeys], reason: str, detail: str, now: float) -> None:
         """The round ends without a sum: the model stays, the round counts (devices move on)."""
@@ -668,6 +688,8 @@ class CoordinatorDaemon:
                          scores={d: asdict(s) for d, s in result.scores.items()})
         if secure is not None:
             entry["secure"] = secure
+        if self.central_rdp.size:  # every entry, so that a restart after any round resumes the accountant
+            entry["central_rdp"] = [float(v) for v in self.central_rdp]
         entry["local_macs"] = int(sum(u.metrics.get("macs", 0.0) for u in closed.updates.values()))
         entry["update_bytes"] = {d: self._round_update_bytes.get(d, 0) for d in sorted(closed.updates)}
         every = self.config.evaluation.every_rounds

@@ -35,6 +35,7 @@ from fedprune.edge_agent.core.agent import (
     Upload,
 )
 from fedprune.edge_agent.audit import AuditLog, DeclineLog
+from fedprune.edge_agent.core.secure import SUSPECT_REASONS
 from fedprune.edge_agent.feedback_store import ResidualStore
 from fedprune.common.bundle import Bundle, EnrollmentError, load_bundle
 from fedprune.edge_agent.config import AgentConfig
@@ -522,6 +523,9 @@ class AgentDaemon:
                 self._publish(self._sent.get(action.round, []), "update", action.round)
             except (MqttError, OSError) as exc:  # the next re-announcement asks again
                 emit(log, _send_failure_level(exc), "resend_failed", round=action.round, error=exc)
+        elif isinstance(action, Ignore) and action.reason in SUSPECT_REASONS:  # the coordinator or a neighbour misbehaved
+            emit(log, logging.WARNING, "secure_stage_refused", round=action.round, reason=action.reason,
+                 detail=action.detail)
         elif isinstance(action, Ignore):
             emit(log, logging.DEBUG, "task_ignored", round=action.round, reason=action.reason)
         elif isinstance(action, Decline):

@@ -67,9 +67,9 @@ _TASK_SINCE_MINOR = {"uv": (5, int(ValueDtype.FLOAT32)), "ef": (5, True), "base"
 # Since minor 6 the task's model carries its factory's arguments, task kind, the sender's package
 # and per-tensor digests; a 1.5 sender meant a built-in without arguments, classification.
 _MODEL_SINCE_MINOR = {"margs": (6, {}), "kind": (6, "classification"), "pkg": (6, ""), "tdig": (6, b"")}
+SECURE_TYPES = SECURE_UPLINKS + SECURE_DOWNLINKS
 # Task keys without a field since a minor, still written (empty) and required, never read: a 1.2
 # agent requires them in every task. Dropped at the next major.
-SECURE_TYPES = SECURE_UPLINKS + SECURE_DOWNLINKS
 _TASK_VESTIGES = {"clm": None}  # class-loss medians: never set, never read; no field since 1.3
 
 
@@ -97,7 +97,7 @@ def encode_body(msg: Message | SecureMessage, *, value_dtype: ValueDtype = Value
             "margs": dict(msg.model.args), "kind": msg.model.task, "pkg": msg.model.package,
             "tdig": msg.model.tensor_digests, "tbin": [list(row) for row in msg.target_edges],
             "sec": None if msg.secure is None else [msg.secure.session, msg.secure.bits, msg.secure.degree,
-                                                    msg.secure.threshold],
+                                                    msg.secure.threshold, msg.secure.noise_multiplier],
         }
     elif isinstance(msg, Update):
         obj = {
@@ -266,10 +266,10 @@ def _task(
 def _secure_setup(sec: Any) -> SecureSetup | None:
     if sec is None:
         return None
-    session, bits, degree, threshold = as_list(sec, "secure setup", 4, length=4)
+    session, bits, degree, threshold, sigma = as_list(sec, "secure setup", 5, length=5)
     return construct("secure setup", lambda: SecureSetup(
         as_bytes(session, "session", SESSION_LEN), as_int(bits, "bits", 0, 64), as_int(degree, "degree", 0, 4096),
-        as_int(threshold, "threshold", 0, 4096)))
+        as_int(threshold, "threshold", 0, 4096), as_float(sigma, "noise multiplier")))
 
 
 def _update(

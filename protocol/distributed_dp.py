@@ -70,13 +70,16 @@ from typing import Any
 
 import numpy as np
 
-from fedprune.protocol.rdp import DEFAULT_ORDERS, epsilon_from_rdp, orders_array as _orders
+from fedprune.protocol.rdp import DEFAULT_ORDERS, check_positive, epsilon_from_rdp, orders_array as _orders
 
 # Largest central μ ``mu_for_epsilon`` searches; numpy's Poisson sampler refuses λ near 1e19.
 MAX_MU = 1e18
 # [privacy] mechanism: Gaussian noise on the update itself, or Skellam shares inside a secure round.
 LOCAL, DISTRIBUTED = "local", "distributed"
 DISTRIBUTED_DP_NEEDS_SECURE = "distributed_dp_needs_secure"  # the decline of a plain task under DISTRIBUTED
+# The decline of a secure task whose field has room for another σ than the device's: more noise
+# would wrap the sum, less would leave the round's reported ε short of the truth.
+NOISE_MISMATCH = "distributed_dp_noise_mismatch"
 
 
 def skellam_noise(shape: tuple[int, ...], mu: float, rng: np.random.Generator) -> np.ndarray:
@@ -104,9 +107,9 @@ def rdp_skellam(l1: float, l2: float, mu: float, orders: tuple[float, ...] = DEF
         ε(α) = α·Δ2²/(4μ) + min(((2α−1)·Δ2² + 6·Δ1)/(16μ²), 3·Δ1/(4μ))   for integer α > 1.
     A fractional order α is charged ε(⌈α⌉) (Rényi divergence is non-decreasing in the order).
     """
-    _check_positive("l1", l1)
-    _check_positive("l2", l2)
-    _check_positive("mu", mu)
+    check_positive("l1", l1)
+    check_positive("l2", l2)
+    check_positive("mu", mu)
     alphas = np.ceil(_orders(orders))
     l1, l2sq, mu = float(l1), float(l2) ** 2, float(mu)
     gaussian = alphas * l2sq / (4.0 * mu)
@@ -122,8 +125,8 @@ def sensitivities(clip_norm: float, scale: float, dimension: int, weight: float)
     unconditional bound of Kairouz, Liu and Steinke 2021), Δ1 = Δ2·min(sqrt(d), Δ2) (Cauchy-Schwarz,
     and |v_i| <= v_i² for integers). Zero-out adjacency; ``weight`` must be public.
     """
-    _check_positive("clip_norm", clip_norm)
-    _check_positive("scale", scale)
+    check_positive("clip_norm", clip_norm)
+    check_positive("scale", scale)
     if isinstance(dimension, bool) or not isinstance(dimension, (int, np.integer)) or dimension < 1:
         raise ValueError(f"dimension {dimension!r}: expected an integer >= 1 (coordinates sent)")
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not (0 < weight <= 1):
@@ -154,7 +157,7 @@ class DistributedNoise:
     expected_devices: int
 
     def __post_init__(self) -> None:
-        _check_positive("mu", self.mu)
+        check_positive("mu", self.mu)
         if type(self.expected_devices) is not int or self.expected_devices < 1:
             raise ValueError(f"expected_devices {self.expected_devices!r}: expected an integer >= 1")
 
@@ -171,9 +174,9 @@ def device_mu(noise_multiplier: float, scale: float, max_weight: float, clip_nor
     """One device's share μ_dev = (σ·S·w_max·C)²/(2t) in a secure round: any ``threshold`` t
     shares together carry Sk((σ·S·w_max·C)²/2), Gaussian-like noise of std σ·w_max·C in value
     units for the largest weighted contribution (theory, point 5)."""
-    _check_positive("noise_multiplier", noise_multiplier)
-    _check_positive("scale", scale)
-    _check_positive("clip_norm", clip_norm)
+    check_positive("noise_multiplier", noise_multiplier)
+    check_positive("scale", scale)
+    check_positive("clip_norm", clip_norm)
     if isinstance(max_weight, bool) or not isinstance(max_weight, (int, float)) or not 0 <= max_weight <= 1:
         raise ValueError(f"max_weight {max_weight!r}: expected 0 <= w_max <= 1 (a round's weights sum to 1)")
     if type(threshold) is not int or threshold < 1:
@@ -204,7 +207,7 @@ def mu_for_epsilon(epsilon: float, delta: float, rounds: int, clip_norm: float, 
                    weight: float) -> float:
     """The smallest central μ (to a relative 1e-6, rounded up) whose ``rounds`` compositions of
     ``rdp_skellam`` at these sensitivities give at most ``epsilon`` at ``delta``."""
-    _check_positive("epsilon", epsilon)
+    check_positive("epsilon", epsilon)
     _check_rounds(rounds, minimum=1)
     l1, l2 = sensitivities(clip_norm, scale, dimension, weight)
 
@@ -238,7 +241,7 @@ def central_epsilon(mu_per_device: float, surviving: int, rounds: int, delta: fl
     Fewer survivors mean less noise in the sum and a larger ε: pass the devices whose inputs are
     actually in the sum, or a lower bound on them, never the number selected or planned.
     """
-    _check_positive("mu_per_device", mu_per_device)
+    check_positive("mu_per_device", mu_per_device)
     if type(surviving) is not int or surviving < 1:
         raise ValueError(f"surviving {surviving!r}: expected an integer >= 1 (devices in the sum)")
     _check_rounds(rounds, minimum=0)
@@ -264,8 +267,3 @@ def _shape(shape: Any) -> tuple[int, ...]:
 def _check_rounds(rounds: Any, minimum: int) -> None:
     if type(rounds) is not int or rounds < minimum:
         raise ValueError(f"rounds {rounds!r}: expected an integer >= {minimum}")
-
-
-def _check_positive(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} {value!r}: expected a finite number > 0")

@@ -7,8 +7,10 @@ reports the central ε of a secure round's sum with it (``fedprune.protocol.dist
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
+
 
 # Fractional orders help only without subsampling (where RDP is exact for every α > 1); large
 # orders matter for large σ, where the optimal α grows like σ·sqrt(2 log(1/δ)).
@@ -40,3 +42,8 @@ def epsilon_from_rdp(rdp: np.ndarray, delta: float, orders: tuple[float, ...] = 
     eps = np.where(np.isfinite(rdp), eps, np.inf)
     best = int(np.argmin(eps))
     return max(0.0, float(eps[best])), float(alphas[best])
+
+
+def check_positive(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} {value!r}: expected a finite number > 0")

@@ -22,7 +22,7 @@ from fedprune.protocol.wire import (Limits, TailReader, TailWriter, as_bytes, as
                                     as_str, construct, fail)
 
 _KEYS = {
-    Kind.SECURE_KEYS: frozenset({"round", "dev", "sid", "kc", "km", "n", "cl", "max", "metrics"}),
+    Kind.SECURE_KEYS: frozenset({"round", "dev", "sid", "kc", "km", "bc", "nm", "n", "cl", "max", "metrics"}),
     Kind.SECURE_NEIGHBOURS: frozenset({"round", "dev", "sid", "w", "wmax", "range", "scale", "keys"}),
     Kind.SECURE_SHARES: frozenset({"round", "dev", "sid", "ct"}),
     Kind.SECURE_INBOX: frozenset({"round", "dev", "sid", "ct"}),
@@ -31,6 +31,7 @@ _KEYS = {
     Kind.SECURE_REVEAL: frozenset({"round", "dev", "sid", "sh"}),
 }
 SECURE_KINDS = frozenset(_KEYS)
+UNPACK_BLOCK = 1 << 16
 
 
 def pack_bits(values: np.ndarray, bits: int) -> bytes:
@@ -40,18 +41,27 @@ def pack_bits(values: np.ndarray, bits: int) -> bytes:
 
 
 def unpack_bits(data: bytes | memoryview, bits: int, count: int) -> np.ndarray:
+    """The inverse of ``pack_bits``, in blocks of ``UNPACK_BLOCK`` values: the bit planes take 32
+    bytes a value, so one block at a time keeps a large vector's decoding near its output size."""
     if len(data) != (count * bits + 7) // 8:
         raise DecodeError(f"masked vector: {len(data)} bytes do not hold {count} values of {bits} bits")
-    planes = np.unpackbits(np.frombuffer(data, dtype=np.uint8), bitorder="little")[: count * bits].reshape(count, bits)
-    full = np.zeros((count, 32), dtype=np.uint8)
-    full[:, :bits] = planes
-    return np.packbits(full, axis=1, bitorder="little").view("<u4").reshape(count).astype(np.uint32)
+    raw = np.frombuffer(data, dtype=np.uint8)
+    out = np.empty(count, dtype=np.uint32)
+    for start in range(0, count, UNPACK_BLOCK):  # a block of 8 values spans whole bytes
+        n = min(UNPACK_BLOCK, count - start)
+        chunk = raw[start * bits // 8: (start * bits + n * bits + 7) // 8]
+        planes = np.unpackbits(chunk, bitorder="little")[: n * bits].reshape(n, bits)
+        full = np.zeros((n, 32), dtype=np.uint8)
+        full[:, :bits] = planes
+        out[start: start + n] = np.packbits(full, axis=1, bitorder="little").view("<u4").reshape(n)
+    return out
 
 
 def encode(msg: SecureMessage, tail: TailWriter) -> dict[str, Any]:
     obj: dict[str, Any] = {"round": msg.round, "dev": msg.device, "sid": msg.session}
     if isinstance(msg, SecureKeys):
-        obj.update(kc=msg.share_public, km=msg.mask_public, n=msg.n_examples, max=msg.max_abs, metrics=msg.metrics,
+        obj.update(kc=msg.share_public, km=msg.mask_public, bc=msg.seed_commitment, nm=msg.noise_multiplier,
+                   n=msg.n_examples, max=msg.max_abs, metrics=msg.metrics,
                    cl=[[c, m, n] for c, (m, n) in sorted(msg.class_losses.items())])
     elif isinstance(msg, SecureNeighbours):
         obj.update(w=msg.weight, wmax=msg.max_weight, range=msg.value_range, scale=msg.scale,
@@ -85,6 +95,8 @@ def decode(kind: Kind, obj: Any, lenient: bool, limits: Limits, tail: TailReader
                                                         as_int(count, "class count", 1, 2**63 - 1))
         return construct(what, lambda: SecureKeys(
             **head, share_public=as_bytes(m["kc"], "share key", KEY_LEN), mask_public=as_bytes(m["km"], "mask key", KEY_LEN),
+            seed_commitment=as_bytes(m["bc"], "seed commitment", KEY_LEN),
+            noise_multiplier=as_float(m["nm"], "noise multiplier"),
             n_examples=as_int(m["n"], "n_examples", 0, 2**63 - 1), class_losses=losses,
             max_abs=as_float(m["max"], "max_abs"),
             metrics={as_str(k, "metric name", 64): as_float(v, f"metric {k}") for k, v in metrics.items()}))

@@ -4,8 +4,10 @@ A round whose RoundTask carries ``secure`` (``secure_setup.SecureSetup``) runs, 
 training, four device stages, each answering one coordinator message (SecAgg+, Bell et al., CCS
 2020; ``fedprune.protocol.secagg`` holds the cryptography, docs/PRIVACY.md the argument):
 
-1. ``SecureKeys``        device -> coordinator: two round public keys, and the contribution report
-                         (examples, per-class losses of the received model, max |update value|).
+1. ``SecureKeys``        device -> coordinator: two round public keys, a commitment to its
+                         self-mask seed, the σ of distributed-DP noise it adds, and the
+                         contribution report (examples, per-class losses of the received model,
+                         max |update value|).
 2. ``SecureNeighbours``  coordinator -> device: its neighbours' keys, its weight w_n, the round's
                          largest weight and the fixed-point scale; the device answers
                          ``SecureShares``: its Shamir shares, each encrypted to one neighbour.
@@ -28,10 +30,10 @@ from typing import ClassVar, Union
 import numpy as np
 
 from fedprune.protocol.messages import Kind, U32, U63, _int, _label
+from fedprune.protocol.secagg.keys import KEY_LEN
 from fedprune.protocol.secure_setup import MAX_BITS, MIN_BITS, SESSION_LEN
 from fedprune.protocol.topics import validate_id
 
-KEY_LEN = 32
 MAX_PEERS = 4096
 MAX_CIPHERTEXT = 512  # one encrypted share pair is about 170 bytes
 MAX_SHARE = 128  # one revealed share is 68 bytes
@@ -72,13 +74,17 @@ class _Stage:
 
 @dataclass(frozen=True, kw_only=True)
 class SecureKeys(_Stage):
-    """Stage 1 (device): round keys, and what the coordinator needs to weigh this device without
-    seeing its update: ``class_losses`` as in ``Update``, ``max_abs`` the largest |value| of the
-    update (the coordinator picks one fixed-point range from them)."""
+    """Stage 1 (device): round keys; ``seed_commitment``, which lets the coordinator check the
+    self-mask seed its neighbours' shares rebuild; ``noise_multiplier``, the σ of the Skellam
+    share the device will add (0: none; otherwise the round's); and what the coordinator needs to
+    weigh this device without seeing its update: ``class_losses`` as in ``Update``, ``max_abs``
+    the largest |value| of the update (the coordinator picks one fixed-point range from them)."""
 
     KIND: ClassVar[Kind] = Kind.SECURE_KEYS
     share_public: bytes
     mask_public: bytes
+    seed_commitment: bytes
+    noise_multiplier: float
     n_examples: int
     class_losses: dict[int, tuple[float, int]]
     max_abs: float
@@ -86,9 +92,10 @@ class SecureKeys(_Stage):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("share_public", "mask_public"):
+        for name in ("share_public", "mask_public", "seed_commitment"):
             if type(getattr(self, name)) is not bytes or len(getattr(self, name)) != KEY_LEN:
                 raise ValueError(f"{name} must be {KEY_LEN} bytes")
+        object.__setattr__(self, "noise_multiplier", _number(self.noise_multiplier, "noise_multiplier"))
         _int(self.n_examples, "n_examples", 0, U63)
         losses = {}
         for what in ("class_losses", "metrics"):

@@ -18,12 +18,15 @@ MIN_BITS, MAX_BITS = 8, 32
 @dataclass(frozen=True)
 class SecureSetup:
     """``bits``: the modulus 2**bits of the masked sums; ``degree``: neighbours per device in the
-    masking graph; ``threshold``: shares that reconstruct a device's secret."""
+    masking graph; ``threshold``: shares that reconstruct a device's secret; ``noise_multiplier``:
+    the σ of distributed DP the field leaves room for (0: none), which a device adding noise
+    must match."""
 
     session: bytes
     bits: int
     degree: int
     threshold: int
+    noise_multiplier: float = 0.0
 
     def __post_init__(self) -> None:
         if type(self.session) is not bytes or len(self.session) != SESSION_LEN:
@@ -32,6 +35,10 @@ class SecureSetup:
             value = getattr(self, name)
             if type(value) is not int or not lo <= value <= hi:
                 raise ValueError(f"secure {name}={value!r}: expected an int in {lo}..{hi}")
+        sigma = self.noise_multiplier
+        if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not 0 <= sigma < 1e6:
+            raise ValueError(f"secure noise_multiplier={sigma!r}: expected a number in [0, 1e6)")
+        object.__setattr__(self, "noise_multiplier", float(sigma))
         self.params  # the graph and threshold rules (a SecAggError is a ValueError)
 
     def context(self, federation: str, round_number: int) -> bytes:

@@ -3,8 +3,8 @@ every position, so the order is part of the contract.
 
 Order: every trainable tensor in layout order, a masked one at the positions of the round's
 global mask in row-major order (devices train inside that mask in a secure round), then every
-floating-point buffer (BatchNorm statistics) as its change since the task's. Integer buffers
-(``num_batches_tracked``) are counters, not averages, and stay with the coordinator.
+buffer (BatchNorm statistics) as its change since the task's, except the counters
+(``num_batches_tracked``), which are not averages and stay with the coordinator.
 """
 
 from __future__ import annotations

@@ -8,25 +8,30 @@ stage waits until every device it expects has answered or the stage deadline pas
 device that misses a stage has dropped out (SecAgg+ recovers its masks). The result is the
 weighted mean of the survivors' updates, w renormalised over them, and nothing else: a failure
 (fewer devices left than the threshold, too few shares) closes the round without it, with a
-reason the daemon logs.
+reason the daemon logs. A device known to be gone (last will, revocation, decline) is not waited
+for at any later stage; one revoked before the mask stage closes has its vector left out (it
+counts as dropped); after that close its vector is in the sum, since leaving it out would need
+both of its secrets. Revealers caught forging shares are named in the outcome (``forgers``).
 
 Fixed point: the devices report max |value| of their update; the range R is the largest report,
 but at most ``RANGE_OVER_MEDIAN`` times their median, so one device cannot coarsen everyone's
 precision by lying, and each device clips its weighted values to it. The scale leaves room for
 one unit of rounding per device: |Σ w_n x_n| <= R because the weights sum to 1.
 
-Distributed DP ([strategy] secure_noise_multiplier σ > 0): the devices clip their vectors to L2
-norm C and report C, so R = C, and each adds a Skellam share μ_dev = (σ·S·w_max·C)²/(2t) in field
-units (``protocol/distributed_dp.py``, point 5: t the threshold, w_max the largest weight,
+Distributed DP ([strategy] secure_noise_multiplier σ > 0, announced in ``SecureSetup``; a device
+whose own σ differs declines, one that declares another σ in its keys is refused): the devices
+that add noise clip their vectors to L2 norm C and report C, so R = C, and each adds a Skellam
+share μ_dev = (σ·S·w_max·C)²/(2t) in field units (``protocol/distributed_dp.py``, point 5: t the threshold, w_max the largest weight,
 announced in stage 2). n such shares have std σ·S·w_max·C·sqrt(n/t); the scale keeps
 ``NOISE_HEADROOM`` of those beside R, so the sum wraps with probability below 1e-14 a
-coordinate. The round's history records ``noise``: σ, the μ of its sum (survivors·μ_dev), S,
+coordinate. The round's history records ``noise``: σ, the μ of its sum (noisy survivors·μ_dev), S,
 w_max, C and the vector's length, all that ``distributed_dp.rdp_round`` needs for its RDP
 against the coordinator; the ε accountant lives with the devices' ledgers.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -52,6 +57,7 @@ class SecureSum:
     buffer_delta: dict[str, np.ndarray]
     survivors: tuple[str, ...]
     dropped: tuple[str, ...]
+    forgers: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -75,7 +81,10 @@ def field_scale(bits: int, devices: int, value_range: float, noise_std: float = 
     room = (1 << (bits - 1)) - 1 - devices
     if room < 1:
         raise SecAggError("bad_params", f"bits={bits} leave no room for {devices} devices")
-    return room / (value_range + NOISE_HEADROOM * noise_std)
+    scale = room / (value_range + NOISE_HEADROOM * noise_std)
+    if not (math.isfinite(scale) and scale > 0):
+        raise SecAggError("bad_params", f"range {value_range:g} with noise std {noise_std:g} leaves no fixed-point scale")
+    return scale
 
 
 class SecureCollection:
@@ -92,39 +101,53 @@ class SecureCollection:
         self.aggregator = AggregatorSession(ids, setup.params, setup.session, setup.context(federation, round_number),
                                             self.dimension)
         for device in ids:
-            self.aggregator.on_advertise(device, AdvertisedKeys(reports[device].share_public, reports[device].mask_public))
+            report = reports[device]
+            self.aggregator.on_advertise(device, AdvertisedKeys(report.share_public, report.mask_public,
+                                                                report.seed_commitment))
         self.expected = self.aggregator.close_advertise()
         self.value_range = value_range(reports)
         self.noise_multiplier = noise_multiplier
+        self.noisy = frozenset(d for d in ids if reports[d].noise_multiplier > 0)
         self.max_weight = max(min(1.0, self.weights[d]) for d in self.expected)
         shares = len(self.expected) / setup.threshold  # n shares: n/t times the variance the devices calibrate
         noise_std = noise_multiplier * self.max_weight * self.value_range * shares**0.5
         self.scale = field_scale(setup.bits, len(ids), self.value_range, noise_std)
         self.stage = "shares"
         self.answered: set[str] = set()
+        self.gone: set[str] = set()
         self.deadline = now + stage_s
         self.dropped: frozenset[str] = frozenset()
+        self.sent: dict[str, Downlink] = {
+            d: SecureNeighbours(round=self.round, device=d, session=setup.session, weight=min(1.0, self.weights[d]),
+                                max_weight=self.max_weight, value_range=self.value_range, scale=self.scale,
+                                keys={v: (k.share_public, k.mask_public) for v, k in self.aggregator.keys_for(d).items()})
+            for d in sorted(self.expected)}
 
-    def neighbours(self) -> list[SecureNeighbours]:
-        """Stage 2's messages: each device's neighbours' keys, its weight, the largest and the scale."""
-        return [SecureNeighbours(round=self.round, device=d, session=self.setup.session, weight=min(1.0, self.weights[d]),
-                                 max_weight=self.max_weight, value_range=self.value_range, scale=self.scale,
-                                 keys={v: (k.share_public, k.mask_public)
-                                       for v, k in self.aggregator.keys_for(d).items()})
-                for d in sorted(self.expected)]
+    def outbox(self) -> list[Downlink]:
+        """The current stage's messages to the devices that have not answered it (all of them when
+        the stage begins; the rest again after a broker outage)."""
+        return [m for d, m in self.sent.items() if d in self.expected and d not in self.answered]
 
-    def noise(self, survivors: int) -> dict[str, float]:
-        """The round's distributed-DP noise as the coordinator expects it, for its history: the
-        μ of the sum's Skellam noise (field units) and what its sensitivity depends on."""
+    def postpone(self, paused_s: float) -> None:
+        self.deadline += paused_s
+
+    def noise(self, survivors: frozenset[str] | tuple[str, ...]) -> dict[str, float]:
+        """The round's distributed-DP noise, for its history: the μ of the sum's Skellam noise
+        (field units) from the survivors that declared their shares, and what its sensitivity
+        depends on."""
         std = self.noise_multiplier * self.scale * self.max_weight * self.value_range
-        return {"sigma": self.noise_multiplier, "mu": survivors * std**2 / (2 * self.setup.threshold),
-                "scale": self.scale, "weight_max": self.max_weight, "clip_norm": self.value_range,
-                "dimension": self.dimension}
+        shares = len(self.noisy.intersection(survivors))
+        return {"sigma": self.noise_multiplier, "mu": shares * std**2 / (2 * self.setup.threshold),
+                "noisy_survivors": shares, "scale": self.scale, "weight_max": self.max_weight,
+                "clip_norm": self.value_range, "dimension": self.dimension}
 
     def forget(self, device: str) -> None:
-        """Stop waiting for a device known to be gone (its last will, a revocation): the stage
-        closes without it as soon as the others have answered, not at the deadline."""
-        self.expected = frozenset(self.expected - {device})
+        """Stop waiting for a device known to be gone (its last will, a revocation, a decline), at
+        this stage and every later one; a masked vector it sent is left out while that is safe."""
+        self.gone.add(device)
+        self.expected = frozenset(self.expected - self.gone)
+        if self.stage == "masked" and device in self.sent:
+            self.aggregator.withdraw(device)
 
     def on_message(self, msg: SecureShares | SecureMasked | SecureReveal) -> str:
         """'' when taken, else the reason it was not (counted by the caller)."""
@@ -151,15 +174,19 @@ class SecureCollection:
         self.answered, self.deadline = set(), now + self.stage_s
         try:
             if self.stage == "shares":
-                self.expected, self.stage = self.aggregator.close_shares(), "masked"
-                return [SecureInbox(round=self.round, device=d, session=self.setup.session,
-                                    ciphertexts=self.aggregator.inbox_for(d)) for d in sorted(self.expected)]
+                shared, self.stage = self.aggregator.close_shares(), "masked"
+                self.sent = {d: SecureInbox(round=self.round, device=d, session=self.setup.session,
+                                            ciphertexts=self.aggregator.inbox_for(d)) for d in sorted(shared)}
+                self.expected = frozenset(shared - self.gone)
+                return self.outbox()
             if self.stage == "masked":
                 survivors, self.dropped = self.aggregator.close_masked()
-                self.expected, self.stage = survivors, "reveal"
-                return [SecureUnmask(round=self.round, device=d, session=self.setup.session,
-                                     survivors=tuple(sorted(survivors)), dropped=tuple(sorted(self.dropped)))
-                        for d in sorted(survivors)]
+                self.stage = "reveal"
+                self.sent = {d: SecureUnmask(round=self.round, device=d, session=self.setup.session,
+                                             survivors=tuple(sorted(survivors)), dropped=tuple(sorted(self.dropped)))
+                             for d in sorted(survivors)}
+                self.expected = frozenset(survivors - self.gone)
+                return self.outbox()
             total, survivors = self.aggregator.result()
         except SecAggError as exc:
             return SecureFailed(exc.reason, str(exc))
@@ -168,4 +195,5 @@ class SecureCollection:
             return SecureFailed("zero_weight", "every device that survived the round has weight 0")
         vector = from_field(total, self.scale, self.setup.bits) / weight
         delta, buffers = unflatten(self.layout, self.masks, vector)
-        return SecureSum(delta, buffers, tuple(sorted(survivors)), tuple(sorted(self.dropped)))
+        return SecureSum(delta, buffers, tuple(sorted(survivors)), tuple(sorted(self.dropped)),
+                         tuple(sorted(self.aggregator.forgers)))

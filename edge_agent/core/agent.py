@@ -24,13 +24,16 @@ before it leaves.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Callable
 
 import numpy as np
 
-from fedprune.protocol.distributed_dp import DISTRIBUTED, DISTRIBUTED_DP_NEEDS_SECURE, LOCAL, SkellamCost
+from fedprune.protocol.distributed_dp import (DISTRIBUTED, DISTRIBUTED_DP_NEEDS_SECURE, LOCAL, NOISE_MISMATCH,
+                                              SkellamCost)
 from fedprune.edge_agent.core.feedback import quantise_update
 from fedprune.edge_agent.core.privacy import privatize
 from fedprune.edge_agent.core.secure import DistributedDP, SecureAnswer, SecureDownlink, SecureParticipant
@@ -124,6 +127,7 @@ class Resend:
 class Ignore:
     round: int
     reason: str
+    detail: str = ""
 
 
 @dataclass(frozen=True)
@@ -168,7 +172,7 @@ class AgentCore:
         self.failed_round: int | None = None
         self.residual = residual  # error feedback: what quantising earlier updates left behind
         self._next_residual: Params | None = None  # this upload's, kept once the broker has it
-        self.secure: SecureParticipant | None = None  # the secure round after training, until it ends
+        self.secure: SecureParticipant | None = None  # the last secure round, until the next replaces it
         self.rng = rng if rng is not None else np.random.default_rng()  # stochastic rounding to the field
 
     def on_task(self, task: RoundTask, now: float, decline_reason: str | None = None,
@@ -191,6 +195,9 @@ class AgentCore:
             return [Ignore(task.round, "past_deadline")]
         if self._distributed and task.secure is None:  # no secure sum to hide the noise shares in
             decline_reason = DISTRIBUTED_DP_NEEDS_SECURE
+        elif self._distributed and not math.isclose(task.secure.noise_multiplier, self.privacy.noise_multiplier):
+            decline_reason = f"{NOISE_MISMATCH}: the round leaves room for σ={task.secure.noise_multiplier:g}, " \
+                             f"this device adds σ={self.privacy.noise_multiplier:g}"
         if decline_reason is not None:
             return [Decline(task.round, decline_reason)]
         self.phase, self.active_round = Phase.TRAINING, task.round
@@ -246,11 +253,8 @@ class AgentCore:
         try:
             answer = self.secure.answer(msg)
         except SecAggError as exc:
-            return [Ignore(msg.round, exc.reason)]
-        cost = self.secure.cost if isinstance(answer, SecureMasked) else None
-        if self.secure.finished:
-            self.secure = None
-        return [SendSecure(answer, cost)]
+            return [Ignore(msg.round, exc.reason, str(exc))]
+        return [SendSecure(answer, self.secure.take_cost() if isinstance(answer, SecureMasked) else None)]
 
     @property
     def _distributed(self) -> bool:

@@ -36,7 +36,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from fedprune.protocol.rdp import DEFAULT_ORDERS, epsilon_from_rdp, orders_array as _orders
+from fedprune.protocol.rdp import DEFAULT_ORDERS, check_positive, epsilon_from_rdp, orders_array as _orders
 
 PRIVACY_BUDGET_EXHAUSTED = "privacy_budget_exhausted"
 BUDGET_FORMAT = "fedprune-privacy-budget/1"
@@ -75,7 +75,7 @@ def clip_update(
     Positions outside ``masks`` are set to exactly 0 (they are not part of the update); tensors
     absent from ``masks`` are dense. Dtypes are kept.
     """
-    _check_positive("C", C)
+    check_positive("C", C)
     norm = update_norm(delta, masks)
     scale = min(1.0, C / norm) if norm > 0 else 1.0
     clipped: dict[str, np.ndarray] = {}
@@ -95,7 +95,7 @@ def add_gaussian_noise(
     Draws one normal per held position, tensors in ``delta``'s order, so a seeded ``rng`` gives
     the same noise on every machine.
     """
-    _check_positive("C", C)
+    check_positive("C", C)
     if not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma >= 0):
         raise ValueError(f"sigma {sigma!r}: expected a finite noise multiplier >= 0")
     std = float(sigma) * float(C)
@@ -127,7 +127,7 @@ def privatize(
 
 def rdp_gaussian(noise_multiplier: float, orders: tuple[float, ...] = DEFAULT_ORDERS) -> np.ndarray:
     """RDP of one Gaussian mechanism with std = noise_multiplier x sensitivity: exactly α/(2σ²)."""
-    _check_positive("noise_multiplier", noise_multiplier)
+    check_positive("noise_multiplier", noise_multiplier)
     alphas = _orders(orders)
     return alphas / (2.0 * noise_multiplier**2)
 
@@ -136,7 +136,7 @@ def rdp_subsampled_gaussian(
     noise_multiplier: float, sample_rate: float, orders: tuple[float, ...] = DEFAULT_ORDERS
 ) -> np.ndarray:
     """RDP of the Poisson-subsampled Gaussian mechanism per order (inf at non-integer α when q < 1)."""
-    _check_positive("noise_multiplier", noise_multiplier)
+    check_positive("noise_multiplier", noise_multiplier)
     if not (isinstance(sample_rate, (int, float)) and 0 <= sample_rate <= 1):
         raise ValueError(f"sample_rate {sample_rate!r}: expected a probability 0..1")
     alphas = _orders(orders)
@@ -176,7 +176,7 @@ def noise_multiplier_for(
     orders: tuple[float, ...] = DEFAULT_ORDERS,
 ) -> float:
     """The smallest σ (to 0.1 %) whose ε after ``steps`` rounds is at most ``target_epsilon``."""
-    _check_positive("target_epsilon", target_epsilon)
+    check_positive("target_epsilon", target_epsilon)
     low, high = 1e-3, 1.0
     while compute_epsilon(high, steps, delta, sample_rate, orders) > target_epsilon:
         low, high = high, high * 2
@@ -202,7 +202,7 @@ class RoundCost:
     sample_rate: float = 1.0
 
     def __post_init__(self) -> None:
-        _check_positive("noise_multiplier", self.noise_multiplier)
+        check_positive("noise_multiplier", self.noise_multiplier)
         if not (isinstance(self.sample_rate, (int, float)) and 0 < self.sample_rate <= 1):
             raise ValueError(f"sample_rate {self.sample_rate!r}: expected 0 < q <= 1 (1 against the coordinator)")
 
@@ -225,7 +225,7 @@ class PrivacyBudget:
     def __post_init__(self) -> None:
         if not isinstance(self.federation, str) or not self.federation:
             raise ValueError("federation: expected a non-empty id")
-        _check_positive("epsilon_budget", self.epsilon_budget)
+        check_positive("epsilon_budget", self.epsilon_budget)
         if not (isinstance(self.delta, float) and 0 < self.delta < 1):
             raise ValueError(f"delta {self.delta!r}: expected a float in (0, 1)")
         if type(self.rounds) is not int or self.rounds < 0:
@@ -286,8 +286,3 @@ def _number(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{value!r} is not a number")
     return float(value)
-
-
-def _check_positive(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} {value!r}: expected a finite number > 0")

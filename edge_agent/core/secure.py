@@ -29,6 +29,9 @@ from fedprune.protocol.secure_vector import flatten
 
 SecureDownlink = SecureNeighbours | SecureInbox | SecureUnmask
 SecureAnswer = SecureShares | SecureMasked | SecureReveal
+# Refusals that mean the coordinator or a neighbour broke the protocol, not a late or repeated message.
+SUSPECT_REASONS = frozenset({"reveal_conflict", "weight_above_max", "bad_share_ciphertext", "bad_key",
+                             "not_a_neighbour", "noise_out_of_range"})
 
 
 @dataclass(frozen=True)
@@ -43,8 +46,9 @@ class DistributedDP:
 
 
 class SecureParticipant:
-    """One device, one opening of one round. Answers each stage once, in order; anything else
-    (another round or session, a repeated or out-of-order stage) raises SecAggError."""
+    """One device, one opening of one round. Answers each stage once, in order; the same stage
+    message again (re-sent after a broker outage) gets the same answer; anything else (another
+    round or session, an out-of-order stage) raises SecAggError."""
 
     def __init__(self, *, device: str, federation: str, round_number: int, setup: SecureSetup, layout, masks,
                  delta: Mapping[str, np.ndarray], buffer_delta: Mapping[str, np.ndarray], rng: np.random.Generator,
@@ -58,9 +62,10 @@ class SecureParticipant:
                 self.vector = self.vector * (dp.clip_norm / norm)
         self.session = DeviceSession(device, setup.params, setup.context(federation, round_number))
         self.rng = rng
-        self.cost: SkellamCost | None = None  # with the masked vector: what releasing it costs this device
+        self._cost: SkellamCost | None = None  # with the masked vector: what releasing it costs this device
         self._neighbours: SecureNeighbours | None = None
         self._expect = SecureNeighbours
+        self._last: tuple[SecureDownlink, SecureAnswer] | None = None
 
     def keys(self, n_examples: int, class_losses: dict[int, tuple[float, int]], metrics: dict[str, float]) -> SecureKeys:
         advertised = self.session.advertise()
@@ -70,15 +75,25 @@ class SecureParticipant:
             max_abs = float(np.max(np.abs(self.vector))) if self.vector.size else 0.0
         return SecureKeys(round=self.round, device=self.device, session=self.setup.session,
                           share_public=advertised.share_public, mask_public=advertised.mask_public,
+                          seed_commitment=advertised.seed_commitment,
+                          noise_multiplier=0.0 if self.dp is None else self.dp.noise_multiplier,
                           n_examples=n_examples, class_losses=class_losses, max_abs=max_abs, metrics=metrics)
 
-    @property
-    def finished(self) -> bool:
-        return self._expect is None
+    def take_cost(self) -> SkellamCost | None:
+        """What releasing the masked vector costs, once: a re-sent answer is not charged again."""
+        cost, self._cost = self._cost, None
+        return cost
 
     def answer(self, msg: SecureDownlink) -> SecureAnswer:
         if msg.round != self.round or msg.session != self.setup.session:
             raise SecAggError("wrong_session", f"stage for round {msg.round} of another session")
+        if self._last is not None and msg == self._last[0]:
+            return self._last[1]
+        answer = self._answer(msg)
+        self._last = (msg, answer)
+        return answer
+
+    def _answer(self, msg: SecureDownlink) -> SecureAnswer:
         if type(msg) is not self._expect:
             raise SecAggError("wrong_stage", f"{type(msg).__name__} while expecting "
                                              f"{self._expect.__name__ if self._expect else 'nothing'}")
@@ -110,6 +125,6 @@ class SecureParticipant:
             raise SecAggError("noise_out_of_range", f"share mu {mu:.3g} above {MAX_MU:g}: the round's scale "
                                                     f"{plan.scale:g} leaves no room for noise")
         noise = skellam_noise(field.shape, mu, dp.rng)
-        self.cost = (SkellamCost.of_round(dp.clip_norm, plan.scale, field.size, plan.weight, t * mu)
+        self._cost = (SkellamCost.of_round(dp.clip_norm, plan.scale, field.size, plan.weight, t * mu)
                      if plan.weight > 0 and field.size else None)
         return ((field.astype(np.int64) + noise) & ((1 << self.setup.bits) - 1)).astype(np.uint32)

@@ -5,6 +5,12 @@ got through; a device that missed a stage has dropped out for the rest of the ro
 outside the set a stage expects raises unknown_device, a second message from one device
 duplicate, a message after its stage closed wrong_stage: the caller counts ``reason`` and drops
 the message, and the round goes on.
+
+A device with valid credentials may reveal forged shares. Each revealer holds the share at a
+known point (its place among the owner's neighbours), so a share at another point is refused;
+a forged value at the right point is caught when the secret it rebuilds fails the owner's
+commitment (seed) or public key (mask key): ``result`` then rebuilds from other t-subsets and
+names the revealers whose shares are off the genuine polynomial in ``forgers``.
 """
 
 from __future__ import annotations
@@ -17,9 +23,9 @@ from fedprune.protocol.secagg.device import CIPHERTEXT_LEN
 from fedprune.protocol.secagg.errors import SecAggError
 from fedprune.protocol.secagg.field import check_vector, low_bits, pairwise_mask, prg
 from fedprune.protocol.secagg.graph import neighbour_graph
-from fedprune.protocol.secagg.keys import AdvertisedKeys, load_private, mask_seed, public_of
+from fedprune.protocol.secagg.keys import AdvertisedKeys, commit_seed, load_private, mask_seed, public_of
 from fedprune.protocol.secagg.params import SecureParams
-from fedprune.protocol.secagg.shamir import Share, decode_share, reconstruct
+from fedprune.protocol.secagg.shamir import Share, decode_share, reconstruct_checked
 
 
 class AggregatorSession:
@@ -42,7 +48,9 @@ class AggregatorSession:
         self._ciphertexts: dict[str, dict[str, bytes]] = {}
         self._masked: dict[str, np.ndarray] = {}
         self._revealers: set[str] = set()
-        self._shares: dict[str, list[Share]] = {}  # survivor -> its seed's shares; dropped -> its mask key's
+        self._points: dict[str, dict[str, int]] = {}  # owner -> neighbour -> the x of the share it holds
+        self._shares: dict[str, dict[str, Share]] = {}  # survivor -> its seed's shares; dropped -> its mask key's
+        self.forgers: frozenset[str] = frozenset()  # revealers caught with a share off its polynomial
         self._u1: frozenset[str] = frozenset()  # advertised (U1), shared (U2), masked (U3)
         self._u2: frozenset[str] = frozenset()
         self._u3: frozenset[str] = frozenset()
@@ -73,14 +81,15 @@ class AggregatorSession:
 
     def on_advertise(self, device: str, keys: AdvertisedKeys) -> None:
         self._expect("advertise", device, self.graph, self._keys)
-        if not isinstance(keys, AdvertisedKeys):
-            raise SecAggError("bad_key", f"{device} sent {type(keys).__name__}, not AdvertisedKeys")
+        if not isinstance(keys, AdvertisedKeys) or keys.seed_commitment is None:
+            raise SecAggError("bad_key", f"{device} sent no AdvertisedKeys with a seed commitment")
         self._keys[device] = keys
 
     def close_advertise(self) -> frozenset[str]:
         """U1: the devices that advertised, less any left with fewer than t advertised neighbours."""
         self._close("advertise")
         self._u1 = self._core(self._keys)
+        self._points = {u: {v: x for x, v in enumerate(sorted(v for v in self.graph[u] if v in self._u1), start=1)} for u in self._u1}
         self._stage = "share"
         return self._u1
 
@@ -119,6 +128,12 @@ class AggregatorSession:
         self._expect("mask", device, self._u2, self._masked)
         self._masked[device] = check_vector(vector, self.params.bits, self.length)
 
+    def withdraw(self, device: str) -> None:
+        """Leave out a masked vector before the mask stage closes (its sender was revoked): the
+        device then counts as dropped, so only its mask key is revealed, never its seed."""
+        self._expect("mask", device, self._u2)
+        self._masked.pop(device, None)
+
     def close_masked(self) -> tuple[frozenset[str], frozenset[str]]:
         """(survivors U3, dropped U2 - U3): every device is asked to reveal against these two lists."""
         self._close("mask")
@@ -135,27 +150,37 @@ class AggregatorSession:
         if strangers:
             raise SecAggError("not_a_neighbour", f"{device} revealed shares of {strangers}")
         decoded = {p: decode_share(data) for p, data in shares.items()}
+        if misplaced := sorted(p for p, share in decoded.items() if share.x != self._points[p][device]):
+            raise SecAggError("bad_share", f"{device} revealed shares of {misplaced} at points it does not hold")
         self._revealers.add(device)
         for p, share in decoded.items():
-            self._shares.setdefault(p, []).append(share)
+            self._shares.setdefault(p, {})[device] = share
 
     def result(self) -> tuple[np.ndarray, frozenset[str]]:
         """The survivors' sum mod 2**bits, and the survivors: remove each survivor's self-mask and the
         masks each dropped device shared with surviving neighbours; the masks between two survivors
-        cancel. SecAggError too_few_shares names a device whose secret has fewer than t shares in;
-        the call may be repeated once more reveals have arrived."""
+        cancel. SecAggError too_few_shares names a device whose secret has fewer than t shares in,
+        bad_share one whose revealed shares hold no t genuine ones."""
         if self._stage != "reveal":
             raise SecAggError("wrong_stage", f"result asked while the round is at {self._stage}")
-        t, bits, n = self.params.threshold, self.params.bits, self.length
-        seeds = {u: reconstruct(self._shares.get(u, ()), t, f"self-mask seed of survivor {u}") for u in sorted(self._u3)}
+        bits, n = self.params.bits, self.length
         total = np.zeros(n, dtype=np.uint32)
-        for u, seed in seeds.items():
+        for u in sorted(self._u3):
+            commitment = self._keys[u].seed_commitment
+            seed = self._rebuild(u, f"self-mask seed of survivor {u}",
+                                 lambda secret, u=u, c=commitment: commit_seed(secret, self.context, u) == c)
             total += self._masked[u] - prg(seed, n, bits)
         for u in sorted(self._u2 - self._u3):
-            key = load_private(reconstruct(self._shares.get(u, ()), t, f"mask key of dropped device {u}"))
-            if public_of(key) != self._keys[u].mask_public:
-                raise SecAggError("bad_share", f"the mask key shares of dropped device {u} do not match its public key")
+            public = self._keys[u].mask_public
+            key = load_private(self._rebuild(u, f"mask key of dropped device {u}",
+                                             lambda secret, p=public: public_of(load_private(secret)) == p))
             for v in self.graph[u]:
                 if v in self._u3:
                     total -= pairwise_mask(v, u, mask_seed(key, self._keys[v].mask_public, self.context, u, v), n, bits)
         return total & low_bits(bits), self._u3
+
+    def _rebuild(self, owner: str, what: str, valid) -> bytes:
+        secret, forged = reconstruct_checked(self._shares.get(owner, {}), self.params.threshold, what, valid,
+                                             suspects=self.forgers)
+        self.forgers |= forged
+        return secret

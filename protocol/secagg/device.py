@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from fedprune.protocol.secagg.errors import SecAggError
 from fedprune.protocol.secagg.field import SEED_LEN, check_vector, low_bits, pairwise_mask, prg
 from fedprune.protocol.secagg.keys import (
-    TAG_LEN, AdvertisedKeys, mask_seed, open_shares, private_bytes, public_of, seal_shares,
+    TAG_LEN, AdvertisedKeys, commit_seed, mask_seed, open_shares, private_bytes, public_of, seal_shares,
 )
 from fedprune.protocol.secagg.params import SecureParams
 from fedprune.protocol.secagg.shamir import SHARE_LEN, Share, decode_share, encode_share, split
@@ -35,8 +35,9 @@ class HeldShares:
 
 
 class DeviceSession:
-    """One device's side of one round. ``context`` binds everything to federation, round and stage
-    use (e.g. b"fed-a|round-7"); it goes into every HKDF info and AEAD associated data."""
+    """One device's side of one round. ``context`` binds everything to federation, round and
+    session (``SecureSetup.context``); it goes into every HKDF info, AEAD associated data and the
+    seed commitment."""
 
     def __init__(self, device: str, params: SecureParams, context: bytes) -> None:
         if type(device) is not str or not device:
@@ -64,10 +65,12 @@ class DeviceSession:
             raise SecAggError("wrong_stage", f"{self.device}: {stage} asked while at {self._stage}")
 
     def advertise(self) -> AdvertisedKeys:
-        """Stage 1: this round's public keys (made with the session, used in this round only)."""
+        """Stage 1: this round's public keys (made with the session, used in this round only) and
+        the commitment to the self-mask seed."""
         self._expect("advertise")
         self._stage = "share"
-        return AdvertisedKeys(public_of(self._share_private), public_of(self._mask_private))
+        return AdvertisedKeys(public_of(self._share_private), public_of(self._mask_private),
+                              commit_seed(self._seed, self.context, self.device))
 
     def share(self, neighbours: Mapping[str, AdvertisedKeys]) -> dict[str, bytes]:
         """Stage 2: split the self-mask seed and the mask private key t-of-m among the m neighbours

@@ -10,8 +10,13 @@ never exposes the other:
 
 The share key encrypts exactly one message (u's shares for v, in this round), so the AEAD
 nonce is fixed; the direction is in the key, and context, sender and receiver are also the
-associated data. Binding the context (federation, round, stage use) means nothing derived in
-one round or federation opens or cancels in another.
+associated data. Binding the context (federation, round, session) means nothing derived in
+one round or federation opens or cancels in another; the labels keep the two uses apart.
+
+A device also commits to its self-mask seed b: SHA-256(SEED_LABEL, context, device, b). The seed
+is 32 random bytes, so the commitment hides it; it lets the coordinator tell a genuine
+reconstruction of b from one built with a forged share, as the mask public key does for a
+reconstructed mask key.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ KEY_LEN = 32
 TAG_LEN = 16
 SHARE_LABEL = b"fedprune/v1 secagg share\x00"
 MASK_LABEL = b"fedprune/v1 secagg mask\x00"
+SEED_LABEL = b"fedprune/v1 secagg seed\x00"
 _NONCE = bytes(12)
 
 
@@ -40,16 +46,28 @@ def bind(*parts: bytes) -> bytes:
 
 @dataclass(frozen=True)
 class AdvertisedKeys:
-    """A device's two public keys for one round: one to receive shares, one for pairwise masks."""
+    """A device's two public keys for one round (one to receive shares, one for pairwise masks)
+    and, towards the coordinator only, the commitment to its self-mask seed (None in the copy
+    relayed to neighbours, who have no use for it)."""
 
     share_public: bytes
     mask_public: bytes
+    seed_commitment: bytes | None = None
 
     def __post_init__(self) -> None:
         for name in ("share_public", "mask_public"):
             value = getattr(self, name)
             if type(value) is not bytes or len(value) != KEY_LEN:
                 raise SecAggError("bad_key", f"{name} must be {KEY_LEN} raw bytes")
+        if self.seed_commitment is not None and (type(self.seed_commitment) is not bytes
+                                                 or len(self.seed_commitment) != KEY_LEN):
+            raise SecAggError("bad_key", f"seed_commitment must be {KEY_LEN} bytes")
+
+
+def commit_seed(seed: bytes, context: bytes, device: str) -> bytes:
+    digest = hashes.Hash(hashes.SHA256())
+    digest.update(bind(SEED_LABEL, context, device.encode(), seed))
+    return digest.finalize()
 
 
 def public_of(private: X25519PrivateKey) -> bytes:

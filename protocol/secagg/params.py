@@ -1,4 +1,4 @@
-"""The three numbers both sides of a round agree on: graph degree, share threshold, modulus."""
+"""The three numbers both sides of a round agree on: graph degree, share threshold, modulus bits."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from fedprune.protocol.secagg.errors import SecAggError
 
 @dataclass(frozen=True)
 class SecureParams:
-    """``degree`` k neighbours per device (even; a round of n <= k devices uses the complete graph),
+    """``degree`` k neighbours per device (even; a round of n devices, n - 1 <= k, uses the complete graph),
     ``threshold`` t of a device's neighbours reconstruct its secrets, values live mod ``2**bits``.
 
     k/2 < t <= k: a device's neighbours each reveal one kind of share of it, so with 2t > k no

@@ -11,8 +11,9 @@ Wire form of a share: x as 2 bytes, then y as 66 bytes, both big-endian (68 byte
 
 from __future__ import annotations
 
+import itertools
 import secrets
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from fedprune.protocol.secagg.errors import SecAggError
@@ -22,6 +23,7 @@ SECRET_LEN = 32
 X_LEN = 2
 Y_LEN = 66
 SHARE_LEN = X_LEN + Y_LEN
+MAX_SUBSETS = 4096  # t-subsets tried per secret when forged shares are among those revealed
 
 
 @dataclass(frozen=True)
@@ -50,19 +52,23 @@ def split(secret: bytes, xs: Sequence[int], threshold: int) -> list[Share]:
     return shares
 
 
-def combine(shares: Iterable[Share]) -> int:
-    """f(0) of the polynomial through ``shares`` (Lagrange at zero): the secret if they are at least
-    t genuine shares, an unrelated field element if fewer."""
-    points = list(shares)
+def evaluate(points: Sequence[Share], at: int) -> int:
+    """f(at) for the polynomial of degree len(points)-1 through ``points`` (Lagrange)."""
     total = 0
     for j, pj in enumerate(points):
         num = den = 1
         for m, pm in enumerate(points):
             if m != j:
-                num = num * pm.x % PRIME
-                den = den * (pm.x - pj.x) % PRIME
+                num = num * (at - pm.x) % PRIME
+                den = den * (pj.x - pm.x) % PRIME
         total = (total + pj.y * num * pow(den, -1, PRIME)) % PRIME
     return total
+
+
+def combine(shares: Iterable[Share]) -> int:
+    """f(0) of the polynomial through ``shares``: the secret if they are at least t genuine
+    shares, an unrelated field element if fewer."""
+    return evaluate(list(shares), 0)
 
 
 def reconstruct(shares: Iterable[Share], threshold: int, owner: str) -> bytes:
@@ -76,6 +82,26 @@ def reconstruct(shares: Iterable[Share], threshold: int, owner: str) -> bytes:
     if value >> 8 * SECRET_LEN:
         raise SecAggError("bad_share", f"{owner}: the shares do not combine to a {SECRET_LEN}-byte secret")
     return value.to_bytes(SECRET_LEN, "big")
+
+
+def reconstruct_checked(shares: Mapping[str, Share], threshold: int, owner: str, valid: Callable[[bytes], bool],
+                        suspects: Collection[str] = ()) -> tuple[bytes, frozenset[str]]:
+    """The secret of ``owner`` from ``shares`` keyed by the holder that revealed each, and the
+    holders whose shares are off its polynomial (forged). ``valid`` tells the genuine secret (a
+    commitment, a public key); t-subsets are tried lowest x first, ``suspects`` last, at most
+    ``MAX_SUBSETS``: one forged share cannot make a secret unrecoverable while t genuine ones are in."""
+    if len(shares) < threshold:
+        raise SecAggError("too_few_shares", f"{owner}: {len(shares)} shares, {threshold} needed")
+    holders = sorted(shares, key=lambda h: (h in suspects, shares[h].x))
+    for subset in itertools.islice(itertools.combinations(holders, threshold), MAX_SUBSETS):
+        points = [shares[h] for h in subset]
+        value = combine(points)
+        if value >> 8 * SECRET_LEN or not valid(secret := value.to_bytes(SECRET_LEN, "big")):
+            continue
+        forged = frozenset(h for h in holders if h not in subset and evaluate(points, shares[h].x) != shares[h].y)
+        return secret, forged
+    raise SecAggError("bad_share", f"{owner}: no {threshold} of the {len(shares)} shares revealed rebuild its secret "
+                                   f"(forged shares among those of {sorted(shares)})")
 
 
 def encode_share(share: Share) -> bytes:

@@ -158,3 +158,22 @@ def test_gated_updates_are_counted_logged_and_trust_survives_a_restart(tmp_path:
     assert set(trust) == set(devices)
     restarted = daemon(tmp_path, clock)
     assert restarted.state.trust == trust and restarted.completed == 1
+
+
+def test_the_central_privacy_accountant_survives_a_restart_after_any_round(tmp_path: Path) -> None:
+    """Distributed DP: the RDP of every released sum is in each history entry, so a restart after a
+    round without a sum (failed, nobody answered) resumes the accountant, not a fresh one."""
+    clock = Clock()
+    config_path = tmp_path / "coordinator.toml"
+    enrollment.init(config_path=config_path, state_dir=tmp_path / "state", federation="f",
+                    broker_url="mqtt://127.0.0.1:1", embedded_broker=False,
+                    settings={"rounds": {"total": 5, "min_devices": 3, "quorum": 3}, "metrics": {"port": -1},
+                              "strategy": {"secure": True, "secure_noise_multiplier": 1.0, "norm_clip": 0.0,
+                                           "sybil_cos": 0.0, "chance_gate": 0.0}})
+    d = CoordinatorDaemon(load_config(config_path, env={}), clock=clock)
+    spent = d._central_epsilon({"mu": 1e6, "clip_norm": 1.0, "scale": 100.0, "dimension": 50, "weight_max": 0.3})
+    close_empty_round(d, clock)  # a round with no sum after the one that released noise
+    again = CoordinatorDaemon(d.config, clock=clock)
+    np.testing.assert_allclose(again.central_rdp, d.central_rdp)
+    assert again._central_epsilon({"mu": 1e6, "clip_norm": 1.0, "scale": 100.0, "dimension": 50,
+                                   "weight_max": 0.3})["epsilon_total"] > spent["epsilon_total"]

@@ -14,14 +14,14 @@ import pytest
 from fedprune.coordinator.core.secure_round import (NOISE_HEADROOM, RANGE_OVER_MEDIAN, SecureCollection, SecureFailed,
                                                     SecureSum, field_scale, value_range)
 from fedprune.edge_agent.core.agent import AgentCore, Decline, PrivacyStep, SendSecure, Trained, Upload
-from fedprune.protocol.distributed_dp import (DISTRIBUTED, DISTRIBUTED_DP_NEEDS_SECURE, LOCAL, SkellamCost,
-                                                     central_epsilon, device_mu, rdp_skellam, sensitivities)
+from fedprune.protocol.distributed_dp import (DISTRIBUTED, DISTRIBUTED_DP_NEEDS_SECURE, LOCAL, NOISE_MISMATCH,
+                                              SkellamCost, central_epsilon, device_mu, rdp_skellam, sensitivities)
 from fedprune.edge_agent.core.privacy import DEFAULT_ORDERS
 from fedprune.edge_agent.ledger import PrivacyLedger, read_budget
 from fedprune.protocol.hyperparams import HyperParams
 from fedprune.protocol.layout import ModelLayout, TensorSpec
 from fedprune.protocol.messages import ModelRef, RoundTask
-from fedprune.protocol.secagg import SecureParams
+from fedprune.protocol.secagg import SecureParams, Share, decode_share, encode_share
 from fedprune.protocol.secure_messages import SecureInbox, SecureKeys, SecureMasked, SecureShares
 from fedprune.protocol.secure_setup import SecureSetup
 from fedprune.protocol.secure_vector import flatten, unflatten, vector_length
@@ -33,7 +33,8 @@ LAYOUT = ModelLayout((TensorSpec("fc.weight", (8, 12), True), TensorSpec("fc.bia
 FED = "fed"
 
 
-def make_task(n: int, rng: np.random.Generator, bits: int = 16, degree: int | None = None) -> RoundTask:
+def make_task(n: int, rng: np.random.Generator, bits: int = 16, degree: int | None = None,
+              noise_multiplier: float = 0.0) -> RoundTask:
     masks = {"fc.weight": rng.random((8, 12)) < 0.3}
     params = {"fc.weight": np.where(masks["fc.weight"], 1.0, 0.0).astype(np.float32), "fc.bias": np.zeros(8, np.float32),
               "bn.running_mean": np.zeros(8, np.float32), "bn.num_batches_tracked": np.zeros((), np.float32)}
@@ -41,7 +42,8 @@ def make_task(n: int, rng: np.random.Generator, bits: int = 16, degree: int | No
     return RoundTask(federation=FED, round=3, mask_version=0, model=ModelRef("mlp", (12,), 8),
                      weights=SparseParams.from_dense(LAYOUT, params, masks), hyper=HyperParams(), deadline=1e9,
                      selected=tuple(f"d{i:02d}" for i in range(n)),
-                     secure=SecureSetup(bytes(range(8)), params_.bits, params_.degree, params_.threshold))
+                     secure=SecureSetup(bytes(range(8)), params_.bits, params_.degree, params_.threshold,
+                                        noise_multiplier))
 
 
 def trained(task: RoundTask, rng: np.random.Generator, noisy: bool = False) -> Trained:
@@ -62,7 +64,8 @@ class Round:
     def __init__(self, n: int, seed: int = 0, bits: int = 16, degree: int | None = None,
                  privacy: tuple[float, float, str] | None = None):
         rng = np.random.default_rng(seed)
-        self.task = make_task(n, rng, bits, degree)
+        sigma = privacy[1] if privacy is not None and privacy[2] == DISTRIBUTED else 0.0
+        self.task = make_task(n, rng, bits, degree, sigma)
         self.cores, self.trained, self.reports = {}, {}, {}
         self.uploads: dict[str, Upload] = {}
         self.costs: dict[str, SkellamCost | None] = {}  # what each masked vector's SendSecure asked to charge
@@ -91,7 +94,7 @@ class Round:
 
     def run(self, collection: SecureCollection, drop: dict[str, set[str]] | None = None):
         drop = drop or {}
-        outgoing = collection.neighbours()
+        outgoing = collection.outbox()
         stage, now = "shares", 0.0
         while True:
             for msg in outgoing:
@@ -203,14 +206,15 @@ def test_nothing_the_coordinator_receives_gives_one_update_away():
 def test_a_stage_of_another_session_or_out_of_order_is_refused():
     r = Round(5, seed=5)
     collection = r.collection()
-    first = collection.neighbours()[0]
+    first = collection.outbox()[0]
     other = dataclasses.replace(first, session=bytes(8))
     (action,) = r.cores[first.device].on_secure(other)
     assert action.reason == "wrong_session"
-    inbox_first = dataclasses.replace(first)
-    r.cores[first.device].on_secure(inbox_first)
-    (again,) = r.cores[first.device].on_secure(inbox_first)
-    assert again.reason == "wrong_stage"
+    (answer,) = r.cores[first.device].on_secure(first)
+    (again,) = r.cores[first.device].on_secure(first)  # re-sent after an outage: the same answer, once more
+    assert isinstance(again, SendSecure) and again.message == answer.message
+    (changed,) = r.cores[first.device].on_secure(dataclasses.replace(first, weight=first.weight / 2))
+    assert changed.reason == "wrong_stage"  # another stage-2 message is not a resend
     bad = SecureShares(round=3, device="d00", session=bytes(8), ciphertexts={})
     assert collection.on_message(bad) == "wrong_session"
 
@@ -280,12 +284,12 @@ def test_devices_report_C_so_the_range_is_data_free_and_the_scale_leaves_room_fo
     assert collection.scale == pytest.approx(field_scale(16, 12, C, noise_std))
     assert collection.scale * (C + NOISE_HEADROOM * noise_std) < 2**15 - 12
     assert collection.max_weight == pytest.approx(max(r.weights(r.reports).values()))
-    assert all(m.max_weight == collection.max_weight for m in collection.neighbours())
+    assert all(m.max_weight == collection.max_weight for m in collection.outbox())
     outcome = r.run(collection)
     assert isinstance(outcome, SecureSum)
-    noise = collection.noise(len(outcome.survivors))
+    noise = collection.noise(outcome.survivors)
     share = device_mu(SIGMA, collection.scale, collection.max_weight, C, t)
-    assert noise == {"sigma": SIGMA, "mu": pytest.approx(12 * share), "scale": collection.scale,
+    assert noise == {"sigma": SIGMA, "mu": pytest.approx(12 * share), "noisy_survivors": 12, "scale": collection.scale,
                      "weight_max": collection.max_weight, "clip_norm": C, "dimension": collection.dimension}
 
 
@@ -336,7 +340,7 @@ def test_a_round_that_does_not_fit_the_budget_is_known_before_the_masked_vector_
 
 def test_a_weight_above_the_announced_largest_is_refused():
     r, collection = dp_round(5, seed=3)
-    first = collection.neighbours()[0]
+    first = collection.outbox()[0]
     (action,) = r.cores[first.device].on_secure(dataclasses.replace(first, max_weight=first.weight / 2))
     assert action.reason == "weight_above_max"
     (action,) = r.cores[first.device].on_secure(first)  # the stage is still open for the real message
@@ -358,7 +362,7 @@ def test_a_plain_task_is_declined_under_distributed_dp_and_local_dp_still_runs_u
 
 def test_a_scale_that_leaves_the_noise_shares_no_room_is_refused_not_crashed_on():
     r, collection = dp_round(5, seed=5, bits=32)
-    first = collection.neighbours()[0]
+    first = collection.outbox()[0]
     core = r.cores[first.device]
     core.on_secure(dataclasses.replace(first, scale=1e12))  # a share of mu above what a Poisson sampler draws
     (action,) = core.on_secure(SecureInbox(round=3, device=first.device, session=first.session, ciphertexts={}))
@@ -368,7 +372,7 @@ def test_a_scale_that_leaves_the_noise_shares_no_room_is_refused_not_crashed_on(
 def test_a_device_known_to_be_gone_is_not_waited_for():
     r = Round(9, seed=9)
     collection = r.collection()
-    outgoing = collection.neighbours()
+    outgoing = collection.outbox()
     gone = outgoing[0].device
     for msg in outgoing[1:]:
         (action,) = r.cores[msg.device].on_secure(msg)
@@ -377,3 +381,100 @@ def test_a_device_known_to_be_gone_is_not_waited_for():
     collection.forget(gone)  # its last will arrived
     nxt = collection.tick(1.0)
     assert isinstance(nxt, list) and gone not in {m.device for m in nxt}
+
+
+def answer_all(r: Round, collection: SecureCollection, outgoing, skip=()) -> None:
+    for msg in outgoing:
+        if msg.device not in skip:
+            (action,) = r.cores[msg.device].on_secure(msg)
+            assert collection.on_message(action.message) == ""
+
+
+def test_a_device_gone_after_sharing_is_not_waited_for_at_any_later_stage():
+    r = Round(9, seed=10)
+    collection = r.collection()
+    outgoing = collection.outbox()
+    gone = outgoing[0].device
+    answer_all(r, collection, outgoing)
+    collection.forget(gone)  # it shared, then its last will arrived
+    inbox = collection.tick(1.0)
+    assert isinstance(inbox, list)
+    answer_all(r, collection, inbox, skip={gone})
+    unmask = collection.tick(2.0)  # not the deadline: the gone device is not expected to mask
+    assert isinstance(unmask, list) and gone not in {m.device for m in unmask}
+    answer_all(r, collection, unmask)
+    outcome = collection.tick(3.0)
+    assert isinstance(outcome, SecureSum) and gone in outcome.dropped
+
+
+def test_a_device_revoked_after_masking_is_left_out_of_the_sum():
+    r = Round(9, seed=11)
+    collection = r.collection()
+    answer_all(r, collection, collection.outbox())
+    inbox = collection.tick(1.0)
+    answer_all(r, collection, inbox)
+    revoked = inbox[0].device
+    collection.forget(revoked)  # its vector is in, the mask stage has not closed: it is withdrawn
+    unmask = collection.tick(2.0)
+    answer_all(r, collection, unmask)
+    outcome = collection.tick(3.0)
+    assert isinstance(outcome, SecureSum) and revoked in outcome.dropped and revoked not in outcome.survivors
+    np.testing.assert_allclose(secure_mean(outcome, r.task.masks), r.plain_mean(outcome.survivors), atol=2e-3)
+
+
+def test_after_an_outage_only_the_unanswered_get_the_stage_again_and_a_resend_is_not_charged_twice():
+    r = Round(6, seed=12, privacy=(1.0, 0.5, DISTRIBUTED))
+    collection = r.collection(noise_multiplier=0.5)
+    answer_all(r, collection, collection.outbox())
+    inbox = collection.tick(1.0)
+    late = inbox[0].device
+    answer_all(r, collection, inbox[1:])
+    deadline = collection.deadline
+    collection.postpone(30.0)
+    assert collection.deadline == deadline + 30.0
+    assert [m.device for m in collection.outbox()] == [late]
+    (first,) = r.cores[late].on_secure(inbox[0])
+    (resent,) = r.cores[late].on_secure(inbox[0])  # its answer was lost too: the stage comes again
+    assert first.cost is not None and resent.cost is None
+    assert np.array_equal(first.message.values, resent.message.values)
+
+
+def test_the_history_counts_only_the_noise_shares_the_survivors_declared():
+    r = Round(6, seed=13, privacy=(1.0, 0.5, DISTRIBUTED))
+    quiet = sorted(r.reports)[0]
+    reports = dict(r.reports)
+    reports[quiet] = dataclasses.replace(reports[quiet], noise_multiplier=0.0)  # a device without distributed DP
+    collection = SecureCollection(federation=FED, round_number=3, setup=r.task.secure, layout=LAYOUT,
+                                  masks=r.task.masks, reports=reports, weights=r.weights(reports), stage_s=10.0,
+                                  now=0.0, noise_multiplier=0.5)
+    assert collection.noisy == set(reports) - {quiet}
+    assert collection.noise(tuple(reports))["noisy_survivors"] == 5
+
+
+def test_a_device_whose_sigma_differs_from_the_rounds_declines():
+    rng = np.random.default_rng(14)
+    task = make_task(5, rng, noise_multiplier=0.5)
+    core = AgentCore("d00", rng=np.random.default_rng(1),
+                     privacy=PrivacyStep(1.0, 0.8, np.random.default_rng(2), DISTRIBUTED))
+    (decline,) = core.on_task(task, 0.0)
+    assert isinstance(decline, Decline) and decline.reason.startswith(NOISE_MISMATCH + ":")
+    assert "σ=0.5" in decline.reason and "σ=0.8" in decline.reason
+
+
+def test_a_device_forging_its_reveal_is_named_and_the_round_still_sums():
+    r = Round(9, seed=15)
+    collection = r.collection()
+    answer_all(r, collection, collection.outbox())
+    answer_all(r, collection, collection.tick(1.0))
+    unmask = collection.tick(2.0)
+    liar = unmask[0].device
+    for msg in unmask:
+        (action,) = r.cores[msg.device].on_secure(msg)
+        reveal = action.message
+        if msg.device == liar:
+            forged = {p: encode_share(Share(decode_share(s).x, decode_share(s).y ^ 1)) for p, s in reveal.shares.items()}
+            reveal = dataclasses.replace(reveal, shares=forged)
+        assert collection.on_message(reveal) == ""
+    outcome = collection.tick(3.0)
+    assert isinstance(outcome, SecureSum) and outcome.forgers == (liar,)
+    np.testing.assert_allclose(secure_mean(outcome, r.task.masks), r.plain_mean(outcome.survivors), atol=2e-3)

@@ -284,6 +284,62 @@ def test_a_forged_mask_key_share_is_caught(rng):
     assert err.value.reason == "bad_share" and u in str(err.value)
 
 
+def forge(shares: dict[str, bytes], owner: str) -> dict[str, bytes]:
+    good = decode_share(shares[owner])
+    return {**shares, owner: encode_share(Share(good.x, (good.y + 1) % PRIME))}
+
+
+@pytest.mark.parametrize("kind", ["seed", "mask_key"])
+def test_forged_shares_from_one_revealer_are_outvoted_and_it_is_named(kind, rng):
+    """A hostile neighbour that forges its share of every secret it holds cannot fail the round
+    (the others' t genuine shares still rebuild each secret, checked against the commitment or
+    the public key), and the round names it, not its victims."""
+    n, (u,) = 30, spread(30, count=1)
+    r = run_round(n, rng, gone_after_mask={u} if kind == "mask_key" else (), silent=set(ids(n)))
+    liar = min(v for v in r.survivors if u in r.devices[v].held)
+    for v in sorted(r.survivors):
+        shares = r.devices[v].reveal(r.survivors, r.dropped)
+        r.agg.on_reveal(v, {p: forge(shares, p)[p] for p in shares} if v == liar else shares)
+    total, _ = r.agg.result()
+    assert np.array_equal(total, r.expected())
+    assert r.agg.forgers == {liar}
+
+
+def test_a_share_revealed_at_a_point_its_holder_does_not_hold_is_refused(rng):
+    r = run_round(10, rng, silent=set(ids(10)))
+    v = min(r.survivors)
+    shares = r.devices[v].reveal(r.survivors, r.dropped)
+    owner = min(shares)
+    good = decode_share(shares[owner])
+    moved = {**shares, owner: encode_share(Share(good.x % 9 + 1, good.y))}
+    with pytest.raises(SecAggError) as err:
+        r.agg.on_reveal(v, moved)
+    assert err.value.reason == "bad_share" and owner in str(err.value)
+    r.agg.on_reveal(v, shares)  # refused as a whole: the genuine reveal is still taken
+
+
+def test_a_withdrawn_vector_counts_as_dropped_and_the_sum_holds_without_it(rng):
+    names = ids(10)
+    params = SecureParams.for_devices(10)
+    agg = AggregatorSession(names, params, SEED, CONTEXT, 16)
+    devices = {d: DeviceSession(d, params, CONTEXT) for d in names}
+    inputs = {d: rng.integers(0, params.modulus, size=16, dtype=np.uint32) for d in names}
+    for d in names:
+        agg.on_advertise(d, devices[d].advertise())
+    for d in sorted(agg.close_advertise()):
+        agg.on_shares(d, devices[d].share(agg.keys_for(d)))
+    for d in sorted(agg.close_shares()):
+        agg.on_masked(d, devices[d].mask(inputs[d], agg.inbox_for(d)))
+    agg.withdraw("dev-03")  # revoked after its vector arrived
+    survivors, dropped = agg.close_masked()
+    assert "dev-03" not in survivors and dropped == {"dev-03"}
+    for d in sorted(survivors):
+        agg.on_reveal(d, devices[d].reveal(survivors, dropped))
+    total, _ = agg.result()
+    expected = sum(inputs[d].astype(np.uint64) for d in survivors) % params.modulus
+    assert np.array_equal(total, expected.astype(np.uint32))
+
+
 @pytest.mark.parametrize("when", ["absent", "gone_after_advertise"])
 def test_a_device_left_with_fewer_than_t_neighbours_is_left_out_before_anyone_masks_against_it(when, rng):
     ring = ring_order(ids(50), SEED)

@@ -27,6 +27,7 @@ SID = bytes(range(8))
 def uplinks(rng):
     return [
         SecureKeys(round=5, device="dev-a", session=SID, share_public=bytes(32), mask_public=bytes(range(32)),
+                   seed_commitment=bytes(range(1, 33)), noise_multiplier=0.7,
                    n_examples=40, class_losses={0: (0.5, 10), 2: (1.25, 30)}, max_abs=0.03,
                    metrics={"train_loss": 0.7}),
         SecureShares(round=5, device="dev-a", session=SID, ciphertexts={"dev-b": b"x" * 170, "dev-c": b"y" * 170}),
@@ -53,7 +54,7 @@ def same(a, b) -> bool:
 def opened_round(rng):
     """A coordinator that opened round 5 under secure aggregation, and dev-a holding its task."""
     coord, agent = coordinator_channel(), agent_channel()
-    t = dataclasses.replace(task(rng), secure=SecureSetup(SID, 16, 4, 3))
+    t = dataclasses.replace(task(rng), secure=SecureSetup(SID, 16, 4, 3, 1.1))
     (got,) = deliver(agent, coord.send(t, T0), T0)
     assert got.secure == t.secure
     return coord, agent

@@ -272,11 +272,11 @@ def generate_group() -> None:  # pragma: no cover - run by hand after a delibera
         hyper=dataclasses.replace(t.hyper, optimizer="adamw"), target_edges=((-1.5, 0.0, 2.25), (10.0, 20.0, 40.0), (0.5, 0.75, 1.0)))
     # 1.7: a round under secure aggregation, and one message of each of its stages
     sid = bytes.fromhex("0102030405060708")
-    secure = dataclasses.replace(t, secure=SecureSetup(sid, 16, 4, 3))
+    secure = dataclasses.replace(t, secure=SecureSetup(sid, 16, 4, 3, 0.8))
     head = {"round": 5, "device": "dev-a", "session": sid}
     stages = (
         ("secure_keys", SecureKeys(**head, share_public=bytes(range(32)), mask_public=bytes(range(32, 64)),
-                                   n_examples=40, class_losses={0: (0.5, 10), 2: (1.25, 30)}, max_abs=0.03,
+                                   seed_commitment=bytes(range(128, 160)), noise_multiplier=0.8, n_examples=40, class_losses={0: (0.5, 10), 2: (1.25, 30)}, max_abs=0.03,
                                    metrics={"train_loss": 0.7})),
         ("secure_neighbours", SecureNeighbours(**head, weight=0.125, max_weight=0.25, value_range=0.5, scale=8192.0,
                                                keys={"dev-b": (bytes(range(64, 96)), bytes(range(96, 128)))})),
