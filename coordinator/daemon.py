@@ -22,6 +22,7 @@ key members). The decisions are elsewhere (``core/``, ``releases``,
 from __future__ import annotations
 
 import logging
+import math
 import os
 import queue
 import re
@@ -404,6 +405,10 @@ class CoordinatorDaemon:
             reason = collection.on_message(message)
         if reason:
             self.metrics.inc("updates_rejected_total", reason=reason)
+            if reason == "duplicate":  # a resend after an outage, queued twice: counted only
+                emit(log, logging.DEBUG, "secure_stage_rejected", device=message.device, round=message.round,
+                     stage=type(message).__name__, reason=reason)
+                return
             self._note(logging.WARNING, "secure_stage_rejected", device=message.device, round=message.round,
                        stage=type(message).__name__, reason=reason)
             return
@@ -417,17 +422,19 @@ class CoordinatorDaemon:
             self._note(logging.WARNING, "update_rejected", device=update.device, round=update.round, reason="wrong_mode",
                        detail="a secure federation takes SecureKeys (agents of protocol 1.7), a plain one Update")
             return
-        if (isinstance(update, SecureKeys) and self.rounds.open_round == update.round
-                and update.session != self._task.secure.session):  # keys made for an earlier opening of this round
-            self.metrics.inc("updates_rejected_total", reason="wrong_session")
-            emit(log, logging.INFO, "update_rejected", device=update.device, round=update.round, reason="wrong_session")
-            return
-        if isinstance(update, SecureKeys) and update.noise_multiplier not in (0.0, self._task.secure.noise_multiplier):
-            self.metrics.inc("updates_rejected_total", reason="noise_mismatch")
-            self._note(logging.WARNING, "update_rejected", device=update.device, round=update.round,
-                       reason="noise_mismatch", detail=f"declares σ={update.noise_multiplier:g}, the round's is "
-                                                       f"{self._task.secure.noise_multiplier:g}")
-            return
+        if isinstance(update, SecureKeys) and self.rounds.open_round == update.round:  # else the round machine says why
+            setup = self._task.secure
+            if update.session != setup.session:  # keys made for an earlier opening of this round
+                self.metrics.inc("updates_rejected_total", reason="wrong_session")
+                emit(log, logging.INFO, "update_rejected", device=update.device, round=update.round,
+                     reason="wrong_session")
+                return
+            if not math.isclose(update.noise_multiplier, setup.noise_multiplier):
+                self.metrics.inc("updates_rejected_total", reason="noise_mismatch")
+                self._note(logging.WARNING, "update_rejected", device=update.device, round=update.round,
+                           reason="noise_mismatch", detail=f"declares σ={update.noise_multiplier:g}, the round's is "
+                                                           f"{setup.noise_multiplier:g}")
+                return
         verdict = self.rounds.on_update(update.device, update.round, update, now)
         size = self._upload_bytes.pop(update.device, 0)
         if isinstance(verdict, Accepted):
@@ -619,18 +626,16 @@ class CoordinatorDaemon:
         if isinstance(outcome, SecureFailed):
             self._secure_failed(closed, outcome.reason, outcome.detail, now)
             return
-        for device in outcome.forgers:
-            self.metrics.inc("updates_rejected_total", reason="forged_share")
-            self.registry.rejected(device, closed.round, "forged_share", now)
-            self._registry_dirty = True
-            self._note(logging.WARNING, "secure_stage_rejected", device=device, round=closed.round,
-                       stage="SecureReveal", reason="forged_share",
-                       detail="revealed a share off its owner's polynomial; the round used genuine ones")
+        for owner, revealer in outcome.bad_shares:  # counted and logged; either of the two may have lied
+            self.metrics.inc("updates_rejected_total", reason="bad_share")
+            self._note(logging.WARNING, "secure_share_rejected", round=closed.round, owner=owner, revealer=revealer,
+                       detail="a share of the owner's secret, revealed at a point the revealer does not hold or off "
+                              "the owner's polynomial: the owner dealt it or the revealer forged it; left out")
         result = self.strategy.finish_secure_round(self.state, self.plan, weighting, outcome.mean_delta,
                                                    outcome.buffer_delta, outcome.survivors, self.rng)
         secure: dict[str, Any] = {"survivors": len(outcome.survivors), "dropped": list(outcome.dropped)}
         if collection.noise_multiplier > 0:
-            secure.update(self._central_epsilon(collection.noise(outcome.survivors)))
+            secure.update(self._central_epsilon(collection.noise(len(outcome.survivors))))
         self._record_round(closed, result, now, secure=secure)
 
     def _central_epsilon(self, noise: dict[str, float]) -> dict[str, Any]:
@@ -726,7 +731,7 @@ class CoordinatorDaemon:
             self.downlink.lost(device)
             in_round = self.rounds.discard(device)
             if self._secure is not None:
-                self._secure[0].forget(device)
+                self._secure[0].forget(device, revoked=True)
             self.metrics.inc("revocations_applied_total")
             self._note(logging.WARNING, "device_revoked", device=device, open_round=self.rounds.open_round,
                        dropped_from_round=in_round)

@@ -579,6 +579,7 @@ class AgentDaemon:
                      error=exc)
                 reason = "privacy_ledger_unwritable"
         if reason is not None:
+            self.core.leave_secure(round_number)
             self._carry_out(Decline(round_number, reason), None)
             return False
         budget = self.ledger.budget

@@ -77,8 +77,8 @@ MAX_MU = 1e18
 # [privacy] mechanism: Gaussian noise on the update itself, or Skellam shares inside a secure round.
 LOCAL, DISTRIBUTED = "local", "distributed"
 DISTRIBUTED_DP_NEEDS_SECURE = "distributed_dp_needs_secure"  # the decline of a plain task under DISTRIBUTED
-# The decline of a secure task whose field has room for another σ than the device's: more noise
-# would wrap the sum, less would leave the round's reported ε short of the truth.
+# The decline of a secure task for another σ than the device adds (0 without distributed DP): more
+# noise would wrap the sum, less would make the round's reported ε a lie.
 NOISE_MISMATCH = "distributed_dp_noise_mismatch"
 
 

@@ -139,7 +139,7 @@ class StrategyConfig:
     secure: bool = _setting(False, "secure aggregation (SecAgg+): devices mask their weighted updates and the coordinator learns only the sum", FLAG)
     secure_bits: int = _setting(12, "secure: bits of the fixed-point sums (modulus 2**bits), 8..32; 12 keeps 50 devices under 2x the plain uplink (docs/RESULTS.md)", _span(8, 32))
     secure_degree: int = _setting(0, "secure: neighbours per device in the masking graph, even; 0: 2·ceil(log2 n)", _int_from(0))
-    secure_noise_multiplier: float = _setting(0.0, "secure: σ of the devices' distributed-DP noise ([privacy] mechanism = \"distributed\"), which the fixed-point scale leaves room for; 0: none expected. Give it secure_bits of 16-20: rounding adds sqrt(vector length) field units to each device's sensitivity, which at 12 bits can outweigh its update", OFF_OR_POSITIVE)
+    secure_noise_multiplier: float = _setting(0.0, "secure: σ of the devices' distributed-DP noise ([privacy] mechanism = \"distributed\"), announced in the task; the fixed-point scale leaves room for it, and a device that does not add noise at exactly this σ declines (distributed_dp_noise_mismatch); 0: no distributed DP. Give it secure_bits of 16-20: rounding adds sqrt(vector length) field units to each device's sensitivity, which at 12 bits can outweigh its update", OFF_OR_POSITIVE)
     secure_delta: float = _setting(1e-5, "secure: δ of the central ε the coordinator reports for distributed DP", _span(0, 1, "()"))
     # contribution-adaptive density (§6)
     adaptive_density: bool = _setting(False, "give low-quality devices nested sub-masks (kept fraction rho); refused by run and simulate until tasks per device exist (docs/DESIGN.md)", FLAG)

@@ -9,9 +9,10 @@ device that misses a stage has dropped out (SecAgg+ recovers its masks). The res
 weighted mean of the survivors' updates, w renormalised over them, and nothing else: a failure
 (fewer devices left than the threshold, too few shares) closes the round without it, with a
 reason the daemon logs. A device known to be gone (last will, revocation, decline) is not waited
-for at any later stage; one revoked before the mask stage closes has its vector left out (it
-counts as dropped); after that close its vector is in the sum, since leaving it out would need
-both of its secrets. Revealers caught forging shares are named in the outcome (``forgers``).
+for at this stage or any later one; one revoked before the mask stage closes has its vector left
+out (it counts as dropped); after that close its vector is in the sum, since leaving it out would
+need both of its secrets. Bad shares (misplaced, or off their owner's polynomial: the owner or
+the revealer lied) are left out and listed in the outcome (``bad_shares``).
 
 Fixed point: the devices report max |value| of their update; the range R is the largest report,
 but at most ``RANGE_OVER_MEDIAN`` times their median, so one device cannot coarsen everyone's
@@ -19,12 +20,12 @@ precision by lying, and each device clips its weighted values to it. The scale l
 one unit of rounding per device: |Σ w_n x_n| <= R because the weights sum to 1.
 
 Distributed DP ([strategy] secure_noise_multiplier σ > 0, announced in ``SecureSetup``; a device
-whose own σ differs declines, one that declares another σ in its keys is refused): the devices
-that add noise clip their vectors to L2 norm C and report C, so R = C, and each adds a Skellam
-share μ_dev = (σ·S·w_max·C)²/(2t) in field units (``protocol/distributed_dp.py``, point 5: t the threshold, w_max the largest weight,
+that does not add noise at exactly that σ declines, keys that declare another σ are refused by
+the daemon): the devices clip their vectors to L2 norm C and report C, so R = C, and each adds a
+Skellam share μ_dev = (σ·S·w_max·C)²/(2t) in field units (``protocol/distributed_dp.py``, point 5: t the threshold, w_max the largest weight,
 announced in stage 2). n such shares have std σ·S·w_max·C·sqrt(n/t); the scale keeps
 ``NOISE_HEADROOM`` of those beside R, so the sum wraps with probability below 1e-14 a
-coordinate. The round's history records ``noise``: σ, the μ of its sum (noisy survivors·μ_dev), S,
+coordinate. The round's history records ``noise``: σ, the μ of its sum (survivors·μ_dev), S,
 w_max, C and the vector's length, all that ``distributed_dp.rdp_round`` needs for its RDP
 against the coordinator; the ε accountant lives with the devices' ledgers.
 """
@@ -57,7 +58,7 @@ class SecureSum:
     buffer_delta: dict[str, np.ndarray]
     survivors: tuple[str, ...]
     dropped: tuple[str, ...]
-    forgers: tuple[str, ...]
+    bad_shares: tuple[tuple[str, str], ...]  # (owner, revealer)
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,6 @@ class SecureCollection:
         self.expected = self.aggregator.close_advertise()
         self.value_range = value_range(reports)
         self.noise_multiplier = noise_multiplier
-        self.noisy = frozenset(d for d in ids if reports[d].noise_multiplier > 0)
         self.max_weight = max(min(1.0, self.weights[d]) for d in self.expected)
         shares = len(self.expected) / setup.threshold  # n shares: n/t times the variance the devices calibrate
         noise_std = noise_multiplier * self.max_weight * self.value_range * shares**0.5
@@ -131,22 +131,21 @@ class SecureCollection:
     def postpone(self, paused_s: float) -> None:
         self.deadline += paused_s
 
-    def noise(self, survivors: frozenset[str] | tuple[str, ...]) -> dict[str, float]:
-        """The round's distributed-DP noise, for its history: the μ of the sum's Skellam noise
-        (field units) from the survivors that declared their shares, and what its sensitivity
-        depends on."""
+    def noise(self, survivors: int) -> dict[str, float]:
+        """The round's distributed-DP noise as the coordinator expects it, for its history: the
+        μ of the sum's Skellam noise (field units) and what its sensitivity depends on."""
         std = self.noise_multiplier * self.scale * self.max_weight * self.value_range
-        shares = len(self.noisy.intersection(survivors))
-        return {"sigma": self.noise_multiplier, "mu": shares * std**2 / (2 * self.setup.threshold),
-                "noisy_survivors": shares, "scale": self.scale, "weight_max": self.max_weight,
-                "clip_norm": self.value_range, "dimension": self.dimension}
+        return {"sigma": self.noise_multiplier, "mu": survivors * std**2 / (2 * self.setup.threshold),
+                "scale": self.scale, "weight_max": self.max_weight, "clip_norm": self.value_range,
+                "dimension": self.dimension}
 
-    def forget(self, device: str) -> None:
-        """Stop waiting for a device known to be gone (its last will, a revocation, a decline), at
-        this stage and every later one; a masked vector it sent is left out while that is safe."""
+    def forget(self, device: str, revoked: bool = False) -> None:
+        """Stop waiting for a device known to be gone (its last will, a decline, a revocation), at
+        this stage and every later one. A revoked device's masked vector is also left out while
+        the mask stage is open; another's stays in, its sender's going is no reason to lose it."""
         self.gone.add(device)
         self.expected = frozenset(self.expected - self.gone)
-        if self.stage == "masked" and device in self.sent:
+        if revoked and self.stage == "masked" and device in self.sent:
             self.aggregator.withdraw(device)
 
     def on_message(self, msg: SecureShares | SecureMasked | SecureReveal) -> str:
@@ -196,4 +195,4 @@ class SecureCollection:
         vector = from_field(total, self.scale, self.setup.bits) / weight
         delta, buffers = unflatten(self.layout, self.masks, vector)
         return SecureSum(delta, buffers, tuple(sorted(survivors)), tuple(sorted(self.dropped)),
-                         tuple(sorted(self.aggregator.forgers)))
+                         tuple(sorted(self.aggregator.bad_shares)))

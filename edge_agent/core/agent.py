@@ -195,9 +195,9 @@ class AgentCore:
             return [Ignore(task.round, "past_deadline")]
         if self._distributed and task.secure is None:  # no secure sum to hide the noise shares in
             decline_reason = DISTRIBUTED_DP_NEEDS_SECURE
-        elif self._distributed and not math.isclose(task.secure.noise_multiplier, self.privacy.noise_multiplier):
-            decline_reason = f"{NOISE_MISMATCH}: the round leaves room for σ={task.secure.noise_multiplier:g}, " \
-                             f"this device adds σ={self.privacy.noise_multiplier:g}"
+        elif task.secure is not None and not math.isclose(task.secure.noise_multiplier, self._noise_multiplier):
+            decline_reason = f"{NOISE_MISMATCH}: the round is for σ={task.secure.noise_multiplier:g}, " \
+                             f"this device adds σ={self._noise_multiplier:g} ([privacy] mechanism, noise_multiplier)"
         if decline_reason is not None:
             return [Decline(task.round, decline_reason)]
         self.phase, self.active_round = Phase.TRAINING, task.round
@@ -259,6 +259,17 @@ class AgentCore:
     @property
     def _distributed(self) -> bool:
         return self.privacy is not None and self.privacy.mechanism == DISTRIBUTED
+
+    @property
+    def _noise_multiplier(self) -> float:
+        """The σ of the Skellam shares this device adds in a secure round (0: none)."""
+        return self.privacy.noise_multiplier if self._distributed else 0.0
+
+    def leave_secure(self, round_number: int) -> None:
+        """The masked vector was not released (its privacy cost was refused): forget the round, so
+        that a re-sent stage cannot get the vector out uncharged."""
+        if self.secure is not None and self.secure.round == round_number:
+            self.secure = None
 
     def on_uploaded(self, round_number: int, mask_version: int, now: float) -> list[Action]:
         """The broker acknowledged every chunk of the update at ``now``."""

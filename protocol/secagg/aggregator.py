@@ -6,11 +6,12 @@ outside the set a stage expects raises unknown_device, a second message from one
 duplicate, a message after its stage closed wrong_stage: the caller counts ``reason`` and drops
 the message, and the round goes on.
 
-A device with valid credentials may reveal forged shares. Each revealer holds the share at a
-known point (its place among the owner's neighbours), so a share at another point is refused;
-a forged value at the right point is caught when the secret it rebuilds fails the owner's
-commitment (seed) or public key (mask key): ``result`` then rebuilds from other t-subsets and
-names the revealers whose shares are off the genuine polynomial in ``forgers``.
+A bad share may reach the coordinator: a revealer may forge it, or the owner may have dealt its
+neighbour a bad one; nobody but the two can tell which. Each revealer holds the share at a known
+point (its place among the owner's neighbours), so a share at another point is left out; a bad
+value at the right point is caught when the secret it rebuilds fails the owner's commitment
+(seed) or public key (mask key): ``result`` then rebuilds from other t-subsets. Either way the
+(owner, revealer) pair is listed in ``bad_shares``; the rest of the reveal counts.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ class AggregatorSession:
         self._revealers: set[str] = set()
         self._points: dict[str, dict[str, int]] = {}  # owner -> neighbour -> the x of the share it holds
         self._shares: dict[str, dict[str, Share]] = {}  # survivor -> its seed's shares; dropped -> its mask key's
-        self.forgers: frozenset[str] = frozenset()  # revealers caught with a share off its polynomial
+        self.bad_shares: set[tuple[str, str]] = set()  # (owner, revealer): misplaced, or off the owner's polynomial
         self._u1: frozenset[str] = frozenset()  # advertised (U1), shared (U2), masked (U3)
         self._u2: frozenset[str] = frozenset()
         self._u3: frozenset[str] = frozenset()
@@ -150,11 +151,12 @@ class AggregatorSession:
         if strangers:
             raise SecAggError("not_a_neighbour", f"{device} revealed shares of {strangers}")
         decoded = {p: decode_share(data) for p, data in shares.items()}
-        if misplaced := sorted(p for p, share in decoded.items() if share.x != self._points[p][device]):
-            raise SecAggError("bad_share", f"{device} revealed shares of {misplaced} at points it does not hold")
         self._revealers.add(device)
         for p, share in decoded.items():
-            self._shares.setdefault(p, {})[device] = share
+            if share.x == self._points[p][device]:
+                self._shares.setdefault(p, {})[device] = share
+            else:
+                self.bad_shares.add((p, device))
 
     def result(self) -> tuple[np.ndarray, frozenset[str]]:
         """The survivors' sum mod 2**bits, and the survivors: remove each survivor's self-mask and the
@@ -180,7 +182,7 @@ class AggregatorSession:
         return total & low_bits(bits), self._u3
 
     def _rebuild(self, owner: str, what: str, valid) -> bytes:
-        secret, forged = reconstruct_checked(self._shares.get(owner, {}), self.params.threshold, what, valid,
-                                             suspects=self.forgers)
-        self.forgers |= forged
+        suspects = {revealer for _, revealer in self.bad_shares}
+        secret, off = reconstruct_checked(self._shares.get(owner, {}), self.params.threshold, what, valid, suspects)
+        self.bad_shares.update((owner, revealer) for revealer in off)
         return secret

@@ -86,22 +86,29 @@ def reconstruct(shares: Iterable[Share], threshold: int, owner: str) -> bytes:
 
 def reconstruct_checked(shares: Mapping[str, Share], threshold: int, owner: str, valid: Callable[[bytes], bool],
                         suspects: Collection[str] = ()) -> tuple[bytes, frozenset[str]]:
-    """The secret of ``owner`` from ``shares`` keyed by the holder that revealed each, and the
-    holders whose shares are off its polynomial (forged). ``valid`` tells the genuine secret (a
-    commitment, a public key); t-subsets are tried lowest x first, ``suspects`` last, at most
-    ``MAX_SUBSETS``: one forged share cannot make a secret unrecoverable while t genuine ones are in."""
+    """The secret of ``owner`` from ``shares`` keyed by the holder that revealed each (distinct
+    x), and the holders whose shares are off its polynomial. ``valid`` tells the genuine secret
+    (a commitment, a public key). Tries leaving out the ``suspects``, then no holder, then each
+    one, each pair...: with f bad shares among r, at most 1 + C(r,0) + ... + C(r,f) tries (capped
+    at ``MAX_SUBSETS``), so a few bad shares cannot hide a secret while t genuine ones are in."""
     if len(shares) < threshold:
         raise SecAggError("too_few_shares", f"{owner}: {len(shares)} shares, {threshold} needed")
-    holders = sorted(shares, key=lambda h: (h in suspects, shares[h].x))
-    for subset in itertools.islice(itertools.combinations(holders, threshold), MAX_SUBSETS):
+    holders = sorted(shares, key=lambda h: shares[h].x)
+    suspected = [frozenset(h for h in holders if h in suspects)] if any(h in suspects for h in holders) else []
+    left_out = itertools.chain(suspected, *(map(frozenset, itertools.combinations(holders, e))
+                                            for e in range(len(holders) - threshold + 1)))
+    for excluded in itertools.islice(left_out, MAX_SUBSETS):
+        subset = [h for h in holders if h not in excluded][:threshold]
+        if len(subset) < threshold:
+            continue
         points = [shares[h] for h in subset]
         value = combine(points)
         if value >> 8 * SECRET_LEN or not valid(secret := value.to_bytes(SECRET_LEN, "big")):
             continue
-        forged = frozenset(h for h in holders if h not in subset and evaluate(points, shares[h].x) != shares[h].y)
-        return secret, forged
-    raise SecAggError("bad_share", f"{owner}: no {threshold} of the {len(shares)} shares revealed rebuild its secret "
-                                   f"(forged shares among those of {sorted(shares)})")
+        off = frozenset(h for h in holders if h not in subset and evaluate(points, shares[h].x) != shares[h].y)
+        return secret, off
+    raise SecAggError("bad_share", f"{owner}: no {threshold} of the {len(shares)} shares revealed rebuild it "
+                                   f"(bad shares among those of {sorted(shares)}, or from the owner itself)")
 
 
 def encode_share(share: Share) -> bytes:

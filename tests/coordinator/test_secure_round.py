@@ -287,9 +287,9 @@ def test_devices_report_C_so_the_range_is_data_free_and_the_scale_leaves_room_fo
     assert all(m.max_weight == collection.max_weight for m in collection.outbox())
     outcome = r.run(collection)
     assert isinstance(outcome, SecureSum)
-    noise = collection.noise(outcome.survivors)
+    noise = collection.noise(len(outcome.survivors))
     share = device_mu(SIGMA, collection.scale, collection.max_weight, C, t)
-    assert noise == {"sigma": SIGMA, "mu": pytest.approx(12 * share), "noisy_survivors": 12, "scale": collection.scale,
+    assert noise == {"sigma": SIGMA, "mu": pytest.approx(12 * share), "scale": collection.scale,
                      "weight_max": collection.max_weight, "clip_norm": C, "dimension": collection.dimension}
 
 
@@ -413,12 +413,14 @@ def test_a_device_revoked_after_masking_is_left_out_of_the_sum():
     answer_all(r, collection, collection.outbox())
     inbox = collection.tick(1.0)
     answer_all(r, collection, inbox)
-    revoked = inbox[0].device
-    collection.forget(revoked)  # its vector is in, the mask stage has not closed: it is withdrawn
+    revoked, offline = inbox[0].device, inbox[1].device
+    collection.forget(revoked, revoked=True)  # its vector is in, the mask stage has not closed: it is withdrawn
+    collection.forget(offline)  # its last will: its vector, already in, stays
     unmask = collection.tick(2.0)
     answer_all(r, collection, unmask)
     outcome = collection.tick(3.0)
     assert isinstance(outcome, SecureSum) and revoked in outcome.dropped and revoked not in outcome.survivors
+    assert offline in outcome.survivors
     np.testing.assert_allclose(secure_mean(outcome, r.task.masks), r.plain_mean(outcome.survivors), atol=2e-3)
 
 
@@ -439,18 +441,6 @@ def test_after_an_outage_only_the_unanswered_get_the_stage_again_and_a_resend_is
     assert np.array_equal(first.message.values, resent.message.values)
 
 
-def test_the_history_counts_only_the_noise_shares_the_survivors_declared():
-    r = Round(6, seed=13, privacy=(1.0, 0.5, DISTRIBUTED))
-    quiet = sorted(r.reports)[0]
-    reports = dict(r.reports)
-    reports[quiet] = dataclasses.replace(reports[quiet], noise_multiplier=0.0)  # a device without distributed DP
-    collection = SecureCollection(federation=FED, round_number=3, setup=r.task.secure, layout=LAYOUT,
-                                  masks=r.task.masks, reports=reports, weights=r.weights(reports), stage_s=10.0,
-                                  now=0.0, noise_multiplier=0.5)
-    assert collection.noisy == set(reports) - {quiet}
-    assert collection.noise(tuple(reports))["noisy_survivors"] == 5
-
-
 def test_a_device_whose_sigma_differs_from_the_rounds_declines():
     rng = np.random.default_rng(14)
     task = make_task(5, rng, noise_multiplier=0.5)
@@ -459,6 +449,12 @@ def test_a_device_whose_sigma_differs_from_the_rounds_declines():
     (decline,) = core.on_task(task, 0.0)
     assert isinstance(decline, Decline) and decline.reason.startswith(NOISE_MISMATCH + ":")
     assert "σ=0.5" in decline.reason and "σ=0.8" in decline.reason
+    for privacy in (None, PrivacyStep(1.0, 0.5, np.random.default_rng(2), LOCAL)):  # no shares: the ε would be a lie
+        (decline,) = AgentCore("d00", rng=np.random.default_rng(1), privacy=privacy).on_task(task, 0.0)
+        assert isinstance(decline, Decline) and "adds σ=0" in decline.reason
+    matching = AgentCore("d00", rng=np.random.default_rng(1),
+                         privacy=PrivacyStep(1.0, 0.5, np.random.default_rng(2), DISTRIBUTED))
+    assert not isinstance(matching.on_task(task, 0.0)[0], Decline)
 
 
 def test_a_device_forging_its_reveal_is_named_and_the_round_still_sums():
@@ -476,5 +472,19 @@ def test_a_device_forging_its_reveal_is_named_and_the_round_still_sums():
             reveal = dataclasses.replace(reveal, shares=forged)
         assert collection.on_message(reveal) == ""
     outcome = collection.tick(3.0)
-    assert isinstance(outcome, SecureSum) and outcome.forgers == (liar,)
+    assert isinstance(outcome, SecureSum)
+    assert {revealer for _, revealer in outcome.bad_shares} == {liar} and len(outcome.bad_shares) >= 1
     np.testing.assert_allclose(secure_mean(outcome, r.task.masks), r.plain_mean(outcome.survivors), atol=2e-3)
+
+
+def test_a_masked_vector_whose_cost_was_refused_never_leaves_on_a_resent_stage():
+    r = Round(6, seed=16, privacy=(1.0, 0.5, DISTRIBUTED))
+    collection = r.collection(noise_multiplier=0.5)
+    answer_all(r, collection, collection.outbox())
+    inbox = collection.tick(1.0)
+    device = inbox[0].device
+    (first,) = r.cores[device].on_secure(inbox[0])
+    assert first.cost is not None
+    r.cores[device].leave_secure(3)  # the daemon's ledger refused the cost: the device declined
+    (again,) = r.cores[device].on_secure(inbox[0])
+    assert not isinstance(again, SendSecure) and again.reason == "no_secure_round"
