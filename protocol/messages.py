@@ -99,6 +99,35 @@ def _label(value: object, what: str) -> str:
     return value
 
 
+def _metrics(metrics: object) -> dict[str, float]:
+    """A report's metrics: at most MAX_METRICS name -> number, as floats."""
+    if not isinstance(metrics, dict) or len(metrics) > MAX_METRICS:
+        raise ValueError(f"metrics must be a dict of at most {MAX_METRICS} name -> float")
+    checked = {}
+    for name, value in metrics.items():
+        _label(name, "metric name")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"metric {name}={value!r}: expected a number")
+        checked[name] = float(value)
+    return checked
+
+
+def _class_losses(class_losses: object) -> dict[int, tuple[float, int]]:
+    """Per-class (mean loss of the received model, example count), the loss-quality report."""
+    if not isinstance(class_losses, dict):
+        raise TypeError("class_losses must be a dict class -> (mean loss, count)")
+    losses = {}
+    for cls, pair in class_losses.items():
+        _int(cls, "class", 0, 1_000_000)
+        if not (isinstance(pair, tuple) and len(pair) == 2):
+            raise ValueError(f"class_losses[{cls}]: expected a (mean loss, count) tuple")
+        mean, count = pair
+        if isinstance(mean, bool) or not isinstance(mean, (int, float)) or not math.isfinite(mean) or mean < 0:
+            raise ValueError(f"class_losses[{cls}] mean={mean!r}: expected a finite number >= 0")
+        losses[cls] = (float(mean), _int(count, f"class_losses[{cls}] count", 1, U63))
+    return losses
+
+
 @dataclass(frozen=True)
 class ModelRef:
     """Which model to train: a factory's import path (or built-in alias); no code ever travels.
@@ -252,27 +281,8 @@ class Update:
         validate_id(self.device, "device")
         _int(self.mask_version, "mask_version", 0, U32)
         _int(self.n_examples, "n_examples", 0, U63)
-        if not isinstance(self.metrics, dict) or len(self.metrics) > MAX_METRICS:
-            raise ValueError(f"metrics must be a dict of at most {MAX_METRICS} name -> float")
-        metrics = {}
-        for name, value in self.metrics.items():
-            _label(name, "metric name")
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TypeError(f"metric {name}={value!r}: expected a number")
-            metrics[name] = float(value)
-        object.__setattr__(self, "metrics", metrics)
-        if not isinstance(self.class_losses, dict):
-            raise TypeError("class_losses must be a dict class -> (mean loss, count)")
-        losses = {}
-        for cls, pair in self.class_losses.items():
-            _int(cls, "class", 0, 1_000_000)
-            if not (isinstance(pair, tuple) and len(pair) == 2):
-                raise ValueError(f"class_losses[{cls}]: expected a (mean loss, count) tuple")
-            mean, count = pair
-            if isinstance(mean, bool) or not isinstance(mean, (int, float)) or not math.isfinite(mean) or mean < 0:
-                raise ValueError(f"class_losses[{cls}] mean={mean!r}: expected a finite number >= 0")
-            losses[cls] = (float(mean), _int(count, f"class_losses[{cls}] count", 1, U63))
-        object.__setattr__(self, "class_losses", losses)
+        object.__setattr__(self, "metrics", _metrics(self.metrics))
+        object.__setattr__(self, "class_losses", _class_losses(self.class_losses))
         if not isinstance(self.delta, SparseParams):
             raise TypeError("delta must be SparseParams (SparseParams.from_dense(layout, delta, masks))")
         if any(not spec.trainable for spec in self.delta.layout):

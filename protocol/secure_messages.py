@@ -29,7 +29,7 @@ from typing import ClassVar, Union
 
 import numpy as np
 
-from fedprune.protocol.messages import Kind, U32, U63, _int, _label
+from fedprune.protocol.messages import Kind, U32, U63, _class_losses, _int, _metrics
 from fedprune.protocol.secagg.keys import KEY_LEN
 from fedprune.protocol.secure_setup import MAX_BITS, MIN_BITS, SESSION_LEN
 from fedprune.protocol.topics import validate_id
@@ -97,24 +97,9 @@ class SecureKeys(_Stage):
                 raise ValueError(f"{name} must be {KEY_LEN} bytes")
         object.__setattr__(self, "noise_multiplier", _number(self.noise_multiplier, "noise_multiplier"))
         _int(self.n_examples, "n_examples", 0, U63)
-        losses = {}
-        for what in ("class_losses", "metrics"):
-            if not isinstance(getattr(self, what), dict):
-                raise TypeError(f"{what} must be a dict")
-        for cls, pair in self.class_losses.items():
-            _int(cls, "class", 0, 1_000_000)
-            if not (isinstance(pair, tuple) and len(pair) == 2):
-                raise ValueError(f"class_losses[{cls}]: expected a (mean loss, count) tuple")
-            losses[cls] = (_number(pair[0], f"class_losses[{cls}] mean"), _int(pair[1], f"class_losses[{cls}] count", 1, U63))
-        object.__setattr__(self, "class_losses", losses)
+        object.__setattr__(self, "class_losses", _class_losses(self.class_losses))
         object.__setattr__(self, "max_abs", _number(self.max_abs, "max_abs"))
-        metrics = {}
-        for name, value in self.metrics.items():
-            _label(name, "metric name")
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TypeError(f"metric {name}={value!r}: expected a number")
-            metrics[name] = float(value)
-        object.__setattr__(self, "metrics", metrics)
+        object.__setattr__(self, "metrics", _metrics(self.metrics))
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -424,11 +424,16 @@ def test_a_device_revoked_after_masking_is_left_out_of_the_sum():
     np.testing.assert_allclose(secure_mean(outcome, r.task.masks), r.plain_mean(outcome.survivors), atol=2e-3)
 
 
-def test_after_an_outage_only_the_unanswered_get_the_stage_again_and_a_resend_is_not_charged_twice():
-    r = Round(6, seed=12, privacy=(1.0, 0.5, DISTRIBUTED))
+def at_the_mask_stage(seed: int) -> tuple[Round, SecureCollection, list]:
+    """A distributed-DP round whose shares are all in: its SecureInbox messages, not yet answered."""
+    r = Round(6, seed=seed, privacy=(1.0, 0.5, DISTRIBUTED))
     collection = r.collection(noise_multiplier=0.5)
     answer_all(r, collection, collection.outbox())
-    inbox = collection.tick(1.0)
+    return r, collection, collection.tick(1.0)
+
+
+def test_after_an_outage_only_the_unanswered_get_the_stage_again_and_a_resend_is_not_charged_twice():
+    r, collection, inbox = at_the_mask_stage(seed=12)
     late = inbox[0].device
     answer_all(r, collection, inbox[1:])
     deadline = collection.deadline
@@ -478,10 +483,7 @@ def test_a_device_forging_its_reveal_is_named_and_the_round_still_sums():
 
 
 def test_a_masked_vector_whose_cost_was_refused_never_leaves_on_a_resent_stage():
-    r = Round(6, seed=16, privacy=(1.0, 0.5, DISTRIBUTED))
-    collection = r.collection(noise_multiplier=0.5)
-    answer_all(r, collection, collection.outbox())
-    inbox = collection.tick(1.0)
+    r, _, inbox = at_the_mask_stage(seed=16)
     device = inbox[0].device
     (first,) = r.cores[device].on_secure(inbox[0])
     assert first.cost is not None
