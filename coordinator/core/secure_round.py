@@ -22,8 +22,8 @@ one unit of rounding per device: |Σ w_n x_n| <= R because the weights sum to 1.
 Distributed DP ([strategy] secure_noise_multiplier σ > 0, announced in ``SecureSetup``; a device
 that does not add noise at exactly that σ declines, keys that declare another σ are refused by
 the daemon): the devices clip their vectors to L2 norm C and report C, so R = C, and each adds a
-Skellam share μ_dev = (σ·S·w_max·C)²/(2t) in field units (``protocol/distributed_dp.py``, point 5: t the threshold, w_max the largest weight,
-announced in stage 2). n such shares have std σ·S·w_max·C·sqrt(n/t); the scale keeps
+Skellam share μ_dev = (σ·S·w_max·C)²/(2t) in field units (``protocol/distributed_dp.py``, point
+5: t the threshold, w_max the largest weight, announced in stage 2). n such shares have std σ·S·w_max·C·sqrt(n/t); the scale keeps
 ``NOISE_HEADROOM`` of those beside R, so the sum wraps with probability below 1e-14 a
 coordinate. The round's history records ``noise``: σ, the μ of its sum (survivors·μ_dev), S,
 w_max, C and the vector's length, all that ``distributed_dp.rdp_round`` needs for its RDP
