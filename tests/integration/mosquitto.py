@@ -23,7 +23,9 @@ import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
+
+import pytest
 
 from fedprune.coordinator.fleet.broker_config import MosquittoSettings, render_acl, render_mosquitto_conf
 from fedprune.coordinator.fleet.pki import create_ca, issue_server_certificate, write_password_file
@@ -199,3 +201,19 @@ def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+def mosquitto_for_test(devices: int = 3) -> Iterator[MosquittoBroker]:
+    """A fixture's body: a fresh Mosquitto for federation 'fed1' with a coordinator user and
+    devices dev-0.. while the test runs. Without mosquitto the test fails under CI (the broker
+    tests must run there) and is skipped elsewhere."""
+    if shutil.which("mosquitto") is None:
+        message = "mosquitto is not installed (scripts/bootstrap.sh --test-tools)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message + ": CI must run the broker tests, not skip them")
+        pytest.skip(message)
+    broker = start_mosquitto(devices=devices)
+    try:
+        yield broker
+    finally:
+        broker.close()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import queue
 import re
-import shutil
 import signal
 import subprocess
 import time
@@ -27,7 +26,7 @@ from fedprune.protocol.chunks import Reassembler
 from fedprune.protocol.envelope import parse_header
 from fedprune.protocol.messages import Kind
 from fedprune.protocol.topics import coordinator_filters, parse_topic
-from tests.integration.mosquitto import MosquittoBroker, start_mosquitto, wait_until
+from tests.integration.mosquitto import MosquittoBroker, mosquitto_for_test, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -38,16 +37,7 @@ SECURE_UPLINKS = {Kind.SECURE_KEYS, Kind.SECURE_SHARES, Kind.SECURE_MASKED, Kind
 
 @pytest.fixture
 def broker() -> Iterator[MosquittoBroker]:
-    if shutil.which("mosquitto") is None:
-        message = "mosquitto is not installed (scripts/bootstrap.sh --test-tools)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message + ": CI must run the broker tests, not skip them")
-        pytest.skip(message)
-    server = start_mosquitto(federation="fed1", devices=DEVICES)
-    try:
-        yield server
-    finally:
-        server.close()
+    yield from mosquitto_for_test(devices=DEVICES)
 
 
 def secure_federation(broker: MosquittoBroker, root: Path, rounds: int, rounds_section: dict | None = None,
