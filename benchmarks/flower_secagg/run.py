@@ -21,6 +21,8 @@ creates ``build/flower-venv``).  Usage::
     build/flower-venv/bin/python benchmarks/flower_secagg/run.py            # everything
     build/flower-venv/bin/python benchmarks/flower_secagg/run.py --sizes 10 --modes secagg
 
+One file (over 400 lines) because it runs in the Flower venv, which has none of fedprune's modules.
+
 Each (n, mode) runs in its own subprocess (own Ray instance).  Three FedAvg rounds are
 run: round 1 warms up Ray actors / imports, round 2 is timed (no serialisation in the
 server thread), round 3 is metered for bytes.  Rounds 2 and 3 move identical messages

@@ -1,7 +1,10 @@
 """A secure round without I/O: real agent cores (``AgentCore``, the secure participant and its
 SecAgg+ session) answer a real ``SecureCollection``. The coordinator's sum equals the plain
 weighted mean to the quantisation error; a third of the devices dropping at any stage still
-completes the round or fails it with a reason; and what it receives does not give one update away."""
+completes the round or fails it with a reason; what it receives does not give one update away;
+and gone, revoked and hostile devices, broker outages and the distributed-DP σ are handled as
+docs/PRIVACY.md says. Over 400 lines because every case drives the same ``Round`` of real agent
+cores through the collection; split, each part would need its own copy of that driver."""
 
 from __future__ import annotations
 

@@ -1,5 +1,7 @@
 """SecAgg+ end to end with real keys and ciphers: exact sums under dropout at every stage, and the
-privacy claims (a curious coordinator learns no single input; t colluding neighbours do, t-1 do not)."""
+privacy claims (a curious coordinator learns no single input; t colluding neighbours do, t-1 do not),
+bad shares outvoted, malformed messages refused. Over 400 lines because every case runs the same
+``run_round`` of the two state machines; split, each part would need its own copy of it."""
 
 from __future__ import annotations
 
