@@ -603,8 +603,7 @@ class CoordinatorDaemon:
             collection = SecureCollection(
                 federation=self.config.federation.id, round_number=closed.round, setup=self._task.secure,
                 layout=self.layout, masks=self.state.masks, reports=reports,
-                weights=dict(zip(weighting.ids, weighting.weights.tolist())), stage_s=self.config.rounds.deadline_s, now=now,
-                noise_multiplier=self.config.strategy.secure_noise_multiplier)
+                weights=dict(zip(weighting.ids, weighting.weights.tolist())), stage_s=self.config.rounds.deadline_s, now=now)
         except SecAggError as exc:
             self._secure_failed(closed, exc.reason, str(exc), now)
             return
@@ -634,7 +633,7 @@ class CoordinatorDaemon:
         result = self.strategy.finish_secure_round(self.state, self.plan, weighting, outcome.mean_delta,
                                                    outcome.buffer_delta, outcome.survivors, self.rng)
         secure: dict[str, Any] = {"survivors": len(outcome.survivors), "dropped": list(outcome.dropped)}
-        if collection.noise_multiplier > 0:
+        if collection.setup.noise_multiplier > 0:
             secure.update(self._central_epsilon(collection.noise(len(outcome.survivors))))
         self._record_round(closed, result, now, secure=secure)
 

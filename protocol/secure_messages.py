@@ -138,10 +138,7 @@ class SecureNeighbours(_Stage):
 
 
 @dataclass(frozen=True, kw_only=True)
-class SecureShares(_Stage):
-    """Stage 2 (device): neighbour -> its encrypted shares (only that neighbour can open them)."""
-
-    KIND: ClassVar[Kind] = Kind.SECURE_SHARES
+class _Ciphertexts(_Stage):
     ciphertexts: dict[str, bytes]
 
     def __post_init__(self) -> None:
@@ -150,15 +147,17 @@ class SecureShares(_Stage):
 
 
 @dataclass(frozen=True, kw_only=True)
-class SecureInbox(_Stage):
+class SecureShares(_Ciphertexts):
+    """Stage 2 (device): neighbour -> its encrypted shares (only that neighbour can open them)."""
+
+    KIND: ClassVar[Kind] = Kind.SECURE_SHARES
+
+
+@dataclass(frozen=True, kw_only=True)
+class SecureInbox(_Ciphertexts):
     """Stage 3 (coordinator): sender -> the shares that sender encrypted to this device."""
 
     KIND: ClassVar[Kind] = Kind.SECURE_INBOX
-    ciphertexts: dict[str, bytes]
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        object.__setattr__(self, "ciphertexts", _peer_blobs(self.ciphertexts, "ciphertexts", MAX_CIPHERTEXT))
 
 
 @dataclass(frozen=True, eq=False, kw_only=True)

@@ -91,7 +91,7 @@ def field_scale(bits: int, devices: int, value_range: float, noise_std: float = 
 class SecureCollection:
     def __init__(self, *, federation: str, round_number: int, setup: SecureSetup, layout: ModelLayout,
                  masks: Mapping[str, np.ndarray], reports: Mapping[str, SecureKeys], weights: Mapping[str, float],
-                 stage_s: float, now: float, noise_multiplier: float = 0.0) -> None:
+                 stage_s: float, now: float) -> None:
         self.round = round_number
         self.setup = setup
         self.layout, self.masks = layout, masks
@@ -107,10 +107,9 @@ class SecureCollection:
                                                                 report.seed_commitment))
         self.expected = self.aggregator.close_advertise()
         self.value_range = value_range(reports)
-        self.noise_multiplier = noise_multiplier
         self.max_weight = max(min(1.0, self.weights[d]) for d in self.expected)
         shares = len(self.expected) / setup.threshold  # n shares: n/t times the variance the devices calibrate
-        noise_std = noise_multiplier * self.max_weight * self.value_range * shares**0.5
+        noise_std = setup.noise_multiplier * self.max_weight * self.value_range * shares**0.5
         self.scale = field_scale(setup.bits, len(ids), self.value_range, noise_std)
         self.stage = "shares"
         self.answered: set[str] = set()
@@ -134,8 +133,8 @@ class SecureCollection:
     def noise(self, survivors: int) -> dict[str, float]:
         """The round's distributed-DP noise as the coordinator expects it, for its history: the
         μ of the sum's Skellam noise (field units) and what its sensitivity depends on."""
-        std = self.noise_multiplier * self.scale * self.max_weight * self.value_range
-        return {"sigma": self.noise_multiplier, "mu": survivors * std**2 / (2 * self.setup.threshold),
+        std = self.setup.noise_multiplier * self.scale * self.max_weight * self.value_range
+        return {"sigma": self.setup.noise_multiplier, "mu": survivors * std**2 / (2 * self.setup.threshold),
                 "scale": self.scale, "weight_max": self.max_weight, "clip_norm": self.value_range,
                 "dimension": self.dimension}
 

@@ -89,11 +89,11 @@ class Round:
         raw = {d: float(self.trained[d].n_examples) for d in ids}
         return {d: v / sum(raw.values()) for d, v in raw.items()}
 
-    def collection(self, devices=None, noise_multiplier: float = 0.0) -> SecureCollection:
+    def collection(self, devices=None) -> SecureCollection:
         reports = {d: self.reports[d] for d in (devices or self.reports)}
         return SecureCollection(federation=FED, round_number=3, setup=self.task.secure, layout=LAYOUT,
                                 masks=self.task.masks, reports=reports, weights=self.weights(reports), stage_s=10.0,
-                                now=0.0, noise_multiplier=noise_multiplier)
+                                now=0.0)
 
     def run(self, collection: SecureCollection, drop: dict[str, set[str]] | None = None):
         drop = drop or {}
@@ -258,7 +258,7 @@ C, SIGMA = 0.2, 0.5  # the vectors' norms are about 0.4: every device clips
 
 def dp_round(n: int, seed: int, sigma: float = SIGMA, bits: int = 24, **kw) -> tuple[Round, SecureCollection]:
     r = Round(n, seed=seed, bits=bits, privacy=(C, sigma, DISTRIBUTED), **kw)
-    return r, r.collection(noise_multiplier=sigma)
+    return r, r.collection()
 
 
 def test_under_distributed_dp_the_unmasked_mean_carries_noise_of_std_sigma_wmax_C_sqrt_n_over_t():
@@ -430,7 +430,7 @@ def test_a_device_revoked_after_masking_is_left_out_of_the_sum():
 def at_the_mask_stage(seed: int) -> tuple[Round, SecureCollection, list]:
     """A distributed-DP round whose shares are all in: its SecureInbox messages, not yet answered."""
     r = Round(6, seed=seed, privacy=(1.0, 0.5, DISTRIBUTED))
-    collection = r.collection(noise_multiplier=0.5)
+    collection = r.collection()
     answer_all(r, collection, collection.outbox())
     return r, collection, collection.tick(1.0)
 
